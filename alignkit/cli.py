@@ -1,0 +1,200 @@
+"""`alignkit <stage> [--config recipe.yaml] [--dotted.key value ...]`.
+
+Thin: every stage is a config dataclass plus a `run_<stage>(config)` function. Options are
+generated from the dataclass, so `--help` always lists every field with its default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import typing
+from dataclasses import dataclass, field
+from typing import Callable
+
+from . import config as config_lib
+from .config import ConfigError, SFTConfig, leaf_fields, suggest
+
+
+@dataclass
+class InitModelConfig:
+    config: str = "Qwen/Qwen2.5-0.5B"
+    """Model config: a Hub id, or a local folder with config.json (e.g. ../shared/models/qwen2.5-0.5b)."""
+    tokenizer: str | None = None
+    """Tokenizer id or folder; defaults to `config`."""
+    output_dir: str = "runs/init-model"
+    overrides: list[str] = field(default_factory=list)
+    """Config fields to change, as key=value (also accepted as trailing arguments)."""
+    chat_template: str | None = None
+    """Chat template for a tokenizer that lacks one (default ChatML)."""
+    seed: int = 0
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataStatsConfig:
+    dataset: str = "HuggingFaceTB/smol-smoltalk"
+    subset: str | None = None
+    split: str = "train"
+    tokenizer: str = "Qwen/Qwen2.5-0.5B"
+    """Tokenizer (with its chat template) used to count tokens."""
+    max_examples: int | None = 2000
+    """Rows to sample (seeded); unset reads them all."""
+    first_turn_only: bool = False
+    skip_invalid: bool = True
+    seed: int = 42
+
+
+@dataclass
+class DemoConfig:
+    output_dir: str = "runs/demo"
+    steps: int = 600
+    """SFT optimizer steps."""
+    quiet: bool = False
+
+
+def run_init_model(cfg: InitModelConfig):
+    from .models import init_model, parse_overrides
+
+    return init_model(cfg.config, cfg.output_dir, cfg.tokenizer, parse_overrides(cfg.overrides), cfg.seed, cfg.trust_remote_code, cfg.chat_template)
+
+
+def run_sft(cfg: SFTConfig):
+    from .train.sft import run_sft as run
+
+    return run(cfg)
+
+
+def run_data_stats(cfg: DataStatsConfig):
+    from .data.stats import data_stats
+
+    return data_stats(cfg)
+
+
+def run_demo(cfg: DemoConfig):
+    from .demo.run import run_demo as run
+
+    return run(cfg.output_dir, cfg.steps, cfg.quiet)
+
+
+@dataclass
+class Stage:
+    config: type
+    run: Callable
+    help: str
+
+
+STAGES = {
+    "demo": Stage(DemoConfig, run_demo, "offline toy pipeline on CPU: tokenizer, tiny model, data, SFT, before/after report"),
+    "sft": Stage(SFTConfig, run_sft, "supervised fine-tuning on chat data (loss on assistant tokens only)"),
+    "init-model": Stage(InitModelConfig, run_init_model, "write a randomly initialised model in Hugging Face format"),
+    "data-stats": Stage(DataStatsConfig, run_data_stats, "token-length percentiles of prompts and responses"),
+}
+
+
+def type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return "{" + ",".join(map(str, typing.get_args(tp))) + "}"
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if origin is list:
+        return "A,B,..."
+    if args and origin is not None:
+        return type_name(args[0])
+    return getattr(tp, "__name__", str(tp)).upper()
+
+
+def build_parser(name: str, stage: Stage) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=f"alignkit {name}",
+        description=stage.help + ". Values come from the defaults, then --config, then these options.",
+        allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", help="YAML recipe", metavar="RECIPE.yaml")
+    for key, (tp, default, doc) in leaf_fields(stage.config).items():
+        flags = ["--" + key.replace("_", "-")] + (["--" + key] if "_" in key else [])
+        kwargs = dict(dest=key, default=argparse.SUPPRESS, help=f"{doc} (default: {default})".lstrip())
+        if tp is bool:
+            kwargs.update(nargs="?", const="true", metavar="BOOL")
+        elif typing.get_origin(tp) is list:
+            kwargs.update(nargs="+", metavar="VALUE")
+        else:
+            kwargs.update(metavar=type_name(tp))
+        parser.add_argument(*flags, **kwargs)
+    return parser
+
+
+def parse(name: str, argv: list[str]):
+    stage = STAGES[name]
+    parser = build_parser(name, stage)
+    args, unknown = parser.parse_known_args(argv)
+    values = vars(args)
+    path = values.pop("config", None)
+    extra_overrides = []
+    for item in unknown:
+        if item.startswith("-"):
+            key = item.lstrip("-").split("=", 1)[0].replace("-", "_")
+            raise ConfigError(f"unknown option '{item}'{suggest(key, sorted(leaf_fields(stage.config)))}")
+        if name == "init-model" and "=" in item:
+            extra_overrides.append(item)
+        else:
+            raise ConfigError(f"unexpected argument '{item}'")
+    if extra_overrides:
+        values["overrides"] = list(values.get("overrides", [])) + extra_overrides
+    return config_lib.load(stage.config, path, values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = argparse.ArgumentParser(prog="alignkit", description="Post-train small language models and measure the result.")
+    sub = top.add_subparsers(dest="stage", metavar="STAGE")
+    for name, stage in STAGES.items():
+        sub.add_parser(name, help=stage.help, add_help=False)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in STAGES:
+        if argv and argv[0] not in ("-h", "--help"):
+            close = suggest(argv[0], list(STAGES))
+            print(f"alignkit: unknown stage '{argv[0]}'{close}\n", file=sys.stderr)
+            top.print_help(sys.stderr)
+            return 2
+        top.print_help()
+        return 0
+    name, rest = argv[0], argv[1:]
+    if "-h" in rest or "--help" in rest:
+        build_parser(name, STAGES[name]).print_help()
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    quiet_third_party()
+    try:
+        cfg = parse(name, rest)
+        result = STAGES[name].run(cfg)
+    except KeyboardInterrupt:
+        print("alignkit: interrupted; run again with --resume to continue from the last checkpoint", file=sys.stderr)
+        return 130
+    except Exception as e:  # known user-facing errors get one clear line, the rest a traceback
+        if type(e).__name__ in USER_ERRORS:
+            print(f"alignkit {name}: error: {e}", file=sys.stderr)
+            return 2 if isinstance(e, ConfigError) else 1
+        raise
+    if result is not None:
+        print(result)
+    return 0
+
+
+USER_ERRORS = {"ConfigError", "DataError", "TemplateError", "TrainingDiverged", "FileExistsError", "FileNotFoundError"}
+
+
+def quiet_third_party() -> None:
+    import transformers
+
+    transformers.utils.logging.set_verbosity_warning()
+    transformers.utils.logging.disable_progress_bar()
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.utils.logging.set_verbosity_warning()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data: loading, schema detection and validation, chat tokenisation, collation."""

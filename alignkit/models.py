@@ -1,0 +1,137 @@
+"""Load tokenizers and models, write Hugging Face checkpoints, and build random-init models."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from .config import ModelConfig
+from .data.chat import detect_end_of_turn, ensure_chat_template
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ChatTokenizer:
+    """A tokenizer with a usable chat template and the id of the token that ends a reply."""
+
+    tokenizer: object
+    end_of_turn: str
+    added_tokens: list[str]
+
+    @property
+    def end_of_turn_id(self) -> int:
+        return self.tokenizer.convert_tokens_to_ids(self.end_of_turn)
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    def stop_ids(self) -> list[int]:
+        """Generation stops on the end-of-turn token, and on EOS where that differs (base models)."""
+        ids = [self.end_of_turn_id]
+        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in ids:
+            ids.append(self.tokenizer.eos_token_id)
+        return ids
+
+
+def load_tokenizer(cfg: ModelConfig) -> ChatTokenizer:
+    source = cfg.tokenizer or cfg.name_or_path
+    tok = AutoTokenizer.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    added = ensure_chat_template(tok, cfg.chat_template)
+    end_of_turn = cfg.end_of_turn_token or detect_end_of_turn(tok)
+    if end_of_turn not in tok.get_vocab():
+        raise ValueError(f"end-of-turn token {end_of_turn!r} is not in the tokenizer's vocabulary")
+    if tok.pad_token is None:
+        # Padding is masked out everywhere, so any existing token will do; EOS is the usual choice.
+        tok.pad_token = tok.eos_token or end_of_turn
+    return ChatTokenizer(tok, end_of_turn, added)
+
+
+def load_causal_lm(cfg: ModelConfig, chat: ChatTokenizer, path: str | None = None, dtype: torch.dtype | None = None):
+    model = AutoModelForCausalLM.from_pretrained(
+        path or cfg.name_or_path,
+        revision=None if path else cfg.revision,
+        trust_remote_code=cfg.trust_remote_code,
+        dtype=dtype or torch.float32,
+        **({"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}),
+    )
+    fit_vocab(model, chat.tokenizer)
+    return model
+
+
+def fit_vocab(model, tokenizer) -> None:
+    """Grow the embeddings when the tokenizer has more tokens (e.g. ChatML tokens added)."""
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        log.info("resizing embeddings to %d tokens", len(tokenizer))
+        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
+
+
+def save_model(model, chat: ChatTokenizer, path: str | Path) -> None:
+    """HF-format model + tokenizer (with chat template) + a generation config that stops on end-of-turn."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    stop = chat.stop_ids()
+    gen = getattr(model, "generation_config", None) or GenerationConfig()
+    gen.eos_token_id = stop if len(stop) > 1 else stop[0]
+    gen.pad_token_id = chat.pad_id
+    model.generation_config = gen
+    model.config.pad_token_id = chat.pad_id
+    model.save_pretrained(path)
+    chat.tokenizer.save_pretrained(path)
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """['hidden_size=64', 'num_hidden_layers=2'] -> {'hidden_size': 64, 'num_hidden_layers': 2}."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"config override {item!r} is not of the form key=value")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def init_model(
+    config_source: str,
+    output_dir: str | Path,
+    tokenizer_source: str | None = None,
+    overrides: dict | None = None,
+    seed: int = 0,
+    trust_remote_code: bool = False,
+    chat_template: str | None = None,
+) -> Path:
+    """Write a randomly initialised causal LM (HF format) with a tokenizer and chat template."""
+    overrides = overrides or {}
+    config = AutoConfig.from_pretrained(config_source, trust_remote_code=trust_remote_code)
+    for key in overrides:
+        if not hasattr(config, key):
+            raise ValueError(f"{type(config).__name__} has no field {key!r}")
+    if overrides:
+        values = config.to_dict()
+        if "num_hidden_layers" in overrides:
+            values.pop("layer_types", None)  # derived per layer; rebuilt for the new depth
+        config = type(config).from_dict(values | overrides)
+    chat = load_tokenizer(
+        ModelConfig(
+            name_or_path=tokenizer_source or config_source,
+            trust_remote_code=trust_remote_code,
+            chat_template=chat_template,
+        )
+    )
+    vocab = len(chat.tokenizer)
+    if config.vocab_size < vocab:
+        config.vocab_size = (vocab + 63) // 64 * 64
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=torch.float32)
+    if chat.tokenizer.eos_token_id is not None:
+        model.config.eos_token_id = chat.tokenizer.eos_token_id
+    save_model(model, chat, output_dir)
+    n = sum(p.numel() for p in model.parameters())
+    log.info("wrote a random %s with %.2fM parameters to %s", config.model_type, n / 1e6, output_dir)
+    return Path(output_dir)

@@ -1,0 +1,378 @@
+"""The one training loop every method uses.
+
+A method supplies `collate(examples) -> batch` and `loss_fn(model, batch) -> LossOutput`, where
+the loss is a *sum* over units (tokens for SFT, pairs for DPO) and `count` says how many units
+it covered. The loop divides by the number of units in the whole optimizer step, summed over
+micro-batches and processes, so the loss and its gradient do not depend on how a global batch
+is split into accumulation steps or processes.
+
+Data order is a pure function of (seed, epoch) and the step number, which is what makes resume
+exact: a resumed run recomputes where it was instead of replaying a data loader.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from ..config import TrainConfig
+from . import checkpoint as ckpt
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient norm became NaN or infinite."""
+
+
+@dataclass
+class LossOutput:
+    loss_sum: torch.Tensor
+    """Sum of the per-unit losses of this micro-batch (differentiable)."""
+    count: torch.Tensor | int
+    """Number of units (target tokens, pairs, ...) the sum covers."""
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Per-unit sums of extra quantities to report as means (detached)."""
+    tokens: int = 0
+    """Input tokens processed, for throughput."""
+
+
+@dataclass
+class RunOptions:
+    output_dir: Path
+    seed: int = 42
+    resume: bool = False
+    quiet: bool = False
+
+
+@dataclass
+class LoopState:
+    step: int = 0
+    tokens_seen: int = 0
+    best_metric: float | None = None
+    best_step: int | None = None
+    evals_without_improvement: int = 0
+    stop: bool = False
+    """Set by a callback to end training after this step."""
+
+
+class Callback:
+    """Hooks into the loop; override what you need."""
+
+    def on_step_end(self, state: LoopState, logs: dict) -> None: ...
+
+    def on_evaluate(self, state: LoopState, metrics: dict, model) -> None:
+        """May add entries to `metrics` (e.g. a win rate) before early stopping looks at them."""
+
+
+def precision_for(setting: str) -> str:
+    if setting == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return "no" if setting == "fp32" else setting
+
+
+def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
+    # No weight decay on biases and norm weights (1-D parameters), as is standard.
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.learning_rate,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        eps=cfg.adam_epsilon,
+    )
+
+
+class StepPlan:
+    """Which examples each process reads at each optimizer step."""
+
+    def __init__(self, n_examples: int, cfg: TrainConfig, world: int, rank: int, seed: int):
+        self.n, self.bs, self.accum, self.world, self.rank, self.seed = n_examples, cfg.batch_size, cfg.grad_accum, world, rank, seed
+        self.global_batch = cfg.batch_size * cfg.grad_accum * world
+        self.steps_per_epoch = n_examples // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"{n_examples} training examples are fewer than one global batch of {self.global_batch} "
+                f"(batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum} x {world} processes)"
+            )
+        self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
+        self._perm: tuple[int, list[int]] | None = None
+
+    def permutation(self, epoch: int) -> list[int]:
+        if self._perm is None or self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1000 + epoch)
+            self._perm = (epoch, torch.randperm(self.n, generator=g).tolist())
+        return self._perm[1]
+
+    def micro_batches(self, step: int) -> list[list[int]]:
+        epoch, k = divmod(step, self.steps_per_epoch)
+        batch = self.permutation(epoch)[k * self.global_batch : (k + 1) * self.global_batch]
+        per_rank = self.bs * self.accum
+        mine = batch[self.rank * per_rank : (self.rank + 1) * per_rank]
+        return [mine[j * self.bs : (j + 1) * self.bs] for j in range(self.accum)]
+
+
+def train(
+    model,
+    chat,
+    train_data: list[dict],
+    eval_data: list[dict] | None,
+    collate: Callable[[list[dict]], dict],
+    loss_fn: Callable[[object, dict], LossOutput],
+    cfg: TrainConfig,
+    run: RunOptions,
+    callbacks: list[Callback] = (),
+    save_fn: Callable | None = None,
+) -> Path:
+    """Train `model` and write the run directory; return the `final/` model directory."""
+    from ..models import save_model
+
+    save_fn = save_fn or save_model
+    out = Path(run.output_dir)
+    ckpt_root = out / "checkpoints"
+    metrics_path = out / "metrics.jsonl"
+    accelerator = Accelerator(mixed_precision=precision_for(cfg.precision))
+    is_main = accelerator.is_main_process
+    torch.manual_seed(run.seed)
+
+    plan = StepPlan(len(train_data), cfg, accelerator.num_processes, accelerator.process_index, run.seed)
+    warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * plan.total_steps)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    model.train()
+    optimizer = make_optimizer(model, cfg)
+    scheduler = get_scheduler(
+        "constant_with_warmup" if cfg.scheduler == "constant" else cfg.scheduler,
+        optimizer,
+        num_warmup_steps=warmup,
+        num_training_steps=plan.total_steps,
+    )
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+
+    state = LoopState()
+    resume_from = ckpt.latest_checkpoint(ckpt_root) if run.resume else None
+    if not run.resume and ckpt.list_checkpoints(ckpt_root):
+        raise FileExistsError(f"{ckpt_root} already holds checkpoints: pass --resume to continue that run, or choose a new output_dir")
+    if run.resume and resume_from is None:
+        log.warning("resume: no complete checkpoint in %s; starting from scratch", ckpt_root)
+    if resume_from is not None:
+        ckpt.load_weights(unwrapped, resume_from)
+        optimizer.load_state_dict(torch.load(resume_from / "optimizer.pt", weights_only=False))
+        scheduler.load_state_dict(torch.load(resume_from / "scheduler.pt", weights_only=False))
+        saved = ckpt.read_state(resume_from)
+        state = LoopState(**{k: v for k, v in saved.items() if k in LoopState.__dataclass_fields__})
+        ckpt.set_rng_state(torch.load(resume_from / f"rng_state_{accelerator.process_index}.pt", weights_only=False))
+        log.info("resumed from %s (step %d of %d)", resume_from, state.step, plan.total_steps)
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt.clear_stale(ckpt_root)
+        keep_metrics_until(metrics_path, state.step)
+    accelerator.wait_for_everyone()
+
+    def log_line(record: dict) -> None:
+        if not is_main:
+            return
+        with metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if run.quiet:
+            log.info(" ".join(f"{k}={fmt(v)}" for k, v in record.items()))
+        else:
+            tqdm.write(" ".join(f"{k}={fmt(v)}" for k, v in record.items()))
+
+    def save_checkpoint() -> None:
+        tmp = ckpt.tmp_dir(ckpt_root, state.step)
+        if is_main:
+            tmp.mkdir(parents=True, exist_ok=True)
+        accelerator.wait_for_everyone()
+        torch.save(ckpt.rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
+        accelerator.wait_for_everyone()
+        if is_main:
+            save_fn(unwrapped, chat, tmp)
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            (tmp / ckpt.STATE_FILE).write_text(json.dumps(vars(state) | {"stop": False}, indent=1))
+            ckpt.publish(tmp, ckpt_root / f"step-{state.step}")
+            ckpt.prune(ckpt_root, cfg.save_total_limit, {state.best_step} if state.best_step else set())
+        accelerator.wait_for_everyone()
+
+    def evaluate() -> dict:
+        metrics = run_eval(unwrapped, eval_data, collate, loss_fn, cfg.batch_size, accelerator)
+        for cb in callbacks:
+            cb.on_evaluate(state, metrics, unwrapped)
+        if cfg.metric_for_best not in metrics:
+            raise KeyError(f"train.metric_for_best '{cfg.metric_for_best}' is not among the eval metrics {sorted(metrics)}")
+        value = metrics[cfg.metric_for_best]
+        better = state.best_metric is None or (value > state.best_metric if cfg.greater_is_better else value < state.best_metric)
+        if better:
+            state.best_metric, state.best_step, state.evals_without_improvement = value, state.step, 0
+        else:
+            state.evals_without_improvement += 1
+        log_line({"step": state.step, "epoch": round(state.step / plan.steps_per_epoch, 4), **metrics})
+        return metrics
+
+    track_best = eval_data is not None and cfg.early_stopping_patience is not None
+    bar = tqdm(total=plan.total_steps, initial=state.step, disable=run.quiet or not is_main, desc="train", dynamic_ncols=True)
+    window = {"loss_sum": 0.0, "count": 0.0, "tokens": 0, "time": time.perf_counter(), "metrics": {}}
+    grad_norm = None
+    while state.step < plan.total_steps and not state.stop:
+        sums = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss_sum, count, tokens
+        metric_sums: dict[str, torch.Tensor] = {}
+        micro = plan.micro_batches(state.step)
+        for j, idx in enumerate(micro):
+            batch = to_device(collate([train_data[i] for i in idx]), accelerator.device)
+            # Gradients sync across processes only on the last micro-batch of the step.
+            sync = contextlib.nullcontext() if j == len(micro) - 1 else accelerator.no_sync(model)
+            with sync, accelerator.autocast():
+                res = loss_fn(model, batch)
+                accelerator.backward(res.loss_sum)
+            sums += torch.tensor([res.loss_sum.item(), float(res.count), res.tokens], dtype=torch.float64, device=sums.device)
+            for k, v in res.metrics.items():
+                metric_sums[k] = metric_sums.get(k, 0) + v.detach().double()
+        totals = accelerator.reduce(sums, "sum")
+        metric_totals = {k: accelerator.reduce(v.to(accelerator.device), "sum").item() for k, v in sorted(metric_sums.items())}
+        loss_sum, count, tokens = totals.tolist()
+        lr = scheduler.get_last_lr()[0]
+        if count == 0:
+            log.warning("step %d has no target units (all masked); skipping its update", state.step + 1)
+        else:
+            loss = loss_sum / count
+            if not math.isfinite(loss):
+                raise diverged("loss", loss, state.step + 1, ckpt_root)
+            # Gradients hold d(sum)/dθ averaged over processes; make them d(sum / count)/dθ.
+            scale = accelerator.num_processes / count
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+            if cfg.max_grad_norm:
+                grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+            else:
+                grad_norm = float(torch.norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None])))
+            if not math.isfinite(grad_norm):
+                raise diverged("gradient norm", grad_norm, state.step + 1, ckpt_root)
+            optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.tokens_seen += int(tokens)
+        window["loss_sum"] += loss_sum
+        window["count"] += count
+        window["tokens"] += tokens
+        for k, v in metric_totals.items():
+            window["metrics"][k] = window["metrics"].get(k, 0.0) + v
+        bar.update(1)
+        logs: dict = {}
+        if state.step % cfg.logging_steps == 0 or state.step == plan.total_steps:
+            elapsed = time.perf_counter() - window["time"]
+            n = max(window["count"], 1.0)
+            logs = {
+                "step": state.step,
+                "epoch": round(state.step / plan.steps_per_epoch, 4),
+                "loss": window["loss_sum"] / n,
+                **{k: v / n for k, v in window["metrics"].items()},
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens_seen": state.tokens_seen,
+                "tokens_per_s": window["tokens"] / max(elapsed, 1e-9),
+            }
+            log_line(logs)
+            bar.set_postfix(loss=f"{logs['loss']:.4f}")
+            window = {"loss_sum": 0.0, "count": 0.0, "tokens": 0, "time": time.perf_counter(), "metrics": {}}
+        evaluated = False
+        if eval_data is not None and cfg.eval_steps and state.step % cfg.eval_steps == 0:
+            evaluate()
+            evaluated = True
+            if track_best and state.evals_without_improvement >= cfg.early_stopping_patience:
+                log.info("early stopping at step %d: no improvement in %s for %d evaluations", state.step, cfg.metric_for_best, cfg.early_stopping_patience)
+                state.stop = True
+        if (cfg.save_steps and state.step % cfg.save_steps == 0) or (evaluated and track_best):
+            save_checkpoint()
+        for cb in callbacks:
+            cb.on_step_end(state, logs)
+    bar.close()
+
+    if eval_data is not None and not (cfg.eval_steps and state.step % cfg.eval_steps == 0):
+        evaluate()  # always end with an evaluation of the final weights
+    if track_best and state.best_step is not None and state.best_step != state.step:
+        best = ckpt_root / f"step-{state.best_step}"
+        log.info("restoring the best checkpoint (step %d, %s=%.4f)", state.best_step, cfg.metric_for_best, state.best_metric)
+        ckpt.load_weights(unwrapped, best)
+    final = out / "final"
+    if is_main:
+        tmp = out / ".tmp-final"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        save_fn(unwrapped, chat, tmp)
+        ckpt.publish(tmp, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+@torch.no_grad()
+def run_eval(model, data, collate, loss_fn, batch_size: int, accelerator) -> dict:
+    """Unit-weighted means over the whole eval set (sharded over processes)."""
+    was_training = model.training
+    model.eval()
+    shard = list(range(accelerator.process_index, len(data), accelerator.num_processes))
+    sums = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    metric_sums: dict[str, torch.Tensor] = {}
+    for start in range(0, len(shard), batch_size):
+        batch = to_device(collate([data[i] for i in shard[start : start + batch_size]]), accelerator.device)
+        with accelerator.autocast():
+            res = loss_fn(model, batch)
+        sums += torch.tensor([res.loss_sum.item(), float(res.count)], dtype=torch.float64, device=sums.device)
+        for k, v in res.metrics.items():
+            metric_sums[k] = metric_sums.get(k, 0) + v.double()
+    totals = accelerator.reduce(sums, "sum").tolist()
+    n = max(totals[1], 1.0)
+    metrics = {"eval_loss": totals[0] / n}
+    for k, v in sorted(metric_sums.items()):
+        metrics[f"eval_{k}"] = accelerator.reduce(v.to(accelerator.device), "sum").item() / n
+    model.train(was_training)
+    return metrics
+
+
+def diverged(what: str, value: float, step: int, ckpt_root: Path) -> TrainingDiverged:
+    last = ckpt.latest_checkpoint(ckpt_root)
+    where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+    return TrainingDiverged(
+        f"the {what} became {value} at step {step}; stopped before updating the weights ({where}). "
+        "Lower the learning rate, enable gradient clipping, or check the data."
+    )
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def keep_metrics_until(path: Path, step: int) -> None:
+    """On resume, drop log lines written after the checkpoint, so the log reads as one clean run."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

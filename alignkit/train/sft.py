@@ -1,0 +1,62 @@
+"""Supervised fine-tuning: the masked negative log-likelihood of the assistant tokens."""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .. import config as config_lib
+from ..config import SFTConfig
+from ..data.chat import IGNORE_INDEX
+from ..data.collate import collate_lm
+from ..data.prepare import load_examples, tokenize_conversations
+from ..models import load_causal_lm, load_tokenizer
+from .loop import LossOutput, RunOptions, train
+
+log = logging.getLogger(__name__)
+
+
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of -log p(label) over the positions whose label is not IGNORE_INDEX, and their count.
+
+    logits[:, t] predicts labels[:, t + 1]; the shift happens here.
+    """
+    logits = logits[:, :-1].float()
+    targets = labels[:, 1:]
+    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    return total, (targets != IGNORE_INDEX).sum()
+
+
+def sft_loss(model, batch: dict) -> LossOutput:
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    total, count = token_nll(logits, batch["labels"])
+    return LossOutput(total, int(count), tokens=int(batch["attention_mask"].sum()))
+
+
+def run_sft(cfg: SFTConfig, callbacks=()) -> Path:
+    """Fine-tune cfg.model on cfg.data; return the run directory."""
+    out = Path(cfg.output_dir)
+    chat = load_tokenizer(cfg.model)
+    train_rows, eval_rows = load_examples(cfg.data, "conversation", cfg.seed)
+    train_data = tokenize_conversations(train_rows, chat, cfg.data, "tokenise train")
+    eval_data = tokenize_conversations(eval_rows, chat, cfg.data, "tokenise eval") if eval_rows else None
+    log.info("SFT: %d training examples, %d eval examples", len(train_data), len(eval_data) if eval_data else 0)
+    model = load_causal_lm(cfg.model, chat)
+    out.mkdir(parents=True, exist_ok=True)
+    config_lib.save(cfg, out / "config.yaml")
+    train(
+        model,
+        chat,
+        train_data,
+        eval_data,
+        collate=partial(collate_lm, pad_token_id=chat.pad_id),
+        loss_fn=sft_loss,
+        cfg=cfg.train,
+        run=RunOptions(out, cfg.seed, cfg.resume, cfg.quiet),
+        callbacks=list(callbacks),
+    )
+    return out

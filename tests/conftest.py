@@ -1,0 +1,82 @@
+"""Shared fixtures: tiny models and tokenizers built by the project itself, and ../shared data."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("ALIGNKIT_SHARED", ROOT.parent / "shared"))
+QWEN_DIR = SHARED / "models" / "qwen2.5-0.5b"
+
+
+def need_shared(*parts: str) -> Path:
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} is absent (the real data/tokenizer live in ../shared beside the checkout)")
+    return path
+
+
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _quiet():
+    from alignkit.cli import quiet_third_party
+
+    quiet_third_party()
+
+
+@pytest.fixture(scope="session")
+def toy_tokenizer_dir(tmp_path_factory) -> Path:
+    from alignkit.demo.world import build_tokenizer
+
+    return build_tokenizer(tmp_path_factory.mktemp("toy-tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def toy_chat(toy_tokenizer_dir):
+    from alignkit.config import ModelConfig
+    from alignkit.models import load_tokenizer
+
+    return load_tokenizer(ModelConfig(name_or_path=str(toy_tokenizer_dir)))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, toy_tokenizer_dir, toy_chat) -> Path:
+    """A 2-layer Qwen2 with the toy tokenizer, random weights."""
+    from alignkit.demo.world import write_model_config
+    from alignkit.models import init_model
+
+    root = tmp_path_factory.mktemp("tiny-model")
+    write_model_config(root / "config", vocab_size=len(toy_chat.tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2)
+    return init_model(str(root / "config"), root / "model", tokenizer_source=str(toy_tokenizer_dir), seed=0)
+
+
+@pytest.fixture(scope="session")
+def toy_data_dir(tmp_path_factory) -> Path:
+    from alignkit.demo.world import write_chat_data
+
+    return write_chat_data(tmp_path_factory.mktemp("toy-data"), n_train=128, n_test=32)
+
+
+@pytest.fixture(scope="session")
+def qwen_chat():
+    from alignkit.config import ModelConfig
+    from alignkit.models import load_tokenizer
+
+    return load_tokenizer(ModelConfig(name_or_path=str(need_shared("models", "qwen2.5-0.5b"))))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_dir(tmp_path_factory) -> Path:
+    """The real Qwen2.5-0.5B config shrunk to a few thousand parameters per layer, with its real tokenizer."""
+    from alignkit.models import init_model
+
+    src = need_shared("models", "qwen2.5-0.5b")
+    overrides = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
+    return init_model(str(src), tmp_path_factory.mktemp("tiny-qwen") / "model", overrides=overrides, seed=0)
