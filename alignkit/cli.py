@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -19,10 +20,10 @@ from .config import ConfigError, SFTConfig, leaf_fields, suggest
 
 @dataclass
 class InitModelConfig:
-    config: str = "Qwen/Qwen2.5-0.5B"
-    """Model config: a Hub id, or a local folder with config.json (e.g. ../shared/models/qwen2.5-0.5b)."""
+    model_config: str = "Qwen/Qwen2.5-0.5B"
+    """Architecture: a Hub id, or a local folder with config.json (e.g. ../shared/models/qwen2.5-0.5b)."""
     tokenizer: str | None = None
-    """Tokenizer id or folder; defaults to `config`."""
+    """Tokenizer id or folder; defaults to `model_config`."""
     output_dir: str = "runs/init-model"
     overrides: list[str] = field(default_factory=list)
     """Config fields to change, as key=value (also accepted as trailing arguments)."""
@@ -57,7 +58,7 @@ class DemoConfig:
 def run_init_model(cfg: InitModelConfig):
     from .models import init_model, parse_overrides
 
-    return init_model(cfg.config, cfg.output_dir, cfg.tokenizer, parse_overrides(cfg.overrides), cfg.seed, cfg.trust_remote_code, cfg.chat_template)
+    return init_model(cfg.model_config, cfg.output_dir, cfg.tokenizer, parse_overrides(cfg.overrides), cfg.seed, cfg.trust_remote_code, cfg.chat_template)
 
 
 def run_sft(cfg: SFTConfig):
@@ -177,12 +178,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"alignkit {name}: error: {e}", file=sys.stderr)
             return 2 if isinstance(e, ConfigError) else 1
         raise
-    if result is not None:
+    if result is not None and int(os.environ.get("RANK", "0")) == 0:
         print(result)
     return 0
 
 
-USER_ERRORS = {"ConfigError", "DataError", "TemplateError", "TrainingDiverged", "FileExistsError", "FileNotFoundError"}
+# Errors whose message says everything a user needs; anything else keeps its traceback.
+USER_ERRORS = {"ConfigError", "DataError", "TemplateError", "TrainingDiverged", "FileExistsError", "FileNotFoundError", "OSError"}
 
 
 def quiet_third_party() -> None:

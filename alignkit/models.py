@@ -40,8 +40,15 @@ class ChatTokenizer:
         return ids
 
 
+def check_source(source: str, what: str) -> str:
+    """A path-like source must exist locally; otherwise it would be looked up on the Hub."""
+    if source.startswith((".", "/", "~")) and not Path(source).expanduser().exists():
+        raise FileNotFoundError(f"{what} not found: {source}")
+    return source
+
+
 def load_tokenizer(cfg: ModelConfig) -> ChatTokenizer:
-    source = cfg.tokenizer or cfg.name_or_path
+    source = check_source(cfg.tokenizer or cfg.name_or_path, "tokenizer")
     tok = AutoTokenizer.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     added = ensure_chat_template(tok, cfg.chat_template)
     end_of_turn = cfg.end_of_turn_token or detect_end_of_turn(tok)
@@ -55,7 +62,7 @@ def load_tokenizer(cfg: ModelConfig) -> ChatTokenizer:
 
 def load_causal_lm(cfg: ModelConfig, chat: ChatTokenizer, path: str | None = None, dtype: torch.dtype | None = None):
     model = AutoModelForCausalLM.from_pretrained(
-        path or cfg.name_or_path,
+        check_source(path or cfg.name_or_path, "model"),
         revision=None if path else cfg.revision,
         trust_remote_code=cfg.trust_remote_code,
         dtype=dtype or torch.float32,
@@ -108,7 +115,7 @@ def init_model(
 ) -> Path:
     """Write a randomly initialised causal LM (HF format) with a tokenizer and chat template."""
     overrides = overrides or {}
-    config = AutoConfig.from_pretrained(config_source, trust_remote_code=trust_remote_code)
+    config = AutoConfig.from_pretrained(check_source(config_source, "model config"), trust_remote_code=trust_remote_code)
     for key in overrides:
         if not hasattr(config, key):
             raise ValueError(f"{type(config).__name__} has no field {key!r}")

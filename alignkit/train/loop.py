@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -143,7 +144,9 @@ def train(
     out = Path(run.output_dir)
     ckpt_root = out / "checkpoints"
     metrics_path = out / "metrics.jsonl"
-    accelerator = Accelerator(mixed_precision=precision_for(cfg.precision))
+    # Without a GPU, a multi-process launch (torchrun / accelerate launch) must be told to use gloo on CPU.
+    distributed_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    accelerator = Accelerator(mixed_precision=precision_for(cfg.precision), cpu=distributed_cpu)
     is_main = accelerator.is_main_process
     torch.manual_seed(run.seed)
 

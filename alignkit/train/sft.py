@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from functools import partial
 from pathlib import Path
 
@@ -46,8 +47,8 @@ def run_sft(cfg: SFTConfig, callbacks=()) -> Path:
     eval_data = tokenize_conversations(eval_rows, chat, cfg.data, "tokenise eval") if eval_rows else None
     log.info("SFT: %d training examples, %d eval examples", len(train_data), len(eval_data) if eval_data else 0)
     model = load_causal_lm(cfg.model, chat)
-    out.mkdir(parents=True, exist_ok=True)
-    config_lib.save(cfg, out / "config.yaml")
+    if int(os.environ.get("RANK", "0")) == 0:
+        config_lib.save(cfg, out / "config.yaml")
     train(
         model,
         chat,
