@@ -16,6 +16,7 @@ from typing import Callable
 
 from . import config as config_lib
 from .config import ConfigError, SFTConfig, leaf_fields, suggest
+from .train.dpo import DPOConfig
 
 
 @dataclass
@@ -67,6 +68,12 @@ def run_sft(cfg: SFTConfig):
     return run(cfg)
 
 
+def run_dpo(cfg):
+    from .train.dpo import run_dpo as run
+
+    return run(cfg)
+
+
 def run_data_stats(cfg: DataStatsConfig):
     from .data.stats import data_stats
 
@@ -89,6 +96,7 @@ class Stage:
 STAGES = {
     "demo": Stage(DemoConfig, run_demo, "offline toy pipeline on CPU: tokenizer, tiny model, data, SFT, before/after report"),
     "sft": Stage(SFTConfig, run_sft, "supervised fine-tuning on chat data (loss on assistant tokens only)"),
+    "dpo": Stage(DPOConfig, run_dpo, "direct preference optimisation (sigmoid, IPO, DPO-Positive, KL, length-normalised) on preference pairs"),
     "init-model": Stage(InitModelConfig, run_init_model, "write a randomly initialised model in Hugging Face format"),
     "data-stats": Stage(DataStatsConfig, run_data_stats, "token-length percentiles of prompts and responses"),
 }

@@ -124,18 +124,25 @@ class SFTConfig:
 # --------------------------------------------------------------------------- machinery
 
 
-def leaf_fields(cls: type, prefix: str = "") -> dict[str, tuple[Any, Any, str]]:
-    """Dotted name -> (type, default, help) for every scalar field of a config dataclass."""
+def default_of(f: dataclasses.Field):
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+
+
+def leaf_fields(cls: type, prefix: str = "", defaults=None) -> dict[str, tuple[Any, Any, str]]:
+    """Dotted name -> (type, default, help) for every scalar field of a config dataclass.
+
+    A section's defaults come from the enclosing stage (DPO's data default is not SFT's).
+    """
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
     out: dict[str, tuple[Any, Any, str]] = {}
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         name = prefix + f.name
+        default = getattr(defaults, f.name) if defaults is not None else default_of(f)
         if dataclasses.is_dataclass(tp):
-            out.update(leaf_fields(tp, name + "."))
+            out.update(leaf_fields(tp, name + ".", default))
         else:
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
             out[name] = (tp, default, docs.get(f.name, ""))
     return out
 
@@ -289,19 +296,18 @@ def build(cls: type, values: dict[str, Any]):
         for p in parts[:-1]:
             d = d.setdefault(p, {})
         d[parts[-1]] = coerce(value, tp, key)
-    return _instantiate(cls, nested)
+    return _apply(cls(), nested)
 
 
-def _instantiate(cls: type, nested: dict):
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[f.name] = _instantiate(tp, nested.get(f.name, {}))
-        elif f.name in nested:
-            kwargs[f.name] = nested[f.name]
-    return cls(**kwargs)
+def _apply(obj, nested: dict):
+    """Set nested values on a config built with the stage's own defaults."""
+    for name, value in nested.items():
+        current = getattr(obj, name)
+        if dataclasses.is_dataclass(current):
+            _apply(current, value)
+        else:
+            setattr(obj, name, value)
+    return obj
 
 
 def load(cls: type, path: str | Path | None = None, overrides: dict[str, Any] | None = None):

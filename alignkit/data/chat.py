@@ -138,3 +138,14 @@ def tokenize_chat(
 def tokenize_prompt(tokenizer, messages: list[dict]) -> list[int]:
     """Prompt ids for generation: the conversation so far plus the assistant header."""
     return tokenizer(render(tokenizer, messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+
+
+def tokenize_reply(tokenizer, prompt: list[dict], reply: str, end_of_turn: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, reply ids) for one reply to `prompt`; the reply ids end with the end-of-turn token.
+
+    Same segmentation as tokenize_chat, so a pair's chosen and rejected share the prompt ids
+    and a reply's tokens are exactly the ones SFT trained on.
+    """
+    segments = chat_segments(tokenizer, prompt + [{"role": "assistant", "content": reply}], end_of_turn)
+    reply_text = segments[-1][0] if segments[-1][1] else segments[-2][0]
+    return tokenize_prompt(tokenizer, prompt), tokenizer(reply_text, add_special_tokens=False)["input_ids"]

@@ -26,3 +26,24 @@ def collate_lm(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tenso
         "attention_mask": pad([[1] * len(s) for s in ids], 0),
         "labels": pad([e["labels"] for e in examples], IGNORE_INDEX),
     }
+
+
+def collate_pairs(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Chosen and rejected in one batch: rows [prompt+chosen_1..B, prompt+rejected_1..B].
+
+    Labels are the reply tokens; carried reference log-probabilities become tensors.
+    """
+    seqs, labels = [], []
+    for side in ("chosen_ids", "rejected_ids"):
+        for e in examples:
+            seqs.append(e["prompt_ids"] + e[side])
+            labels.append([IGNORE_INDEX] * len(e["prompt_ids"]) + e[side])
+    batch = {
+        "input_ids": pad(seqs, pad_token_id),
+        "attention_mask": pad([[1] * len(s) for s in seqs], 0),
+        "labels": pad(labels, IGNORE_INDEX),
+    }
+    if "ref_chosen_logps" in examples[0]:
+        batch["ref_chosen_logps"] = torch.tensor([e["ref_chosen_logps"] for e in examples], dtype=torch.float32)
+        batch["ref_rejected_logps"] = torch.tensor([e["ref_rejected_logps"] for e in examples], dtype=torch.float32)
+    return batch

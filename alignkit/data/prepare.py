@@ -9,7 +9,7 @@ from collections import Counter
 import datasets
 
 from ..config import DataConfig
-from .chat import tokenize_chat
+from .chat import tokenize_chat, tokenize_reply
 from .loading import load_rows
 from .schema import DataError, first_turn, normalise
 
@@ -66,11 +66,38 @@ def tokenize_conversations(rows: list[dict], chat, cfg: DataConfig, desc: str = 
 
     ds = datasets.Dataset.from_list([{"messages": r["messages"]} for r in rows])
     ds = ds.map(one, remove_columns=["messages"], num_proc=cfg.num_proc, desc=desc, new_fingerprint=uuid.uuid4().hex)
+    return keep_undropped(ds, len(rows), desc)
+
+
+def tokenize_pairs(rows: list[dict], chat, cfg: DataConfig, desc: str = "tokenise pairs") -> datasets.Dataset:
+    """prompt_ids / chosen_ids / rejected_ids per pair, with the same limits as SFT."""
+
+    def one(row: dict) -> dict:
+        out = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "truncated": False, "drop": ""}
+        if cfg.min_response_chars and min(len(row["chosen"].strip()), len(row["rejected"].strip())) < cfg.min_response_chars:
+            out["drop"] = f"response shorter than {cfg.min_response_chars} characters"
+            return out
+        for side in ("chosen", "rejected"):
+            prompt_ids, reply_ids = tokenize_reply(chat.tokenizer, row["prompt"], row[side], chat.end_of_turn)
+            if cfg.max_response_tokens is not None and len(reply_ids) > cfg.max_response_tokens:
+                reply_ids = reply_ids[: cfg.max_response_tokens]
+                out["truncated"] = True
+            out["prompt_ids"], out[f"{side}_ids"] = prompt_ids, reply_ids
+        if cfg.max_prompt_tokens is not None and len(out["prompt_ids"]) > cfg.max_prompt_tokens:
+            out["drop"] = f"prompt longer than {cfg.max_prompt_tokens} tokens"
+        return out
+
+    ds = datasets.Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
+    ds = ds.map(one, remove_columns=["prompt", "chosen", "rejected"], num_proc=cfg.num_proc, desc=desc, new_fingerprint=uuid.uuid4().hex)
+    return keep_undropped(ds, len(rows), desc)
+
+
+def keep_undropped(ds: datasets.Dataset, n_rows: int, desc: str) -> datasets.Dataset:
     dropped = Counter(r for r in ds["drop"] if r)
     truncated = sum(ds["truncated"])
     ds = ds.filter(lambda r: not r, input_columns="drop", new_fingerprint=uuid.uuid4().hex).remove_columns(["drop"])
     if dropped or truncated:
-        log.info("%s: kept %d of %d examples; dropped %s; truncated responses in %d", desc, len(ds), len(rows), dict(dropped), truncated)
+        log.info("%s: kept %d of %d examples; dropped %s; truncated responses in %d", desc, len(ds), n_rows, dict(dropped), truncated)
     if len(ds) == 0:
         raise DataError(f"{desc}: every example was filtered out ({dict(dropped)}); loosen the data limits")
     return ds

@@ -92,3 +92,27 @@ def write_chat_data(directory: str | Path, n_train: int = 4000, n_test: int = 10
         ]
         write_jsonl(rows, directory / f"{split}.jsonl")
     return directory
+
+
+def write_preference_data(directory: str | Path, n_train: int = 1000, n_test: int = 100, seed: int = 0) -> Path:
+    """Toy preference pairs (ultrafeedback_binarized schema): the right answer over another task's answer."""
+    import random
+
+    directory = Path(directory)
+    rng = random.Random(seed + 7)
+    for split, n, s in (("train_prefs", n_train, seed), ("test_prefs", n_test, seed + 1)):
+        rows = []
+        examples = make_dataset(n, s)
+        for ex in examples:
+            wrong = rng.choice([e["completion"] for e in examples if e["completion"] != ex["completion"]])
+            user = {"role": "user", "content": ex["prompt"]}
+            rows.append(
+                {
+                    "prompt": ex["prompt"],
+                    "chosen": [user, {"role": "assistant", "content": ex["completion"]}],
+                    "rejected": [user, {"role": "assistant", "content": wrong}],
+                    "category": ex["category"],
+                }
+            )
+        write_jsonl(rows, directory / f"{split}.jsonl")
+    return directory

@@ -78,6 +78,14 @@ class Callback:
         """May add entries to `metrics` (e.g. a win rate) before early stopping looks at them."""
 
 
+def distributed_state():
+    """The process group (one process, torchrun, or accelerate launch); gloo on CPU-only machines."""
+    from accelerate import PartialState
+
+    # Without a GPU, a multi-process launch must be told to use CPU (gloo) explicitly.
+    return PartialState(cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available())
+
+
 def precision_for(setting: str) -> str:
     if setting == "auto":
         return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
@@ -144,9 +152,8 @@ def train(
     out = Path(run.output_dir)
     ckpt_root = out / "checkpoints"
     metrics_path = out / "metrics.jsonl"
-    # Without a GPU, a multi-process launch (torchrun / accelerate launch) must be told to use gloo on CPU.
-    distributed_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    accelerator = Accelerator(mixed_precision=precision_for(cfg.precision), cpu=distributed_cpu)
+    state0 = distributed_state()
+    accelerator = Accelerator(mixed_precision=precision_for(cfg.precision), cpu=state0.device.type == "cpu" and state0.num_processes > 1)
     is_main = accelerator.is_main_process
     torch.manual_seed(run.seed)
 
@@ -237,6 +244,7 @@ def train(
         micro = plan.micro_batches(state.step)
         for j, idx in enumerate(micro):
             batch = to_device(collate([train_data[i] for i in idx]), accelerator.device)
+            batch["step"] = state.step  # for schedules inside a loss (e.g. DPO's beta warmup)
             # Gradients sync across processes only on the last micro-batch of the step.
             sync = contextlib.nullcontext() if j == len(micro) - 1 else accelerator.no_sync(model)
             with sync, accelerator.autocast():

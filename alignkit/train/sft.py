@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from functools import partial
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from ..data.chat import IGNORE_INDEX
 from ..data.collate import collate_lm
 from ..data.prepare import load_examples, tokenize_conversations
 from ..models import load_causal_lm, load_tokenizer
-from .loop import LossOutput, RunOptions, train
+from .loop import LossOutput, RunOptions, distributed_state, train
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +46,7 @@ def run_sft(cfg: SFTConfig, callbacks=()) -> Path:
     eval_data = tokenize_conversations(eval_rows, chat, cfg.data, "tokenise eval") if eval_rows else None
     log.info("SFT: %d training examples, %d eval examples", len(train_data), len(eval_data) if eval_data else 0)
     model = load_causal_lm(cfg.model, chat)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if distributed_state().is_main_process:
         config_lib.save(cfg, out / "config.yaml")
     train(
         model,
