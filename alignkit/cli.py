@@ -17,6 +17,7 @@ from typing import Callable
 from . import config as config_lib
 from .config import ConfigError, SFTConfig, leaf_fields, suggest
 from .train.dpo import DPOConfig
+from .train.rm import RMConfig
 
 
 @dataclass
@@ -74,6 +75,12 @@ def run_dpo(cfg):
     return run(cfg)
 
 
+def run_rm(cfg):
+    from .train.rm import run_rm as run
+
+    return run(cfg)
+
+
 def run_data_stats(cfg: DataStatsConfig):
     from .data.stats import data_stats
 
@@ -97,6 +104,7 @@ STAGES = {
     "demo": Stage(DemoConfig, run_demo, "offline toy pipeline on CPU: tokenizer, tiny model, data, SFT, before/after report"),
     "sft": Stage(SFTConfig, run_sft, "supervised fine-tuning on chat data (loss on assistant tokens only)"),
     "dpo": Stage(DPOConfig, run_dpo, "direct preference optimisation (sigmoid, IPO, DPO-Positive, KL, length-normalised) on preference pairs"),
+    "rm": Stage(RMConfig, run_rm, "train a Bradley-Terry reward model on preference pairs (causal LM or encoder)"),
     "init-model": Stage(InitModelConfig, run_init_model, "write a randomly initialised model in Hugging Face format"),
     "data-stats": Stage(DataStatsConfig, run_data_stats, "token-length percentiles of prompts and responses"),
 }

