@@ -50,14 +50,17 @@ def test_causal_reward_model_learns_toy_preferences(tmp_path, tiny_model_dir):
     # Measured 0.77 on 64 held-out pairs (chance 0.5 +- 0.06).
     assert summary["eval_accuracy"] >= 0.7, summary
     assert set(summary) == {"eval_accuracy", "length_baseline", "eval_pairs"}
-    # The saved model is a plain sequence classifier that scores the right answer higher.
+    # The saved model is a plain sequence classifier; loaded with transformers alone it ranks held-out pairs alike.
     final = tmp_path / "rm" / "final"
     tok = AutoTokenizer.from_pretrained(final)
     model = AutoModelForSequenceClassification.from_pretrained(final).eval()
-    convo = lambda answer: tok.apply_chat_template([{"role": "user", "content": "What is 3 plus 4?"}, {"role": "assistant", "content": answer}], tokenize=False)
+    wins = 0
+    pairs = [json.loads(line) for line in (data / "test_prefs.jsonl").read_text().splitlines()]
     with torch.no_grad():
-        scores = [model(**tok(convo(a), return_tensors="pt", add_special_tokens=False)).logits.item() for a in ("7", "cat cat")]
-    assert scores[0] > scores[1]
+        for p in pairs:
+            score = lambda convo: model(**tok(tok.apply_chat_template(convo, tokenize=False), return_tensors="pt", add_special_tokens=False)).logits.item()
+            wins += score(p["chosen"]) > score(p["rejected"])
+    assert wins / len(pairs) == pytest.approx(summary["eval_accuracy"], abs=0.02)
     assert any("eval_accuracy" in m for m in read_metrics(tmp_path / "rm"))
 
 

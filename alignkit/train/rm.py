@@ -21,7 +21,8 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 from .. import config as config_lib
 from ..config import DataConfig, ModelConfig, TrainConfig
 from ..data.collate import collate_pairs
-from ..data.prepare import load_examples, tokenize_pairs
+from ..data.chat import render
+from ..data.prepare import load_examples
 from ..models import ChatTokenizer, check_source, load_tokenizer
 from .loop import LossOutput, RunOptions, distributed_state, train
 
@@ -62,14 +63,23 @@ def flatten_prompt(messages: list[dict]) -> str:
     return "\n\n".join(m["content"] for m in messages)
 
 
-def tokenize_pairs_encoder(rows: list[dict], tokenizer, max_length: int) -> datasets.Dataset:
-    """Encoder input: '[CLS] prompt [SEP] response [SEP]', the prompt truncated first."""
+def tokenize_pairs_for_rm(rows: list[dict], tokenizer, causal: bool, max_length: int) -> datasets.Dataset:
+    """Whole sequences to score, one per response.
+
+    Causal LMs: the conversation exactly as `apply_chat_template` renders it, so that anyone
+    scoring with plain transformers gets the same number; cut from the left to keep the end.
+    Encoders: '[CLS] prompt [SEP] response [SEP]', the longer part truncated first.
+    """
 
     def one(row):
         out = {"prompt_ids": []}
         for side in ("chosen", "rejected"):
-            enc = tokenizer(flatten_prompt(row["prompt"]), row[side], truncation="longest_first", max_length=max_length)
-            out[f"{side}_ids"] = enc["input_ids"]
+            if causal:
+                text = render(tokenizer, row["prompt"] + [{"role": "assistant", "content": row[side]}])
+                out[f"{side}_ids"] = tokenizer(text, add_special_tokens=False)["input_ids"][-max_length:]
+            else:
+                enc = tokenizer(flatten_prompt(row["prompt"]), row[side], truncation="longest_first", max_length=max_length)
+                out[f"{side}_ids"] = enc["input_ids"]
         return out
 
     ds = datasets.Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
@@ -91,7 +101,7 @@ class RMConfig:
     resume: bool = False
     quiet: bool = False
     max_length: int = 1024
-    """Encoders: tokens per (prompt, response), prompt truncated first. Causal LMs use data.max_*_tokens."""
+    """Tokens per scored sequence (prompt + response); longer ones are cut (causal: from the left)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=rm_data_defaults)
     train: TrainConfig = field(default_factory=rm_train_defaults)
@@ -101,16 +111,15 @@ def run_rm(cfg: RMConfig, callbacks=()) -> Path:
     out = Path(cfg.output_dir)
     source = check_source(cfg.model.name_or_path, "model")
     train_rows, eval_rows = load_examples(cfg.data, "preference", cfg.seed)
-    if is_causal_lm(source, cfg.model.trust_remote_code):
+    causal = is_causal_lm(source, cfg.model.trust_remote_code)
+    if causal:
         chat = load_tokenizer(cfg.model)
-        tokenizer = chat.tokenizer
-        train_pairs = tokenize_pairs(train_rows, chat, cfg.data, "tokenise train pairs")
-        eval_pairs = tokenize_pairs(eval_rows, chat, cfg.data, "tokenise eval pairs") if eval_rows else None
     else:
         tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or source, trust_remote_code=cfg.model.trust_remote_code)
         chat = ChatTokenizer(tokenizer, end_of_turn="", added_tokens=[])
-        train_pairs = tokenize_pairs_encoder(train_rows, tokenizer, cfg.max_length)
-        eval_pairs = tokenize_pairs_encoder(eval_rows, tokenizer, cfg.max_length) if eval_rows else None
+    tokenizer = chat.tokenizer
+    train_pairs = tokenize_pairs_for_rm(train_rows, tokenizer, causal, cfg.max_length)
+    eval_pairs = tokenize_pairs_for_rm(eval_rows, tokenizer, causal, cfg.max_length) if eval_rows else None
     model = AutoModelForSequenceClassification.from_pretrained(
         source, num_labels=1, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code, dtype=torch.float32
     )
