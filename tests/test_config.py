@@ -67,3 +67,16 @@ def test_cli_error_is_one_line(capsys):
     assert err.strip() == "alignkit sft: error: train.batch_size: expected an integer, got 'x'"
     assert main(["sfft"]) == 2
     assert "did you mean 'sft'" in capsys.readouterr().err
+
+
+def test_shipped_recipes_load():
+    from pathlib import Path
+
+    from alignkit.cli import STAGES
+
+    recipes = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+    assert recipes
+    for path in recipes:
+        stage = path.name.split("-", 1)[0]
+        cfg = C.load(STAGES[stage].config, path)
+        assert cfg.output_dir.startswith("runs/")
