@@ -63,23 +63,24 @@ def flatten_prompt(messages: list[dict]) -> str:
     return "\n\n".join(m["content"] for m in messages)
 
 
-def tokenize_pairs_for_rm(rows: list[dict], tokenizer, causal: bool, max_length: int) -> datasets.Dataset:
-    """Whole sequences to score, one per response.
+def reward_input_ids(tokenizer, causal: bool, prompt: list[dict], response: str, max_length: int) -> list[int]:
+    """The sequence a reward model scores for one response.
 
     Causal LMs: the conversation exactly as `apply_chat_template` renders it, so that anyone
     scoring with plain transformers gets the same number; cut from the left to keep the end.
     Encoders: '[CLS] prompt [SEP] response [SEP]', the longer part truncated first.
     """
+    if causal:
+        text = render(tokenizer, prompt + [{"role": "assistant", "content": response}])
+        return tokenizer(text, add_special_tokens=False)["input_ids"][-max_length:]
+    return tokenizer(flatten_prompt(prompt), response, truncation="longest_first", max_length=max_length)["input_ids"]
 
+
+def tokenize_pairs_for_rm(rows: list[dict], tokenizer, causal: bool, max_length: int) -> datasets.Dataset:
     def one(row):
         out = {"prompt_ids": []}
         for side in ("chosen", "rejected"):
-            if causal:
-                text = render(tokenizer, row["prompt"] + [{"role": "assistant", "content": row[side]}])
-                out[f"{side}_ids"] = tokenizer(text, add_special_tokens=False)["input_ids"][-max_length:]
-            else:
-                enc = tokenizer(flatten_prompt(row["prompt"]), row[side], truncation="longest_first", max_length=max_length)
-                out[f"{side}_ids"] = enc["input_ids"]
+            out[f"{side}_ids"] = reward_input_ids(tokenizer, causal, row["prompt"], row[side], max_length)
         return out
 
     ds = datasets.Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
