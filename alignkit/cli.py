@@ -15,11 +15,13 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from . import config as config_lib
-from .config import ConfigError, SFTConfig, leaf_fields, suggest
+from .config import ConfigError, leaf_fields, suggest
+from .train.sft import SFTConfig
 from .train.dpo import DPOConfig
 from .train.rm import RMConfig
 from .generation import GenerateConfig
 from .evaluate.run import EvalConfig
+from .evaluate.text_metrics import TextMetricsConfig
 from .rewards.server import ServeRewardConfig
 
 
@@ -102,6 +104,12 @@ def run_serve_reward(cfg):
     return serve_reward(cfg)
 
 
+def run_text_metrics(cfg):
+    from .evaluate.text_metrics import run_text_metrics as run
+
+    return run(cfg)
+
+
 def run_data_stats(cfg: DataStatsConfig):
     from .data.stats import data_stats
 
@@ -129,6 +137,7 @@ STAGES = {
     "generate": Stage(GenerateConfig, run_generate, "generate responses for a prompt set (resumable JSONL)"),
     "eval": Stage(EvalConfig, run_eval, "win rate of a model or responses file against a reference, judged by a reward backend"),
     "serve-reward": Stage(ServeRewardConfig, run_serve_reward, "serve a reward backend through the OpenAI-compatible reward API (loopback by default)"),
+    "text-metrics": Stage(TextMetricsConfig, run_text_metrics, "perplexity of reference replies and BLEU of generated replies on a chat set"),
     "init-model": Stage(InitModelConfig, run_init_model, "write a randomly initialised model in Hugging Face format"),
     "data-stats": Stage(DataStatsConfig, run_data_stats, "token-length percentiles of prompts and responses"),
 }

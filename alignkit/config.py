@@ -108,19 +108,6 @@ class TrainConfig:
     greater_is_better: bool = False
 
 
-@dataclass
-class SFTConfig:
-    output_dir: str = "runs/sft"
-    seed: int = 42
-    resume: bool = False
-    """Continue from the newest complete checkpoint in output_dir."""
-    quiet: bool = False
-    """No progress bar; log lines only."""
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-
-
 # --------------------------------------------------------------------------- machinery
 
 

@@ -3,12 +3,13 @@ import yaml
 
 from alignkit import config as C
 from alignkit.cli import main, parse
+from alignkit.train.sft import SFTConfig
 
 
 def test_defaults_yaml_and_overrides_compose(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("output_dir: out\ntrain:\n  learning_rate: 1e-5\n  batch_size: 4\ndata:\n  first_turn_only: true\n")
-    cfg = C.load(C.SFTConfig, recipe, {"train.batch_size": "16", "model.name_or_path": "x"})
+    cfg = C.load(SFTConfig, recipe, {"train.batch_size": "16", "model.name_or_path": "x"})
     assert cfg.train.learning_rate == 1e-5  # YAML 1.1 reads 1e-5 as a string; it is coerced
     assert cfg.train.batch_size == 16  # the command line wins over the recipe
     assert cfg.data.first_turn_only is True
@@ -20,20 +21,20 @@ def test_unknown_key_names_it_and_suggests(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("train:\n  learnig_rate: 3\n")
     with pytest.raises(C.ConfigError, match=r"unknown config key 'train.learnig_rate'; did you mean 'train.learning_rate'"):
-        C.load(C.SFTConfig, recipe)
+        C.load(SFTConfig, recipe)
     with pytest.raises(C.ConfigError, match=r"did you mean 'train.grad_accum'"):
-        C.load(C.SFTConfig, None, {"train.gradient_accumulation_steps": 2})
+        C.load(SFTConfig, None, {"train.gradient_accumulation_steps": 2})
     with pytest.raises(C.ConfigError, match=r"did you mean 'train.learning_rate'"):
         parse("sft", ["--lr", "1e-5"])
 
 
 def test_type_and_choice_errors():
     with pytest.raises(C.ConfigError, match="train.batch_size: expected an integer"):
-        C.load(C.SFTConfig, None, {"train.batch_size": "eight"})
+        C.load(SFTConfig, None, {"train.batch_size": "eight"})
     with pytest.raises(C.ConfigError, match="train.scheduler: 'cosin' is not one of linear, cosine, constant"):
-        C.load(C.SFTConfig, None, {"train.scheduler": "cosin"})
+        C.load(SFTConfig, None, {"train.scheduler": "cosin"})
     with pytest.raises(C.ConfigError, match="expected true or false"):
-        C.load(C.SFTConfig, None, {"resume": "maybe"})
+        C.load(SFTConfig, None, {"resume": "maybe"})
 
 
 def test_cli_parse_dotted_and_hyphenated(tmp_path):
@@ -48,15 +49,15 @@ def test_cli_parse_dotted_and_hyphenated(tmp_path):
 def test_help_lists_every_field_with_default(capsys):
     assert main(["sft", "--help"]) == 0
     out = capsys.readouterr().out
-    for key in C.leaf_fields(C.SFTConfig):
+    for key in C.leaf_fields(SFTConfig):
         assert "--" + key.replace("_", "-") in out
     assert "(default: 5e-05)" in out and "Drop examples whose prompt" in out
 
 
 def test_saved_config_round_trips(tmp_path):
-    cfg = C.load(C.SFTConfig, None, {"train.learning_rate": 2e-5, "data.max_examples": 10})
+    cfg = C.load(SFTConfig, None, {"train.learning_rate": 2e-5, "data.max_examples": 10})
     C.save(cfg, tmp_path / "config.yaml")
-    again = C.load(C.SFTConfig, tmp_path / "config.yaml")
+    again = C.load(SFTConfig, tmp_path / "config.yaml")
     assert again == cfg
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["train"]["learning_rate"] == 2e-5
 

@@ -116,7 +116,8 @@ def test_length_control_moves_the_right_way(tmp_path, minilm_rm):
 
 def test_eval_generates_with_models_and_judges_by_rule(tmp_path, tiny_model_dir, toy_data_dir):
     from alignkit.train.sft import run_sft
-    from alignkit.config import DataConfig, SFTConfig, TrainConfig
+    from alignkit.config import DataConfig, TrainConfig
+    from alignkit.train.sft import SFTConfig
 
     sft = tmp_path / "sft"
     run_sft(SFTConfig(output_dir=str(sft), seed=0, quiet=True, model=ModelConfig(name_or_path=str(tiny_model_dir)), data=DataConfig(dataset=str(toy_data_dir)),
@@ -134,3 +135,67 @@ def test_eval_generates_with_models_and_judges_by_rule(tmp_path, tiny_model_dir,
 def short_answer(prompt: str, response: str) -> float:
     """A user-supplied rule (loaded as 'tests.test_eval:short_answer'): brief, non-empty answers score."""
     return float(0 < len(response.strip()) <= 20)
+
+
+def test_bleu_hand_computed():
+    from alignkit.evaluate.text_metrics import corpus_bleu
+
+    assert corpus_bleu(["the cat sat on the mat"], ["the cat sat on the mat"]) == pytest.approx(100.0)
+    assert corpus_bleu(["a b c d"], ["e f g h"]) == 0.0
+    # hyp 'the cat sat on a mat' vs ref 'the cat sat on the mat': 1-4 gram precisions 5/6, 3/5, 2/4, 1/3; same length.
+    expected = 100 * math.exp((math.log(5 / 6) + math.log(3 / 5) + math.log(2 / 4) + math.log(1 / 3)) / 4)
+    assert corpus_bleu(["the cat sat on a mat"], ["the cat sat on the mat"]) == pytest.approx(expected)
+    # Too short: brevity penalty exp(1 - 6/4).
+    assert corpus_bleu(["the cat sat on"], ["the cat sat on the mat"]) == pytest.approx(100 * math.exp(1 - 6 / 4))
+
+
+def test_perplexity_matches_the_sft_eval_loss(tmp_path, tiny_model_dir, toy_data_dir):
+    from alignkit.evaluate.text_metrics import TextMetricsConfig, perplexity, run_text_metrics
+    from alignkit.models import load_causal_lm, load_tokenizer
+    from alignkit.config import DataConfig
+
+    chat = load_tokenizer(ModelConfig(name_or_path=str(tiny_model_dir)))
+    model = load_causal_lm(ModelConfig(name_or_path=str(tiny_model_dir)), chat)
+    convs = [r["messages"] for r in read_jsonl(toy_data_dir / "test.jsonl")]
+    ppl = perplexity(model, chat, convs, batch_size=5)
+    assert perplexity(model, chat, convs, batch_size=32) == pytest.approx(ppl, rel=1e-5)  # token-weighted, not per batch
+    assert 1 < ppl < 2 * len(chat.tokenizer)  # a random model is near-uniform over its vocabulary
+    run_text_metrics(TextMetricsConfig(output_dir=str(tmp_path / "tm"), model=ModelConfig(name_or_path=str(tiny_model_dir)),
+                                       data=DataConfig(dataset=str(toy_data_dir), split="test", max_examples=8), sampling=SamplingParams(max_new_tokens=8)))
+    result = json.loads((tmp_path / "tm" / "text_metrics.json").read_text())
+    assert set(result) == {"model", "dataset", "n", "perplexity", "bleu"} and result["n"] == 8 and 0 <= result["bleu"] <= 100
+
+
+def test_win_rate_during_training_is_logged_and_selects_the_best(tmp_path, tiny_model_dir, toy_data_dir):
+    from alignkit.config import DataConfig, TrainConfig
+    from alignkit.evaluate.callback import WinRateDuringTraining
+    from alignkit.train.loop import read_metrics
+    from alignkit.train.sft import SFTConfig, run_sft
+
+    cfg = SFTConfig(
+        output_dir=str(tmp_path / "sft"), seed=0, quiet=True, model=ModelConfig(name_or_path=str(tiny_model_dir)),
+        data=DataConfig(dataset=str(toy_data_dir), eval_split="test", max_eval_examples=8),
+        train=TrainConfig(max_steps=120, batch_size=16, learning_rate=1e-2, save_steps=None, precision="fp32", logging_steps=40,
+                          eval_steps=40, metric_for_best="eval_win_rate", greater_is_better=True, early_stopping_patience=3),
+        win_rate=WinRateDuringTraining(reference=str(tiny_model_dir), prompts=PromptSource(dataset=str(toy_data_dir), split="test", max_prompts=16),
+                                       sampling=SamplingParams(max_new_tokens=16), reward=RewardConfig(kind="rule", rule="tests.test_eval:short_answer")),
+    )
+    run_sft(cfg)
+    evals = [m for m in read_metrics(tmp_path / "sft") if "eval_win_rate" in m]
+    assert [m["step"] for m in evals] == [40, 80, 120]
+    assert evals[-1]["eval_win_rate"] > 0.8 and all(0 <= m["eval_win_rate"] <= 1 for m in evals)
+    assert (tmp_path / "sft" / "win_rate" / "reference" / "responses.jsonl").is_file()
+
+
+def test_matrix_mode(tmp_path, garbage_aware_rm):
+    files = [subset(tmp_path, n, 40) for n in ("gpt4_1106_preview", "NullModel", "phi-2")]
+    run_eval(EvalConfig(output_dir=str(tmp_path / "m"), matrix=files, bootstrap=100, reward=RewardConfig(kind="hf", model=str(garbage_aware_rm / "final"), max_length=128, batch_size=32)))
+    m = json.loads((tmp_path / "m" / "matrix.json").read_text())
+    t = m["win_rate"]
+    assert m["n"] == 40 and t[0][0] is None
+    for i in range(3):
+        for j in range(3):
+            if i != j:
+                assert t[i][j] + t[j][i] == pytest.approx(1.0)  # no ties among these files
+    assert t[0][1] > 0.8 and t[2][1] > 0.5  # both real models beat the garbage
+    assert "| gpt4_1106_preview |" in (tmp_path / "m" / "report.md").read_text()

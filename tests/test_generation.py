@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from alignkit.config import DataConfig, ModelConfig, SFTConfig, TrainConfig
+from alignkit.config import DataConfig, ModelConfig, TrainConfig
+from alignkit.train.sft import SFTConfig
 from alignkit.generation import GenerateConfig, PromptSource, SamplingParams, generate, read_jsonl, run_generate
 from alignkit.models import load_causal_lm, load_tokenizer
 

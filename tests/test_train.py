@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from alignkit.config import DataConfig, ModelConfig, SFTConfig, TrainConfig
+from alignkit.config import DataConfig, ModelConfig, TrainConfig
+from alignkit.train.sft import SFTConfig
 from alignkit.train import checkpoint as ckpt
 from alignkit.train.loop import Callback, TrainingDiverged, read_metrics
 from alignkit.train.sft import run_sft, token_nll

@@ -13,11 +13,11 @@ import shutil
 from collections import defaultdict
 from pathlib import Path
 
-from ..config import DataConfig, ModelConfig, SFTConfig, TrainConfig
+from ..config import DataConfig, ModelConfig, TrainConfig
 from ..config import save as save_config
 from ..generation import SamplingParams, generate
 from ..models import init_model, load_causal_lm, load_tokenizer
-from ..train.sft import run_sft
+from ..train.sft import SFTConfig, run_sft
 from .task import toy_reward
 from .world import build_tokenizer, write_chat_data, write_model_config
 

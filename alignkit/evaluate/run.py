@@ -18,7 +18,7 @@ from .. import config as config_lib
 from ..config import ModelConfig
 from ..generation import GenerateConfig, PromptSource, SamplingParams, prompt_messages_of, read_jsonl, run_generate
 from ..rewards.backends import RewardConfig, build_backend, last_user_text
-from .winrate import summarize
+from .winrate import outcomes, summarize
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,8 @@ class EvalConfig:
     prompts: PromptSource = field(default_factory=PromptSource)
     sampling: SamplingParams = field(default_factory=SamplingParams)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    matrix: list[str] = field(default_factory=list)
+    """Matrix mode: several models or responses files compared pairwise (model/reference unused)."""
 
 
 def responses_for(spec: str, name: str, cfg: EvalConfig) -> list[dict]:
@@ -73,9 +75,10 @@ def run_eval(cfg: EvalConfig) -> Path:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     config_lib.save(cfg, out / "config.yaml")
+    if cfg.matrix:
+        return run_matrix(cfg, out)
     pairs = pair_up(responses_for(cfg.model, "model", cfg), responses_for(cfg.reference, "reference", cfg))
-    cache = None if (cfg.reward.cache or "").lower() == "none" else Path(cfg.reward.cache or out / "scores.sqlite")
-    backend = build_backend(cfg.reward, cache)
+    backend = reward_backend(cfg, out)
     prompts = [a["messages"] for a, _ in pairs]
     rewards_a = backend.score(prompts, [a["response"] for a, _ in pairs])
     rewards_b = backend.score(prompts, [b["response"] for _, b in pairs])
@@ -98,6 +101,35 @@ def run_eval(cfg: EvalConfig) -> Path:
             outcome = "win" if ra > rb else "loss" if ra < rb else "tie"
             f.write(json.dumps({"prompt": last_user_text(a["messages"]), "response_a": a["response"], "response_b": b["response"], "reward_a": ra, "reward_b": rb, "length_a": len(a["response"]), "length_b": len(b["response"]), "outcome": outcome, "category": a.get("category")}) + "\n")
     report = render_report(result)
+    (out / "report.md").write_text(report)
+    print(report)
+    return out
+
+
+def reward_backend(cfg: EvalConfig, out: Path):
+    cache = None if (cfg.reward.cache or "").lower() == "none" else Path(cfg.reward.cache or out / "scores.sqlite")
+    return build_backend(cfg.reward, cache)
+
+
+def run_matrix(cfg: EvalConfig, out: Path) -> Path:
+    """Win rate of every entry against every other on the prompts they all answered."""
+    sides = [{json.dumps(r["messages"]): r for r in responses_for(spec, f"matrix-{k}", cfg)} for k, spec in enumerate(cfg.matrix)]
+    common = sorted(set.intersection(*(set(s) for s in sides)))
+    if not common:
+        raise ValueError("the matrix entries share no prompts")
+    backend = reward_backend(cfg, out)
+    prompts = [json.loads(k) for k in common]
+    rewards = [backend.score(prompts, [side[k]["response"] for k in common]) for side in sides]
+    tie_value = 0.5 if cfg.ties == "half" else 0.0
+    table = [[None if i == j else float(outcomes(rewards[i], rewards[j], tie_value).mean()) for j in range(len(sides))] for i in range(len(sides))]
+    result = {"entries": cfg.matrix, "n": len(common), "judge": backend.identity, "win_rate": table, "mean_reward": [sum(r) / len(r) for r in rewards]}
+    (out / "matrix.json").write_text(json.dumps(result, indent=1))
+    names = [Path(m).stem if m.endswith(".jsonl") else m for m in cfg.matrix]
+    lines = [f"# Win-rate matrix (row beats column), {len(common)} prompts, judge `{backend.identity}`", "", "| | " + " | ".join(names) + " | mean reward |", "|---" * (len(names) + 2) + "|"]
+    for i, name in enumerate(names):
+        cells = ["-" if v is None else f"{v:.3f}" for v in table[i]]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {result['mean_reward'][i]:.3f} |")
+    report = "\n".join(lines) + "\n"
     (out / "report.md").write_text(report)
     print(report)
     return out

@@ -26,7 +26,9 @@ from ..data.chat import IGNORE_INDEX
 from ..data.collate import collate_pairs
 from ..data.prepare import load_examples, tokenize_pairs
 from ..models import load_causal_lm, load_tokenizer
+from ..evaluate.callback import WinRateDuringTraining
 from .loop import LossOutput, RunOptions, distributed_state, to_device, train
+from .sft import win_rate_callbacks
 
 log = logging.getLogger(__name__)
 
@@ -227,6 +229,8 @@ class DPOConfig:
     data: DataConfig = field(default_factory=dpo_data_defaults)
     train: TrainConfig = field(default_factory=dpo_train_defaults)
     dpo: DPOParams = field(default_factory=DPOParams)
+    win_rate: WinRateDuringTraining = field(default_factory=WinRateDuringTraining)
+    """Win rate against a reference at every evaluation (off unless win_rate.reference is set)."""
 
 
 def run_dpo(cfg: DPOConfig, callbacks=()) -> Path:
@@ -255,5 +259,6 @@ def run_dpo(cfg: DPOConfig, callbacks=()) -> Path:
     model = load_causal_lm(cfg.model, chat)
     if distributed_state().is_main_process:
         config_lib.save(cfg, out / "config.yaml")
-    train(model, chat, train_pairs, eval_pairs, collate, dpo_loss_fn(cfg.dpo, ref_model), cfg.train, RunOptions(out, cfg.seed, cfg.resume, cfg.quiet), list(callbacks))
+    callbacks = list(callbacks) + win_rate_callbacks(cfg.win_rate, chat, out)
+    train(model, chat, train_pairs, eval_pairs, collate, dpo_loss_fn(cfg.dpo, ref_model), cfg.train, RunOptions(out, cfg.seed, cfg.resume, cfg.quiet), callbacks)
     return out

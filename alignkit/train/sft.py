@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -10,14 +11,30 @@ import torch
 import torch.nn.functional as F
 
 from .. import config as config_lib
-from ..config import SFTConfig
+from ..config import DataConfig, ModelConfig, TrainConfig
 from ..data.chat import IGNORE_INDEX
 from ..data.collate import collate_lm
 from ..data.prepare import load_examples, tokenize_conversations
+from ..evaluate.callback import WinRateDuringTraining
 from ..models import load_causal_lm, load_tokenizer
 from .loop import LossOutput, RunOptions, distributed_state, train
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class SFTConfig:
+    output_dir: str = "runs/sft"
+    seed: int = 42
+    resume: bool = False
+    """Continue from the newest complete checkpoint in output_dir."""
+    quiet: bool = False
+    """No progress bar; log lines only."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    win_rate: WinRateDuringTraining = field(default_factory=WinRateDuringTraining)
+    """Win rate against a reference at every evaluation (off unless win_rate.reference is set)."""
 
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,6 +54,14 @@ def sft_loss(model, batch: dict) -> LossOutput:
     return LossOutput(total, int(count), tokens=int(batch["attention_mask"].sum()))
 
 
+def win_rate_callbacks(cfg, chat, out: Path) -> list:
+    if not cfg.reference:
+        return []
+    from ..evaluate.callback import WinRateCallback
+
+    return [WinRateCallback(cfg, chat, out)]
+
+
 def run_sft(cfg: SFTConfig, callbacks=()) -> Path:
     """Fine-tune cfg.model on cfg.data; return the run directory."""
     out = Path(cfg.output_dir)
@@ -48,6 +73,7 @@ def run_sft(cfg: SFTConfig, callbacks=()) -> Path:
     model = load_causal_lm(cfg.model, chat)
     if distributed_state().is_main_process:
         config_lib.save(cfg, out / "config.yaml")
+    callbacks = list(callbacks) + win_rate_callbacks(cfg.win_rate, chat, out)
     train(
         model,
         chat,
@@ -57,6 +83,6 @@ def run_sft(cfg: SFTConfig, callbacks=()) -> Path:
         loss_fn=sft_loss,
         cfg=cfg.train,
         run=RunOptions(out, cfg.seed, cfg.resume, cfg.quiet),
-        callbacks=list(callbacks),
+        callbacks=callbacks,
     )
     return out

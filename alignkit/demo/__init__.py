@@ -1,0 +1,1 @@
+"""The offline toy world used by `alignkit demo` and the tests."""

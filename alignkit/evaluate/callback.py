@@ -1,0 +1,53 @@
+"""Win rate against a reference, measured during training at every evaluation.
+
+Adds `eval_win_rate` to the eval metrics, so `train.metric_for_best: eval_win_rate` with
+`greater_is_better: true` and `early_stopping_patience` stops training when the win rate peaks
+(one reference experiment found it peaking mid-training while the loss still fell).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from ..generation import PromptSource, SamplingParams, generate, load_prompts
+from ..rewards.backends import RewardConfig, build_backend
+from ..train.loop import Callback
+from .winrate import outcomes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WinRateDuringTraining:
+    reference: str | None = None
+    """Reference responses (.jsonl) or model; unset turns the measurement off."""
+    prompts: PromptSource = field(default_factory=lambda: PromptSource(max_prompts=64))
+    sampling: SamplingParams = field(default_factory=lambda: SamplingParams(max_new_tokens=256))
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    batch_size: int = 16
+
+
+class WinRateCallback(Callback):
+    def __init__(self, cfg: WinRateDuringTraining, chat, output_dir: str | Path):
+        from ..evaluate.run import EvalConfig, responses_for
+
+        self.cfg, self.chat = cfg, chat
+        prompts = [p["messages"] for p in load_prompts(cfg.prompts)]
+        # Reference responses once, through the eval stage's own loader/generator (cached on disk).
+        ev = EvalConfig(output_dir=str(Path(output_dir) / "win_rate"), prompts=cfg.prompts, sampling=replace(cfg.sampling, n=1), batch_size=cfg.batch_size)
+        reference = {str(r["messages"]): r["response"] for r in responses_for(cfg.reference, "reference", ev)}
+        self.prompts = [p for p in prompts if str(p) in reference]
+        if not self.prompts:
+            raise ValueError("win_rate.reference has no responses for the win_rate.prompts")
+        self.backend = build_backend(cfg.reward, Path(output_dir) / "win_rate" / "scores.sqlite")
+        self.reference_rewards = self.backend.score(self.prompts, [reference[str(p)] for p in self.prompts])
+
+    def on_evaluate(self, state, metrics, model) -> None:
+        replies = [c[0].text for c in generate(model, self.chat, self.prompts, self.cfg.sampling, self.cfg.batch_size)]
+        rewards = self.backend.score(self.prompts, replies)
+        metrics["eval_win_rate"] = float(outcomes(rewards, self.reference_rewards).mean())
+        metrics["eval_mean_reward"] = float(np.mean(rewards))
