@@ -16,13 +16,13 @@ from typing import Callable
 
 from . import config as config_lib
 from .config import ConfigError, leaf_fields, suggest
-from .train.sft import SFTConfig
-from .train.dpo import DPOConfig
-from .train.rm import RMConfig
-from .generation import GenerateConfig
-from .evaluate.run import EvalConfig
-from .evaluate.text_metrics import TextMetricsConfig
-from .rewards.server import ServeRewardConfig
+from .evaluate.run import EvalConfig, run_eval
+from .evaluate.text_metrics import TextMetricsConfig, run_text_metrics
+from .generation import GenerateConfig, run_generate
+from .rewards.server import ServeRewardConfig, serve_reward
+from .train.dpo import DPOConfig, run_dpo
+from .train.rm import RMConfig, run_rm
+from .train.sft import SFTConfig, run_sft
 
 
 @dataclass
@@ -68,48 +68,6 @@ def run_init_model(cfg: InitModelConfig):
     return init_model(cfg.model_config, cfg.output_dir, cfg.tokenizer, parse_overrides(cfg.overrides), cfg.seed, cfg.trust_remote_code, cfg.chat_template)
 
 
-def run_sft(cfg: SFTConfig):
-    from .train.sft import run_sft as run
-
-    return run(cfg)
-
-
-def run_dpo(cfg):
-    from .train.dpo import run_dpo as run
-
-    return run(cfg)
-
-
-def run_rm(cfg):
-    from .train.rm import run_rm as run
-
-    return run(cfg)
-
-
-def run_generate(cfg):
-    from .generation import run_generate as run
-
-    return run(cfg)
-
-
-def run_eval(cfg):
-    from .evaluate.run import run_eval as run
-
-    return run(cfg)
-
-
-def run_serve_reward(cfg):
-    from .rewards.server import serve_reward
-
-    return serve_reward(cfg)
-
-
-def run_text_metrics(cfg):
-    from .evaluate.text_metrics import run_text_metrics as run
-
-    return run(cfg)
-
-
 def run_data_stats(cfg: DataStatsConfig):
     from .data.stats import data_stats
 
@@ -136,7 +94,7 @@ STAGES = {
     "rm": Stage(RMConfig, run_rm, "train a Bradley-Terry reward model on preference pairs (causal LM or encoder)"),
     "generate": Stage(GenerateConfig, run_generate, "generate responses for a prompt set (resumable JSONL)"),
     "eval": Stage(EvalConfig, run_eval, "win rate of a model or responses file against a reference, judged by a reward backend"),
-    "serve-reward": Stage(ServeRewardConfig, run_serve_reward, "serve a reward backend through the OpenAI-compatible reward API (loopback by default)"),
+    "serve-reward": Stage(ServeRewardConfig, serve_reward, "serve a reward backend through the OpenAI-compatible reward API (loopback by default)"),
     "text-metrics": Stage(TextMetricsConfig, run_text_metrics, "perplexity of reference replies and BLEU of generated replies on a chat set"),
     "init-model": Stage(InitModelConfig, run_init_model, "write a randomly initialised model in Hugging Face format"),
     "data-stats": Stage(DataStatsConfig, run_data_stats, "token-length percentiles of prompts and responses"),
