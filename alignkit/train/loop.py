@@ -220,7 +220,7 @@ def train(
         accelerator.wait_for_everyone()
 
     def evaluate() -> dict:
-        metrics = run_eval(unwrapped, eval_data, collate, loss_fn, cfg.batch_size, accelerator)
+        metrics = eval_losses(unwrapped, eval_data, collate, loss_fn, cfg.batch_size, accelerator)
         for cb in callbacks:
             cb.on_evaluate(state, metrics, unwrapped)
         if cfg.metric_for_best not in metrics:
@@ -333,7 +333,7 @@ def train(
 
 
 @torch.no_grad()
-def run_eval(model, data, collate, loss_fn, batch_size: int, accelerator) -> dict:
+def eval_losses(model, data, collate, loss_fn, batch_size: int, accelerator) -> dict:
     """Unit-weighted means over the whole eval set (sharded over processes)."""
     was_training = model.training
     model.eval()
