@@ -59,6 +59,8 @@ class DemoConfig:
     output_dir: str = "runs/demo"
     steps: int = 600
     """SFT optimizer steps."""
+    dpo_steps: int = 200
+    """DPO optimizer steps after SFT."""
     quiet: bool = False
 
 
@@ -77,7 +79,7 @@ def run_data_stats(cfg: DataStatsConfig):
 def run_demo(cfg: DemoConfig):
     from .demo.run import run_demo as run
 
-    return run(cfg.output_dir, cfg.steps, cfg.quiet)
+    return run(cfg.output_dir, cfg.steps, cfg.dpo_steps, cfg.quiet)
 
 
 @dataclass
@@ -88,7 +90,7 @@ class Stage:
 
 
 STAGES = {
-    "demo": Stage(DemoConfig, run_demo, "offline toy pipeline on CPU: tokenizer, tiny model, data, SFT, before/after report"),
+    "demo": Stage(DemoConfig, run_demo, "offline toy pipeline on CPU: tokenizer, tiny model, data, SFT, DPO, win rate, report"),
     "sft": Stage(SFTConfig, run_sft, "supervised fine-tuning on chat data (loss on assistant tokens only)"),
     "dpo": Stage(DPOConfig, run_dpo, "direct preference optimisation (sigmoid, IPO, DPO-Positive, KL, length-normalised) on preference pairs"),
     "rm": Stage(RMConfig, run_rm, "train a Bradley-Terry reward model on preference pairs (causal LM or encoder)"),

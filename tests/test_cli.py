@@ -65,10 +65,11 @@ def test_sft_from_recipe_with_override(tmp_path, tiny_model_dir, toy_data_dir):
 
 
 def test_demo_runs_and_reports(tmp_path):
-    assert main(["demo", "--output-dir", str(tmp_path / "demo"), "--steps", "30", "--quiet"]) == 0
+    assert main(["demo", "--output-dir", str(tmp_path / "demo"), "--steps", "30", "--dpo-steps", "5", "--quiet"]) == 0
     results = json.loads((tmp_path / "demo" / "results.json").read_text())
-    for side in ("before_sft", "after_sft"):
-        assert set(results[side]) == {"accuracy", "stop_rate", "per_task"}
-        assert set(results[side]["per_task"]) == {"add", "repeat", "reverse", "sort", "upper"}
+    for stage in ("base", "sft", "dpo"):
+        assert set(results[stage]) == {"accuracy", "stop_rate", "per_task"}
+        assert set(results[stage]["per_task"]) == {"add", "repeat", "reverse", "sort", "upper"}
+    assert results["dpo_vs_sft"]["n"] == 100
     report = (tmp_path / "demo" / "report.md").read_text()
-    assert "| after SFT |" in report
+    assert "| after SFT (30 steps) |" in report and "| after DPO-Positive (5 steps) |" in report

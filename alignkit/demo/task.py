@@ -69,3 +69,24 @@ def toy_reward(prompt: str, response: str) -> float:
 def make_dataset(n: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     return [make_example(rng, KINDS[i % len(KINDS)]) for i in range(n)]
+
+
+def near_miss(prompt: str, rng: random.Random) -> str:
+    """A plausible wrong answer (the kind a half-trained model gives), for preference pairs."""
+    answer = solve(prompt)
+    words = answer.split()
+    kind = next(k for k, p in PATTERNS.items() if p.match(prompt))
+    if kind == "add":
+        wrong = str(int(answer) + rng.choice([-2, -1, 1, 2]))
+        return wrong if wrong != answer and not wrong.startswith("-") else str(int(answer) + 1)
+    if kind == "repeat":
+        return " ".join(words + [words[0]] if rng.random() < 0.5 or len(words) < 3 else words[:-1])
+    if kind == "upper":
+        i = rng.randrange(len(answer))
+        return answer[:i] + answer[i].lower() + answer[i + 1 :]
+    if kind == "reverse":
+        return prompt.split()[1] if answer != prompt.split()[1] else answer[1:] + answer[0]
+    shuffled = words[:]
+    while len(set(words)) > 1 and shuffled == words:
+        rng.shuffle(shuffled)
+    return " ".join(shuffled) if shuffled != words else " ".join(words + [words[-1]])

@@ -9,7 +9,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from ..data.chat import CHATML_TEMPLATE
-from .task import WORDS, make_dataset
+from .task import WORDS, make_dataset, near_miss
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
@@ -95,7 +95,7 @@ def write_chat_data(directory: str | Path, n_train: int = 4000, n_test: int = 10
 
 
 def write_preference_data(directory: str | Path, n_train: int = 1000, n_test: int = 100, seed: int = 0) -> Path:
-    """Toy preference pairs (ultrafeedback_binarized schema): the right answer over another task's answer."""
+    """Toy preference pairs (ultrafeedback_binarized schema): the right answer over a near miss."""
     import random
 
     directory = Path(directory)
@@ -104,7 +104,7 @@ def write_preference_data(directory: str | Path, n_train: int = 1000, n_test: in
         rows = []
         examples = make_dataset(n, s)
         for ex in examples:
-            wrong = rng.choice([e["completion"] for e in examples if e["completion"] != ex["completion"]])
+            wrong = near_miss(ex["prompt"], rng)
             user = {"role": "user", "content": ex["prompt"]}
             rows.append(
                 {
