@@ -1,6 +1,5 @@
 """Label masks: exactly the reply tokens and their end-of-turn token are trained on."""
 
-import pytest
 
 from alignkit.config import ModelConfig
 from alignkit.data.chat import IGNORE_INDEX, CHATML_TEMPLATE, render, tokenize_chat, tokenize_prompt

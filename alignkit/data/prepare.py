@@ -16,16 +16,16 @@ from .schema import DataError, first_turn, normalise
 log = logging.getLogger(__name__)
 
 
-def load_examples(cfg: DataConfig, shape: str, seed: int, extra_check=None) -> tuple[list[dict], list[dict] | None]:
+def load_examples(cfg: DataConfig, shape: str, seed: int) -> tuple[list[dict], list[dict] | None]:
     """Validated rows in `shape` ('conversation' or 'preference') for training and evaluation."""
     rows, source = load_rows(cfg.dataset, cfg.split, cfg.subset)
     rows = cap(rows, cfg.max_examples, seed)
-    train = normalise(rows, source, shape, cfg.skip_invalid, extra_check)
+    train = normalise(rows, source, shape, cfg.skip_invalid)
     evals = None
     if cfg.eval_split:
         eval_rows, eval_source = load_rows(cfg.eval_dataset or cfg.dataset, cfg.eval_split, cfg.subset)
         eval_rows = cap(eval_rows, cfg.max_eval_examples, seed)
-        evals = normalise(eval_rows, eval_source, shape, cfg.skip_invalid, extra_check)
+        evals = normalise(eval_rows, eval_source, shape, cfg.skip_invalid)
     elif cfg.eval_ratio > 0:
         if not 0 < cfg.eval_ratio < 1:
             raise DataError(f"data.eval_ratio must be between 0 and 1, got {cfg.eval_ratio}")

@@ -169,11 +169,8 @@ def to_preference(row: dict, schema: str) -> dict:
 # --------------------------------------------------------------------------- whole datasets
 
 
-def normalise(rows, source: Source, shape: str, skip_invalid: bool = False, extra_check=None) -> list[dict]:
-    """Validate and convert every row; raise DataError listing problems unless skip_invalid.
-
-    `extra_check(normalised_row)` may raise RowError for stage-specific constraints.
-    """
+def normalise(rows, source: Source, shape: str, skip_invalid: bool = False) -> list[dict]:
+    """Validate and convert every row; raise DataError listing problems unless skip_invalid."""
     schema = detect_schema(rows.column_names)
     convert = to_conversation if shape == "conversation" else to_preference
     keep_columns = [c for c in ("category", "source", "prompt_id") if c in rows.column_names]
@@ -182,8 +179,6 @@ def normalise(rows, source: Source, shape: str, skip_invalid: bool = False, extr
     for i, row in enumerate(rows):
         try:
             item = convert(row, schema)
-            if extra_check is not None:
-                extra_check(item)
         except RowError as e:
             problems.append(f"{source.where(i)}: {e}")
             reasons[e.message] += 1

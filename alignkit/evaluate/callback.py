@@ -33,18 +33,18 @@ class WinRateDuringTraining:
 
 class WinRateCallback(Callback):
     def __init__(self, cfg: WinRateDuringTraining, chat, output_dir: str | Path):
-        from ..evaluate.run import EvalConfig, responses_for
+        from ..evaluate.run import EvalConfig, prompt_key, responses_for
 
         self.cfg, self.chat = cfg, chat
         prompts = [p["messages"] for p in load_prompts(cfg.prompts)]
         # Reference responses once, through the eval stage's own loader/generator (cached on disk).
         ev = EvalConfig(output_dir=str(Path(output_dir) / "win_rate"), prompts=cfg.prompts, sampling=replace(cfg.sampling, n=1), batch_size=cfg.batch_size)
-        reference = {str(r["messages"]): r["response"] for r in responses_for(cfg.reference, "reference", ev)}
-        self.prompts = [p for p in prompts if str(p) in reference]
+        reference = {prompt_key(r["messages"]): r["response"] for r in responses_for(cfg.reference, "reference", ev)}
+        self.prompts = [p for p in prompts if prompt_key(p) in reference]
         if not self.prompts:
             raise ValueError("win_rate.reference has no responses for the win_rate.prompts")
         self.backend = build_backend(cfg.reward, Path(output_dir) / "win_rate" / "scores.sqlite")
-        self.reference_rewards = self.backend.score(self.prompts, [reference[str(p)] for p in self.prompts])
+        self.reference_rewards = self.backend.score(self.prompts, [reference[prompt_key(p)] for p in self.prompts])
 
     def on_evaluate(self, state, metrics, model) -> None:
         replies = [c[0].text for c in generate(model, self.chat, self.prompts, self.cfg.sampling, self.cfg.batch_size)]

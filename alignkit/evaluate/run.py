@@ -60,10 +60,14 @@ def responses_for(spec: str, name: str, cfg: EvalConfig) -> list[dict]:
     return [{"messages": r["prompt"], "response": r["response"], "category": r["category"]} for r in sorted(read_jsonl(path), key=lambda r: r["id"])]
 
 
+def prompt_key(messages: list[dict]) -> str:
+    return json.dumps(messages, sort_keys=True)
+
+
 def pair_up(a: list[dict], b: list[dict]) -> list[tuple[dict, dict]]:
-    """Match A and B responses by prompt text; prompts missing on either side are reported and dropped."""
-    by_prompt = {json.dumps(r["messages"]): r for r in b}
-    pairs = [(r, by_prompt[json.dumps(r["messages"])]) for r in a if json.dumps(r["messages"]) in by_prompt]
+    """Match A and B responses by prompt; prompts missing on either side are reported and dropped."""
+    by_prompt = {prompt_key(r["messages"]): r for r in b}
+    pairs = [(r, by_prompt[prompt_key(r["messages"])]) for r in a if prompt_key(r["messages"]) in by_prompt]
     if len(pairs) < len(a) or len(pairs) < len(b):
         log.warning("evaluating %d prompts present on both sides (A has %d, B has %d)", len(pairs), len(a), len(b))
     if not pairs:
@@ -113,7 +117,7 @@ def reward_backend(cfg: EvalConfig, out: Path):
 
 def run_matrix(cfg: EvalConfig, out: Path) -> Path:
     """Win rate of every entry against every other on the prompts they all answered."""
-    sides = [{json.dumps(r["messages"]): r for r in responses_for(spec, f"matrix-{k}", cfg)} for k, spec in enumerate(cfg.matrix)]
+    sides = [{prompt_key(r["messages"]): r for r in responses_for(spec, f"matrix-{k}", cfg)} for k, spec in enumerate(cfg.matrix)]
     common = sorted(set.intersection(*(set(s) for s in sides)))
     if not common:
         raise ValueError("the matrix entries share no prompts")

@@ -97,15 +97,13 @@ def last_user_text(messages: list[dict]) -> str:
 
 class HFRewardModel:
     def __init__(self, source: str, batch_size: int = 16, max_length: int = 2048, device: str | None = None):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification
 
         from ..config import ModelConfig
-        from ..models import check_source, load_tokenizer
-        from ..train.rm import is_causal_lm
+        from ..train.rm import load_reward_tokenizer
 
-        check_source(source, "reward model")
-        self.causal = is_causal_lm(source, False)
-        self.tokenizer = load_tokenizer(ModelConfig(name_or_path=source)).tokenizer if self.causal else AutoTokenizer.from_pretrained(source)
+        chat, self.causal = load_reward_tokenizer(ModelConfig(name_or_path=source))
+        self.tokenizer = chat.tokenizer
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
         self.model = AutoModelForSequenceClassification.from_pretrained(source, dtype=dtype).to(self.device).eval()

@@ -177,21 +177,28 @@ def reference_logps(ref_model, pairs, collate, batch_size: int) -> tuple[list[fl
     return [by_index[i][0] for i in range(len(pairs))], [by_index[i][1] for i in range(len(pairs))]
 
 
-def cache_key(ref_model, source: str, pairs) -> str:
-    """Identity of (reference weights, tokenised data): a change in either invalidates the cache."""
+def weights_digest(model, source: str) -> str:
+    """Identity of a model's weights (hashed once per run: it reads every parameter)."""
     h = hashlib.blake2b(digest_size=16)
     h.update(source.encode())
-    for name, p in sorted(ref_model.state_dict().items()):
+    for name, p in sorted(model.state_dict().items()):
         h.update(name.encode())
         h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def cache_key(ref_digest: str, pairs) -> str:
+    """Identity of (reference weights, tokenised data): a change in either invalidates the cache."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(ref_digest.encode())
     for column in ("prompt_ids", "chosen_ids", "rejected_ids"):
         h.update(json.dumps(list(pairs[column])).encode())
     return h.hexdigest()
 
 
-def add_reference_logps(pairs, ref_model, source: str, cache_dir: Path, collate, batch_size: int):
+def add_reference_logps(pairs, ref_model, ref_digest: str, source: str, cache_dir: Path, collate, batch_size: int):
     """Attach ref_chosen_logps / ref_rejected_logps columns, from the cache when it has them."""
-    key = cache_key(ref_model, source, pairs)
+    key = cache_key(ref_digest, pairs)
     path = cache_dir / f"{key}.json"
     if path.is_file():
         cached = json.loads(path.read_text())
@@ -243,20 +250,24 @@ def run_dpo(cfg: DPOConfig, callbacks=()) -> Path:
     ref_source = cfg.dpo.ref_model or cfg.model.name_or_path
     ref_model = load_causal_lm(cfg.model, chat, path=ref_source)
     ref_model.requires_grad_(False)
+    model = None
     if cfg.dpo.precompute_ref:
         cache_dir = Path(cfg.dpo.ref_cache_dir) if cfg.dpo.ref_cache_dir else out / "ref_logps"
-        train_pairs = add_reference_logps(train_pairs, ref_model, ref_source, cache_dir, collate, cfg.train.batch_size)
+        digest = weights_digest(ref_model, ref_source)
+        train_pairs = add_reference_logps(train_pairs, ref_model, digest, ref_source, cache_dir, collate, cfg.train.batch_size)
         if eval_pairs is not None:
-            eval_pairs = add_reference_logps(eval_pairs, ref_model, ref_source, cache_dir, collate, cfg.train.batch_size)
-        del ref_model  # training holds one model from here on
-        ref_model = None
+            eval_pairs = add_reference_logps(eval_pairs, ref_model, digest, ref_source, cache_dir, collate, cfg.train.batch_size)
+        if ref_source == cfg.model.name_or_path:
+            model = ref_model.requires_grad_(True)  # same checkpoint: the policy starts as the reference, no second load
+        ref_model = None  # training holds one model from here on
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     else:
         ref_model.to(distributed_state().device).eval()
     log.info("DPO: %d training pairs, %d eval pairs", len(train_pairs), len(eval_pairs) if eval_pairs else 0)
-    model = load_causal_lm(cfg.model, chat)
+    if model is None:
+        model = load_causal_lm(cfg.model, chat)
     if distributed_state().is_main_process:
         config_lib.save(cfg, out / "config.yaml")
     callbacks = list(callbacks) + win_rate_callbacks(cfg.win_rate, chat, out)

@@ -59,6 +59,15 @@ def is_causal_lm(source: str, trust_remote_code: bool) -> bool:
     return any(a.endswith("ForCausalLM") for a in (config.architectures or []))
 
 
+def load_reward_tokenizer(model_cfg: ModelConfig) -> tuple[ChatTokenizer, bool]:
+    """(tokenizer, is_causal): causal LMs get a chat template (their own or ChatML), encoders their plain tokenizer."""
+    source = check_source(model_cfg.name_or_path, "model")
+    if is_causal_lm(source, model_cfg.trust_remote_code):
+        return load_tokenizer(model_cfg), True
+    tokenizer = AutoTokenizer.from_pretrained(model_cfg.tokenizer or source, trust_remote_code=model_cfg.trust_remote_code)
+    return ChatTokenizer(tokenizer, end_of_turn="", added_tokens=[]), False
+
+
 def flatten_prompt(messages: list[dict]) -> str:
     return "\n\n".join(m["content"] for m in messages)
 
@@ -112,12 +121,7 @@ def run_rm(cfg: RMConfig, callbacks=()) -> Path:
     out = Path(cfg.output_dir)
     source = check_source(cfg.model.name_or_path, "model")
     train_rows, eval_rows = load_examples(cfg.data, "preference", cfg.seed)
-    causal = is_causal_lm(source, cfg.model.trust_remote_code)
-    if causal:
-        chat = load_tokenizer(cfg.model)
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or source, trust_remote_code=cfg.model.trust_remote_code)
-        chat = ChatTokenizer(tokenizer, end_of_turn="", added_tokens=[])
+    chat, causal = load_reward_tokenizer(cfg.model)
     tokenizer = chat.tokenizer
     train_pairs = tokenize_pairs_for_rm(train_rows, tokenizer, causal, cfg.max_length)
     eval_pairs = tokenize_pairs_for_rm(eval_rows, tokenizer, causal, cfg.max_length) if eval_rows else None
