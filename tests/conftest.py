@@ -99,3 +99,16 @@ def minilm_rm(tmp_path_factory) -> Path:
     )
     run_rm(cfg)
     return out
+
+
+@pytest.fixture(scope="session")
+def trained_toy_model(tmp_path_factory, tiny_model_dir, toy_data_dir):
+    """The tiny model after 120 SFT steps on the toy tasks: it answers briefly and stops."""
+    from alignkit.config import DataConfig, ModelConfig, TrainConfig
+    from alignkit.train.sft import SFTConfig, run_sft
+
+    out = tmp_path_factory.mktemp("sft-toy") / "run"
+    run_sft(SFTConfig(output_dir=str(out), seed=0, quiet=True, model=ModelConfig(name_or_path=str(tiny_model_dir)),
+                      data=DataConfig(dataset=str(toy_data_dir)),
+                      train=TrainConfig(max_steps=120, batch_size=16, learning_rate=1e-2, save_steps=None, precision="fp32", logging_steps=50)))
+    return out / "final"

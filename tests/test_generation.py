@@ -4,21 +4,9 @@ import json
 
 import pytest
 
-from alignkit.config import DataConfig, ModelConfig, TrainConfig
-from alignkit.train.sft import SFTConfig
+from alignkit.config import ModelConfig
 from alignkit.generation import GenerateConfig, PromptSource, SamplingParams, generate, read_jsonl, run_generate
 from alignkit.models import load_causal_lm, load_tokenizer
-
-
-@pytest.fixture(scope="module")
-def trained_toy_model(tmp_path_factory, tiny_model_dir, toy_data_dir):
-    from alignkit.train.sft import run_sft
-
-    out = tmp_path_factory.mktemp("sft-toy") / "run"
-    run_sft(SFTConfig(output_dir=str(out), seed=0, quiet=True, model=ModelConfig(name_or_path=str(tiny_model_dir)),
-                      data=DataConfig(dataset=str(toy_data_dir)),
-                      train=TrainConfig(max_steps=120, batch_size=16, learning_rate=1e-2, save_steps=None, precision="fp32", logging_steps=50)))
-    return out / "final"
 
 
 def load(model_dir):
@@ -73,3 +61,27 @@ def test_generate_stage_writes_jsonl_and_resumes(tmp_path, trained_toy_model, to
     again = [json.loads(line) for line in again_lines]
     assert [r["id"] for r in again] == list(range(12))  # the torn row and the lost ones, once each
     assert {r["id"]: r["response"] for r in again} == {r["id"]: r["response"] for r in rows}
+
+
+def test_checkpoint_generation_config_does_not_change_decoding(tmp_path, trained_toy_model):
+    """Only SamplingParams decide decoding: a checkpoint's own defaults (here extreme ones) are ignored."""
+    import shutil
+
+    from transformers import GenerationConfig
+
+    model, chat = load(trained_toy_model)
+    greedy = generate(model, chat, PROMPTS, SamplingParams(max_new_tokens=24))
+    sampled = generate(model, chat, PROMPTS, SamplingParams(max_new_tokens=12, temperature=1.5, n=4, seed=3))
+    odd = tmp_path / "odd"
+    shutil.copytree(trained_toy_model, odd)
+    GenerationConfig(do_sample=True, temperature=0.1, repetition_penalty=20.0, top_k=1, no_repeat_ngram_size=1, eos_token_id=chat.stop_ids()).save_pretrained(odd)
+    odd_model, _ = load(odd)
+    assert odd_model.generation_config.repetition_penalty == 20.0
+    assert [[c.text for c in o] for o in generate(odd_model, chat, PROMPTS, SamplingParams(max_new_tokens=24))] == [[c.text for c in o] for o in greedy]
+    again = generate(odd_model, chat, PROMPTS, SamplingParams(max_new_tokens=12, temperature=1.5, n=4, seed=3))
+    assert [[c.text for c in o] for o in again] == [[c.text for c in o] for o in sampled]
+    assert any(len({c.text for c in o}) > 1 for o in again)  # top_k=1 would have made the 4 samples equal
+    assert odd_model.generation_config.repetition_penalty == 20.0  # restored afterwards
+    # Asked for explicitly, the knobs do act.
+    penalised = generate(model, chat, PROMPTS, SamplingParams(max_new_tokens=24, repetition_penalty=20.0))
+    assert [o[0].text for o in penalised] != [o[0].text for o in greedy]

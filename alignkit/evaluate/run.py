@@ -16,7 +16,7 @@ from typing import Literal
 
 from .. import config as config_lib
 from ..config import ModelConfig
-from ..generation import GenerateConfig, PromptSource, SamplingParams, prompt_messages_of, read_jsonl, run_generate
+from ..generation import GenerateConfig, PromptSource, SamplingParams, VLLMOptions, prompt_messages_of, read_jsonl, run_generate
 from ..rewards.backends import RewardConfig, build_backend, last_user_text
 from .winrate import outcomes, summarize
 
@@ -37,6 +37,9 @@ class EvalConfig:
     batch_size: int = 16
     prompts: PromptSource = field(default_factory=PromptSource)
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    engine: Literal["transformers", "vllm"] = "transformers"
+    """How model responses are generated."""
+    vllm: VLLMOptions = field(default_factory=VLLMOptions)
     reward: RewardConfig = field(default_factory=RewardConfig)
     matrix: list[str] = field(default_factory=list)
     """Matrix mode: several models or responses files compared pairwise (model/reference unused)."""
@@ -55,7 +58,8 @@ def responses_for(spec: str, name: str, cfg: EvalConfig) -> list[dict]:
                 raise ValueError(f"{spec}, line {i + 1}: expected a prompt (or instruction) and a response (or output)")
             rows.append({"messages": messages, "response": response, "category": r.get("category", r.get("dataset"))})
         return rows
-    gen = GenerateConfig(output_dir=str(Path(cfg.output_dir) / name), model=ModelConfig(name_or_path=spec), prompts=cfg.prompts, sampling=replace(cfg.sampling, n=1), batch_size=cfg.batch_size)
+    gen = GenerateConfig(output_dir=str(Path(cfg.output_dir) / name), model=ModelConfig(name_or_path=spec), prompts=cfg.prompts,
+                         sampling=replace(cfg.sampling, n=1), engine=cfg.engine, vllm=cfg.vllm, batch_size=cfg.batch_size)
     path = run_generate(gen)
     return [{"messages": r["prompt"], "response": r["response"], "category": r["category"]} for r in sorted(read_jsonl(path), key=lambda r: r["id"])]
 
