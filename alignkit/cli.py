@@ -61,6 +61,8 @@ class DemoConfig:
     """SFT optimizer steps."""
     dpo_steps: int = 200
     """DPO optimizer steps after SFT."""
+    seed: int = 0
+    """Seed of the model's initialisation and of training (the toy data stay the same)."""
     quiet: bool = False
 
 
@@ -79,7 +81,7 @@ def run_data_stats(cfg: DataStatsConfig):
 def run_demo(cfg: DemoConfig):
     from .demo.run import run_demo as run
 
-    return run(cfg.output_dir, cfg.steps, cfg.dpo_steps, cfg.quiet)
+    return run(cfg.output_dir, cfg.steps, cfg.dpo_steps, cfg.quiet, cfg.seed)
 
 
 @dataclass

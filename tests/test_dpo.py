@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from alignkit.config import DataConfig, ModelConfig, TrainConfig
-from alignkit.train.dpo import DPOConfig, DPOParams, beta_at, dpo_losses, run_dpo, sequence_logps
+from alignkit.train.dpo import DPOConfig, DPOParams, batch_sequence_logps, beta_at, dpo_losses, run_dpo, sequence_logps
 from alignkit.train.loop import read_metrics
 
 from .conftest import need_shared, read_jsonl
@@ -116,10 +116,11 @@ def test_agrees_with_trl_on_real_pairs(tmp_path, tiny_qwen_dir, request):
         assert ex["chosen_ids"] == chosen_ids + tok("\n", add_special_tokens=False)["input_ids"]
 
     batch = trainer.data_collator(examples)
-    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
-    with torch.no_grad():
-        pol_logps, n = sequence_logps(policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, labels)
-        ref_logps, _ = sequence_logps(ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, labels)
+    ours_batch = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                  "labels": batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)}
+    with torch.no_grad():  # the log-probs exactly as training computes them (labelled positions only)
+        pol_logps, n = batch_sequence_logps(policy, ours_batch)
+        ref_logps, _ = batch_sequence_logps(ref, ours_batch)
     pc, pr = pol_logps.chunk(2)
     rc, rr = ref_logps.chunk(2)
     nc, nr = n.chunk(2)

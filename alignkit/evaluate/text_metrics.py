@@ -46,7 +46,7 @@ def corpus_bleu(hypotheses: list[str], references: list[str], max_n: int = 4) ->
 @torch.no_grad()
 def perplexity(model, chat, conversations: list[list[dict]], batch_size: int = 8) -> float:
     """exp(mean negative log-likelihood per assistant token) over all conversations."""
-    from ..train.sft import token_nll
+    from ..train.logprobs import label_logps
 
     model.eval()
     device = next(model.parameters()).device
@@ -54,9 +54,8 @@ def perplexity(model, chat, conversations: list[list[dict]], batch_size: int = 8
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
         batch = collate_lm(examples[start : start + batch_size], chat.pad_id)
-        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-        nll, n = token_nll(logits, batch["labels"].to(device))
-        total, count = total + nll.item(), count + int(n)
+        logps, mask = label_logps(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["labels"].to(device))
+        total, count = total - logps.sum().item(), count + int(mask.sum())
     return math.exp(total / max(count, 1))
 
 

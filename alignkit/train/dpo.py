@@ -27,6 +27,7 @@ from ..data.collate import collate_pairs
 from ..data.prepare import load_examples, tokenize_pairs
 from ..models import load_causal_lm, load_tokenizer
 from ..evaluate.callback import WinRateDuringTraining
+from .logprobs import label_logps, per_sequence
 from .loop import LossOutput, RunOptions, distributed_state, to_device, train
 from .sft import win_rate_callbacks
 
@@ -46,6 +47,11 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     mask = targets != IGNORE_INDEX
     token_logps = torch.gather(logits.log_softmax(-1), 2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return (token_logps * mask).sum(-1), mask.sum(-1)
+
+
+def batch_sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sequence_logps` of the model on a batch, computed at the labelled positions only (logprobs.py)."""
+    return per_sequence(*label_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"]))
 
 
 @dataclass
@@ -126,16 +132,14 @@ def dpo_loss_fn(params: DPOParams, ref_model=None):
     """loss_fn(model, batch) for the training loop: one forward pass for chosen and rejected."""
 
     def loss_fn(model, batch) -> LossOutput:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logps, tokens = sequence_logps(logits, batch["labels"])
+        logps, tokens = batch_sequence_logps(model, batch)
         policy_chosen, policy_rejected = logps.chunk(2)
         chosen_tokens, rejected_tokens = tokens.chunk(2)
         if "ref_chosen_logps" in batch:
             ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
         else:
             with torch.no_grad():
-                ref_logits = ref_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                ref_chosen, ref_rejected = sequence_logps(ref_logits, batch["labels"])[0].chunk(2)
+                ref_chosen, ref_rejected = batch_sequence_logps(ref_model, batch)[0].chunk(2)
         losses, chosen_rewards, rejected_rewards = dpo_losses(
             policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_tokens, rejected_tokens, params, beta_at(params, batch.get("step"))
         )
@@ -168,8 +172,7 @@ def reference_logps(ref_model, pairs, collate, batch_size: int) -> tuple[list[fl
     for start in tqdm(range(0, len(mine), batch_size), desc="reference log-probs", disable=not state.is_main_process):
         idx = mine[start : start + batch_size]
         batch = to_device(collate([pairs[i] for i in idx]), state.device)
-        logits = ref_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        chosen, rejected = sequence_logps(logits, batch["labels"])[0].chunk(2)
+        chosen, rejected = batch_sequence_logps(ref_model, batch)[0].chunk(2)
         out += zip(idx, chosen.tolist(), rejected.tolist())
     if state.num_processes > 1:
         out = gather_object(out)

@@ -17,6 +17,7 @@ from ..data.collate import collate_lm
 from ..data.prepare import load_examples, tokenize_conversations
 from ..evaluate.callback import WinRateDuringTraining
 from ..models import load_causal_lm, load_tokenizer
+from .logprobs import label_logps
 from .loop import LossOutput, RunOptions, distributed_state, train
 
 log = logging.getLogger(__name__)
@@ -49,9 +50,9 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
 
 
 def sft_loss(model, batch: dict) -> LossOutput:
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    total, count = token_nll(logits, batch["labels"])
-    return LossOutput(total, int(count), tokens=int(batch["attention_mask"].sum()))
+    # token_nll(model(...).logits, labels), computed at the labelled positions only (logprobs.py).
+    logps, mask = label_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    return LossOutput(-logps.sum(), int(mask.sum()), tokens=int(batch["attention_mask"].sum()))
 
 
 def win_rate_callbacks(cfg, chat, out: Path) -> list:
