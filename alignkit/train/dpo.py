@@ -41,6 +41,8 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     """Per sequence: sum of log p(label_t | prefix) over labelled positions, and their number.
 
     logits[:, t] predicts labels[:, t + 1].
+    The definition on full logits, hand-tested; training computes the same numbers from hidden
+    states at labelled positions only (logprobs.label_logps, tested against this).
     """
     logits = logits[:, :-1].float()
     targets = labels[:, 1:]

@@ -42,6 +42,8 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
     """Sum of -log p(label) over the positions whose label is not IGNORE_INDEX, and their count.
 
     logits[:, t] predicts labels[:, t + 1]; the shift happens here.
+    The definition on full logits, hand-tested; training computes the same numbers from hidden
+    states at labelled positions only (logprobs.label_logps, tested against this).
     """
     logits = logits[:, :-1].float()
     targets = labels[:, 1:]
