@@ -251,10 +251,10 @@ class GenerateConfig:
 
 
 def generation_dtype(precision: str) -> torch.dtype:
-    """One rule for both engines ("auto": bf16 on a GPU that has it, else fp32), so they agree."""
-    if precision == "bf16" or (precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
-        return torch.bfloat16
-    return torch.float32
+    """Training's rule ("auto": bf16 on a GPU that has it, else fp32), for both engines, so they agree."""
+    from .train.loop import precision_for
+
+    return torch.bfloat16 if precision_for(precision) == "bf16" else torch.float32
 
 
 def responses_path(output_dir: str | Path) -> Path:
