@@ -69,6 +69,8 @@ class Completion:
     text: str
     token_ids: list[int]
     finish_reason: str  # "stop" (end-of-turn) or "length"
+    stop_id: int | None = None
+    """The stop token that ended it (not in token_ids), for training on the sample (RL)."""
 
 
 def decoding_config(params: SamplingParams, stop: list[int], pad_id: int) -> GenerationConfig:
@@ -108,8 +110,10 @@ def generate(model, chat, prompts: list[list[dict]], params: SamplingParams, bat
             for row in range(out.shape[0]):
                 new = out[row, ids.shape[1] :].tolist()
                 cut = next((k for k, t in enumerate(new) if t in stop), None)
+                stop_id = new[cut] if cut is not None else None
                 new = new[:cut] if cut is not None else [t for t in new if t != chat.pad_id]
-                results[idx[row // params.n]].append(Completion(tok.decode(new, skip_special_tokens=True), new, "stop" if cut is not None else "length"))
+                results[idx[row // params.n]].append(
+                    Completion(tok.decode(new, skip_special_tokens=True), new, "stop" if cut is not None else "length", stop_id))
     finally:
         model.generation_config = checkpoint_defaults
         model.train(was_training)
@@ -176,9 +180,10 @@ def generate_vllm(llm, chat, prompts: list[list[dict]], params: SamplingParams) 
         for o in sorted(req.outputs, key=lambda o: o.index):
             ids = list(o.token_ids)
             stopped = o.finish_reason == "stop"
+            stop_id = None
             if stopped and ids and ids[-1] in stop:  # vLLM keeps the stop token; the text never does
-                ids = ids[:-1]
-            completions.append(Completion(tok.decode(ids, skip_special_tokens=True), ids, "stop" if stopped else "length"))
+                stop_id, ids = ids[-1], ids[:-1]
+            completions.append(Completion(tok.decode(ids, skip_special_tokens=True), ids, "stop" if stopped else "length", stop_id))
         results.append(completions)
     return results
 
