@@ -285,3 +285,53 @@ def test_per_sample_temperatures(toy_chat, trained_toy_model, toy_data_dir):
     assert all(len(o) == 3 and all(c is not None for c in o) for o in outs)
     again = src.sample(model, [p["messages"] for p in prompts], 0)
     assert [[c.token_ids for c in o] for o in again] == [[c.token_ids for c in o] for o in outs]  # seeded by (seed, step)
+
+
+# --------------------------------------------------------------------------- agreement with TRL
+
+
+@pytest.mark.parametrize("trl_loss, ours, level", [("grpo", "sequence_mean", "token"), ("bnpo", "token_mean", "token"),
+                                                   ("dr_grpo", "constant", "token"), ("grpo", "sequence_mean", "sequence")])
+def test_grpo_loss_agrees_with_trl(trl_loss, ours, level):
+    """The clipped surrogate, clip-higher, the k3 KL term, GSPO's sequence ratio and the aggregations equal
+    TRL's GRPOTrainer._compute_loss on the same per-token log-probs (value and gradient)."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    trl_grpo = pytest.importorskip("trl.trainer.grpo_trainer", reason="TRL is a dev dependency")
+    g = torch.Generator().manual_seed(0)
+    B, T, max_len = 6, 5, 7
+    mask = torch.ones(B, T, dtype=torch.long)
+    for i, n in enumerate([5, 3, 1, 4, 5, 2]):
+        mask[i, n:] = 0
+    lp0 = -torch.rand(B, T, generator=g) * 3
+    old = lp0 + 0.3 * torch.randn(B, T, generator=g)  # ratios far enough from 1 to clip
+    ref = lp0 + 0.5 * torch.randn(B, T, generator=g)
+    adv = torch.randn(B, generator=g)
+    beta, eps, eps_high = 0.04, 0.2, 0.28
+
+    lp_trl = lp0.clone().requires_grad_(True)
+    fake = SimpleNamespace(
+        top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level=level, beta=beta,
+        args=SimpleNamespace(use_bias_correction_kl=False, delta=None), loss_type=trl_loss, epsilon_low=eps, epsilon_high=eps_high,
+        use_vllm=False, model=SimpleNamespace(training=True), current_gradient_accumulation_steps=1, max_completion_length=max_len,
+        _entropy_bonus_enabled=False, aux_loss_enabled=False, _metrics={"train": defaultdict(list)},
+        accelerator=SimpleNamespace(reduce=lambda x, reduction="sum": x, gather=lambda x: x, gather_for_metrics=lambda x: x),
+        _get_per_token_logps_and_entropies=lambda *a, **k: (lp_trl, torch.zeros(B, T), None),
+    )
+    inputs = {"prompt_ids": torch.zeros(B, 1, dtype=torch.long), "prompt_mask": torch.ones(B, 1, dtype=torch.long),
+              "completion_ids": torch.zeros(B, T, dtype=torch.long), "completion_mask": mask, "advantages": adv,
+              "old_per_token_logps": old, "ref_per_token_logps": ref}
+    theirs = trl_grpo.GRPOTrainer._compute_loss(fake, None, inputs)
+    theirs.backward()
+
+    lp = lp0.clone().requires_grad_(True)
+    m = mask.bool()
+    rows, n_tokens = m.nonzero()[:, 0], m.sum(-1)
+    token_losses, _ = policy_token_losses(lp[m], old[m], adv, rows, n_tokens, "grpo", eps, eps_high, level)
+    token_losses = token_losses + beta * k3_kl(lp[m], ref[m])
+    total, count = aggregate(token_losses, rows, n_tokens, torch.ones(B), ours, max_len)
+    mine = total / count
+    mine.backward()
+    assert mine.item() == pytest.approx(theirs.item(), rel=1e-5)
+    torch.testing.assert_close(lp.grad, lp_trl.grad * mask, rtol=1e-5, atol=1e-7)
