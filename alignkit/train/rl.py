@@ -271,6 +271,8 @@ def check_rl_config(cfg: RLConfig) -> None:
         raise ConfigError("rl.num_iterations and rl.importance_level are GRPO options (RLOO updates once per batch of samples)")
     if p.max_new_tokens < 1:
         raise ConfigError("rl.max_new_tokens must be >= 1")
+    if not cfg.eval_prompts.dataset and (cfg.train.eval_steps or cfg.train.early_stopping_patience):
+        raise ConfigError("train.eval_steps / train.early_stopping_patience need held-out prompts: set eval_prompts.dataset")
 
 
 # --------------------------------------------------------------------------- rollouts
