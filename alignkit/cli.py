@@ -154,7 +154,9 @@ def parse(name: str, argv: list[str]):
         else:
             raise ConfigError(f"unexpected argument '{item}'")
     if extra_overrides:
-        values["overrides"] = list(values.get("overrides", [])) + extra_overrides
+        # Trailing key=value pairs add to the recipe's (or --overrides') list; later ones win on a key.
+        base = values["overrides"] if "overrides" in values else config_lib.load(stage.config, path, values).overrides
+        values["overrides"] = list(base) + extra_overrides
     return config_lib.load(stage.config, path, values)
 
 
