@@ -7,7 +7,11 @@ micro-batches and processes, so the loss and its gradient do not depend on how a
 is split into accumulation steps or processes.
 
 Data order is a pure function of (seed, epoch) and the step number, which is what makes resume
-exact: a resumed run recomputes where it was instead of replaying a data loader.
+exact: a resumed run recomputes where it was instead of replaying a data loader. A checkpoint also
+holds the open logging window, so the log lines after a resume match an uninterrupted run's.
+
+The run's config.yaml is written only once the run may start (not when it is refused for existing
+checkpoints); on resume, settings that change what the run computes must match the saved ones.
 """
 
 from __future__ import annotations
@@ -24,11 +28,13 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import yaml
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from ..config import TrainConfig
+from .. import config as config_lib
+from ..config import ConfigError, TrainConfig
 from . import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
@@ -56,6 +62,9 @@ class RunOptions:
     seed: int = 42
     resume: bool = False
     quiet: bool = False
+    config: object | None = None
+    """The stage's whole config: written to output_dir/config.yaml once the run may start, and
+    compared with the saved one on resume."""
 
 
 @dataclass
@@ -82,8 +91,93 @@ def distributed_state():
     """The process group (one process, torchrun, or accelerate launch); gloo on CPU-only machines."""
     from accelerate import PartialState
 
+    check_launch(os.environ)
     # Without a GPU, a multi-process launch must be told to use CPU (gloo) explicitly.
     return PartialState(cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available())
+
+
+MPI_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE", "PMIX_SIZE")
+
+
+def check_launch(env) -> None:
+    """Stop when `accelerate launch --num_processes N` started one process instead of N.
+
+    Without --multi_gpu (or a config saying so) and without several GPUs, accelerate uses its
+    single-process launcher: it sets ACCELERATE_USE_CPU and, for N > 1, MASTER_ADDR, but starts
+    one process and no WORLD_SIZE, so the run would silently train alone.
+    """
+    single_launcher = "ACCELERATE_USE_CPU" in env and "MASTER_ADDR" in env  # MASTER_ADDR: N > 1 was asked for
+    if single_launcher and "WORLD_SIZE" not in env and not any(v in env for v in MPI_SIZE_VARS):
+        raise ConfigError(
+            "accelerate launch was asked for several processes but started one (its single-process "
+            "launcher, which it uses without --multi_gpu on a machine without several GPUs). Start the "
+            "processes with `torchrun --nproc_per_node N -m alignkit.cli ...` or `accelerate launch "
+            "--multi_gpu --num_processes N -m alignkit.cli ...` (on CPU both run N gloo processes); "
+            "for one process, drop --num_processes (and unset MASTER_ADDR)."
+        )
+
+
+LOWER_IS_BETTER = ("loss", "perplexity")
+
+
+def higher_is_better(cfg: TrainConfig) -> bool:
+    """train.greater_is_better, or when unset inferred from the metric's name as transformers'
+    Trainer does: names ending in loss (or perplexity) are better lower, everything else higher."""
+    if cfg.greater_is_better is not None:
+        return cfg.greater_is_better
+    return not cfg.metric_for_best.endswith(LOWER_IS_BETTER)
+
+
+# Settings that may change on --resume: how long to train, how often to log, evaluate and save,
+# and ones that do not change the numbers (where data is cached, tokenisation processes).
+RESUMABLE_CHANGES = {
+    "output_dir", "train.max_steps", "train.epochs", "train.logging_steps",
+    "train.eval_steps", "train.save_steps", "train.save_total_limit", "train.early_stopping_patience",
+    "train.gradient_checkpointing", "data.num_proc", "dpo.ref_cache_dir", "dpo.precompute_ref",
+}
+
+
+def flat_settings(d: dict, prefix: str = "") -> dict:
+    """Nested config dict -> dotted keys, with train.greater_is_better resolved as the loop uses it."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(flat_settings(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    if not prefix and out.get("train.greater_is_better", False) is None:
+        out["train.greater_is_better"] = not str(out.get("train.metric_for_best", "")).endswith(LOWER_IS_BETTER)
+    return out
+
+
+def check_resumed_config(saved_path: Path, config) -> None:
+    """On resume: refuse changed settings that alter what the run computes; log the harmless ones."""
+    if not saved_path.is_file():
+        log.warning("resume: %s is missing; cannot check that the settings match the checkpoint's run", saved_path)
+        return
+    old = flat_settings(yaml.safe_load(saved_path.read_text()) or {})
+    new = flat_settings(yaml.safe_load(yaml.safe_dump(config_lib.to_dict(config), sort_keys=False)) or {})
+    changed = sorted(k for k in old.keys() & new.keys() if old[k] != new[k] and k not in ("resume", "quiet"))
+    harmless = [k for k in changed if k in RESUMABLE_CHANGES]
+    blocking = [k for k in changed if k not in RESUMABLE_CHANGES]
+    if blocking:
+        raise ConfigError(
+            f"--resume: settings differ from the run in {saved_path.parent} ("
+            + "; ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in blocking)
+            + "). Resume with the saved settings, or start a new run in another output_dir. "
+            f"Allowed to change on resume: {', '.join(sorted(RESUMABLE_CHANGES))}."
+        )
+    if harmless:
+        changes = "; ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in harmless)
+        log.info("resume: changed settings (allowed): %s", changes)
+
+
+def new_window(saved: dict | None = None) -> dict:
+    """The sums behind the next log line; `saved` reopens one kept in a checkpoint (its clock restarts)."""
+    window = {"loss_sum": 0.0, "count": 0.0, "tokens": 0, "metrics": {}}
+    window.update({k: v for k, v in (saved or {}).items() if k in window})
+    window["time"] = time.perf_counter()
+    return window
 
 
 def precision_for(setting: str) -> str:
@@ -179,18 +273,23 @@ def train(
         raise FileExistsError(f"{ckpt_root} already holds checkpoints: pass --resume to continue that run, or choose a new output_dir")
     if run.resume and resume_from is None:
         log.warning("resume: no complete checkpoint in %s; starting from scratch", ckpt_root)
+    saved: dict = {}
     if resume_from is not None:
+        if run.config is not None:
+            check_resumed_config(out / "config.yaml", run.config)
         ckpt.load_weights(unwrapped, resume_from)
-        optimizer.load_state_dict(torch.load(resume_from / "optimizer.pt", weights_only=False))
-        scheduler.load_state_dict(torch.load(resume_from / "scheduler.pt", weights_only=False))
+        optimizer.load_state_dict(ckpt.safe_load(resume_from / "optimizer.pt"))
+        scheduler.load_state_dict(ckpt.safe_load(resume_from / "scheduler.pt"))
         saved = ckpt.read_state(resume_from)
         state = LoopState(**{k: v for k, v in saved.items() if k in LoopState.__dataclass_fields__})
-        ckpt.set_rng_state(torch.load(resume_from / f"rng_state_{accelerator.process_index}.pt", weights_only=False))
+        ckpt.set_rng_state(ckpt.load_rng_state(resume_from / f"rng_state_{accelerator.process_index}.pt"))
         log.info("resumed from %s (step %d of %d)", resume_from, state.step, plan.total_steps)
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         ckpt.clear_stale(ckpt_root)
         keep_metrics_until(metrics_path, state.step)
+        if run.config is not None:
+            config_lib.save(run.config, out / "config.yaml")
     accelerator.wait_for_everyone()
 
     def log_line(record: dict) -> None:
@@ -214,7 +313,8 @@ def train(
             save_fn(unwrapped, chat, tmp)
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            (tmp / ckpt.STATE_FILE).write_text(json.dumps(vars(state) | {"stop": False}, indent=1))
+            saved_state = vars(state) | {"stop": False, "log_window": {k: v for k, v in window.items() if k != "time"}}
+            (tmp / ckpt.STATE_FILE).write_text(json.dumps(saved_state, indent=1))
             ckpt.publish(tmp, ckpt_root / f"step-{state.step}")
             ckpt.prune(ckpt_root, cfg.save_total_limit, {state.best_step} if state.best_step else set())
         accelerator.wait_for_everyone()
@@ -226,7 +326,7 @@ def train(
         if cfg.metric_for_best not in metrics:
             raise KeyError(f"train.metric_for_best '{cfg.metric_for_best}' is not among the eval metrics {sorted(metrics)}")
         value = metrics[cfg.metric_for_best]
-        better = state.best_metric is None or (value > state.best_metric if cfg.greater_is_better else value < state.best_metric)
+        better = state.best_metric is None or (value > state.best_metric if greater else value < state.best_metric)
         if better:
             state.best_metric, state.best_step, state.evals_without_improvement = value, state.step, 0
         else:
@@ -235,8 +335,12 @@ def train(
         return metrics
 
     track_best = eval_data is not None and cfg.early_stopping_patience is not None
+    greater = higher_is_better(cfg)
+    if track_best:
+        how = "set by train.greater_is_better" if cfg.greater_is_better is not None else "inferred from its name"
+        log.info("best checkpoint by %s: %s is better (%s)", cfg.metric_for_best, "higher" if greater else "lower", how)
     bar = tqdm(total=plan.total_steps, initial=state.step, disable=run.quiet or not is_main, desc="train", dynamic_ncols=True)
-    window = {"loss_sum": 0.0, "count": 0.0, "tokens": 0, "time": time.perf_counter(), "metrics": {}}
+    window = new_window(saved.get("log_window"))
     grad_norm = None
     while state.step < plan.total_steps and not state.stop:
         sums = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss_sum, count, tokens
@@ -301,7 +405,7 @@ def train(
             }
             log_line(logs)
             bar.set_postfix(loss=f"{logs['loss']:.4f}")
-            window = {"loss_sum": 0.0, "count": 0.0, "tokens": 0, "time": time.perf_counter(), "metrics": {}}
+            window = new_window()
         evaluated = False
         if eval_data is not None and cfg.eval_steps and state.step % cfg.eval_steps == 0:
             evaluate()

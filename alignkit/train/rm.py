@@ -131,8 +131,6 @@ def run_rm(cfg: RMConfig, callbacks=()) -> Path:
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
     model.config.pad_token_id = tokenizer.pad_token_id  # causal scorers find the last real token by it
-    if distributed_state().is_main_process:
-        config_lib.save(cfg, out / "config.yaml")
     log.info("reward model: %d training pairs, %d eval pairs", len(train_pairs), len(eval_pairs) if eval_pairs else 0)
 
     def save(model, _chat, path):
@@ -141,7 +139,7 @@ def run_rm(cfg: RMConfig, callbacks=()) -> Path:
 
     train(
         model, chat, train_pairs, eval_pairs, partial(collate_pairs, pad_token_id=tokenizer.pad_token_id), rm_loss,
-        cfg.train, RunOptions(out, cfg.seed, cfg.resume, cfg.quiet), list(callbacks), save_fn=save,
+        cfg.train, RunOptions(out, cfg.seed, cfg.resume, cfg.quiet, config=cfg), list(callbacks), save_fn=save,
     )
     if eval_rows and distributed_state().is_main_process:
         evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "eval_accuracy" in line]

@@ -74,8 +74,6 @@ def run_sft(cfg: SFTConfig, callbacks=()) -> Path:
     eval_data = tokenize_conversations(eval_rows, chat, cfg.data, "tokenise eval") if eval_rows else None
     log.info("SFT: %d training examples, %d eval examples", len(train_data), len(eval_data) if eval_data else 0)
     model = load_causal_lm(cfg.model, chat)
-    if distributed_state().is_main_process:
-        config_lib.save(cfg, out / "config.yaml")
     callbacks = list(callbacks) + win_rate_callbacks(cfg.win_rate, chat, out)
     train(
         model,
@@ -85,7 +83,7 @@ def run_sft(cfg: SFTConfig, callbacks=()) -> Path:
         collate=partial(collate_lm, pad_token_id=chat.pad_id),
         loss_fn=sft_loss,
         cfg=cfg.train,
-        run=RunOptions(out, cfg.seed, cfg.resume, cfg.quiet),
+        run=RunOptions(out, cfg.seed, cfg.resume, cfg.quiet, config=cfg),
         callbacks=callbacks,
     )
     return out
