@@ -19,6 +19,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+from transformers import set_seed
 
 from .. import config as config_lib
 from ..config import DataConfig, ModelConfig, TrainConfig
@@ -247,8 +248,9 @@ class DPOConfig:
 
 def run_dpo(cfg: DPOConfig, callbacks=()) -> Path:
     out = Path(cfg.output_dir)
+    set_seed(cfg.seed)  # before any model is built
     chat = load_tokenizer(cfg.model)
-    train_rows, eval_rows = load_examples(cfg.data, "preference", cfg.seed)
+    train_rows, eval_rows = load_examples(cfg.data, "preference", cfg.seed, dpo_data_defaults().eval_split)
     train_pairs = tokenize_pairs(train_rows, chat, cfg.data, "tokenise train pairs")
     eval_pairs = tokenize_pairs(eval_rows, chat, cfg.data, "tokenise eval pairs") if eval_rows else None
     collate = partial(collate_pairs, pad_token_id=chat.pad_id)

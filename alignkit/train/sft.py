@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from transformers import set_seed
 
 from .. import config as config_lib
 from ..config import DataConfig, ModelConfig, TrainConfig
@@ -68,6 +69,7 @@ def win_rate_callbacks(cfg, chat, out: Path) -> list:
 def run_sft(cfg: SFTConfig, callbacks=()) -> Path:
     """Fine-tune cfg.model on cfg.data; return the run directory."""
     out = Path(cfg.output_dir)
+    set_seed(cfg.seed)  # before any model is built
     chat = load_tokenizer(cfg.model)
     train_rows, eval_rows = load_examples(cfg.data, "conversation", cfg.seed)
     train_data = tokenize_conversations(train_rows, chat, cfg.data, "tokenise train")
