@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import set_seed
 
-from .. import config as config_lib
 from ..config import DataConfig, ModelConfig, TrainConfig
 from ..data.chat import IGNORE_INDEX
 from ..data.collate import collate_pairs

@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, set_seed
 
-from .. import config as config_lib
 from ..config import ConfigError, DataConfig, ModelConfig, TrainConfig
 from ..data.collate import collate_pairs
 from ..data.chat import render, tokenize_prompt

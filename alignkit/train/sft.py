@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from transformers import set_seed
 
-from .. import config as config_lib
 from ..config import DataConfig, ModelConfig, TrainConfig
 from ..data.chat import IGNORE_INDEX
 from ..data.collate import collate_lm
@@ -19,7 +18,7 @@ from ..data.prepare import load_examples, tokenize_conversations
 from ..evaluate.callback import WinRateDuringTraining
 from ..models import load_causal_lm, load_tokenizer
 from .logprobs import label_logps
-from .loop import LossOutput, RunOptions, distributed_state, train
+from .loop import LossOutput, RunOptions, train
 
 log = logging.getLogger(__name__)
 
