@@ -21,6 +21,7 @@ from .evaluate.text_metrics import TextMetricsConfig, run_text_metrics
 from .generation import GenerateConfig, run_generate
 from .rewards.server import ServeRewardConfig, serve_reward
 from .train.dpo import DPOConfig, run_dpo
+from .train.loop import check_launch
 from .train.rl import RLConfig, run_rl
 from .train.rm import RMConfig, run_rm
 from .train.sft import SFTConfig, run_sft
@@ -156,7 +157,9 @@ def parse(name: str, argv: list[str]):
         else:
             raise ConfigError(f"unexpected argument '{item}'")
     if extra_overrides:
-        values["overrides"] = list(values.get("overrides", [])) + extra_overrides
+        # Trailing key=value pairs add to the recipe's (or --overrides') list; later ones win on a key.
+        base = values["overrides"] if "overrides" in values else config_lib.load(stage.config, path, values).overrides
+        values["overrides"] = list(base) + extra_overrides
     return config_lib.load(stage.config, path, values)
 
 
@@ -181,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     quiet_third_party()
     try:
+        check_launch(os.environ)
         cfg = parse(name, rest)
         result = STAGES[name].run(cfg)
     except KeyboardInterrupt:
@@ -197,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # Errors whose message says everything a user needs; anything else keeps its traceback.
-USER_ERRORS = {"ConfigError", "DataError", "TemplateError", "TrainingDiverged", "StepFailed", "FileExistsError", "FileNotFoundError", "OSError", "RemoteError"}
+USER_ERRORS = {"ConfigError", "DataError", "TemplateError", "TrainingDiverged", "StepFailed", "FileExistsError", "FileNotFoundError", "OSError",
+               "RemoteError", "CheckpointError"}
 
 
 def quiet_third_party() -> None:

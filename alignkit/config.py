@@ -105,7 +105,9 @@ class TrainConfig:
     early_stopping_patience: int | None = None
     """Stop after this many evaluations without improvement; the best checkpoint is restored."""
     metric_for_best: str = "eval_loss"
-    greater_is_better: bool = False
+    """Eval metric that picks the best checkpoint for early stopping."""
+    greater_is_better: bool | None = None
+    """Whether a higher metric_for_best is better; unset: false for names ending in loss or perplexity, true otherwise."""
 
 
 # --------------------------------------------------------------------------- machinery

@@ -61,9 +61,11 @@ def load_tokenizer(cfg: ModelConfig) -> ChatTokenizer:
 
 
 def load_causal_lm(cfg: ModelConfig, chat: ChatTokenizer, path: str | None = None, dtype: torch.dtype | None = None):
+    """cfg's model, or the checkpoint at `path` (model.revision applies only to model.name_or_path itself)."""
+    source = path or cfg.name_or_path
     model = AutoModelForCausalLM.from_pretrained(
-        check_source(path or cfg.name_or_path, "model"),
-        revision=None if path else cfg.revision,
+        check_source(source, "model"),
+        revision=cfg.revision if source == cfg.name_or_path else None,
         trust_remote_code=cfg.trust_remote_code,
         dtype=dtype or torch.float32,
         **({"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}),
@@ -73,10 +75,23 @@ def load_causal_lm(cfg: ModelConfig, chat: ChatTokenizer, path: str | None = Non
 
 
 def fit_vocab(model, tokenizer) -> None:
-    """Grow the embeddings when the tokenizer has more tokens (e.g. ChatML tokens added)."""
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        log.info("resizing embeddings to %d tokens", len(tokenizer))
-        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
+    """Grow the embeddings when the tokenizer has more tokens (e.g. ChatML tokens added).
+
+    New rows (input, and output where it is a separate matrix) are the mean of the existing ones: the same
+    on every load, so identical runs start from identical weights (and the DPO reference cache can hit).
+    """
+    old = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) <= old:
+        return
+    log.info("resizing embeddings to %d tokens (new rows: the mean of the existing ones)", len(tokenizer))
+    model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64, mean_resizing=False)
+    matrices = [model.get_input_embeddings().weight]
+    output = model.get_output_embeddings()
+    if output is not None and output.weight.data_ptr() != matrices[0].data_ptr():
+        matrices.append(output.weight)
+    with torch.no_grad():
+        for w in matrices:
+            w[old:] = w[:old].mean(0)
 
 
 def save_model(model, chat: ChatTokenizer, path: str | Path) -> None:

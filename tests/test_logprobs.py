@@ -99,3 +99,22 @@ def test_mixed_precision_takes_the_chunked_path():
         logps, _ = label_logps(model, ids, attention, labels)
     assert not getattr(model, logprobs.FULL_LOGITS, False)
     torch.testing.assert_close(-logps.sum(), full, rtol=1e-4, atol=1e-4)
+
+
+def test_mixed_precision_gradients_equal_full_logits():
+    """#12.25: under bf16 autocast the chunked path gives the gradients of full logits too, not only the values."""
+    ids, attention, labels = batch()
+    model = tiny()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        full, _ = token_nll(model(input_ids=ids, attention_mask=attention).logits, labels)
+    full.backward()
+    expected = grads(model)
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logps, _ = label_logps(model, ids, attention, labels)
+    (-logps.sum()).backward()
+    assert not getattr(model, logprobs.FULL_LOGITS, False)  # the chunked path ran
+    got = grads(model)
+    assert got.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-2, atol=1e-5, msg=name)

@@ -1,7 +1,6 @@
 """Online RL (train/rl.py): estimators against hand-computed values, gradients against the formulas,
 and the stage in the one loop (split invariance, exact resume, reward failures, no reference at beta 0)."""
 
-import json
 import math
 
 import pytest

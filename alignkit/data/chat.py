@@ -28,11 +28,24 @@ class TemplateError(ValueError):
     """The chat template cannot be used to mask assistant turns."""
 
 
+def read_template(template: str) -> str:
+    """model.chat_template is inline Jinja (it has '{{' or '{%') or the path of a file holding it."""
+    if "{{" in template or "{%" in template:
+        return template
+    path = Path(template).expanduser()
+    try:
+        return path.read_text()
+    except OSError as e:
+        raise FileNotFoundError(
+            f"model.chat_template: cannot read the template file {template!r} ({e.strerror or e}); "
+            "an inline template must contain Jinja ('{{ ... }}' or '{% ... %}')"
+        ) from None
+
+
 def ensure_chat_template(tokenizer, template: str | None = None) -> list[str]:
     """Give the tokenizer a chat template (a user's, its own, or ChatML); return tokens added to its vocab."""
     if template is not None:
-        path = Path(template)
-        tokenizer.chat_template = path.read_text() if len(template) < 4096 and path.is_file() else template
+        tokenizer.chat_template = read_template(template)
     if tokenizer.chat_template:
         return []
     tokenizer.chat_template = CHATML_TEMPLATE

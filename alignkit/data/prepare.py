@@ -5,43 +5,127 @@ from __future__ import annotations
 import logging
 import uuid
 from collections import Counter
+from pathlib import Path
 
 import datasets
+import numpy as np
 
-from ..config import DataConfig
+from ..config import ConfigError, DataConfig
 from .chat import tokenize_chat, tokenize_reply
-from .loading import load_rows
+from .loading import Source, load_rows, split_names
 from .schema import DataError, first_turn, normalise
 
 log = logging.getLogger(__name__)
 
 
-def load_examples(cfg: DataConfig, shape: str, seed: int) -> tuple[list[dict], list[dict] | None]:
-    """Validated rows in `shape` ('conversation' or 'preference') for training and evaluation."""
+def load_examples(
+    cfg: DataConfig, shape: str, seed: int, default_eval_split: str | None = None
+) -> tuple[list[dict], list[dict] | None]:
+    """Validated rows in `shape` ('conversation' or 'preference') for training and evaluation.
+
+    Where eval rows come from (one rule, logged at start):
+      1. data.eval_dataset: that dataset (its data.eval_split when it has splits);
+      2. data.eval_ratio > 0: that fraction of the training rows, held out (seeded);
+      3. data.eval_split: that split of data.dataset, when data.dataset has splits;
+      4. none.
+    `default_eval_split` is the stage's own default (DPO, RM: test_prefs). Unlike a split the user asked
+    for, it gives way to eval_ratio and is skipped (with a log line) where the dataset has no such split.
+    Eval rows never come from the file the training rows come from.
+    """
     rows, source = load_rows(cfg.dataset, cfg.split, cfg.subset)
-    rows = cap(rows, cfg.max_examples, seed)
-    train = normalise(rows, source, shape, cfg.skip_invalid)
-    evals = None
-    if cfg.eval_split:
-        eval_rows, eval_source = load_rows(cfg.eval_dataset or cfg.dataset, cfg.eval_split, cfg.subset)
-        eval_rows = cap(eval_rows, cfg.max_eval_examples, seed)
-        evals = normalise(eval_rows, eval_source, shape, cfg.skip_invalid)
-    elif cfg.eval_ratio > 0:
-        if not 0 < cfg.eval_ratio < 1:
-            raise DataError(f"data.eval_ratio must be between 0 and 1, got {cfg.eval_ratio}")
+    rows, row_ids = cap(rows, cfg.max_examples, seed)
+    train = normalise(rows, source, shape, cfg.skip_invalid, row_ids)
+    where = eval_origin(cfg, default_eval_split)
+    if where is None:
+        return train, None
+    if isinstance(where, str):
+        log.info("eval: none (%s)", where)
+        return train, None
+    if where[0] == "ratio":
         n_eval = max(1, round(len(train) * cfg.eval_ratio))
+        if n_eval >= len(train):
+            raise DataError(f"data.eval_ratio {cfg.eval_ratio} of {len(train)} rows leaves no training rows")
         order = datasets.Dataset.from_dict({"i": list(range(len(train)))}).shuffle(seed=seed)["i"]
         evals = [train[i] for i in order[:n_eval]]
         train = [train[i] for i in order[n_eval:]]
         if cfg.max_eval_examples:
             evals = evals[: cfg.max_eval_examples]
+        log.info("eval: %d rows held out from the training rows of %s (data.eval_ratio %g)", len(evals), source.name, cfg.eval_ratio)
+        return train, evals
+    _, spec, split = where
+    eval_rows, eval_source = load_rows(spec, split, cfg.subset)
+    if same_rows(eval_source, source):
+        raise ConfigError(
+            f"the eval rows would be the training rows ({source.name}): set data.eval_dataset to another "
+            "dataset or split, or data.eval_ratio to hold out part of the training rows"
+        )
+    eval_rows, eval_ids = cap(eval_rows, cfg.max_eval_examples, seed)
+    evals = normalise(eval_rows, eval_source, shape, cfg.skip_invalid, eval_ids)
+    log.info("eval: %d rows from %s", len(evals), eval_source.name)
     return train, evals
 
 
-def cap(rows: datasets.Dataset, limit: int | None, seed: int) -> datasets.Dataset:
+def eval_origin(cfg: DataConfig, default_eval_split: str | None = None):
+    """('dataset', spec, split) or ('ratio',) for where eval rows come from; a str says why there are none
+    (worth a log line); None when no evaluation was asked for."""
+    asked_split = cfg.eval_split if cfg.eval_split and cfg.eval_split != default_eval_split else None
+    if not 0 <= cfg.eval_ratio < 1:
+        raise ConfigError(f"data.eval_ratio must be at least 0 and below 1, got {cfg.eval_ratio}")
+    if cfg.eval_dataset:
+        if cfg.eval_ratio > 0:
+            raise ConfigError("data.eval_dataset and data.eval_ratio are both set: choose one source of eval rows")
+        names = split_names(cfg.eval_dataset)
+        if names == []:  # one file: all of it
+            if asked_split:
+                raise ConfigError(no_splits(cfg.eval_dataset, "data.eval_dataset", asked_split))
+            return ("dataset", cfg.eval_dataset, "train")
+        split = cfg.eval_split
+        if names and len(names) == 1 and (split is None or (split not in names and not asked_split)):
+            split = names[0]  # the eval dataset's only split
+        if not split:
+            has = f"has the splits {', '.join(names)}" if names else "is not a local file"
+            raise ConfigError(f"data.eval_dataset {cfg.eval_dataset} {has}: set data.eval_split to choose one")
+        return ("dataset", cfg.eval_dataset, split)
+    if cfg.eval_ratio > 0:
+        if asked_split:
+            raise ConfigError(
+                f"data.eval_split '{asked_split}' and data.eval_ratio {cfg.eval_ratio} are both set: choose one source of eval rows"
+            )
+        return ("ratio",)
+    if not cfg.eval_split:
+        return None
+    names = split_names(cfg.dataset)
+    if names == []:
+        if asked_split:
+            raise ConfigError(no_splits(cfg.dataset, "data.dataset", asked_split))
+        return (
+            f"{cfg.dataset} is a single file, so the default eval split '{cfg.eval_split}' does not apply; "
+            "set data.eval_ratio or data.eval_dataset to evaluate"
+        )
+    if names is not None and cfg.eval_split not in names and not asked_split:
+        return f"{cfg.dataset} has no split '{cfg.eval_split}' (has {', '.join(names)}); set data.eval_split, data.eval_ratio or data.eval_dataset to evaluate"
+    return ("dataset", cfg.dataset, cfg.eval_split)
+
+
+def same_rows(a: Source, b: Source) -> bool:
+    if a.is_file and b.is_file:
+        return Path(a.name).resolve() == Path(b.name).resolve()
+    return a.name == b.name
+
+
+def no_splits(spec: str, key: str, split: str) -> str:
+    return (
+        f"data.eval_split '{split}': {key} {spec} is a single file and has no splits. Hold out part of the training rows "
+        "with data.eval_ratio, or give a separate eval file as data.eval_dataset"
+    )
+
+
+def cap(rows: datasets.Dataset, limit: int | None, seed: int) -> tuple[datasets.Dataset, list[int] | None]:
+    """A seeded random `limit` rows (all when unset), and their indices in `rows` (None: all, in order)."""
     if limit is None or limit >= len(rows):
-        return rows
-    return rows.shuffle(seed=seed).select(range(limit))
+        return rows, None
+    ids = np.random.default_rng(seed).permutation(len(rows))[:limit].tolist()  # what Dataset.shuffle(seed) picks
+    return rows.select(ids), ids
 
 
 def tokenize_conversations(rows: list[dict], chat, cfg: DataConfig, desc: str = "tokenise") -> datasets.Dataset:
@@ -73,9 +157,8 @@ def tokenize_pairs(rows: list[dict], chat, cfg: DataConfig, desc: str = "tokenis
     """prompt_ids / chosen_ids / rejected_ids per pair, with the same limits as SFT."""
 
     def one(row: dict) -> dict:
-        out = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "truncated": False, "drop": ""}
-        if cfg.min_response_chars and min(len(row["chosen"].strip()), len(row["rejected"].strip())) < cfg.min_response_chars:
-            out["drop"] = f"response shorter than {cfg.min_response_chars} characters"
+        out = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "truncated": False, "drop": pair_drop_reason(row, cfg)}
+        if out["drop"]:
             return out
         for side in ("chosen", "rejected"):
             prompt_ids, reply_ids = tokenize_reply(chat.tokenizer, row["prompt"], row[side], chat.end_of_turn)
@@ -90,6 +173,32 @@ def tokenize_pairs(rows: list[dict], chat, cfg: DataConfig, desc: str = "tokenis
     ds = datasets.Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
     ds = ds.map(one, remove_columns=["prompt", "chosen", "rejected"], num_proc=cfg.num_proc, desc=desc, new_fingerprint=uuid.uuid4().hex)
     return keep_undropped(ds, len(rows), desc)
+
+
+def pair_drop_reason(row: dict, cfg: DataConfig) -> str:
+    """The filters on a preference pair that need no tokenizer (shared by DPO and reward models); '' keeps it.
+
+    first_turn_only keeps pairs that answer the first user turn: a pair about a later turn cannot be cut
+    to the first one (its replies answer the last turn), so it is dropped.
+    """
+    if cfg.min_response_chars and min(len(row["chosen"].strip()), len(row["rejected"].strip())) < cfg.min_response_chars:
+        return f"response shorter than {cfg.min_response_chars} characters"
+    if cfg.first_turn_only and sum(m["role"] == "user" for m in row["prompt"]) > 1:
+        return "prompt has more than one user turn (first_turn_only)"
+    return ""
+
+
+def truncate_text(tokenizer, text: str, max_tokens: int | None) -> tuple[str, bool]:
+    """`text` cut after its first max_tokens tokens (at a token boundary), and whether it was cut."""
+    if max_tokens is None:
+        return text, False
+    fast = getattr(tokenizer, "is_fast", False)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=fast)
+    if len(enc["input_ids"]) <= max_tokens:
+        return text, False
+    if not fast:
+        return tokenizer.decode(enc["input_ids"][:max_tokens]), True
+    return text[: enc["offset_mapping"][max_tokens - 1][1]], True
 
 
 def keep_undropped(ds: datasets.Dataset, n_rows: int, desc: str) -> datasets.Dataset:

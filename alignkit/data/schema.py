@@ -8,7 +8,9 @@ Schemas understood:
   chat               `messages` (smol-smoltalk)
   prompt_completion  `prompt` + `completion` (strings or message lists)
   preference         `prompt` + `chosen` + `rejected`: message lists (ultrafeedback_binarized)
-                     or strings, including raw "Human: ... Assistant:" transcripts (hh-rlhf)
+                     or strings, including "Human: ... Assistant:" transcripts as the prompt;
+                     also `chosen` + `rejected` alone as two whole transcripts (raw Anthropic/hh-rlhf),
+                     split at the final "Assistant:" reply
 """
 
 from __future__ import annotations
@@ -108,6 +110,28 @@ def parse_transcript(text: str) -> list[dict] | None:
     return msgs
 
 
+def split_transcripts(chosen: str, rejected: str) -> tuple[list[dict], str, str]:
+    """Raw hh-rlhf rows: (prompt, chosen reply, rejected reply) from two whole transcripts.
+
+    The transcripts share everything before their final 'Assistant:' reply; that shared part is the prompt.
+    """
+    replies = []
+    for field, text in (("chosen", chosen), ("rejected", rejected)):
+        msgs = parse_transcript(text)
+        if msgs is None:
+            raise RowError(field, "not a 'Human: ... Assistant: ...' transcript like 'chosen'")
+        if len(msgs) < 2 or msgs[-1]["role"] != "assistant":
+            raise RowError(field, "transcript does not end with a non-empty 'Assistant:' reply")
+        replies.append(msgs)
+    (*prompt, chosen_msg), (*rejected_prompt, rejected_msg) = replies
+    if rejected_prompt != prompt:
+        raise RowError("rejected", "transcript before the final reply differs from the chosen one")
+    prompt = check_messages(prompt, "chosen", need_assistant=False)
+    if prompt[-1]["role"] != "user":
+        raise RowError("chosen", "the final 'Assistant:' reply does not follow a 'Human:' turn")
+    return prompt, chosen_msg["content"], rejected_msg["content"]
+
+
 def prompt_messages(value: Any, field: str) -> list[dict]:
     if isinstance(value, str):
         check_text(value, field)
@@ -157,8 +181,10 @@ def to_preference(row: dict, schema: str) -> dict:
         prompt = chosen_ctx
     elif row.get("prompt") is not None:
         prompt = prompt_messages(row["prompt"], "prompt")
+    elif parse_transcript(chosen) is not None:  # raw hh-rlhf: two whole transcripts
+        prompt, chosen, rejected = split_transcripts(chosen, rejected)
     else:
-        raise RowError("prompt", "missing (and 'chosen' is not a conversation)")
+        raise RowError("prompt", "missing (and 'chosen' is neither a conversation nor a 'Human: ... Assistant: ...' transcript)")
     if rejected_ctx and rejected_ctx != prompt:
         raise RowError("rejected", "conversation before the response differs from the chosen one")
     if chosen.strip() == rejected.strip():
@@ -169,8 +195,11 @@ def to_preference(row: dict, schema: str) -> dict:
 # --------------------------------------------------------------------------- whole datasets
 
 
-def normalise(rows, source: Source, shape: str, skip_invalid: bool = False) -> list[dict]:
-    """Validate and convert every row; raise DataError listing problems unless skip_invalid."""
+def normalise(rows, source: Source, shape: str, skip_invalid: bool = False, row_ids: list[int] | None = None) -> list[dict]:
+    """Validate and convert every row; raise DataError listing problems unless skip_invalid.
+
+    row_ids: each row's index in the source, when `rows` is a selection of it (errors name the source's line).
+    """
     schema = detect_schema(rows.column_names)
     convert = to_conversation if shape == "conversation" else to_preference
     keep_columns = [c for c in ("category", "source", "prompt_id") if c in rows.column_names]
@@ -180,7 +209,7 @@ def normalise(rows, source: Source, shape: str, skip_invalid: bool = False) -> l
         try:
             item = convert(row, schema)
         except RowError as e:
-            problems.append(f"{source.where(i)}: {e}")
+            problems.append(f"{source.where(row_ids[i] if row_ids is not None else i)}: {e}")
             reasons[e.message] += 1
             continue
         for c in keep_columns:

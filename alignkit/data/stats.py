@@ -26,18 +26,18 @@ def data_stats(cfg) -> dict:
     chat = load_tokenizer(ModelConfig(name_or_path=cfg.tokenizer))
     tok = chat.tokenizer
     rows, source = load_rows(cfg.dataset, cfg.split, cfg.subset)
-    rows = cap(rows, cfg.max_examples, cfg.seed)
+    rows, row_ids = cap(rows, cfg.max_examples, cfg.seed)
     schema = detect_schema(rows.column_names)
     lengths: dict[str, list[int]] = {}
     if schema == "preference":
-        for pair in normalise(rows, source, "preference", cfg.skip_invalid):
+        for pair in normalise(rows, source, "preference", cfg.skip_invalid, row_ids):
             prompt = tokenize_prompt(tok, pair["prompt"])
             lengths.setdefault("prompt", []).append(len(prompt))
             for side in ("chosen", "rejected"):
                 reply = tok(pair[side] + chat.end_of_turn, add_special_tokens=False)["input_ids"]
                 lengths.setdefault(side, []).append(len(reply))
     else:
-        for conv in normalise(rows, source, "conversation", cfg.skip_invalid):
+        for conv in normalise(rows, source, "conversation", cfg.skip_invalid, row_ids):
             messages = first_turn(conv["messages"]) if cfg.first_turn_only else conv["messages"]
             t = tokenize_chat(tok, messages, chat.end_of_turn)
             lengths.setdefault("prompt", []).append(t.prompt_tokens)

@@ -2,11 +2,13 @@
 
 `alignkit text-metrics` computes both for one model on one chat set: perplexity of the
 reference replies (assistant tokens only, as SFT trains them) and corpus BLEU-4 of greedy
-replies to the same prompts.
+replies to the same prompts. Its data section has only the options it honours (no token
+limits, filters or eval split: every row read is measured).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections import Counter
@@ -60,12 +62,32 @@ def perplexity(model, chat, conversations: list[list[dict]], batch_size: int = 8
 
 
 @dataclass
+class TextMetricsData:
+    dataset: str = "HuggingFaceTB/smol-smoltalk"
+    """Hub dataset id, a local JSONL/JSON/Parquet file, a folder of such files named by split, or a saved dataset."""
+    subset: str | None = None
+    """Dataset config name on the Hub (the `name` argument of load_dataset)."""
+    split: str = "test"
+    max_examples: int | None = 500
+    """Measure this many rows (after a seeded shuffle); unset measures all."""
+    first_turn_only: bool = True
+    """Keep only the first user/assistant exchange (and a leading system message)."""
+    skip_invalid: bool = False
+    """Skip (and count) invalid rows instead of stopping with an error."""
+
+
+def as_data_config(data) -> DataConfig:
+    """The loader's DataConfig with only the fields text-metrics honours (from either section type)."""
+    return DataConfig(**{f.name: getattr(data, f.name) for f in dataclasses.fields(TextMetricsData)})
+
+
+@dataclass
 class TextMetricsConfig:
     output_dir: str = "runs/text-metrics"
     seed: int = 42
     batch_size: int = 8
     model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=lambda: DataConfig(split="test", max_examples=500, first_turn_only=True))
+    data: TextMetricsData = field(default_factory=TextMetricsData)
     sampling: SamplingParams = field(default_factory=lambda: SamplingParams(max_new_tokens=256))
 
 
@@ -76,7 +98,7 @@ def run_text_metrics(cfg: TextMetricsConfig) -> Path:
 
     chat = load_tokenizer(cfg.model)
     model = load_causal_lm(cfg.model, chat).to("cuda" if torch.cuda.is_available() else "cpu")
-    rows, _ = load_examples(cfg.data, "conversation", cfg.seed)
+    rows, _ = load_examples(as_data_config(cfg.data), "conversation", cfg.seed)
     chats = [first_turn(r["messages"]) if cfg.data.first_turn_only else r["messages"] for r in rows]
     ppl = perplexity(model, chat, chats, cfg.batch_size)
     last_reply = [max(k for k, m in enumerate(c) if m["role"] == "assistant") for c in chats]

@@ -3,12 +3,18 @@
 A checkpoint is written under a temporary name and renamed into place as its last act, so a
 crash mid-write leaves only a `.tmp-*` folder that resume ignores (and the next save removes).
 Each checkpoint is also a loadable Hugging Face model directory.
+
+Every `.pt` file is read with `torch.load(..., weights_only=True)`: a checkpoint from someone else
+can hold tensors, numbers and strings, never code that runs on load. The RNG state is therefore
+stored as plain values (python's state as ints, numpy's key as a tensor); RNG files written by
+older versions (numpy arrays inside) are read through an allowlist of numpy's array types only.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -70,8 +76,27 @@ def prune(root: Path, keep_last: int | None, protect: set[int]) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be loaded safely or does not fit the run."""
+
+
+RNG_FORMAT = 2  # 2: plain values only (loadable with weights_only=True); 1 (no "format" key): pickled numpy state
+
+
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG the run draws from, as tensors, ints and floats only."""
+    np_state = np.random.get_state(legacy=False)
+    state = {
+        "format": RNG_FORMAT,
+        "python": random.getstate(),  # (version, tuple of 625 ints, gauss or None)
+        "numpy": {
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -79,10 +104,51 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    np_state = state["numpy"]
+    if isinstance(np_state, dict):
+        key = np_state["key"].numpy().astype(np.uint32)
+        np_state = {
+            "bit_generator": "MT19937",
+            "state": {"key": key, "pos": np_state["pos"]},
+            "has_gauss": np_state["has_gauss"],
+            "gauss": np_state["gauss"],
+        }
+    np.random.set_state(np_state)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def safe_load(path: Path, allow_numpy: bool = False):
+    """torch.load with weights_only=True: tensors and plain values, never arbitrary objects.
+
+    `allow_numpy` admits numpy arrays (only their reconstruction functions and dtypes), which
+    RNG files from before RNG_FORMAT 2 hold.
+    """
+    allowed = numpy_globals() if allow_numpy else []
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as e:
+        named = re.search(r"GLOBAL (\S+) was not an allowed global", str(e))
+        why = f"it names {named.group(1)}" if named else "not a tensor file alignkit wrote"
+        raise CheckpointError(
+            f"{path} holds objects other than tensors and plain values ({why}) "
+            "and was not loaded: unpickling it could run code. Resume only from checkpoints alignkit wrote; "
+            "to start afresh, use a new output_dir."
+        ) from None
+
+
+def numpy_globals() -> list:
+    """What a pickled np.random.get_state() needs: numpy's array rebuild function, ndarray and dtypes."""
+    core = np._core if hasattr(np, "_core") else np.core
+    rebuild = core.multiarray._reconstruct
+    # Files written under numpy 1.x name the function numpy.core.multiarray._reconstruct.
+    return [rebuild, (rebuild, "numpy.core.multiarray._reconstruct"), np.ndarray, np.dtype, type(np.dtype("uint32"))]
+
+
+def load_rng_state(path: Path) -> dict:
+    return safe_load(path, allow_numpy=True)
 
 
 def load_weights(model, directory: Path) -> None:

@@ -19,8 +19,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+from transformers import set_seed
 
-from .. import config as config_lib
 from ..config import DataConfig, ModelConfig, TrainConfig
 from ..data.chat import IGNORE_INDEX
 from ..data.collate import collate_pairs
@@ -163,7 +163,7 @@ def dpo_loss_fn(params: DPOParams, ref_model=None):
 
 
 @torch.no_grad()
-def reference_logps(ref_model, pairs, collate, batch_size: int) -> tuple[list[float], list[float]]:
+def reference_logps(ref_model, pairs, collate, batch_size: int, progress: bool = True) -> tuple[list[float], list[float]]:
     """Sequence log-probabilities of chosen and rejected under the reference, sharded over processes."""
     from accelerate.utils import gather_object
 
@@ -171,7 +171,7 @@ def reference_logps(ref_model, pairs, collate, batch_size: int) -> tuple[list[fl
     ref_model.to(state.device).eval()
     mine = list(range(state.process_index, len(pairs), state.num_processes))
     out: list[tuple[int, float, float]] = []
-    for start in tqdm(range(0, len(mine), batch_size), desc="reference log-probs", disable=not state.is_main_process):
+    for start in tqdm(range(0, len(mine), batch_size), desc="reference log-probs", disable=not (progress and state.is_main_process)):
         idx = mine[start : start + batch_size]
         batch = to_device(collate([pairs[i] for i in idx]), state.device)
         chosen, rejected = batch_sequence_logps(ref_model, batch)[0].chunk(2)
@@ -201,7 +201,7 @@ def cache_key(ref_digest: str, pairs) -> str:
     return h.hexdigest()
 
 
-def add_reference_logps(pairs, ref_model, ref_digest: str, source: str, cache_dir: Path, collate, batch_size: int):
+def add_reference_logps(pairs, ref_model, ref_digest: str, source: str, cache_dir: Path, collate, batch_size: int, progress: bool = True):
     """Attach ref_chosen_logps / ref_rejected_logps columns, from the cache when it has them."""
     key = cache_key(ref_digest, pairs)
     path = cache_dir / f"{key}.json"
@@ -209,7 +209,7 @@ def add_reference_logps(pairs, ref_model, ref_digest: str, source: str, cache_di
         cached = json.loads(path.read_text())
         log.info("reference log-probs: cache hit %s", path)
     else:
-        chosen, rejected = reference_logps(ref_model, pairs, collate, batch_size)
+        chosen, rejected = reference_logps(ref_model, pairs, collate, batch_size, progress)
         cached = {"chosen": chosen, "rejected": rejected, "source": source}
         if distributed_state().is_main_process:
             cache_dir.mkdir(parents=True, exist_ok=True)
@@ -247,8 +247,9 @@ class DPOConfig:
 
 def run_dpo(cfg: DPOConfig, callbacks=()) -> Path:
     out = Path(cfg.output_dir)
+    set_seed(cfg.seed)  # before any model is built
     chat = load_tokenizer(cfg.model)
-    train_rows, eval_rows = load_examples(cfg.data, "preference", cfg.seed)
+    train_rows, eval_rows = load_examples(cfg.data, "preference", cfg.seed, dpo_data_defaults().eval_split)
     train_pairs = tokenize_pairs(train_rows, chat, cfg.data, "tokenise train pairs")
     eval_pairs = tokenize_pairs(eval_rows, chat, cfg.data, "tokenise eval pairs") if eval_rows else None
     collate = partial(collate_pairs, pad_token_id=chat.pad_id)
@@ -259,9 +260,9 @@ def run_dpo(cfg: DPOConfig, callbacks=()) -> Path:
     if cfg.dpo.precompute_ref:
         cache_dir = Path(cfg.dpo.ref_cache_dir) if cfg.dpo.ref_cache_dir else out / "ref_logps"
         digest = weights_digest(ref_model, ref_source)
-        train_pairs = add_reference_logps(train_pairs, ref_model, digest, ref_source, cache_dir, collate, cfg.train.batch_size)
+        train_pairs = add_reference_logps(train_pairs, ref_model, digest, ref_source, cache_dir, collate, cfg.train.batch_size, not cfg.quiet)
         if eval_pairs is not None:
-            eval_pairs = add_reference_logps(eval_pairs, ref_model, digest, ref_source, cache_dir, collate, cfg.train.batch_size)
+            eval_pairs = add_reference_logps(eval_pairs, ref_model, digest, ref_source, cache_dir, collate, cfg.train.batch_size, not cfg.quiet)
         if ref_source == cfg.model.name_or_path:
             model = ref_model.requires_grad_(True)  # same checkpoint: the policy starts as the reference, no second load
         ref_model = None  # training holds one model from here on
@@ -273,8 +274,6 @@ def run_dpo(cfg: DPOConfig, callbacks=()) -> Path:
     log.info("DPO: %d training pairs, %d eval pairs", len(train_pairs), len(eval_pairs) if eval_pairs else 0)
     if model is None:
         model = load_causal_lm(cfg.model, chat)
-    if distributed_state().is_main_process:
-        config_lib.save(cfg, out / "config.yaml")
     callbacks = list(callbacks) + win_rate_callbacks(cfg.win_rate, chat, out)
-    train(model, chat, train_pairs, eval_pairs, collate, dpo_loss_fn(cfg.dpo, ref_model), cfg.train, RunOptions(out, cfg.seed, cfg.resume, cfg.quiet), callbacks)
+    train(model, chat, train_pairs, eval_pairs, collate, dpo_loss_fn(cfg.dpo, ref_model), cfg.train, RunOptions(out, cfg.seed, cfg.resume, cfg.quiet, config=cfg), callbacks)
     return out

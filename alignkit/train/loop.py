@@ -7,12 +7,16 @@ micro-batches and processes, so the loss and its gradient do not depend on how a
 is split into accumulation steps or processes.
 
 Data order is a pure function of (seed, epoch) and the step number, which is what makes resume
-exact: a resumed run recomputes where it was instead of replaying a data loader.
+exact: a resumed run recomputes where it was instead of replaying a data loader. A checkpoint also
+holds the open logging window, so the log lines after a resume match an uninterrupted run's.
 
 Where each step's batches come from is a `StepSource`: a fixed list of examples (SFT, DPO, reward
 models: `ExampleSource`) or a method that makes them at each step from the current model (online
 RL: prompts -> samples -> rewards -> advantages, `train/rl.py`). A source's own state (e.g. a
 rollout that several optimizer steps reuse) is saved with each checkpoint, so resume stays exact.
+
+The run's config.yaml is written only once the run may start (not when it is refused for existing
+checkpoints); on resume, settings that change what the run computes must match the saved ones.
 """
 
 from __future__ import annotations
@@ -29,11 +33,13 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import yaml
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from ..config import TrainConfig
+from .. import config as config_lib
+from ..config import ConfigError, TrainConfig
 from . import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
@@ -62,6 +68,9 @@ class RunOptions:
     seed: int = 42
     resume: bool = False
     quiet: bool = False
+    config: object | None = None
+    """The stage's whole config: written to output_dir/config.yaml once the run may start, and
+    compared with the saved one on resume."""
 
 
 @dataclass
@@ -88,8 +97,95 @@ def distributed_state():
     """The process group (one process, torchrun, or accelerate launch); gloo on CPU-only machines."""
     from accelerate import PartialState
 
+    check_launch(os.environ)
     # Without a GPU, a multi-process launch must be told to use CPU (gloo) explicitly.
     return PartialState(cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available())
+
+
+MPI_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE", "PMIX_SIZE")
+
+
+def check_launch(env) -> None:
+    """Stop when `accelerate launch --num_processes N` started one process instead of N.
+
+    Without --multi_gpu (or a config saying so) and without several GPUs, accelerate uses its
+    single-process launcher: it sets ACCELERATE_USE_CPU and, for N > 1, MASTER_ADDR, but starts
+    one process and no WORLD_SIZE, so the run would silently train alone.
+    """
+    single_launcher = "ACCELERATE_USE_CPU" in env and "MASTER_ADDR" in env  # MASTER_ADDR: N > 1 was asked for
+    if single_launcher and "WORLD_SIZE" not in env and not any(v in env for v in MPI_SIZE_VARS):
+        raise ConfigError(
+            "accelerate launch was asked for several processes but started one (its single-process "
+            "launcher, which it uses without --multi_gpu on a machine without several GPUs). Start the "
+            "processes with `torchrun --nproc_per_node N -m alignkit.cli ...` or `accelerate launch "
+            "--multi_gpu --num_processes N -m alignkit.cli ...` (on CPU both run N gloo processes); "
+            "for one process, drop --num_processes (and unset MASTER_ADDR)."
+        )
+
+
+LOWER_IS_BETTER = ("loss", "perplexity")
+
+
+def higher_is_better(cfg: TrainConfig) -> bool:
+    """train.greater_is_better, or when unset inferred from the metric's name as transformers'
+    Trainer does: names ending in loss (or perplexity) are better lower, everything else higher."""
+    if cfg.greater_is_better is not None:
+        return cfg.greater_is_better
+    return not cfg.metric_for_best.endswith(LOWER_IS_BETTER)
+
+
+# Settings that may change on --resume: how long to train, how often to log, evaluate and save,
+# and ones that do not change the numbers (where data is cached, tokenisation processes).
+RESUMABLE_CHANGES = {
+    "output_dir", "train.max_steps", "train.epochs", "train.logging_steps",
+    "train.eval_steps", "train.save_steps", "train.save_total_limit", "train.early_stopping_patience",
+    "train.gradient_checkpointing", "data.num_proc", "dpo.ref_cache_dir", "dpo.precompute_ref",
+    "rl.log_samples_steps", "rl.samples_per_log", "rl.generation_batch_size", "reward.concurrency", "reward.timeout_s",
+    "reward.max_retries", "reward.batch_size",
+}
+
+
+def flat_settings(d: dict, prefix: str = "") -> dict:
+    """Nested config dict -> dotted keys, with train.greater_is_better resolved as the loop uses it."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(flat_settings(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    if not prefix and out.get("train.greater_is_better", False) is None:
+        out["train.greater_is_better"] = not str(out.get("train.metric_for_best", "")).endswith(LOWER_IS_BETTER)
+    return out
+
+
+def check_resumed_config(saved_path: Path, config) -> None:
+    """On resume: refuse changed settings that alter what the run computes; log the harmless ones."""
+    if not saved_path.is_file():
+        log.warning("resume: %s is missing; cannot check that the settings match the checkpoint's run", saved_path)
+        return
+    old = flat_settings(yaml.safe_load(saved_path.read_text()) or {})
+    new = flat_settings(yaml.safe_load(yaml.safe_dump(config_lib.to_dict(config), sort_keys=False)) or {})
+    changed = sorted(k for k in old.keys() & new.keys() if old[k] != new[k] and k not in ("resume", "quiet"))
+    harmless = [k for k in changed if k in RESUMABLE_CHANGES]
+    blocking = [k for k in changed if k not in RESUMABLE_CHANGES]
+    if blocking:
+        raise ConfigError(
+            f"--resume: settings differ from the run in {saved_path.parent} ("
+            + "; ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in blocking)
+            + "). Resume with the saved settings, or start a new run in another output_dir. "
+            f"Allowed to change on resume: {', '.join(sorted(RESUMABLE_CHANGES))}."
+        )
+    if harmless:
+        changes = "; ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in harmless)
+        log.info("resume: changed settings (allowed): %s", changes)
+
+
+def new_window(saved: dict | None = None) -> dict:
+    """The sums behind the next log line; `saved` reopens one kept in a checkpoint (its clock restarts)."""
+    window = {"loss_sum": 0.0, "count": 0.0, "tokens": 0, "metrics": {}, "source": {}}
+    window.update({k: v for k, v in (saved or {}).items() if k in window})
+    window["time"] = time.perf_counter()
+    return window
 
 
 def precision_for(setting: str) -> str:
@@ -227,13 +323,16 @@ def train(
         raise FileExistsError(f"{ckpt_root} already holds checkpoints: pass --resume to continue that run, or choose a new output_dir")
     if run.resume and resume_from is None:
         log.warning("resume: no complete checkpoint in %s; starting from scratch", ckpt_root)
+    saved: dict = {}
     if resume_from is not None:
+        if run.config is not None:
+            check_resumed_config(out / "config.yaml", run.config)
         ckpt.load_weights(unwrapped, resume_from)
-        optimizer.load_state_dict(torch.load(resume_from / "optimizer.pt", weights_only=False))
-        scheduler.load_state_dict(torch.load(resume_from / "scheduler.pt", weights_only=False))
+        optimizer.load_state_dict(ckpt.safe_load(resume_from / "optimizer.pt"))
+        scheduler.load_state_dict(ckpt.safe_load(resume_from / "scheduler.pt"))
         saved = ckpt.read_state(resume_from)
         state = LoopState(**{k: v for k, v in saved.items() if k in LoopState.__dataclass_fields__})
-        ckpt.set_rng_state(torch.load(resume_from / f"rng_state_{accelerator.process_index}.pt", weights_only=False))
+        ckpt.set_rng_state(ckpt.load_rng_state(resume_from / f"rng_state_{accelerator.process_index}.pt"))
         source_state = resume_from / f"source_state_{accelerator.process_index}.json"
         if source_state.is_file():
             plan.load_state_dict(json.loads(source_state.read_text()))
@@ -242,6 +341,8 @@ def train(
         out.mkdir(parents=True, exist_ok=True)
         ckpt.clear_stale(ckpt_root)
         keep_metrics_until(metrics_path, state.step)
+        if run.config is not None:
+            config_lib.save(run.config, out / "config.yaml")
     accelerator.wait_for_everyone()
 
     def log_line(record: dict) -> None:
@@ -268,7 +369,8 @@ def train(
             save_fn(unwrapped, chat, tmp)
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            (tmp / ckpt.STATE_FILE).write_text(json.dumps(vars(state) | {"stop": False}, indent=1))
+            saved_state = vars(state) | {"stop": False, "log_window": {k: v for k, v in window.items() if k != "time"}}
+            (tmp / ckpt.STATE_FILE).write_text(json.dumps(saved_state, indent=1))
             ckpt.publish(tmp, ckpt_root / f"step-{state.step}")
             ckpt.prune(ckpt_root, cfg.save_total_limit, {state.best_step} if state.best_step else set())
         accelerator.wait_for_everyone()
@@ -283,7 +385,7 @@ def train(
         if cfg.metric_for_best not in metrics:
             raise KeyError(f"train.metric_for_best '{cfg.metric_for_best}' is not among the eval metrics {sorted(metrics)}")
         value = metrics[cfg.metric_for_best]
-        better = state.best_metric is None or (value > state.best_metric if cfg.greater_is_better else value < state.best_metric)
+        better = state.best_metric is None or (value > state.best_metric if greater else value < state.best_metric)
         if better:
             state.best_metric, state.best_step, state.evals_without_improvement = value, state.step, 0
         else:
@@ -293,8 +395,12 @@ def train(
 
     has_eval = eval_data is not None or eval_fn is not None
     track_best = has_eval and cfg.early_stopping_patience is not None
+    greater = higher_is_better(cfg)
+    if track_best:
+        how = "set by train.greater_is_better" if cfg.greater_is_better is not None else "inferred from its name"
+        log.info("best checkpoint by %s: %s is better (%s)", cfg.metric_for_best, "higher" if greater else "lower", how)
     bar = tqdm(total=plan.total_steps, initial=state.step, disable=run.quiet or not is_main, desc="train", dynamic_ncols=True)
-    window = new_window()
+    window = new_window(saved.get("log_window"))
     grad_norm = None
     while state.step < plan.total_steps and not state.stop:
         sums = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss_sum, count, tokens
@@ -350,9 +456,8 @@ def train(
         window["loss_sum"] += loss_sum
         window["count"] += count
         window["tokens"] += tokens
-        window["steps"] += 1
         for k, v in metric_totals.items():
-            window["metrics"][k] = window["metrics"].get(k, 0.0) + v.double().cpu()
+            window["metrics"][k] = add_metric(window["metrics"].get(k), v)
         bar.update(1)
         logs: dict = {}
         if state.step % cfg.logging_steps == 0 or state.step == plan.total_steps:
@@ -434,15 +539,22 @@ class StepFailed(RuntimeError):
     """A step's batches could not be made (SourceFailed); the last completed step is checkpointed."""
 
 
-def metric_mean(total: torch.Tensor | float, units: float) -> float:
+def add_metric(acc: float | list | None, value: torch.Tensor) -> float | list[float]:
+    """Accumulate a reduced LossOutput metric as JSON-able numbers: a float, or [sum, count]."""
+    value = value.double().cpu()
+    if value.ndim == 1 and value.numel() == 2:
+        acc = acc or [0.0, 0.0]
+        return [acc[0] + float(value[0]), acc[1] + float(value[1])]
+    return (acc or 0.0) + float(value)
+
+
+def metric_mean(total, units: float) -> float:
     """A LossOutput metric's mean: a scalar sum is per loss unit; a (sum, count) pair has its own count."""
-    if isinstance(total, torch.Tensor) and total.ndim == 1 and total.numel() == 2:
-        return float(total[0] / total[1]) if total[1] > 0 else float("nan")
+    if isinstance(total, torch.Tensor):
+        total = total.double().cpu().tolist()
+    if isinstance(total, list):
+        return total[0] / total[1] if total[1] > 0 else float("nan")
     return float(total) / units
-
-
-def new_window() -> dict:
-    return {"loss_sum": 0.0, "count": 0.0, "tokens": 0, "steps": 0, "time": time.perf_counter(), "metrics": {}, "source": {}}
 
 
 def reduce_source_metrics(metrics: dict[str, tuple[float, float]], accelerator) -> dict[str, float]:

@@ -39,14 +39,14 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 import zlib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
+from transformers import set_seed
 
 from ..config import ConfigError, ModelConfig, TrainConfig
 from ..data.chat import IGNORE_INDEX
@@ -55,7 +55,7 @@ from ..evaluate.callback import WinRateDuringTraining
 from ..generation import PromptSource, SamplingParams, generate, load_prompts
 from ..models import load_causal_lm, load_tokenizer
 from ..rewards.backends import RewardConfig, build_backend, last_user_text
-from .logprobs import label_logps, label_logps_entropy, per_sequence
+from .logprobs import label_logps, label_logps_entropy
 from .loop import LossOutput, RunOptions, SourceFailed, StepPlan, StepSource, TrainingDiverged, distributed_state, to_device, train
 
 log = logging.getLogger(__name__)
@@ -544,7 +544,7 @@ def run_rl(cfg: RLConfig, callbacks=()) -> Path:
     check_rl_config(cfg)
     out = Path(cfg.output_dir)
     state = distributed_state()
-    torch.manual_seed(cfg.seed)
+    set_seed(cfg.seed)  # before any model is built
     chat = load_tokenizer(cfg.model)
     prompts = load_prompts(cfg.prompts)
     if not prompts:
@@ -556,10 +556,6 @@ def run_rl(cfg: RLConfig, callbacks=()) -> Path:
         ref_model = load_causal_lm(cfg.model, chat, path=cfg.rl.ref_model) if cfg.rl.ref_model else load_causal_lm(cfg.model, chat)
         ref_model.requires_grad_(False).to(state.device).eval()
     log.info("RL (%s): %d prompts, k=%d samples each, beta=%g, loss aggregation %s", cfg.rl.algo, len(prompts), cfg.rl.k, cfg.rl.beta, cfg.rl.agg())
-    if state.is_main_process:
-        from .. import config as config_lib
-
-        config_lib.save(cfg, out / "config.yaml")
 
     def source_fn(world: int, rank: int) -> RolloutSource:
         return RolloutSource(cfg, chat, prompts, backend, ref_model, world, rank, out, state.is_main_process)
@@ -567,6 +563,6 @@ def run_rl(cfg: RLConfig, callbacks=()) -> Path:
     callbacks = list(callbacks)
     if cfg.win_rate.reference:
         callbacks.append(WinRateCallback(cfg.win_rate, chat, out))
-    train(model, chat, None, None, None, rl_loss_fn(cfg.rl), cfg.train, RunOptions(out, cfg.seed, cfg.resume, cfg.quiet), callbacks,
+    train(model, chat, None, None, None, rl_loss_fn(cfg.rl), cfg.train, RunOptions(out, cfg.seed, cfg.resume, cfg.quiet, config=cfg), callbacks,
           source_fn=source_fn, eval_fn=make_eval_fn(cfg, chat, backend))
     return out

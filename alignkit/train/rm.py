@@ -16,15 +16,14 @@ from pathlib import Path
 import datasets
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, set_seed
 
-from .. import config as config_lib
-from ..config import DataConfig, ModelConfig, TrainConfig
+from ..config import ConfigError, DataConfig, ModelConfig, TrainConfig
 from ..data.collate import collate_pairs
-from ..data.chat import render
-from ..data.prepare import load_examples
-from ..models import ChatTokenizer, check_source, load_tokenizer
-from .loop import LossOutput, RunOptions, distributed_state, train
+from ..data.chat import render, tokenize_prompt
+from ..data.prepare import keep_undropped, load_examples, pair_drop_reason, truncate_text
+from ..models import ChatTokenizer, check_source, fit_vocab, load_tokenizer
+from .loop import LossOutput, RunOptions, distributed_state, to_device, train
 
 log = logging.getLogger(__name__)
 
@@ -85,15 +84,52 @@ def reward_input_ids(tokenizer, causal: bool, prompt: list[dict], response: str,
     return tokenizer(flatten_prompt(prompt), response, truncation="longest_first", max_length=max_length)["input_ids"]
 
 
-def tokenize_pairs_for_rm(rows: list[dict], tokenizer, causal: bool, max_length: int) -> datasets.Dataset:
-    def one(row):
-        out = {"prompt_ids": []}
+def tokenize_pairs_for_rm(rows: list[dict], tokenizer, causal: bool, max_length: int, data: DataConfig | None = None) -> datasets.Dataset:
+    """chosen_ids / rejected_ids (whole scored sequences) per pair, with the data limits applied.
+
+    Same limits as DPO: pairs with a short response, a multi-turn prompt (first_turn_only) or a prompt over
+    max_prompt_tokens are dropped; responses are cut to max_response_tokens tokens (at a token boundary of
+    the text, before the sequence is built). `row` is each kept pair's index in `rows`.
+    """
+    data = data or DataConfig()
+
+    def one(row, index):
+        out = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "row": index, "truncated": False, "drop": pair_drop_reason(row, data)}
+        if not out["drop"] and data.max_prompt_tokens is not None and prompt_length(tokenizer, causal, row["prompt"]) > data.max_prompt_tokens:
+            out["drop"] = f"prompt longer than {data.max_prompt_tokens} tokens"
+        if out["drop"]:
+            return out
         for side in ("chosen", "rejected"):
-            out[f"{side}_ids"] = reward_input_ids(tokenizer, causal, row["prompt"], row[side], max_length)
+            response, cut = truncate_text(tokenizer, row[side], data.max_response_tokens)
+            out["truncated"] |= cut
+            out[f"{side}_ids"] = reward_input_ids(tokenizer, causal, row["prompt"], response, max_length)
         return out
 
     ds = datasets.Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
-    return ds.map(one, remove_columns=["prompt", "chosen", "rejected"], desc="tokenise pairs")
+    ds = ds.map(one, with_indices=True, remove_columns=["prompt", "chosen", "rejected"], num_proc=data.num_proc, desc="tokenise pairs")
+    return keep_undropped(ds, len(rows), "tokenise pairs")
+
+
+def prompt_length(tokenizer, causal: bool, prompt: list[dict]) -> int:
+    """Prompt tokens as max_prompt_tokens counts them: causal LMs as in DPO (template and assistant header);
+    encoders the prompt's text."""
+    if causal:
+        return len(tokenize_prompt(tokenizer, prompt))
+    return len(tokenizer("\n\n".join(m["content"] for m in prompt), add_special_tokens=False)["input_ids"])
+
+
+@torch.no_grad()
+def pair_accuracy(model, pairs, collate, batch_size: int) -> float:
+    """Share of pairs the model ranks chosen over rejected (what rm_eval.json reports for final/)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    correct = 0.0
+    for start in range(0, len(pairs), batch_size):
+        batch = to_device(collate([pairs[i] for i in range(start, min(start + batch_size, len(pairs)))]), device)
+        correct += float(rm_loss(model, batch).metrics["accuracy"])
+    model.train(was_training)
+    return correct / len(pairs)
 
 
 def rm_data_defaults() -> DataConfig:
@@ -119,20 +155,24 @@ class RMConfig:
 
 def run_rm(cfg: RMConfig, callbacks=()) -> Path:
     out = Path(cfg.output_dir)
+    set_seed(cfg.seed)  # before any model is built: the scalar head is initialised at random
     source = check_source(cfg.model.name_or_path, "model")
-    train_rows, eval_rows = load_examples(cfg.data, "preference", cfg.seed)
+    train_rows, eval_rows = load_examples(cfg.data, "preference", cfg.seed, rm_data_defaults().eval_split)
     chat, causal = load_reward_tokenizer(cfg.model)
+    if not causal and (cfg.model.chat_template or cfg.model.end_of_turn_token):
+        raise ConfigError(
+            f"model.chat_template / model.end_of_turn_token: {source} is an encoder, scored on plain "
+            "'prompt [SEP] response' text without a chat template; unset them"
+        )
     tokenizer = chat.tokenizer
-    train_pairs = tokenize_pairs_for_rm(train_rows, tokenizer, causal, cfg.max_length)
-    eval_pairs = tokenize_pairs_for_rm(eval_rows, tokenizer, causal, cfg.max_length) if eval_rows else None
+    train_pairs = tokenize_pairs_for_rm(train_rows, tokenizer, causal, cfg.max_length, cfg.data)
+    eval_pairs = tokenize_pairs_for_rm(eval_rows, tokenizer, causal, cfg.max_length, cfg.data) if eval_rows else None
+    attn = {"attn_implementation": cfg.model.attn_implementation} if cfg.model.attn_implementation else {}
     model = AutoModelForSequenceClassification.from_pretrained(
-        source, num_labels=1, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code, dtype=torch.float32
+        source, num_labels=1, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code, dtype=torch.float32, **attn
     )
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
+    fit_vocab(model, tokenizer)
     model.config.pad_token_id = tokenizer.pad_token_id  # causal scorers find the last real token by it
-    if distributed_state().is_main_process:
-        config_lib.save(cfg, out / "config.yaml")
     log.info("reward model: %d training pairs, %d eval pairs", len(train_pairs), len(eval_pairs) if eval_pairs else 0)
 
     def save(model, _chat, path):
@@ -141,11 +181,13 @@ def run_rm(cfg: RMConfig, callbacks=()) -> Path:
 
     train(
         model, chat, train_pairs, eval_pairs, partial(collate_pairs, pad_token_id=tokenizer.pad_token_id), rm_loss,
-        cfg.train, RunOptions(out, cfg.seed, cfg.resume, cfg.quiet), list(callbacks), save_fn=save,
+        cfg.train, RunOptions(out, cfg.seed, cfg.resume, cfg.quiet, config=cfg), list(callbacks), save_fn=save,
     )
-    if eval_rows and distributed_state().is_main_process:
-        evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "eval_accuracy" in line]
-        summary = {"eval_accuracy": evals[-1]["eval_accuracy"], "length_baseline": length_baseline(eval_rows), "eval_pairs": len(eval_rows)}
+    if eval_pairs is not None and distributed_state().is_main_process:
+        # The model as saved in final/ (early stopping may have restored an earlier step than the last evaluation).
+        kept = [eval_rows[i] for i in eval_pairs["row"]]
+        accuracy = pair_accuracy(model, eval_pairs, partial(collate_pairs, pad_token_id=tokenizer.pad_token_id), cfg.train.batch_size)
+        summary = {"eval_accuracy": accuracy, "length_baseline": length_baseline(kept), "eval_pairs": len(kept)}
         (out / "rm_eval.json").write_text(json.dumps(summary, indent=1))
-        log.info("reward model: held-out accuracy %.3f; 'longer response wins' baseline %.3f (%d pairs)", summary["eval_accuracy"], summary["length_baseline"], len(eval_rows))
+        log.info("reward model (final/): held-out accuracy %.3f; 'longer response wins' baseline %.3f (%d pairs)", accuracy, summary["length_baseline"], len(kept))
     return out

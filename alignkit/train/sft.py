@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from transformers import set_seed
 
-from .. import config as config_lib
 from ..config import DataConfig, ModelConfig, TrainConfig
 from ..data.chat import IGNORE_INDEX
 from ..data.collate import collate_lm
@@ -18,7 +18,7 @@ from ..data.prepare import load_examples, tokenize_conversations
 from ..evaluate.callback import WinRateDuringTraining
 from ..models import load_causal_lm, load_tokenizer
 from .logprobs import label_logps
-from .loop import LossOutput, RunOptions, distributed_state, train
+from .loop import LossOutput, RunOptions, train
 
 log = logging.getLogger(__name__)
 
@@ -68,14 +68,13 @@ def win_rate_callbacks(cfg, chat, out: Path) -> list:
 def run_sft(cfg: SFTConfig, callbacks=()) -> Path:
     """Fine-tune cfg.model on cfg.data; return the run directory."""
     out = Path(cfg.output_dir)
+    set_seed(cfg.seed)  # before any model is built
     chat = load_tokenizer(cfg.model)
     train_rows, eval_rows = load_examples(cfg.data, "conversation", cfg.seed)
     train_data = tokenize_conversations(train_rows, chat, cfg.data, "tokenise train")
     eval_data = tokenize_conversations(eval_rows, chat, cfg.data, "tokenise eval") if eval_rows else None
     log.info("SFT: %d training examples, %d eval examples", len(train_data), len(eval_data) if eval_data else 0)
     model = load_causal_lm(cfg.model, chat)
-    if distributed_state().is_main_process:
-        config_lib.save(cfg, out / "config.yaml")
     callbacks = list(callbacks) + win_rate_callbacks(cfg.win_rate, chat, out)
     train(
         model,
@@ -85,7 +84,7 @@ def run_sft(cfg: SFTConfig, callbacks=()) -> Path:
         collate=partial(collate_lm, pad_token_id=chat.pad_id),
         loss_fn=sft_loss,
         cfg=cfg.train,
-        run=RunOptions(out, cfg.seed, cfg.resume, cfg.quiet),
+        run=RunOptions(out, cfg.seed, cfg.resume, cfg.quiet, config=cfg),
         callbacks=callbacks,
     )
     return out
