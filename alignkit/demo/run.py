@@ -4,13 +4,17 @@ Builds a tokenizer and a tiny random model, generates toy instruction data and p
 pairs, then runs the reference pipeline's shape through the same code as the real recipes:
 SFT, then DPO-Positive on (right answer, near miss) pairs, then a win rate of the DPO model
 against the SFT model judged by the task's verifier. It reports exact-match accuracy and the
-end-of-turn stop rate at each stage, on held-out prompts.
+end-of-turn stop rate at each stage, on distinct held-out prompts that no stage trains on.
+
+The output directory is the demo's own: it is cleared on every run, so the demo refuses a
+non-empty directory that it did not create (one without its marker file).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from collections import defaultdict
 from pathlib import Path
@@ -22,9 +26,35 @@ from ..models import init_model, load_causal_lm, load_tokenizer
 from ..train.dpo import DPOConfig, DPOParams, run_dpo
 from ..train.sft import SFTConfig, run_sft
 from .task import toy_reward
-from .world import build_tokenizer, write_chat_data, write_model_config, write_preference_data
+from .world import (
+    build_tokenizer,
+    data_counts,
+    write_chat_data,
+    write_model_config,
+    write_preference_data,
+    write_prompt_data,
+)
 
 log = logging.getLogger(__name__)
+
+MARKER = ".alignkit-demo"
+"""File the demo writes in its output directory; only a directory holding it is ever cleared."""
+
+
+def prepare_output_dir(out: Path) -> None:
+    """Create `out`, or clear it when an earlier demo made it; refuse any other non-empty path."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"demo --output-dir {out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / MARKER).is_file():
+            raise FileExistsError(
+                f"demo --output-dir {out}: the directory is not empty and was not made by `alignkit demo` "
+                f"(no {MARKER} file in it). The demo clears its output directory on every run: "
+                "give a new or empty directory."
+            )
+        shutil.rmtree(out)  # an earlier demo's output: the demo always starts from nothing
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("Made by `alignkit demo`; a later demo run with this --output-dir clears it.\n")
 
 
 def demo_sft_config(world: Path, output_dir: Path, steps: int, quiet: bool, seed: int = 0) -> SFTConfig:
@@ -85,6 +115,15 @@ def toy_scores(model_dir: Path, prompts: list[dict]) -> dict:
     }
 
 
+def write_world_data(world: Path) -> dict:
+    """The demo's data (chats, preference pairs, RL prompts) and their sizes; no held-out prompt is in
+    any training file (`data_counts` checks the files as written)."""
+    write_chat_data(world / "data", n_train=4000)
+    write_preference_data(world / "prefs", n_train=2000, n_test=100)
+    write_prompt_data(world / "prompts", n_train=1000)
+    return data_counts(world)
+
+
 def run_demo(output_dir: str = "runs/demo", steps: int = 600, dpo_steps: int = 200, quiet: bool = False, seed: int = 0) -> Path:
     from ..evaluate.run import EvalConfig, run_eval
     from ..generation import PromptSource
@@ -92,16 +131,19 @@ def run_demo(output_dir: str = "runs/demo", steps: int = 600, dpo_steps: int = 2
 
     out = Path(output_dir)
     world = out / "world"
-    if out.exists():
-        shutil.rmtree(out)  # the demo always starts from nothing
+    prepare_output_dir(out)
     tok_dir = build_tokenizer(world / "tokenizer")
     chat = load_tokenizer(ModelConfig(name_or_path=str(tok_dir)))
     write_model_config(world / "model-config", vocab_size=len(chat.tokenizer))
     init_model(str(world / "model-config"), world / "base-model", tokenizer_source=str(tok_dir), seed=seed)
-    write_chat_data(world / "data")
-    write_preference_data(world / "prefs", n_train=2000, n_test=100)
+    counts = write_world_data(world)
     test = [json.loads(line) for line in (world / "data" / "test.jsonl").read_text().splitlines()]
-    print(f"[demo] world in {world}: tokenizer ({len(chat.tokenizer)} tokens), tiny Qwen2 model, toy chats and preference pairs")
+    print(
+        f"[demo] world in {world}: tokenizer ({len(chat.tokenizer)} tokens), tiny Qwen2 model, "
+        f"{counts['sft_rows']} chats ({counts['sft_distinct_prompts']} distinct prompts), "
+        f"{counts['pairs_train']} preference pairs, "
+        f"{counts['held_out_prompts']} held-out prompts in no training file"
+    )
 
     scores = {"base": toy_scores(world / "base-model", test)}
     sft_cfg = demo_sft_config(world, out / "sft", steps, quiet, seed)
@@ -127,35 +169,65 @@ def run_demo(output_dir: str = "runs/demo", steps: int = 600, dpo_steps: int = 2
 
     summary = {stage: {k: v for k, v in s.items() if k != "samples"} for stage, s in scores.items()}
     summary["dpo_vs_sft"] = {k: winrate[k] for k in ("win_rate", "ci95", "wins", "losses", "ties", "n")}
+    summary["data"] = counts
     (out / "results.json").write_text(json.dumps(summary, indent=1))
-    report = render_report(scores, winrate, len(test), steps, dpo_steps)
+    report = render_report(scores, winrate, counts, steps, dpo_steps)
     (out / "report.md").write_text(report)
     print(report)
     print(f"[demo] models: {out / 'sft' / 'final'}, {out / 'dpo' / 'final'}  report: {out / 'report.md'}")
     return out
 
 
-def render_report(scores: dict, winrate: dict, n: int, steps: int, dpo_steps: int) -> str:
+def render_report(scores: dict, winrate: dict, counts: dict, steps: int, dpo_steps: int) -> str:
     names = {"base": "random init", "sft": f"after SFT ({steps} steps)", "dpo": f"after DPO-Positive ({dpo_steps} steps)"}
+    kinds = list(scores["sft"]["per_task"])
+    per_kind = ", ".join(f"{md_cell(k)} {n}" for k, n in counts["held_out_per_kind"].items())
     lines = [
         "# alignkit demo: SFT then DPO on a toy instruction task",
         "",
-        f"Held-out prompts: {n} (none seen in training). Greedy decoding, at most 24 new tokens. Tiny Qwen2 model, CPU.",
+        f"Held-out prompts: {counts['held_out_prompts']} distinct ({per_kind}), in no stage's training data "
+        "(SFT chats, preference pairs, RL prompts). "
+        f"Training data: {counts['sft_rows']} SFT chats on {counts['sft_distinct_prompts']} distinct prompts, "
+        f"{counts['pairs_train']} preference pairs on {counts['pairs_train_distinct_prompts']}. "
+        "Greedy decoding, at most 24 new tokens. Tiny Qwen2 model, CPU.",
         "",
-        "| model | exact match | stops at end-of-turn | " + " | ".join(scores["sft"]["per_task"]) + " |",
-        "|---" * (3 + len(scores["sft"]["per_task"])) + "|",
+        "| model | exact match | stops at end-of-turn | " + " | ".join(md_cell(k) for k in kinds) + " |",
+        "|---" * (3 + len(kinds)) + "|",
     ]
     for stage, s in scores.items():
-        lines.append(f"| {names[stage]} | {s['accuracy']:.0%} | {s['stop_rate']:.0%} | " + " | ".join(f"{v:.0%}" for v in s["per_task"].values()) + " |")
+        cells = [names[stage], f"{s['accuracy']:.0%}", f"{s['stop_rate']:.0%}"]
+        cells += [f"{v:.0%}" for v in s["per_task"].values()]
+        lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
         f"DPO model vs SFT model, judged by the verifier: win rate {winrate['win_rate']:.3f} "
         f"(95% CI {winrate['ci95'][0]:.3f} to {winrate['ci95'][1]:.3f}); {winrate['wins']} wins, {winrate['losses']} losses, "
         f"{winrate['ties']} ties (both right or both wrong; a tie counts 0).",
         "",
-        "Samples after DPO:",
+        "Samples after DPO (prompt -> reply, as JSON strings):",
         "",
     ]
-    for s in scores["dpo"]["samples"][:5]:
-        lines.append(f"- `{s['prompt']}` -> `{s['response']}` ({'correct' if s['correct'] else 'wrong'}, {s['finish']})")
-    return "\n".join(lines) + "\n"
+    samples = [
+        f"{shown(s['prompt'])} -> {shown(s['response'])}  ({'correct' if s['correct'] else 'wrong'}, {s['finish']})"
+        for s in scores["dpo"]["samples"][:5]
+    ]
+    return "\n".join(lines + fenced(samples)) + "\n"
+
+
+def shown(text: str) -> str:
+    """Model text as a JSON string: one line, its ends visible, newlines and control characters escaped
+    (nothing reaches the terminal raw)."""
+    return json.dumps(text)
+
+
+def md_cell(text: str) -> str:
+    """Text for a Markdown table cell or paragraph: one line, with `|`, backslashes and HTML brackets escaped."""
+    text = " ".join(str(text).split())
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def fenced(lines: list[str]) -> list[str]:
+    """A fenced code block that no line inside can close: its fence is longer than any backtick run."""
+    longest = max((len(run) for line in lines for run in re.findall(r"`+", line)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return [fence + "text", *lines, fence]

@@ -1,15 +1,26 @@
-"""The demo's offline world: a tokenizer trained on the toy task, a tiny model, data files."""
+"""The demo's offline world: a tokenizer trained on the toy task, a tiny model, data files.
+
+The data come from one split of distinct prompts per task kind (`split_prompts`): the held-out
+prompts that the demo evaluates on appear in no training file of any stage (SFT chats,
+preference pairs, RL prompts). The small kinds have few distinct prompts (30 words to upper-case
+or spell backwards, 90 repeat prompts, 100 sums of two digits), so at most a fixed share of each
+kind is held out and training still covers every kind; training rows repeat those prompts.
+"""
 
 from __future__ import annotations
 
 import json
+import random
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from ..data.chat import CHATML_TEMPLATE
-from .task import WORDS, make_dataset, near_miss
+from ..data.schema import DataError
+from .task import KINDS, WORDS, make_dataset, make_example, near_miss, solve
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
@@ -23,6 +34,17 @@ TINY_MODEL = {
     "max_position_embeddings": 512,
     "tie_word_embeddings": True,
 }
+
+N_HELD_OUT = 160
+"""Distinct held-out prompts of the demo: 12 upper, 12 reverse, 36 repeat, 40 add, 60 sort."""
+MAX_HELD_OUT_SHARE = 0.4
+"""At most this share of a kind's distinct prompts is held out; the rest stay for training."""
+HELD_OUT_PER_KIND = 60
+"""A kind with many distinct prompts (sort) gives at most this many, so the set stays near balanced."""
+PAIR_VALIDATION_SHARE = 0.2
+"""Share of each kind's training prompts kept out of train_prefs for the test_prefs validation pairs."""
+POOL_DRAWS = 4000
+"""Samples per kind from which the distinct prompts are collected (all of each small kind's)."""
 
 
 def build_tokenizer(output_dir: str | Path, with_template: bool = True, vocab_size: int = 270) -> Path:
@@ -75,44 +97,182 @@ def write_jsonl(rows: list[dict], path: str | Path) -> Path:
     return path
 
 
-def write_chat_data(directory: str | Path, n_train: int = 4000, n_test: int = 100, seed: int = 0) -> Path:
-    """Toy task as smol-smoltalk-style chats: `{split}.jsonl` files with `messages` and `category`."""
+# --------------------------------------------------------------------------- the prompt split
+
+
+@dataclass(frozen=True)
+class PromptSplit:
+    """Distinct prompts per kind: `test` is held out of every training file, `train` is the rest."""
+
+    train: dict[str, list[str]]
+    test: dict[str, list[str]]
+
+
+def prompt_pools(seed: int = 0, draws: int = POOL_DRAWS) -> dict[str, list[str]]:
+    """The distinct prompts of each kind among `draws` samples, sorted (every prompt of the small kinds)."""
+    rng = random.Random(seed)
+    return {k: sorted({make_example(rng, k)["prompt"] for _ in range(draws)}) for k in KINDS}
+
+
+def held_out_counts(n: int, pool_sizes: dict[str, int]) -> dict[str, int]:
+    """`n` held-out prompts spread over the kinds as evenly as each kind's cap allows."""
+    caps = {k: min(HELD_OUT_PER_KIND, int(size * MAX_HELD_OUT_SHARE)) for k, size in pool_sizes.items()}
+    if not 0 < n <= sum(caps.values()):
+        raise ValueError(
+            f"n_test={n}: the toy task can hold out 1 to {sum(caps.values())} distinct prompts "
+            f"(per kind at most {HELD_OUT_PER_KIND} and {MAX_HELD_OUT_SHARE:.0%} of its distinct prompts: {caps})"
+        )
+    counts = dict.fromkeys(caps, 0)
+    while n:
+        for k in caps:
+            if n and counts[k] < caps[k]:
+                counts[k], n = counts[k] + 1, n - 1
+    return counts
+
+
+def split_prompts(n_test: int = N_HELD_OUT, seed: int = 0) -> PromptSplit:
+    """Hold out `n_test` distinct prompts (seeded choice within each kind); train on the others."""
+    pools = prompt_pools(seed)
+    counts = held_out_counts(n_test, {k: len(p) for k, p in pools.items()})
+    rng = random.Random(seed + 1)
+    train, test = {}, {}
+    for k, pool in pools.items():
+        order = rng.sample(pool, len(pool))
+        test[k], train[k] = sorted(order[: counts[k]]), sorted(order[counts[k] :])
+    return PromptSplit(train, test)
+
+
+def interleave(per_kind: dict[str, list[str]]) -> list[tuple[str, str]]:
+    """(kind, prompt) pairs taking the kinds in turn, so that any prefix is near balanced."""
+    longest = max(len(p) for p in per_kind.values())
+    return [(k, p[i]) for i in range(longest) for k, p in per_kind.items() if i < len(p)]
+
+
+def balanced_prompts(per_kind: dict[str, list[str]], n: int, rng: random.Random) -> list[tuple[str, str]]:
+    """`n` (kind, prompt) rows, kinds in turn; each kind cycles through its prompts in shuffled
+    order, so the prompts of a small kind repeat about equally often."""
+    queues: dict[str, list[str]] = {k: [] for k in per_kind}
+    kinds = list(per_kind)
+    rows = []
+    for i in range(n):
+        k = kinds[i % len(kinds)]
+        if not queues[k]:
+            queues[k] = rng.sample(per_kind[k], len(per_kind[k]))
+        rows.append((k, queues[k].pop()))
+    return rows
+
+
+# --------------------------------------------------------------------------- data files
+
+
+def write_chat_data(directory: str | Path, n_train: int = 4000, n_test: int = N_HELD_OUT, seed: int = 0) -> Path:
+    """Toy task as smol-smoltalk-style chats: `{split}.jsonl` files with `messages` and `category`.
+
+    test.jsonl: `n_test` distinct held-out prompts, kinds in turn; train.jsonl: `n_train` rows, kinds
+    balanced, on the other prompts only.
+    """
     directory = Path(directory)
-    test = make_dataset(n_test, seed + 1)
-    held_out = {ex["prompt"] for ex in test}
-    # Test prompts never appear in training, so the demo measures more than memorisation.
-    train = [ex for ex in make_dataset(n_train + n_test * 2, seed) if ex["prompt"] not in held_out][:n_train]
-    for split, examples in (("train", train), ("test", test)):
-        rows = [
+    split = split_prompts(n_test, seed)
+    train = balanced_prompts(split.train, n_train, random.Random(seed))
+    for name, rows in (("train", train), ("test", interleave(split.test))):
+        chats = [
             {
-                "messages": [{"role": "user", "content": ex["prompt"]}, {"role": "assistant", "content": ex["completion"]}],
-                "category": ex["category"],
+                "messages": [{"role": "user", "content": p}, {"role": "assistant", "content": solve(p)}],
+                "category": k,
             }
-            for ex in examples
+            for k, p in rows
         ]
-        write_jsonl(rows, directory / f"{split}.jsonl")
+        write_jsonl(chats, directory / f"{name}.jsonl")
     return directory
 
 
-def write_preference_data(directory: str | Path, n_train: int = 1000, n_test: int = 100, seed: int = 0) -> Path:
-    """Toy preference pairs (ultrafeedback_binarized schema): the right answer over a near miss."""
-    import random
+def write_preference_data(
+    directory: str | Path, n_train: int = 1000, n_test: int = 100, seed: int = 0, held_out: int = N_HELD_OUT
+) -> Path:
+    """Toy preference pairs (ultrafeedback_binarized schema): the right answer over a near miss.
 
+    No pair uses one of the `held_out` prompts of `write_chat_data(..., n_test=held_out, seed=seed)`.
+    test_prefs is a validation set: its prompts (a share of each kind's training prompts) are in no
+    train_prefs pair.
+    """
     directory = Path(directory)
+    split = split_prompts(held_out, seed)
+    pick = random.Random(seed + 2)
+    fit, val = {}, {}
+    for k, prompts in split.train.items():
+        order = pick.sample(prompts, len(prompts))
+        n_val = max(1, int(len(prompts) * PAIR_VALIDATION_SHARE))
+        val[k], fit[k] = sorted(order[:n_val]), sorted(order[n_val:])
     rng = random.Random(seed + 7)
-    for split, n, s in (("train_prefs", n_train, seed), ("test_prefs", n_test, seed + 1)):
+    for name, per_kind, n in (("train_prefs", fit, n_train), ("test_prefs", val, n_test)):
         rows = []
-        examples = make_dataset(n, s)
-        for ex in examples:
-            wrong = near_miss(ex["prompt"], rng)
-            user = {"role": "user", "content": ex["prompt"]}
+        for k, prompt in balanced_prompts(per_kind, n, pick):
+            user = {"role": "user", "content": prompt}
             rows.append(
                 {
-                    "prompt": ex["prompt"],
-                    "chosen": [user, {"role": "assistant", "content": ex["completion"]}],
-                    "rejected": [user, {"role": "assistant", "content": wrong}],
-                    "category": ex["category"],
+                    "prompt": prompt,
+                    "chosen": [user, {"role": "assistant", "content": solve(prompt)}],
+                    "rejected": [user, {"role": "assistant", "content": near_miss(prompt, rng)}],
+                    "category": k,
                 }
             )
-        write_jsonl(rows, directory / f"{split}.jsonl")
+        write_jsonl(rows, directory / f"{name}.jsonl")
     return directory
+
+
+def write_prompt_data(directory: str | Path, n_train: int = 1000, n_test: int = N_HELD_OUT, seed: int = 0) -> Path:
+    """Prompt-only sets (`prompt`, `category`) for online RL: train.jsonl on training prompts only
+    (kinds balanced, so small kinds repeat), test.jsonl the held-out prompts of `write_chat_data`."""
+    directory = Path(directory)
+    split = split_prompts(n_test, seed)
+    train = balanced_prompts(split.train, n_train, random.Random(seed + 4))
+    for name, rows in (("train", train), ("test", interleave(split.test))):
+        write_jsonl([{"prompt": p, "category": k} for k, p in rows], directory / f"{name}.jsonl")
+    return directory
+
+
+# --------------------------------------------------------------------------- what was written
+
+
+def read_prompts(path: Path) -> list[tuple[str, str]]:
+    """(category, prompt text) of each row of a chat, pair or prompt-only JSONL file."""
+    out = []
+    for line in path.read_text().split("\n"):
+        if line.strip():
+            row = json.loads(line)
+            out.append((row["category"], row["prompt"] if "prompt" in row else row["messages"][0]["content"]))
+    return out
+
+
+TRAINING_FILES = ("data/train.jsonl", "prefs/train_prefs.jsonl", "prefs/test_prefs.jsonl", "prompts/train.jsonl")
+"""Every file a stage trains or validates on: none may hold a held-out prompt."""
+
+
+def data_counts(world: str | Path) -> dict:
+    """Sizes of the world's data as written, and how many held-out prompts each training file holds
+    (0 everywhere, else a DataError: a demo that trained on its test prompts would measure recall)."""
+    world = Path(world)
+    test = read_prompts(world / "data" / "test.jsonl")
+    held_out = {p for _, p in test}
+    files = {f: read_prompts(world / f) for f in TRAINING_FILES if (world / f).is_file()}
+    leaks = {f: len({p for _, p in rows} & held_out) for f, rows in files.items()}
+    if len(held_out) != len(test) or any(leaks.values()):
+        raise DataError(
+            f"{world}: held-out prompts not distinct ({len(held_out)} of {len(test)}) or in training files: {leaks}"
+        )
+    train = files["data/train.jsonl"]
+    counts = {
+        "held_out_prompts": len(test),
+        "held_out_per_kind": dict(sorted(Counter(k for k, _ in test).items())),
+        "sft_rows": len(train),
+        "sft_distinct_prompts": len({p for _, p in train}),
+        "sft_distinct_prompts_per_kind": dict(sorted(Counter(k for k, _ in set(train)).items())),
+        "held_out_in_training_files": leaks,
+    }
+    named = {"prefs/train_prefs.jsonl": "pairs_train", "prefs/test_prefs.jsonl": "pairs_validation",
+             "prompts/train.jsonl": "rl_prompts_train"}
+    for f, key in named.items():
+        if f in files:
+            counts[key] = len(files[f])
+            counts[key + "_distinct_prompts"] = len({p for _, p in files[f]})
+    return counts

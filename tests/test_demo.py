@@ -1,0 +1,146 @@
+"""The demo's world and run: held-out prompts kept out of every stage, distinct test prompts,
+a safe output directory, and a report that model text cannot break."""
+
+import json
+from collections import Counter
+
+import pytest
+
+from alignkit.cli import main
+from alignkit.data.schema import DataError
+from alignkit.demo.task import KINDS, solve
+
+
+def rows(path):
+    return [json.loads(line) for line in path.read_text().split("\n") if line.strip()]
+
+
+def prompt_of(row: dict) -> str:
+    return row["prompt"] if "prompt" in row else row["messages"][0]["content"]
+
+
+def test_held_out_prompts_are_in_no_chat_or_preference_file(tmp_path):
+    """#12.21: no test prompt is in the SFT chats or in any preference pair (train or validation)."""
+    from alignkit.demo.world import write_chat_data, write_preference_data
+
+    write_chat_data(tmp_path / "data")
+    write_preference_data(tmp_path / "prefs", n_train=2000, n_test=100)  # the demo's sizes
+    test = {prompt_of(r) for r in rows(tmp_path / "data" / "test.jsonl")}
+    for f in ("data/train.jsonl", "prefs/train_prefs.jsonl", "prefs/test_prefs.jsonl"):
+        seen = [prompt_of(r) for r in rows(tmp_path / f)]
+        assert seen and not test & set(seen), (f, len(test & set(seen)))
+    # test_prefs is a validation set: none of its prompts is trained on by DPO either.
+    train_pairs = {prompt_of(r) for r in rows(tmp_path / "prefs" / "train_prefs.jsonl")}
+    assert not train_pairs & {prompt_of(r) for r in rows(tmp_path / "prefs" / "test_prefs.jsonl")}
+
+
+def test_demo_world_has_an_rl_prompt_set_and_checks_the_split(tmp_path):
+    """#12.21: the RL prompt set holds out the test prompts; the demo refuses data that leak them."""
+    from alignkit.demo.run import write_world_data
+
+    counts = write_world_data(tmp_path)
+    test = [prompt_of(r) for r in rows(tmp_path / "data" / "test.jsonl")]
+    rl_train, rl_test = rows(tmp_path / "prompts" / "train.jsonl"), rows(tmp_path / "prompts" / "test.jsonl")
+    assert all(set(r) == {"prompt", "category"} and solve(r["prompt"]) for r in rl_train + rl_test)
+    assert [r["prompt"] for r in rl_test] == test
+    assert not set(test) & {r["prompt"] for r in rl_train}
+    assert Counter(r["category"] for r in rl_train) == dict.fromkeys(KINDS, len(rl_train) // len(KINDS))
+    assert counts["held_out_in_training_files"] == {
+        "data/train.jsonl": 0, "prefs/train_prefs.jsonl": 0, "prefs/test_prefs.jsonl": 0, "prompts/train.jsonl": 0
+    }
+    # The check reads the files as written: a leaked prompt is an error, not a number in a report.
+    from alignkit.demo.world import data_counts
+
+    with (tmp_path / "prompts" / "train.jsonl").open("a") as f:
+        f.write(json.dumps({"prompt": test[7], "category": "x"}) + "\n")
+    with pytest.raises(DataError, match="prompts/train.jsonl': 1"):
+        data_counts(tmp_path)
+
+
+def test_held_out_prompts_are_distinct_balanced_and_training_covers_every_kind(tmp_path):
+    """#12.22: evaluation is on distinct prompts, spread over the kinds as far as each kind's few
+    distinct prompts allow; the chat file has the rows the docs say; training keeps every kind."""
+    from alignkit.demo.world import write_chat_data
+
+    write_chat_data(tmp_path)
+    test, train = rows(tmp_path / "test.jsonl"), rows(tmp_path / "train.jsonl")
+    prompts = [prompt_of(r) for r in test]
+    assert len(set(prompts)) == len(prompts) >= 150
+    from alignkit.demo.world import MAX_HELD_OUT_SHARE, prompt_pools
+
+    pools = prompt_pools()
+    small = {k: len(pools[k]) for k in ("repeat", "upper", "reverse", "add")}
+    assert small == {"repeat": 90, "upper": 30, "reverse": 30, "add": 100}
+    per_kind = Counter(r["category"] for r in test)
+    assert per_kind == {k: min(60, int(len(pools[k]) * MAX_HELD_OUT_SHARE)) for k in KINDS}, per_kind
+    # Any prefix (e.g. eval's max_prompts) takes the kinds in turn.
+    assert [r["category"] for r in test[:10]] == list(KINDS) * 2
+    assert len(train) == 4000 and Counter(r["category"] for r in train) == dict.fromkeys(KINDS, 800)
+    for k in KINDS:
+        distinct = {prompt_of(r) for r in train if r["category"] == k}
+        assert len(distinct) == min(800, len(pools[k]) - per_kind[k]), k
+    assert all(r["messages"][1]["content"] == solve(prompt_of(r)) for r in train + test)
+    with pytest.raises(ValueError, match="n_test=1000: the toy task can hold out 1 to"):
+        write_chat_data(tmp_path / "too-many", n_test=1000)
+
+
+def test_output_dir_not_made_by_the_demo_is_refused_and_left_alone(tmp_path, capsys):
+    """#12.23: `demo --output-dir X` on a non-empty directory that the demo did not make stops at once."""
+    from alignkit.demo.run import run_demo
+
+    foreign = tmp_path / "checkout"
+    (foreign / "src").mkdir(parents=True)
+    (foreign / "README.md").write_text("mine")
+    (foreign / "src" / "a.py").write_text("x = 1")
+    with pytest.raises(FileExistsError, match="not made by `alignkit demo`"):
+        run_demo(str(foreign), steps=1, dpo_steps=1, quiet=True)
+    assert main(["demo", "--output-dir", str(foreign), "--steps", "1", "--dpo-steps", "1", "--quiet"]) != 0
+    assert "give a new or empty directory" in capsys.readouterr().err
+    assert sorted(p.relative_to(foreign).as_posix() for p in foreign.rglob("*")) == ["README.md", "src", "src/a.py"]
+    assert (foreign / "README.md").read_text() == "mine"
+
+
+def test_output_dir_made_by_the_demo_is_cleared(tmp_path):
+    """#12.23: the demo's own directory (marker file) is cleared; a new or empty one is used; a file is refused."""
+    from alignkit.demo.run import MARKER, prepare_output_dir
+
+    out = tmp_path / "a" / "demo"
+    prepare_output_dir(out)
+    assert [p.name for p in out.iterdir()] == [MARKER]
+    (out / "world").mkdir()
+    (out / "world" / "stale.jsonl").write_text("{}")
+    prepare_output_dir(out)
+    assert [p.name for p in out.iterdir()] == [MARKER]
+    (tmp_path / "empty").mkdir()
+    prepare_output_dir(tmp_path / "empty")
+    assert (tmp_path / "empty" / MARKER).is_file()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="not a directory"):
+        prepare_output_dir(tmp_path / "file")
+
+
+def test_report_keeps_model_text_inside_a_code_block():
+    """#13.9: replies with backticks, `|`, HTML, newlines or escape codes stay inside the report's code block."""
+    from alignkit.demo.run import render_report
+
+    nasty = ["```\n# Heading <img src=x onerror=alert(1)>", "a | b `c` ````", "\x1b[31mred\r\n"]
+    samples = [{"prompt": "Spell cat backwards.", "response": r, "finish": "length", "correct": False} for r in nasty]
+    stage = {"accuracy": 0.5, "stop_rate": 1.0, "per_task": {"a|b": 0.5, "<i>": 1.0}, "samples": samples}
+    winrate = {"win_rate": 0.1, "ci95": [0.0, 0.2], "wins": 3, "losses": 1, "ties": 6}
+    counts = {"held_out_prompts": 10, "held_out_per_kind": {"a|b": 5, "<i>": 5}, "sft_rows": 40,
+              "sft_distinct_prompts": 20, "pairs_train": 30, "pairs_train_distinct_prompts": 15}
+    report = render_report({"base": stage, "sft": stage, "dpo": stage}, winrate, counts, 10, 5)
+    assert "\x1b" not in report and "\r" not in report
+    lines = report.split("\n")
+    start = next(i for i, line in enumerate(lines) if line.startswith("```"))
+    fence = lines[start][: len(lines[start]) - len(lines[start].lstrip("`"))]
+    assert len(fence) == 5 and lines[start] == fence + "text"  # longer than the longest backtick run (4)
+    end = lines.index(fence, start + 1)
+    inside = lines[start + 1 : end]
+    assert [json.loads(line.split(" -> ")[1].rsplit("  (", 1)[0]) for line in inside] == nasty
+    assert not any(line.lstrip().startswith(fence) for line in inside)
+    outside = "\n".join(lines[:start] + lines[end + 1 :])
+    assert "<img" not in outside and "onerror" not in outside and "<i>" not in outside
+    header, rule, *table = [line for line in lines[:start] if line.startswith("|")]
+    assert header.count(" | ") == rule.count("|") - 2 == 4 and "a\\|b" in header and "&lt;i&gt;" in header
+    assert all(line.count(" | ") == 4 for line in table) and len(table) == 3
