@@ -35,6 +35,8 @@ from typing import Iterator, Literal, Protocol
 
 import torch
 
+from ..config import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -75,17 +77,17 @@ class RewardConfig:
 def build_backend(cfg: RewardConfig, cache_path: Path | None) -> RewardBackend:
     if cfg.kind == "hf":
         if not cfg.model:
-            raise ValueError("reward.model is required for kind 'hf'")
+            raise ConfigError("reward.model is required for kind 'hf'")
         backend: RewardBackend = HFRewardModel(cfg.model, cfg.batch_size, cfg.max_length)
     elif cfg.kind == "remote":
         if not (cfg.base_url and cfg.model):
-            raise ValueError("reward.base_url and reward.model are required for kind 'remote'")
+            raise ConfigError("reward.base_url and reward.model are required for kind 'remote'")
         key = ""
         if cfg.api_key_env:
             check_api_key_env(cfg.api_key_env)
             key = os.environ.get(cfg.api_key_env, "")
             if not key:
-                raise ValueError(f"environment variable {cfg.api_key_env} (reward.api_key_env) is not set")
+                raise ConfigError(f"environment variable {cfg.api_key_env} (reward.api_key_env) is not set")
         backend = RemoteReward(cfg.base_url, cfg.model, key, cfg.concurrency, cfg.timeout_s, cfg.max_retries,
                                allow_insecure_http=cfg.allow_insecure_http, key_name=cfg.api_key_env)
     else:
@@ -228,7 +230,7 @@ SECRET_PREFIXES = ("AWS_", "AZURE_", "GCP_", "GITHUB_", "GH_", "GITLAB_", "HF_",
 def check_api_key_env(name: str) -> None:
     """reward.api_key_env may name only an API key (…API_KEY), never a well-known credential."""
     if not re.fullmatch(r"[A-Z][A-Z0-9_]*API_KEY", name) or name.startswith(SECRET_PREFIXES):
-        raise ValueError(
+        raise ConfigError(
             f"reward.api_key_env: {name!r} is not allowed: name a variable that ends in API_KEY "
             f"(e.g. NVIDIA_API_KEY), not another credential (refused: {', '.join(p + '*' for p in SECRET_PREFIXES)})"
         )
@@ -248,9 +250,9 @@ def check_key_destination(base_url: str, allow_insecure_http: bool) -> str:
     """The host a key goes to; refuses anything but https, or http to loopback, unless allowed."""
     url = urllib.parse.urlsplit(base_url)
     if url.scheme not in ("http", "https") or not url.hostname:
-        raise ValueError(f"reward.base_url: {base_url!r} is not an http(s) URL")
+        raise ConfigError(f"reward.base_url: {base_url!r} is not an http(s) URL")
     if url.scheme == "http" and not is_loopback(url.hostname) and not allow_insecure_http:
-        raise ValueError(
+        raise ConfigError(
             f"reward.base_url: the API key would go unencrypted to {url.hostname} over http; "
             "use https, a loopback host, or set reward.allow_insecure_http: true"
         )

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from ..config import ConfigError
 from .backends import CachedReward, RewardConfig, build_backend, cache_path, is_loopback
 
 log = logging.getLogger(__name__)
@@ -133,7 +134,7 @@ def make_server(backend, host: str = "127.0.0.1", port: int = 8000, name: str = 
                 score_timeout_s: float = 120.0) -> RewardHTTPServer:
     """A server for `backend`; call serve_forever(). Refuses to bind beyond loopback without a token."""
     if not is_loopback(host) and not token:
-        raise ValueError(f"serve-reward: binding to {host!r} (beyond loopback) requires a bearer token: "
+        raise ConfigError(f"binding to {host!r} (beyond loopback) requires a bearer token: "
                          "set auth_token_env to the name of an environment variable holding one")
     scorer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward-scorer")  # one model, one batch at a time
     fingerprint = fingerprint_of(backend)
@@ -286,7 +287,7 @@ def build_server(cfg: ServeRewardConfig):
     if cfg.auth_token_env:
         token = os.environ.get(cfg.auth_token_env, "")
         if not token:
-            raise ValueError(f"environment variable {cfg.auth_token_env} (auth_token_env) is not set")
+            raise ConfigError(f"environment variable {cfg.auth_token_env} (auth_token_env) is not set")
     backend = build_backend(cfg.reward, cache_path(cfg.reward, None))
     server = make_server(backend, cfg.host, cfg.port, served_name(cfg), token, cfg.max_connections,
                          cfg.socket_timeout_s, cfg.score_timeout_s)

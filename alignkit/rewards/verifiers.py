@@ -19,6 +19,7 @@ from collections import Counter
 from fractions import Fraction
 from typing import Callable
 
+from ..config import ConfigError
 from .toy import toy_reward
 
 Verifier = Callable[[str, str], float]  # (prompt text, response) -> score
@@ -116,14 +117,14 @@ def get_verifier(name: str, allow_python: bool = False) -> Verifier:
     if name in VERIFIERS:
         return VERIFIERS[name]
     if ":" not in name:
-        raise ValueError(f"reward.rule: unknown verifier {name!r}: use one of {', '.join(VERIFIERS)} or 'module:function'")
+        raise ConfigError(f"reward.rule: unknown verifier {name!r}: use one of {', '.join(VERIFIERS)} or 'module:function'")
     if not allow_python:
-        raise ValueError(
+        raise ConfigError(
             f"reward.rule: {name!r} names a Python function, which runs code from your environment; "
             "set reward.allow_python_verifier: true to allow it (only for functions you trust)"
         )
     module, func = name.split(":", 1)
     fn = getattr(importlib.import_module(module), func, None)
     if not callable(fn):
-        raise ValueError(f"reward.rule: {func!r} in module {module!r} is not a function")
+        raise ConfigError(f"reward.rule: {func!r} in module {module!r} is not a function")
     return fn
