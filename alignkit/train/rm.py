@@ -23,7 +23,7 @@ from ..data.collate import collate_pairs
 from ..data.chat import tokenize_prompt
 from ..data.prepare import keep_undropped, load_examples, pair_drop_reason, truncate_text
 from ..models import check_source, fit_vocab
-from ..rewards.inputs import flatten_prompt, is_causal_lm, load_reward_tokenizer, reward_input_ids  # noqa: F401 (re-exported)
+from ..rewards.inputs import load_reward_tokenizer, reward_input_ids
 from .loop import LossOutput, RunOptions, distributed_state, to_device, train
 
 log = logging.getLogger(__name__)
