@@ -124,7 +124,7 @@ def test_eval_generates_with_models_and_judges_by_rule(tmp_path, tiny_model_dir,
                       train=TrainConfig(max_steps=120, batch_size=16, learning_rate=1e-2, save_steps=None, precision="fp32", logging_steps=50)))
     cfg = EvalConfig(output_dir=str(tmp_path / "eval"), model=str(sft / "final"), reference=str(tiny_model_dir), bootstrap=200,
                      prompts=PromptSource(dataset=str(toy_data_dir), split="test"), sampling=SamplingParams(max_new_tokens=16),
-                     reward=RewardConfig(kind="rule", rule="tests.test_eval:short_answer"))
+                     reward=RewardConfig(kind="rule", rule="tests.test_eval:short_answer", allow_python_verifier=True))
     run_eval(cfg)
     r = json.loads((tmp_path / "eval" / "winrate.json").read_text())
     # The fine-tuned model answers briefly and stops; the random reference rambles to the token limit.
@@ -178,7 +178,7 @@ def test_win_rate_during_training_is_logged_and_selects_the_best(tmp_path, tiny_
         train=TrainConfig(max_steps=120, batch_size=16, learning_rate=1e-2, save_steps=None, precision="fp32", logging_steps=40,
                           eval_steps=40, metric_for_best="eval_win_rate", greater_is_better=True, early_stopping_patience=3),
         win_rate=WinRateDuringTraining(reference=str(tiny_model_dir), prompts=PromptSource(dataset=str(toy_data_dir), split="test", max_prompts=16),
-                                       sampling=SamplingParams(max_new_tokens=16), reward=RewardConfig(kind="rule", rule="tests.test_eval:short_answer")),
+                                       sampling=SamplingParams(max_new_tokens=16), reward=RewardConfig(kind="rule", rule="tests.test_eval:short_answer", allow_python_verifier=True)),
     )
     run_sft(cfg)
     evals = [m for m in read_metrics(tmp_path / "sft") if "eval_win_rate" in m]

@@ -154,7 +154,8 @@ def test_bad_requests_get_400(toy_rm):
 
     server = start(make_server(RuleReward("toy"), "127.0.0.1", 0))
     try:
-        req = urllib.request.Request(f"http://127.0.0.1:{server.server_address[1]}/v1/chat/completions", data=b'{"messages": [{"role": "user", "content": "q"}]}', method="POST")
+        req = urllib.request.Request(f"http://127.0.0.1:{server.server_address[1]}/v1/chat/completions", data=b'{"messages": [{"role": "user", "content": "q"}]}', method="POST",
+                                     headers={"Content-Type": "application/json"})
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(req, timeout=5)
         assert err.value.code == 400

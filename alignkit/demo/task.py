@@ -1,13 +1,16 @@
-"""The demo's toy instruction-following task, and its verifier.
+"""The demo's toy instruction-following task: data, and plausible wrong answers for preference pairs.
 
-Five kinds of short instructions with one correct answer each. The verifier reads the
-instruction with regular expressions and recomputes the answer; it never executes anything.
+Five kinds of short instructions with one correct answer each. The solver and verifier
+(PATTERNS, solve, toy_reward) live in alignkit.rewards.toy, beside the other verifiers.
 """
 
 from __future__ import annotations
 
 import random
-import re
+
+from ..rewards.toy import PATTERNS, solve, toy_reward
+
+__all__ = ["KINDS", "PATTERNS", "WORDS", "make_dataset", "make_example", "near_miss", "solve", "toy_reward"]
 
 WORDS = (
     "cat dog sun tree book fish bird moon star rain lamp door cake milk ship road "
@@ -31,39 +34,6 @@ def make_example(rng: random.Random, kind: str | None = None) -> dict:
     else:
         prompt = "Sort these numbers: " + " ".join(str(rng.randint(0, 9)) for _ in range(rng.randint(3, 5)))
     return {"prompt": prompt, "completion": solve(prompt), "category": kind}
-
-
-PATTERNS = {
-    "repeat": re.compile(r"^Repeat the word ([a-z]+) (\d) times\.$"),
-    "upper": re.compile(r"^Write ([a-z]+) in capital letters\.$"),
-    "reverse": re.compile(r"^Spell ([a-z]+) backwards\.$"),
-    "add": re.compile(r"^What is (\d+) plus (\d+)\?$"),
-    "sort": re.compile(r"^Sort these numbers: ((?:\d+ ?)+)$"),
-}
-
-
-def solve(prompt: str) -> str | None:
-    """The correct answer to a toy instruction, or None if the prompt is not one."""
-    for kind, pattern in PATTERNS.items():
-        m = pattern.match(prompt.strip())
-        if not m:
-            continue
-        if kind == "repeat":
-            return " ".join([m.group(1)] * int(m.group(2)))
-        if kind == "upper":
-            return m.group(1).upper()
-        if kind == "reverse":
-            return m.group(1)[::-1]
-        if kind == "add":
-            return str(int(m.group(1)) + int(m.group(2)))
-        return " ".join(sorted(m.group(1).split(), key=int))
-    return None
-
-
-def toy_reward(prompt: str, response: str) -> float:
-    """1.0 for the exact answer (surrounding whitespace ignored), else 0.0."""
-    answer = solve(prompt)
-    return float(answer is not None and response.strip() == answer)
 
 
 def make_dataset(n: int, seed: int) -> list[dict]:

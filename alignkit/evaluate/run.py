@@ -115,8 +115,7 @@ def run_eval(cfg: EvalConfig) -> Path:
 
 
 def reward_backend(cfg: EvalConfig, out: Path):
-    cache = None if (cfg.reward.cache or "").lower() == "none" else Path(cfg.reward.cache or out / "scores.sqlite")
-    return build_backend(cfg.reward, cache)
+    return build_backend(cfg.reward, cfg.reward.cache_path(out))
 
 
 def run_matrix(cfg: EvalConfig, out: Path) -> Path:

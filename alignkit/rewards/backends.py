@@ -4,13 +4,21 @@
   RemoteReward    an OpenAI-compatible endpoint in the format of nvidia/llama-3.1-nemotron-70b-reward
   RuleReward      a verifier function by name
   CachedReward    any of these behind a persistent SQLite cache keyed by (identity, prompt, response)
+
+An identity names everything that changes a backend's scores (weights fingerprint, Hub commit,
+max_length, dtype; for a remote model the fingerprint its alignkit server reports), so cached
+scores are never served for a different judge. An API key is read from an environment variable
+whose name ends in API_KEY, is sent only over https or to a loopback host (unless
+`allow_insecure_http`), never follows a redirect, and never appears in an error message.
 """
 
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -18,13 +26,16 @@ import sqlite3
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Iterator, Literal, Protocol
 
 import torch
+
+from ..config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -41,51 +52,91 @@ class RewardConfig:
     model: str | None = None
     """hf: reward model directory or Hub id; remote: the served model name."""
     rule: str = "toy"
-    """rule: a registered verifier (toy, countdown) or 'module:function'."""
+    """rule: a registered verifier (toy, countdown) or 'module:function' (needs allow_python_verifier)."""
+    allow_python_verifier: bool = False
+    """rule: allow reward.rule 'module:function', which imports and runs that function. Only for code you trust."""
     base_url: str | None = None
     """remote: e.g. https://integrate.api.nvidia.com/v1 or http://127.0.0.1:8000/v1"""
     api_key_env: str | None = None
-    """remote: name of the environment variable holding the API key (the key itself never goes in a recipe)."""
+    """remote: name of the environment variable holding the API key; must end in API_KEY (the key never goes in a recipe)."""
+    allow_insecure_http: bool = False
+    """remote: allow sending the API key over plain http to a host other than loopback."""
     concurrency: int = 8
     timeout_s: float = 60.0
     max_retries: int = 5
     batch_size: int = 16
     max_length: int = 2048
-    cache: str | None = None
-    """SQLite file for scores; defaults to <output_dir>/scores.sqlite. 'none' disables it."""
+    cache: str = "auto"
+    """Score cache: auto (<output_dir>/scores.sqlite; serve-reward: none), none/off (no cache), or a SQLite file."""
+
+    def cache_path(self, output_dir: str | Path | None) -> Path | None:
+        """The SQLite file `cache` names for a run writing to output_dir (None: no cache); see cache_path."""
+        return cache_path(self, output_dir)
 
 
 def build_backend(cfg: RewardConfig, cache_path: Path | None) -> RewardBackend:
     if cfg.kind == "hf":
         if not cfg.model:
-            raise ValueError("reward.model is required for kind 'hf'")
+            raise ConfigError("reward.model is required for kind 'hf'")
         backend: RewardBackend = HFRewardModel(cfg.model, cfg.batch_size, cfg.max_length)
     elif cfg.kind == "remote":
         if not (cfg.base_url and cfg.model):
-            raise ValueError("reward.base_url and reward.model are required for kind 'remote'")
-        key = os.environ.get(cfg.api_key_env, "") if cfg.api_key_env else ""
-        if cfg.api_key_env and not key:
-            raise ValueError(f"environment variable {cfg.api_key_env} (reward.api_key_env) is not set")
-        backend = RemoteReward(cfg.base_url, cfg.model, key, cfg.concurrency, cfg.timeout_s, cfg.max_retries)
+            raise ConfigError("reward.base_url and reward.model are required for kind 'remote'")
+        key = ""
+        if cfg.api_key_env:
+            check_api_key_env(cfg.api_key_env)
+            key = os.environ.get(cfg.api_key_env, "")
+            if not key:
+                raise ConfigError(f"environment variable {cfg.api_key_env} (reward.api_key_env) is not set")
+        backend = RemoteReward(cfg.base_url, cfg.model, key, cfg.concurrency, cfg.timeout_s, cfg.max_retries,
+                               allow_insecure_http=cfg.allow_insecure_http, key_name=cfg.api_key_env)
     else:
-        backend = RuleReward(cfg.rule)
+        backend = RuleReward(cfg.rule, cfg.allow_python_verifier)
     if cache_path is not None:
         backend = CachedReward(backend, cache_path)
     return backend
+
+
+def cache_path(cfg: RewardConfig, output_dir: str | Path | None) -> Path | None:
+    """Where `reward.cache` puts scores: auto -> <output_dir>/scores.sqlite (None without an output
+    directory), none/off -> no cache, anything else -> that file."""
+    value = str(cfg.cache if cfg.cache is not None else "auto").strip()
+    if value.lower() in ("none", "off", "false", "no", "null"):
+        return None
+    if value.lower() in ("auto", ""):
+        return Path(output_dir) / "scores.sqlite" if output_dir is not None else None
+    return Path(value)
 
 
 # --------------------------------------------------------------------------- rules
 
 
 class RuleReward:
-    def __init__(self, name: str):
+    """A verifier per (prompt, response). A verifier that raises (or returns a non-finite number)
+    scores 0.0 for that response, with a warning: model output must never stop a run."""
+
+    def __init__(self, name: str, allow_python: bool = False):
         from .verifiers import get_verifier
 
-        self.fn = get_verifier(name)
+        self.fn = get_verifier(name, allow_python)
         self.identity = f"rule:{name}"
+        self.failures = 0
 
     def score(self, prompts, responses):
-        return [float(self.fn(last_user_text(p), r)) for p, r in zip(prompts, responses)]
+        return [self.score_one(last_user_text(p), r) for p, r in zip(prompts, responses)]
+
+    def score_one(self, prompt: str, response: str) -> float:
+        try:
+            value = float(self.fn(prompt, response))
+            if math.isfinite(value):
+                return value
+            problem = f"returned {value}"
+        except Exception as e:  # noqa: BLE001 - whatever a verifier does with hostile text, the run goes on
+            problem = f"raised {type(e).__name__}: {str(e)[:200]!r}"
+        self.failures += 1
+        if self.failures <= 5:
+            log.warning("verifier %s %s; scored 0.0 (%d so far)", self.identity, problem, self.failures)
+        return 0.0
 
 
 def last_user_text(messages: list[dict]) -> str:
@@ -100,7 +151,7 @@ class HFRewardModel:
         from transformers import AutoModelForSequenceClassification
 
         from ..config import ModelConfig
-        from ..train.rm import load_reward_tokenizer
+        from .inputs import load_reward_tokenizer
 
         chat, self.causal = load_reward_tokenizer(ModelConfig(name_or_path=source))
         self.tokenizer = chat.tokenizer
@@ -108,12 +159,14 @@ class HFRewardModel:
         dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
         self.model = AutoModelForSequenceClassification.from_pretrained(source, dtype=dtype).to(self.device).eval()
         self.batch_size, self.max_length = batch_size, max_length
-        self.identity = f"hf:{source}:{weights_fingerprint(Path(source))}"
+        # Everything that changes a score except the batch (padding moves scores by ~1e-8 only).
+        fingerprint = weights_fingerprint(Path(source), None if Path(source).is_dir() else hub_commit(source))
+        self.identity = f"hf:{source}:{fingerprint}:max_length={max_length}:{str(dtype).removeprefix('torch.')}"
 
     @torch.no_grad()
     def score(self, prompts, responses):
         from ..data.collate import pad
-        from ..train.rm import reward_input_ids
+        from .inputs import reward_input_ids
 
         ids = [reward_input_ids(self.tokenizer, self.causal, p, r, self.max_length) for p, r in zip(prompts, responses)]
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
@@ -128,12 +181,33 @@ class HFRewardModel:
         return scores
 
 
-def weights_fingerprint(path: Path) -> str:
-    """Changes when the weights change: name, size and modification time of weight files."""
-    if not path.is_dir():
-        return "hub"
-    parts = [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sorted(path.glob("*.safetensors"))]
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+def weights_fingerprint(path: Path, commit: str | None = None) -> str:
+    """Changes when the model changes.
+
+    A local folder: name, size and modification time of every file in it (weights in any format:
+    *.safetensors, pytorch_model*.bin, sharded indexes, ...; config and tokenizer files too).
+    A Hub id: the commit it was loaded from (see hub_commit).
+    """
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+        if not files:
+            raise ValueError(f"{path}: no files to fingerprint")
+        parts = [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files]
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+    if not commit:
+        raise ValueError(f"{path}: not a local folder and no Hub commit is known; cannot fingerprint the model")
+    return f"hub@{commit}"
+
+
+def hub_commit(repo_id: str, revision: str | None = None, cache_dir: str | Path | None = None) -> str | None:
+    """The commit of a Hub model in the local cache (the snapshot folder its config.json sits in)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        path = try_to_load_from_cache(repo_id, "config.json", cache_dir=cache_dir, revision=revision)
+    except ValueError:  # not a valid repo id
+        return None
+    return Path(path).parent.name if isinstance(path, str) else None
 
 
 # --------------------------------------------------------------------------- remote API
@@ -143,62 +217,204 @@ class RemoteError(RuntimeError):
     pass
 
 
-REWARD_IN_CONTENT = re.compile(r"reward\s*:\s*(-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)")
+class MalformedReply(RemoteError):
+    """The judge answered, but not in its format: retried like a transient error."""
+
+
+REWARD_CONTENT = re.compile(r"\s*reward\s*:\s*(-?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?)\s*")
+MAX_REPLY_BYTES = 1 << 20
+SECRET_PREFIXES = ("AWS_", "AZURE_", "GCP_", "GITHUB_", "GH_", "GITLAB_", "HF_", "HUGGING_FACE_", "HUGGINGFACE_",
+                   "SSH_")
+
+
+def check_api_key_env(name: str) -> None:
+    """reward.api_key_env may name only an API key (…API_KEY), never a well-known credential."""
+    if not re.fullmatch(r"[A-Z][A-Z0-9_]*API_KEY", name) or name.startswith(SECRET_PREFIXES):
+        raise ConfigError(
+            f"reward.api_key_env: {name!r} is not allowed: name a variable that ends in API_KEY "
+            f"(e.g. NVIDIA_API_KEY), not another credential (refused: {', '.join(p + '*' for p in SECRET_PREFIXES)})"
+        )
+
+
+def is_loopback(host: str | None) -> bool:
+    host = (host or "").strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_key_destination(base_url: str, allow_insecure_http: bool) -> str:
+    """The host a key goes to; refuses anything but https, or http to loopback, unless allowed."""
+    url = urllib.parse.urlsplit(base_url)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ConfigError(f"reward.base_url: {base_url!r} is not an http(s) URL")
+    if url.scheme == "http" and not is_loopback(url.hostname) and not allow_insecure_http:
+        raise ConfigError(
+            f"reward.base_url: the API key would go unencrypted to {url.hostname} over http; "
+            "use https, a loopback host, or set reward.allow_insecure_http: true"
+        )
+    return url.hostname
+
+
+class NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect is answered as the HTTP error it is: the key never follows it anywhere."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
 
 
 class RemoteReward:
     """OpenAI-compatible chat endpoint that returns a reward for the last assistant message.
 
     Nemotron-70B-Reward answers with the message content 'reward:<float>' (and the same value as
-    the first token's logprob); both are understood. Retries 429, 5xx and network errors with
-    exponential backoff and jitter; the last failure raises RemoteError.
+    the first token's logprob); both are understood, and nothing else: the content must be exactly
+    that. Retries 429, 5xx, network errors and malformed replies with exponential backoff and
+    jitter; the last failure raises RemoteError. A non-finite reward is an error. `GET {base_url}/models`
+    is read once at start: an alignkit server reports its model's fingerprint there, and it becomes
+    part of the identity (so a cache never serves the scores of a model since replaced).
     """
 
     RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 
-    def __init__(self, base_url: str, model: str, api_key: str = "", concurrency: int = 8, timeout_s: float = 60.0, max_retries: int = 5, backoff_s: float = 0.5):
-        self.url = base_url.rstrip("/") + "/chat/completions"
+    def __init__(self, base_url: str, model: str, api_key: str = "", concurrency: int = 8, timeout_s: float = 60.0,
+                 max_retries: int = 5, backoff_s: float = 0.5, allow_insecure_http: bool = False,
+                 key_name: str | None = None):
+        self.base_url = base_url.rstrip("/")
+        self.url = self.base_url + "/chat/completions"
+        host = check_key_destination(self.base_url, allow_insecure_http or not api_key)
+        if api_key:
+            log.info("reward: the API key from %s is sent to %s", key_name or "the environment", host)
         self.model, self.api_key = model, api_key
         self.concurrency, self.timeout_s, self.max_retries, self.backoff_s = concurrency, timeout_s, max_retries, backoff_s
-        self.identity = f"remote:{base_url.rstrip('/')}:{model}"
+        self.opener = urllib.request.build_opener(NoRedirects)
+        self.fingerprint = self.fetch_fingerprint()
+        self.identity = f"remote:{self.base_url}:{model}" + (f":{self.fingerprint}" if self.fingerprint else "")
 
-    def score(self, prompts, responses):
-        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            return list(pool.map(self.score_one, prompts, responses))
-
-    def score_one(self, prompt: list[dict], response: str) -> float:
-        body = json.dumps({"model": self.model, "messages": prompt + [{"role": "assistant", "content": response}]}).encode()
+    def headers(self) -> dict:
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
+        return headers
+
+    def fetch_fingerprint(self) -> str | None:
+        """The served model's `alignkit_fingerprint` from /models (None from servers that have none)."""
+        try:
+            payload = self.request("GET", self.base_url + "/models", None, retry_malformed=False)
+        except MalformedReply:
+            return None  # a model list in another format: no fingerprint
+        except RemoteError as e:
+            if isinstance(e.__cause__, urllib.error.HTTPError):
+                return None  # an endpoint without a model list
+            raise
+        entries = payload.get("data") if isinstance(payload, dict) else None
+        entries = [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
+        named = [e for e in entries if e.get("id") == self.model] or (entries if len(entries) == 1 else [])
+        fingerprint = named[0].get("alignkit_fingerprint") if named else None
+        return fingerprint if isinstance(fingerprint, str) and re.fullmatch(r"[0-9a-f]{8,64}", fingerprint) else None
+
+    def request(self, method: str, url: str, body: bytes | None, parse=lambda payload: payload,
+                retry_malformed: bool = True):
+        """One call with retries, returning parse(JSON reply). 429/5xx, network errors and (unless
+        retry_malformed is off) malformed replies are retried. Errors name the status, never the body."""
         last = None
         for attempt in range(self.max_retries + 1):
             try:
-                req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-                with urllib.request.urlopen(req, timeout=self.timeout_s) as res:
-                    return parse_reward(json.loads(res.read()))
+                req = urllib.request.Request(url, data=body, headers=self.headers(), method=method)
+                with self.opener.open(req, timeout=self.timeout_s) as res:
+                    raw = res.read(MAX_REPLY_BYTES + 1)
+                if len(raw) > MAX_REPLY_BYTES:
+                    raise MalformedReply("reply larger than 1 MiB")
+                try:
+                    payload = json.loads(raw)
+                except (ValueError, RecursionError):
+                    raise MalformedReply("reply is not JSON") from None
+                return parse(payload)
             except urllib.error.HTTPError as e:
-                last = f"HTTP {e.code}"
+                e.close()
+                last = self.redact(f"HTTP {e.code} {str(e.reason)[:100]}".strip())
                 if e.code not in self.RETRY_STATUS:
-                    raise RemoteError(f"{self.url}: {last}: {e.read()[:300]!r}") from None
+                    hint = " (redirects are not followed)" if 300 <= e.code < 400 else ""
+                    raise RemoteError(f"{url}: {last}{hint}") from e
+            except MalformedReply as e:
+                if not retry_malformed:
+                    raise
+                last = f"malformed reply: {e}"
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as e:
-                last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+                last = self.redact(f"{type(e).__name__}: {getattr(e, 'reason', e)}")
             if attempt < self.max_retries:
                 delay = self.backoff_s * 2**attempt
                 time.sleep(delay + random.uniform(0, delay))  # jitter spreads out retries of many workers
-        raise RemoteError(f"{self.url}: gave up after {self.max_retries + 1} attempts; last error: {last}")
+        raise RemoteError(f"{url}: gave up after {self.max_retries + 1} attempts; last error: {last}")
+
+    def redact(self, text: str) -> str:
+        return text.replace(self.api_key, "<key>") if self.api_key else text
+
+    def score(self, prompts, responses):
+        scores = [0.0] * len(responses)
+        for i, s in self.score_stream(prompts, responses):
+            scores[i] = s
+        return scores
+
+    def score_stream(self, prompts, responses) -> Iterator[tuple[int, float]]:
+        """(index, score) as each arrives. After a failure the requests already in flight still
+        finish and are yielded (they are paid for), the rest are cancelled, then the error is raised."""
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            futures = {pool.submit(self.score_one, p, r): i for i, (p, r) in enumerate(zip(prompts, responses))}
+            error = None
+            for f in as_completed(futures):
+                if f.cancelled():
+                    continue
+                try:
+                    yield futures[f], f.result()
+                except Exception as e:  # noqa: BLE001 - re-raised once the paid-for scores are out
+                    if error is None:
+                        error = e
+                        for g in futures:
+                            g.cancel()
+            if error is not None:
+                raise error
+
+    def score_one(self, prompt: list[dict], response: str) -> float:
+        body = json.dumps({"model": self.model, "messages": prompt + [{"role": "assistant", "content": response}]}).encode()
+        return self.request("POST", self.url, body, self.parse)
+
+    def parse(self, payload) -> float:
+        served = payload.get("alignkit_fingerprint") if isinstance(payload, dict) else None
+        if self.fingerprint and served and served != self.fingerprint:
+            raise RemoteError(f"{self.url}: the model behind the server changed during the run "
+                              f"(fingerprint {self.fingerprint} at start, now {served}); rerun to rescore")
+        return parse_reward(payload)
 
 
-def parse_reward(payload: dict) -> float:
-    choice = payload["choices"][0]
-    content = (choice.get("message") or {}).get("content") or ""
-    m = REWARD_IN_CONTENT.search(content)
+def parse_reward(payload) -> float:
+    """The reward of a Nemotron-style reply: content exactly 'reward:<float>', else the first token's logprob."""
+    try:
+        choice = payload["choices"][0]
+        content = (choice.get("message") or {}).get("content") or ""
+        logprobs = (choice.get("logprobs") or {}).get("content") or []
+    except (KeyError, IndexError, TypeError, AttributeError):
+        raise MalformedReply("no choices[0] with a message") from None
+    if not isinstance(content, str):
+        raise MalformedReply("message content is not a string")
+    m = REWARD_CONTENT.fullmatch(content)
     if m:
-        return float(m.group(1))
-    logprobs = (choice.get("logprobs") or {}).get("content") or []
-    if logprobs:
-        return float(logprobs[0]["logprob"])
-    raise RemoteError(f"no reward in the response: {str(payload)[:300]}")
+        value = float(m.group(1))
+    elif content.strip():
+        raise MalformedReply("message content is not 'reward:<number>'")
+    else:
+        first = logprobs[0] if isinstance(logprobs, list) and logprobs else None
+        value = first.get("logprob") if isinstance(first, dict) else None
+        if isinstance(value, str) and value.strip().lower().lstrip("+-") in ("nan", "inf", "infinity"):
+            value = float(value)  # said as a string, still a non-finite reward: the error below names it
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise MalformedReply("no reward: neither content 'reward:<number>' nor a numeric first-token logprob")
+        value = float(value)
+    if not math.isfinite(value):
+        raise RemoteError(f"the judge returned a non-finite reward ({value}); refusing to score with it")
+    return value
 
 
 # --------------------------------------------------------------------------- cache
@@ -207,7 +423,9 @@ def parse_reward(payload: dict) -> float:
 class CachedReward:
     """Scores are pure functions of (backend identity, prompt, response): each is paid for once.
 
-    New scores are committed after every batch, so an interrupted evaluation resumes where it stopped.
+    A backend that streams its scores (RemoteReward.score_stream) has each committed as it arrives;
+    others after every batch. An interrupted evaluation resumes where it stopped, and a failure
+    mid-batch keeps the scores already paid for. Non-finite scores are refused, never stored.
     """
 
     def __init__(self, backend: RewardBackend, path: str | Path, batch: int = 64):
@@ -221,20 +439,35 @@ class CachedReward:
     def key(self, prompt, response) -> str:
         return hashlib.sha256(json.dumps([self.identity, prompt, response], sort_keys=True).encode()).hexdigest()
 
+    def store(self, rows: list[tuple[str, float]]) -> None:
+        bad = [s for _, s in rows if not math.isfinite(s)]
+        good = [(k, s) for k, s in rows if math.isfinite(s)]
+        with self.lock:
+            self.db.executemany("INSERT OR REPLACE INTO scores VALUES (?, ?)", good)
+            self.db.commit()
+        if bad:
+            raise ValueError(f"reward backend {self.identity} returned a non-finite score ({bad[0]}); not cached")
+
     def score(self, prompts, responses):
         keys = [self.key(p, r) for p, r in zip(prompts, responses)]
         found = {}
-        for start in range(0, len(keys), 500):
-            chunk = keys[start : start + 500]
-            rows = self.db.execute(f"SELECT key, score FROM scores WHERE key IN ({','.join('?' * len(chunk))})", chunk)
-            found.update(rows.fetchall())
+        with self.lock:
+            for start in range(0, len(keys), 500):
+                chunk = keys[start : start + 500]
+                rows = self.db.execute(f"SELECT key, score FROM scores WHERE key IN ({','.join('?' * len(chunk))})", chunk)
+                found.update(rows.fetchall())
         todo = [i for i, k in enumerate(keys) if k not in found]
         self.misses += len(todo)
+        stream = getattr(self.backend, "score_stream", None)
         for start in range(0, len(todo), self.batch):
             idx = todo[start : start + self.batch]
-            new = self.backend.score([prompts[i] for i in idx], [responses[i] for i in idx])
-            with self.lock:
-                self.db.executemany("INSERT OR REPLACE INTO scores VALUES (?, ?)", [(keys[i], s) for i, s in zip(idx, new)])
-                self.db.commit()
-            found.update({keys[i]: s for i, s in zip(idx, new)})
+            batch_prompts, batch_responses = [prompts[i] for i in idx], [responses[i] for i in idx]
+            if stream is not None:
+                for j, s in stream(batch_prompts, batch_responses):
+                    self.store([(keys[idx[j]], s)])
+                    found[keys[idx[j]]] = s
+            else:
+                new = self.backend.score(batch_prompts, batch_responses)
+                self.store([(keys[i], s) for i, s in zip(idx, new)])
+                found.update({keys[i]: s for i, s in zip(idx, new)})
         return [found[k] for k in keys]

@@ -16,13 +16,14 @@ from pathlib import Path
 import datasets
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, set_seed
+from transformers import AutoModelForSequenceClassification, set_seed
 
 from ..config import ConfigError, DataConfig, ModelConfig, TrainConfig
 from ..data.collate import collate_pairs
-from ..data.chat import render, tokenize_prompt
+from ..data.chat import tokenize_prompt
 from ..data.prepare import keep_undropped, load_examples, pair_drop_reason, truncate_text
-from ..models import ChatTokenizer, check_source, fit_vocab, load_tokenizer
+from ..models import check_source, fit_vocab
+from ..rewards.inputs import load_reward_tokenizer, reward_input_ids
 from .loop import LossOutput, RunOptions, distributed_state, to_device, train
 
 log = logging.getLogger(__name__)
@@ -51,37 +52,6 @@ def length_baseline(pairs: list[dict]) -> float:
     """Agreement of "the longer response wins" with the labels (ties count half)."""
     score = sum(1.0 if len(p["chosen"]) > len(p["rejected"]) else 0.5 if len(p["chosen"]) == len(p["rejected"]) else 0.0 for p in pairs)
     return score / len(pairs)
-
-
-def is_causal_lm(source: str, trust_remote_code: bool) -> bool:
-    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-    return any(a.endswith("ForCausalLM") for a in (config.architectures or []))
-
-
-def load_reward_tokenizer(model_cfg: ModelConfig) -> tuple[ChatTokenizer, bool]:
-    """(tokenizer, is_causal): causal LMs get a chat template (their own or ChatML), encoders their plain tokenizer."""
-    source = check_source(model_cfg.name_or_path, "model")
-    if is_causal_lm(source, model_cfg.trust_remote_code):
-        return load_tokenizer(model_cfg), True
-    tokenizer = AutoTokenizer.from_pretrained(model_cfg.tokenizer or source, trust_remote_code=model_cfg.trust_remote_code)
-    return ChatTokenizer(tokenizer, end_of_turn="", added_tokens=[]), False
-
-
-def flatten_prompt(messages: list[dict]) -> str:
-    return "\n\n".join(m["content"] for m in messages)
-
-
-def reward_input_ids(tokenizer, causal: bool, prompt: list[dict], response: str, max_length: int) -> list[int]:
-    """The sequence a reward model scores for one response.
-
-    Causal LMs: the conversation exactly as `apply_chat_template` renders it, so that anyone
-    scoring with plain transformers gets the same number; cut from the left to keep the end.
-    Encoders: '[CLS] prompt [SEP] response [SEP]', the longer part truncated first.
-    """
-    if causal:
-        text = render(tokenizer, prompt + [{"role": "assistant", "content": response}])
-        return tokenizer(text, add_special_tokens=False)["input_ids"][-max_length:]
-    return tokenizer(flatten_prompt(prompt), response, truncation="longest_first", max_length=max_length)["input_ids"]
 
 
 def tokenize_pairs_for_rm(rows: list[dict], tokenizer, causal: bool, max_length: int, data: DataConfig | None = None) -> datasets.Dataset:
