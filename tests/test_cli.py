@@ -70,6 +70,9 @@ def test_demo_runs_and_reports(tmp_path):
     for stage in ("base", "sft", "dpo"):
         assert set(results[stage]) == {"accuracy", "stop_rate", "per_task"}
         assert set(results[stage]["per_task"]) == {"add", "repeat", "reverse", "sort", "upper"}
-    assert results["dpo_vs_sft"]["n"] == 100
+    from alignkit.generation import prompt_messages_of, read_jsonl
+
+    test = read_jsonl(tmp_path / "demo" / "world" / "data" / "test.jsonl")  # eval counts each distinct prompt once (#12.5)
+    assert results["dpo_vs_sft"]["n"] == len({json.dumps(prompt_messages_of(r), sort_keys=True) for r in test})
     report = (tmp_path / "demo" / "report.md").read_text()
     assert "| after SFT (30 steps) |" in report and "| after DPO-Positive (5 steps) |" in report
