@@ -3,8 +3,10 @@
 `generate(model, chat, prompts, params) -> list[list[Completion]]` (n completions per prompt).
 The transformers engine batches prompts longest first with left padding and the KV cache and
 stops at the end-of-turn token; the vLLM engine takes the same token ids and returns the same
-`Completion`s. `SamplingParams` alone decide decoding on both. `alignkit generate` wraps them with
-prompt loading, a resumable JSONL output, and prompt sharding across processes.
+`Completion`s. `SamplingParams` alone decide decoding on both; sampled prompts are seeded one by one
+from their tokens, so samples do not depend on batching. `alignkit generate` wraps them with prompt
+loading, a resumable JSONL output (resumed only for the same job, fingerprinted in job.json), and
+prompt sharding across processes (any process count may resume another's run).
 """
 
 from __future__ import annotations
@@ -107,14 +109,16 @@ def generate(model, chat, prompts: list[list[dict]], params: SamplingParams, bat
         raise ValueError("n > 1 needs sampling (temperature > 0) or num_beams >= n")
     decoding = decoding_config(params, stop, chat.pad_id)
     per_prompt_seed = params.temperature > 0 and params.seed is not None
-    batches = [[i] for i in order] if per_prompt_seed else [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
+    batches = [[i] for i in order] if per_prompt_seed else [
+        order[k : k + batch_size] for k in range(0, len(order), batch_size)]
     was_training, checkpoint_defaults = model.training, model.generation_config
     # transformers fills every unset field from the model's generation_config; swap in a blank one.
     model.eval()
     model.generation_config = GenerationConfig()
     device = next(model.parameters()).device
     # Seeded decoding runs on a forked RNG; unseeded sampling draws from (and advances) the global one.
-    rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else []) if params.seed is not None else nullcontext()
+    cuda = [device] if device.type == "cuda" else []
+    rng = torch.random.fork_rng(devices=cuda) if params.seed is not None else nullcontext()
     try:
         with rng:
             for idx in tqdm(batches, disable=not progress, desc="generate"):
@@ -306,7 +310,8 @@ def job_fingerprint(cfg: GenerateConfig, chat, prompts: list[dict]) -> dict:
         "tokenizer": {"source": cfg.model.tokenizer, "chat_template": digest(chat.tokenizer.chat_template),
                       "end_of_turn": cfg.model.end_of_turn_token, "stop_ids": chat.stop_ids(),
                       "prompt_tokens": digest([tokenize_prompt(chat.tokenizer, p["messages"]) for p in prompts])},
-        "prompts": {**asdict(cfg.prompts), "count": len(prompts), "messages": digest([[p["id"], p["messages"]] for p in prompts])},
+        "prompts": {**asdict(cfg.prompts), "count": len(prompts),
+                    "messages": digest([[p["id"], p["messages"]] for p in prompts])},
         "sampling": asdict(cfg.sampling),
         "engine": cfg.engine,
         "dtype": str(generation_dtype(cfg.precision)),

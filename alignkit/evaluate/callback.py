@@ -42,8 +42,8 @@ class WinRateCallback(Callback):
         prompts = [p["messages"] for p in load_prompts(cfg.prompts)]
         # Reference responses once, through the eval stage's own loader/generator (kept on disk, reused
         # only for the same job: a changed reference model, prompt set or sampling stops or regenerates).
-        ev = EvalConfig(output_dir=str(Path(output_dir) / "win_rate"), prompts=cfg.prompts, sampling=replace(cfg.sampling, n=1),
-                        batch_size=cfg.batch_size, overwrite=cfg.overwrite)
+        ev = EvalConfig(output_dir=str(Path(output_dir) / "win_rate"), prompts=cfg.prompts,
+                        sampling=replace(cfg.sampling, n=1), batch_size=cfg.batch_size, overwrite=cfg.overwrite)
         reference = {prompt_key(r["messages"]): r["response"] for r in responses_for(cfg.reference, "reference", ev)}
         self.prompts = [p for p in prompts if prompt_key(p) in reference]
         if not self.prompts:

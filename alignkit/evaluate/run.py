@@ -158,9 +158,10 @@ def run_eval(cfg: EvalConfig) -> Path:
     with (out / "per_prompt.jsonl").open("w") as f:
         for (a, b), ra, rb, la, lb in zip(pairs, rewards_a, rewards_b, len_a, len_b):
             outcome = "win" if ra > rb else "loss" if ra < rb else "tie"
-            f.write(json.dumps({"prompt": last_user_text(a[0]["messages"]), "response_a": a[0]["response"], "response_b": b[0]["response"],
-                                "n_a": len(a), "n_b": len(b), "reward_a": ra, "reward_b": rb, "length_a": la, "length_b": lb,
-                                "outcome": outcome, "category": a[0].get("category")}) + "\n")
+            row = {"prompt": last_user_text(a[0]["messages"]), "response_a": a[0]["response"], "response_b": b[0]["response"],
+                   "n_a": len(a), "n_b": len(b), "reward_a": ra, "reward_b": rb, "length_a": la, "length_b": lb,
+                   "outcome": outcome, "category": a[0].get("category")}
+            f.write(json.dumps(row) + "\n")
     report = render_report(result)
     (out / "report.md").write_text(report)
     print(terminal_safe(report))
@@ -187,7 +188,8 @@ def entry_labels(specs: list[str]) -> list[str]:
             break
         depth = [d + 1 if label in clashes else d for label, d in zip(labels, depth)]
     labels = ["/".join(p[-d:]) for p, d in zip(split, depth)]
-    return [label if labels.count(label) == 1 else f"{label} #{labels[:k + 1].count(label)}" for k, label in enumerate(labels)]
+    return [label if labels.count(label) == 1 else f"{label} #{labels[:k + 1].count(label)}"
+            for k, label in enumerate(labels)]
 
 
 def run_matrix(cfg: EvalConfig, out: Path) -> Path:
@@ -211,14 +213,17 @@ def run_matrix(cfg: EvalConfig, out: Path) -> Path:
     tie_value = 0.5 if cfg.ties == "half" else 0.0
     table = [[None if i == j else float(outcomes(rewards[i], rewards[j], tie_value).mean()) for j in range(len(sides))] for i in range(len(sides))]
     result = {"entries": cfg.matrix, "labels": names, "n": len(common), "prompts_per_entry": [len(s) for s in sides],
-              "dropped_per_entry": dropped, "judge": backend.identity, "win_rate": table, "mean_reward": [sum(r) / len(r) for r in rewards]}
+              "dropped_per_entry": dropped, "judge": backend.identity, "win_rate": table,
+              "mean_reward": [sum(r) / len(r) for r in rewards]}
     (out / "matrix.json").write_text(json.dumps(result, indent=1))
     lines = [f"# Win-rate matrix (row beats column), {len(common)} prompts, judge {md_cell(backend.identity)}", "",
              f"Compared on the {len(common)} prompts every entry answered; ties count {tie_value}.", "",
-             "| | " + " | ".join(md_cell(n) for n in names) + " | mean reward | prompts | dropped |", "|---" * (len(names) + 4) + "|"]
+             "| | " + " | ".join(md_cell(n) for n in names) + " | mean reward | prompts | dropped |",
+             "|---" * (len(names) + 4) + "|"]
     for i, name in enumerate(names):
         cells = ["-" if v is None else f"{v:.3f}" for v in table[i]]
-        lines.append(f"| {md_cell(name)} | " + " | ".join(cells) + f" | {result['mean_reward'][i]:.3f} | {len(sides[i])} | {dropped[i]} |")
+        tail = f" | {result['mean_reward'][i]:.3f} | {len(sides[i])} | {dropped[i]} |"
+        lines.append(f"| {md_cell(name)} | " + " | ".join(cells) + tail)
     report = "\n".join(lines) + "\n"
     (out / "report.md").write_text(report)
     print(terminal_safe(report))
@@ -246,7 +251,8 @@ def render_report(r: dict) -> str:
 
     zero, half = r["tie_value"] == 0.0, r["tie_value"] == 0.5
     lc = r["length_controlled_win_rate"]
-    lc_text = f"{lc:.3f}" if lc is not None else f"not estimated: {md_cell(r.get('length_controlled_note') or 'no estimate')}"
+    note = md_cell(r.get("length_controlled_note") or "no estimate")
+    lc_text = f"{lc:.3f}" if lc is not None else f"not estimated: {note}"
     lines = [
         f"# Win rate: A {md_cell(r['model'])} vs B {md_cell(r['reference'])}",
         "",
@@ -256,7 +262,8 @@ def render_report(r: dict) -> str:
         "",
         "| | value |",
         "|---|---|",
-        f"| win rate, ties count {r['tie_value']}{' (course protocol)' if zero else ''} | {r['win_rate']:.3f} ({pct(r['ci95'])}) |",
+        f"| win rate, ties count {r['tie_value']}{' (course protocol)' if zero else ''} "
+        f"| {r['win_rate']:.3f} ({pct(r['ci95'])}) |",
     ]
     if not half:
         lines.append(f"| win rate, ties count 0.5 | {r['win_rate_ties_half']:.3f} ({pct(r['ci95_ties_half'])}) |")
@@ -272,5 +279,6 @@ def render_report(r: dict) -> str:
         lines += ["", f"Several responses per prompt (up to {per.get('A')} for A, {per.get('B')} for B): each prompt counts "
                   "once, with the mean reward over its responses; the interval resamples prompts."]
     if r.get("per_category"):
-        lines += ["", "| category | win rate |", "|---|---|"] + [f"| {md_cell(c)} | {w:.3f} |" for c, w in r["per_category"].items()]
+        lines += ["", "| category | win rate |", "|---|---|"]
+        lines += [f"| {md_cell(c)} | {w:.3f} |" for c, w in r["per_category"].items()]
     return "\n".join(lines) + "\n"
