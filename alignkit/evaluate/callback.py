@@ -48,7 +48,7 @@ class WinRateCallback(Callback):
         self.prompts = [p for p in prompts if prompt_key(p) in reference]
         if not self.prompts:
             raise ValueError("win_rate.reference has no responses for the win_rate.prompts")
-        self.backend = build_backend(cfg.reward, Path(output_dir) / "win_rate" / "scores.sqlite")
+        self.backend = build_backend(cfg.reward, cfg.reward.cache_path(Path(output_dir) / "win_rate"))
         self.reference_rewards = self.backend.score(self.prompts, [reference[prompt_key(p)] for p in self.prompts])
 
     def on_evaluate(self, state, metrics, model) -> None:
