@@ -3,25 +3,29 @@
 `generate(model, chat, prompts, params) -> list[list[Completion]]` (n completions per prompt).
 The transformers engine batches prompts longest first with left padding and the KV cache and
 stops at the end-of-turn token; the vLLM engine takes the same token ids and returns the same
-`Completion`s. `SamplingParams` alone decide decoding on both. `alignkit generate` wraps them with
-prompt loading, a resumable JSONL output, and prompt sharding across processes.
+`Completion`s. `SamplingParams` alone decide decoding on both; each sample is seeded from the seed,
+its prompt's tokens and its index, so samples do not depend on batching. `alignkit generate` wraps them with prompt
+loading, a resumable JSONL output (resumed only for the same job, fingerprinted in job.json), and
+prompt sharding across processes (any process count may resume another's run).
 """
 
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import logging
 import os
 import zlib
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers.generation.logits_process import MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from .config import ModelConfig
 from .data.chat import tokenize_prompt
@@ -78,14 +82,59 @@ def decoding_config(params: SamplingParams, stop: list[int], pad_id: int) -> Gen
     knobs = dict(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,  # top_k 0: off, not the default 50
                  min_p=params.min_p or None) if sampling else dict(do_sample=False)
     if params.num_beams > 1:
-        knobs.update(num_beams=params.num_beams, length_penalty=params.length_penalty, early_stopping=True)
+        # "never": canonical beam search, stops only when no better candidate can appear (True stops once
+        # num_beams hypotheses finish, which can end below greedy's sequence).
+        knobs.update(num_beams=params.num_beams, length_penalty=params.length_penalty, early_stopping="never")
     return GenerationConfig(max_new_tokens=params.max_new_tokens, num_return_sequences=params.n, eos_token_id=stop, pad_token_id=pad_id,
                             repetition_penalty=params.repetition_penalty, **knobs)
 
 
+def prompt_seed(seed: int, ids: list[int]) -> int:
+    """A prompt's sampling seed, from the run's seed and the prompt's tokens (both engines)."""
+    return zlib.crc32(json.dumps([seed, ids]).encode())
+
+
+class SeededSampler(LogitsProcessor):
+    """Sampling as argmax(warped logits + Gumbel noise), each row's noise from its own generator.
+
+    The Gumbel-max trick draws exactly from softmax(scores). Because every row has its own
+    generator, a row's sample depends only on its seed and its own logits, not on which prompts
+    share the batch: batched sampling stays reproducible per prompt across batching, chunking,
+    sharding and resume (up to float differences from padding), as vLLM's per-request seeds are.
+    """
+
+    def __init__(self, seeds: list[int], device: torch.device):
+        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        u = torch.stack([torch.rand(scores.shape[-1], generator=g, device=scores.device) for g in self.generators])
+        gumbel = -torch.log(-torch.log(u.clamp(min=1e-20)).clamp(min=1e-20))
+        return scores.float() + gumbel
+
+
+def sampling_processors(params: SamplingParams, seeds: list[int], device) -> LogitsProcessorList:
+    """Temperature, top-k, top-p and min-p warping, then seeded Gumbel noise (greedy decoding picks the sample)."""
+    procs = LogitsProcessorList([TemperatureLogitsWarper(params.temperature)])
+    if params.top_k > 0:
+        procs.append(TopKLogitsWarper(params.top_k))
+    if params.top_p < 1.0:
+        procs.append(TopPLogitsWarper(params.top_p))
+    if params.min_p > 0:
+        procs.append(MinPLogitsWarper(params.min_p))
+    procs.append(SeededSampler(seeds, device))
+    return procs
+
+
 @torch.no_grad()
 def generate(model, chat, prompts: list[list[dict]], params: SamplingParams, batch_size: int = 16, progress: bool = False) -> list[list[Completion]]:
-    """`params.n` completions per prompt, in prompt order."""
+    """`params.n` completions per prompt, in prompt order.
+
+    Prompts are batched longest first (left padding, KV cache). The global torch RNG (CPU and CUDA)
+    is left as it was, so a training run that evaluates keeps its random stream. Seeded sampling
+    gives sample j of each prompt its own seed from (seed, prompt tokens, j) (`SeededSampler`): its
+    samples do not depend on batching, chunking, sharding or resuming (as with vLLM). `batch_size`
+    counts sequences (a prompt with n samples takes n rows).
+    """
     tok = chat.tokenizer
     encoded = [tokenize_prompt(tok, p) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
@@ -93,27 +142,45 @@ def generate(model, chat, prompts: list[list[dict]], params: SamplingParams, bat
     results: list[list[Completion]] = [[] for _ in prompts]
     if params.n > 1 and params.temperature <= 0 and params.num_beams < params.n:
         raise ValueError("n > 1 needs sampling (temperature > 0) or num_beams >= n")
-    decoding = decoding_config(params, stop, chat.pad_id)
+    seeded = params.temperature > 0 and params.seed is not None and params.num_beams == 1
+    beam_sample = params.temperature > 0 and params.seed is not None and params.num_beams > 1
+    if seeded:  # one row per (prompt, sample); greedy decoding over Gumbel-perturbed warped logits
+        rows = [(i, j) for i in order for j in range(params.n)]
+        decoding = decoding_config(replace(params, temperature=0.0, n=1), stop, chat.pad_id)
+    else:
+        rows = [(i, None) for i in order]
+        decoding = decoding_config(params, stop, chat.pad_id)
+    step = 1 if beam_sample else max(1, batch_size // (params.n if seeded else 1)) * (params.n if seeded else 1)
+    batches = [rows[k : k + step] for k in range(0, len(rows), step)]
     was_training, checkpoint_defaults = model.training, model.generation_config
     # transformers fills every unset field from the model's generation_config; swap in a blank one.
     model.eval()
     model.generation_config = GenerationConfig()
-    if params.seed is not None:
-        torch.manual_seed(params.seed)
     device = next(model.parameters()).device
+    # Seeded decoding runs on a forked RNG; unseeded sampling draws from (and advances) the global one.
+    cuda = [device] if device.type == "cuda" else []
+    rng = torch.random.fork_rng(devices=cuda) if params.seed is not None else nullcontext()
     try:
-        for start in tqdm(range(0, len(order), batch_size), disable=not progress, desc="generate"):
-            idx = order[start : start + batch_size]
-            ids = pad([encoded[i] for i in idx], chat.pad_id, side="left").to(device)
-            mask = pad([[1] * len(encoded[i]) for i in idx], 0, side="left").to(device)
-            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=decoding)
-            for row in range(out.shape[0]):
-                new = out[row, ids.shape[1] :].tolist()
-                cut = next((k for k, t in enumerate(new) if t in stop), None)
-                stop_id = new[cut] if cut is not None else None
-                new = new[:cut] if cut is not None else [t for t in new if t != chat.pad_id]
-                results[idx[row // params.n]].append(
-                    Completion(tok.decode(new, skip_special_tokens=True), new, "stop" if cut is not None else "length", stop_id))
+        with rng:
+            for batch in tqdm(batches, disable=not progress, desc="generate"):
+                idx = [i for i, _ in batch]
+                extra = {}
+                if seeded:
+                    seeds = [zlib.crc32(json.dumps([params.seed, encoded[i], j]).encode()) for i, j in batch]
+                    extra["logits_processor"] = sampling_processors(params, seeds, device)
+                elif beam_sample:  # beam sampling keeps transformers' sampler: one prompt per call, seeded
+                    torch.manual_seed(prompt_seed(params.seed, encoded[idx[0]]))
+                ids = pad([encoded[i] for i in idx], chat.pad_id, side="left").to(device)
+                mask = pad([[1] * len(encoded[i]) for i in idx], 0, side="left").to(device)
+                out = model.generate(input_ids=ids, attention_mask=mask, generation_config=decoding, **extra)
+                per_row = 1 if seeded else params.n
+                for row in range(out.shape[0]):
+                    new = out[row, ids.shape[1] :].tolist()
+                    cut = next((k for k, t in enumerate(new) if t in stop), None)
+                    stop_id = new[cut] if cut is not None else None
+                    new = new[:cut] if cut is not None else [t for t in new if t != chat.pad_id]
+                    results[idx[row // per_row]].append(
+                        Completion(tok.decode(new, skip_special_tokens=True), new, "stop" if cut is not None else "length", stop_id))
     finally:
         model.generation_config = checkpoint_defaults
         model.train(was_training)
@@ -166,7 +233,7 @@ def generate_vllm(llm, chat, prompts: list[list[dict]], params: SamplingParams) 
     encoded = [tokenize_prompt(tok, p) for p in prompts]
 
     def request(ids: list[int]) -> VLLMSampling:
-        seed = None if params.seed is None else zlib.crc32(json.dumps([params.seed, ids]).encode())
+        seed = None if params.seed is None else prompt_seed(params.seed, ids)
         return VLLMSampling(
             n=params.n, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, min_p=params.min_p,
             repetition_penalty=params.repetition_penalty, max_tokens=params.max_new_tokens, stop_token_ids=stop,
@@ -252,6 +319,9 @@ class GenerateConfig:
     vllm: VLLMOptions = field(default_factory=VLLMOptions)
     batch_size: int = 16
     precision: Literal["auto", "bf16", "fp32"] = "auto"
+    overwrite: bool = False
+    """When output_dir holds responses of a different job (model, prompts, sampling, engine...): false
+    stops with an error naming what changed; true deletes them and starts afresh. The same job resumes."""
     quiet: bool = False
 
 
@@ -266,13 +336,89 @@ def responses_path(output_dir: str | Path) -> Path:
     return Path(output_dir) / "responses.jsonl"
 
 
-def run_generate(cfg: GenerateConfig) -> Path:
-    """Write <output_dir>/responses.jsonl; rerunning continues an interrupted run."""
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def model_fingerprint(model: ModelConfig) -> dict:
+    """What identifies the weights: a local folder's path and its weight files (name, size, mtime),
+    or a Hub id and revision."""
+    path = Path(model.name_or_path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.name.endswith(WEIGHT_SUFFIXES))
+        parts = [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files]
+        return {"path": str(path.resolve()), "weights": hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]}
+    return {"hub_id": model.name_or_path, "revision": model.revision}
+
+
+def job_fingerprint(cfg: GenerateConfig, chat, prompts: list[dict]) -> dict:
+    """Everything that decides the responses of a generate run (not how it is split over processes)."""
+    def digest(value) -> str:
+        return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+    return {
+        "model": model_fingerprint(cfg.model),
+        "tokenizer": {"source": cfg.model.tokenizer, "chat_template": digest(chat.tokenizer.chat_template),
+                      "end_of_turn": cfg.model.end_of_turn_token, "stop_ids": chat.stop_ids(),
+                      "prompt_tokens": digest([tokenize_prompt(chat.tokenizer, p["messages"]) for p in prompts])},
+        "prompts": {**asdict(cfg.prompts), "count": len(prompts),
+                    "messages": digest([[p["id"], p["messages"]] for p in prompts])},
+        "sampling": asdict(cfg.sampling),
+        "engine": cfg.engine,
+        "dtype": str(generation_dtype(cfg.precision)),
+    }
+
+
+def job_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted names of the settings that differ between two fingerprints, with both values."""
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += job_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changes.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return changes
+
+
+def output_files(out: Path) -> list[Path]:
+    return sorted(out.glob("responses*.jsonl"))
+
+
+def check_job(out: Path, job: dict, overwrite: bool) -> bool:
+    """True when `out` may be (re)used for `job`: empty, or holding the same job's responses.
+
+    A different (or unrecorded) job stops with a ConfigError naming what changed, unless `overwrite`,
+    in which case its responses are to be deleted (the caller does it, on the main process)."""
+    from .config import ConfigError
+
+    if not output_files(out):
+        return True
+    recorded = out / "job.json"
+    if recorded.is_file():
+        changes = job_changes(json.loads(recorded.read_text()), job)
+        if not changes:
+            return True
+        what = "a different job: " + "; ".join(changes)
+    else:
+        what = "responses of an unrecorded job (no job.json; written before alignkit checked jobs)"
+    if overwrite:
+        log.warning("%s holds %s; overwrite: true, starting afresh", out, what)
+        return False
+    raise ConfigError(f"{out} holds {what}. Resuming continues only the same job: use another output_dir, "
+                      "or set overwrite: true to delete those responses and start afresh")
+
+
+def run_generate(cfg: GenerateConfig, state=None) -> Path:
+    """Write <output_dir>/responses.jsonl; rerunning the same job continues it (see `check_job`).
+
+    Each process appends to its own responses.rank<k>.jsonl; prompts done in any file of an earlier
+    run (whatever its process count) count as done, and the main process merges all files at the end.
+    """
     from . import config as config_lib
     from .models import load_causal_lm, load_tokenizer
     from .train.loop import distributed_state
 
-    state = distributed_state()
+    state = state or distributed_state()
     if cfg.engine == "vllm" and state.num_processes > 1:
         raise ValueError("engine: vllm runs as one process (it batches across all prompts itself); start it without accelerate launch/torchrun")
     out = Path(cfg.output_dir)
@@ -280,11 +426,19 @@ def run_generate(cfg: GenerateConfig) -> Path:
     part = out / (f"responses.rank{state.process_index}.jsonl" if state.num_processes > 1 else "responses.jsonl")
     chat = load_tokenizer(cfg.model)
     prompts = load_prompts(cfg.prompts)
-    done = completed_ids(part, cfg.sampling.n)
-    mine = [p for k, p in enumerate(prompts) if k % state.num_processes == state.process_index and p["id"] not in done]
+    job = job_fingerprint(cfg, chat, prompts)
+    same = check_job(out, job, cfg.overwrite)  # every process checks before anything is written
+    state.wait_for_everyone()
+    out.mkdir(parents=True, exist_ok=True)
     if state.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
+        if not same:
+            for f in output_files(out):
+                f.unlink()
+        (out / "job.json").write_text(json.dumps(job, indent=1))
         config_lib.save(cfg, out / "config.yaml")
+    state.wait_for_everyone()
+    done = completed_ids(out, cfg.sampling.n, clean=part)
+    mine = [p for k, p in enumerate(prompts) if k % state.num_processes == state.process_index and p["id"] not in done]
     if done:
         log.info("generate: %d prompts already done, %d to go", len(done), len(mine))
     params = asdict(cfg.sampling)
@@ -304,30 +458,52 @@ def run_generate(cfg: GenerateConfig) -> Path:
                 else:
                     results = generate(model, chat, messages, cfg.sampling, cfg.batch_size)
                 write_results(part, batch, results, cfg, params)
-    if state.num_processes > 1:
-        state.wait_for_everyone()
-        if state.is_main_process:
-            rows = [r for k in range(state.num_processes) for r in read_jsonl(out / f"responses.rank{k}.jsonl")]
-            rows.sort(key=lambda r: (r["id"], r["sample"]))
-            tmp = final.with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-            os.replace(tmp, final)
-        state.wait_for_everyone()
+    state.wait_for_everyone()
+    if state.is_main_process and (state.num_processes > 1 or len(output_files(out)) > 1):
+        merge_parts(out, cfg.sampling.n)
+    state.wait_for_everyone()
     return final
 
 
-def completed_ids(path: Path, n: int) -> set[int]:
-    """Prompt ids with all n completions on disk; rows of half-written prompts are dropped."""
-    if not path.exists():
+def unique_rows(out: Path) -> list[dict]:
+    """Rows of every responses file in `out`, once per (id, sample), first seen kept."""
+    seen, rows = set(), []
+    for f in output_files(out):
+        for r in read_jsonl(f):
+            if (r["id"], r["sample"]) not in seen:
+                seen.add((r["id"], r["sample"]))
+                rows.append(r)
+    return rows
+
+
+def completed_ids(out: Path, n: int, clean: Path | None = None) -> set[int]:
+    """Prompt ids with all n completions on disk, in any responses file of `out`. `clean` (this
+    process's own file) is rewritten without half-done prompts and torn lines, so a line torn by a
+    kill is not glued to the next append."""
+    if not out.is_dir():
         return set()
-    rows = read_jsonl(path)
     counts: dict[int, int] = {}
-    for r in rows:
+    for r in unique_rows(out):
         counts[r["id"]] = counts.get(r["id"], 0) + 1
     done = {i for i, c in counts.items() if c >= n}
-    # Rewritten clean, so a line torn by a kill is not glued to the next append.
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["id"] in done))
+    if clean is not None and clean.exists():
+        tmp = clean.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in read_jsonl(clean) if r["id"] in done))
+        os.replace(tmp, clean)
     return done
+
+
+def merge_parts(out: Path, n: int) -> Path:
+    """All responses files of `out` into responses.jsonl (each (id, sample) once, by id), rank files removed."""
+    final = responses_path(out)
+    rows = sorted(unique_rows(out), key=lambda r: (r["id"], r["sample"]))
+    tmp = final.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, final)
+    for f in output_files(out):
+        if f != final:
+            f.unlink()
+    return final
 
 
 def write_results(path: Path, prompts: list[dict], results: list[list[Completion]], cfg: GenerateConfig, params: dict) -> None:
@@ -346,7 +522,8 @@ def write_results(path: Path, prompts: list[dict], results: list[list[Completion
 def read_jsonl(path: str | Path) -> list[dict]:
     """Rows of a JSONL file; a torn last line (from a kill mid-write) is ignored."""
     rows = []
-    for line in Path(path).read_text().splitlines():
+    # "\n" only: str.splitlines() also splits at U+2028, U+0085 and others, which may sit raw inside a JSON string.
+    for line in Path(path).read_text(encoding="utf-8").split("\n"):
         if line.strip():
             try:
                 rows.append(json.loads(line))

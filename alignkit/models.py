@@ -49,7 +49,8 @@ def check_source(source: str, what: str) -> str:
 
 def load_tokenizer(cfg: ModelConfig) -> ChatTokenizer:
     source = check_source(cfg.tokenizer or cfg.name_or_path, "tokenizer")
-    tok = AutoTokenizer.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    revision = cfg.revision if source == cfg.name_or_path else None  # model.revision is model.name_or_path's
+    tok = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=cfg.trust_remote_code)
     added = ensure_chat_template(tok, cfg.chat_template)
     end_of_turn = cfg.end_of_turn_token or detect_end_of_turn(tok)
     if end_of_turn not in tok.get_vocab():

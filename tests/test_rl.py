@@ -334,3 +334,33 @@ def test_grpo_loss_agrees_with_trl(trl_loss, ours, level):
     mine.backward()
     assert mine.item() == pytest.approx(theirs.item(), rel=1e-5)
     torch.testing.assert_close(lp.grad, lp_trl.grad * mask, rtol=1e-5, atol=1e-7)
+
+
+def test_seeded_sampler_draws_from_the_softmax_and_respects_top_k():
+    """Gumbel-max with one generator per row samples exactly softmax(scores): checked by frequency."""
+    from alignkit.generation import SamplingParams, sampling_processors
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    n = 4000
+    procs = sampling_processors(SamplingParams(temperature=1.0), list(range(n)), torch.device("cpu"))
+    picks = procs(None, logits.expand(n, 4).clone()).argmax(-1)
+    freq = torch.bincount(picks, minlength=4).float() / n
+    torch.testing.assert_close(freq, logits.softmax(-1)[0], atol=0.025, rtol=0)  # 4 sigma at n=4000
+    top2 = sampling_processors(SamplingParams(temperature=1.0, top_k=2), list(range(500)), torch.device("cpu"))
+    assert set(top2(None, logits.expand(500, 4).clone()).argmax(-1).tolist()) == {0, 1}
+    hot = sampling_processors(SamplingParams(temperature=0.25), list(range(n)), torch.device("cpu"))
+    freq_hot = torch.bincount(hot(None, logits.expand(n, 4).clone()).argmax(-1), minlength=4).float() / n
+    torch.testing.assert_close(freq_hot, (logits / 0.25).softmax(-1)[0], atol=0.025, rtol=0)
+
+
+def test_batched_seeded_samples_do_not_depend_on_the_batch(toy_chat, trained_toy_model):
+    from alignkit.generation import SamplingParams, generate
+    from alignkit.models import load_causal_lm
+
+    model = load_causal_lm(ModelConfig(name_or_path=str(trained_toy_model)), toy_chat)
+    prompts = [[{"role": "user", "content": f"Spell {w} backwards."}] for w in ("cat", "moon", "bird", "king", "rose")]
+    params = SamplingParams(max_new_tokens=10, temperature=1.5, n=3, seed=7)
+    together = generate(model, toy_chat, prompts, params, batch_size=15)
+    alone = [generate(model, toy_chat, [p], params, batch_size=3)[0] for p in prompts]
+    assert [[c.token_ids for c in cs] for cs in together] == [[c.token_ids for c in cs] for cs in alone]
+    assert len({tuple(c.token_ids) for cs in together for c in cs}) > 5  # they are samples, not copies

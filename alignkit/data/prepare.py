@@ -32,10 +32,10 @@ def load_examples(
     for, it gives way to eval_ratio and is skipped (with a log line) where the dataset has no such split.
     Eval rows never come from the file the training rows come from.
     """
+    where = eval_origin(cfg, default_eval_split)  # settings that cannot work stop before any data is read
     rows, source = load_rows(cfg.dataset, cfg.split, cfg.subset)
     rows, row_ids = cap(rows, cfg.max_examples, seed)
     train = normalise(rows, source, shape, cfg.skip_invalid, row_ids)
-    where = eval_origin(cfg, default_eval_split)
     if where is None:
         return train, None
     if isinstance(where, str):

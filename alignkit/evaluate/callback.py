@@ -29,6 +29,9 @@ class WinRateDuringTraining:
     sampling: SamplingParams = field(default_factory=lambda: SamplingParams(max_new_tokens=256))
     reward: RewardConfig = field(default_factory=RewardConfig)
     batch_size: int = 16
+    overwrite: bool = False
+    """When <output_dir>/win_rate/reference holds responses generated for a different job (another
+    reference model, prompts or sampling): false stops with an error naming what changed; true regenerates."""
 
 
 class WinRateCallback(Callback):
@@ -37,13 +40,15 @@ class WinRateCallback(Callback):
 
         self.cfg, self.chat = cfg, chat
         prompts = [p["messages"] for p in load_prompts(cfg.prompts)]
-        # Reference responses once, through the eval stage's own loader/generator (cached on disk).
-        ev = EvalConfig(output_dir=str(Path(output_dir) / "win_rate"), prompts=cfg.prompts, sampling=replace(cfg.sampling, n=1), batch_size=cfg.batch_size)
+        # Reference responses once, through the eval stage's own loader/generator (kept on disk, reused
+        # only for the same job: a changed reference model, prompt set or sampling stops or regenerates).
+        ev = EvalConfig(output_dir=str(Path(output_dir) / "win_rate"), prompts=cfg.prompts,
+                        sampling=replace(cfg.sampling, n=1), batch_size=cfg.batch_size, overwrite=cfg.overwrite)
         reference = {prompt_key(r["messages"]): r["response"] for r in responses_for(cfg.reference, "reference", ev)}
         self.prompts = [p for p in prompts if prompt_key(p) in reference]
         if not self.prompts:
             raise ValueError("win_rate.reference has no responses for the win_rate.prompts")
-        self.backend = build_backend(cfg.reward, Path(output_dir) / "win_rate" / "scores.sqlite")
+        self.backend = build_backend(cfg.reward, cfg.reward.cache_path(Path(output_dir) / "win_rate"))
         self.reference_rewards = self.backend.score(self.prompts, [reference[prompt_key(p)] for p in self.prompts])
 
     def on_evaluate(self, state, metrics, model) -> None:

@@ -2,13 +2,16 @@
 
 A and B are each a model (responses are generated, resumably, into the run directory) or a
 responses file (JSONL with prompt/instruction and response/output, e.g. AlpacaEval outputs).
-Writes winrate.json, per_prompt.jsonl and report.md.
+Writes winrate.json, per_prompt.jsonl and report.md. Comparisons are per prompt: a side with several
+responses to a prompt (n samples) gets the mean reward over them. Each distinct (prompt, response)
+is scored once, so identical responses tie.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import unicodedata
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -43,10 +46,14 @@ class EvalConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     matrix: list[str] = field(default_factory=list)
     """Matrix mode: several models or responses files compared pairwise (model/reference unused)."""
+    overwrite: bool = False
+    """When a model's responses folder (model/, reference/, matrix-<k>/) holds a different job's
+    responses: false stops with an error naming what changed; true regenerates them."""
 
 
 def responses_for(spec: str, name: str, cfg: EvalConfig) -> list[dict]:
-    """Responses of a model (generated into <output_dir>/<name>/) or read from a file."""
+    """Responses of a model (generated into <output_dir>/<name>/) or read from a file; a file may hold
+    several responses per prompt (n samples), which `group_by_prompt` gathers."""
     if spec.endswith(".jsonl"):
         if not Path(spec).is_file():
             raise FileNotFoundError(f"responses file not found: {spec}")
@@ -59,7 +66,8 @@ def responses_for(spec: str, name: str, cfg: EvalConfig) -> list[dict]:
             rows.append({"messages": messages, "response": response, "category": r.get("category", r.get("dataset"))})
         return rows
     gen = GenerateConfig(output_dir=str(Path(cfg.output_dir) / name), model=ModelConfig(name_or_path=spec), prompts=cfg.prompts,
-                         sampling=replace(cfg.sampling, n=1), engine=cfg.engine, vllm=cfg.vllm, batch_size=cfg.batch_size)
+                         sampling=replace(cfg.sampling, n=1), engine=cfg.engine, vllm=cfg.vllm, batch_size=cfg.batch_size,
+                         overwrite=cfg.overwrite)
     path = run_generate(gen)
     return [{"messages": r["prompt"], "response": r["response"], "category": r["category"]} for r in sorted(read_jsonl(path), key=lambda r: r["id"])]
 
@@ -68,36 +76,79 @@ def prompt_key(messages: list[dict]) -> str:
     return json.dumps(messages, sort_keys=True)
 
 
-def pair_up(a: list[dict], b: list[dict]) -> list[tuple[dict, dict]]:
-    """Match A and B responses by prompt; prompts missing on either side are reported and dropped."""
-    by_prompt = {prompt_key(r["messages"]): r for r in b}
-    pairs = [(r, by_prompt[prompt_key(r["messages"])]) for r in a if prompt_key(r["messages"]) in by_prompt]
-    if len(pairs) < len(a) or len(pairs) < len(b):
-        log.warning("evaluating %d prompts present on both sides (A has %d, B has %d)", len(pairs), len(a), len(b))
+def group_by_prompt(rows: list[dict], side: str) -> dict[str, list[dict]]:
+    """Rows by prompt, in first-seen order. Several rows for one prompt (n samples, or duplicates) are
+    kept together, and said so: each prompt then counts once, with the mean reward of its rows."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(prompt_key(r["messages"]), []).append(r)
+    if len(groups) < len(rows):
+        repeated = sum(len(g) > 1 for g in groups.values())
+        log.warning("%s: %d responses for %d prompts (%d prompts have several); each prompt counts once, "
+                    "with the mean reward over its responses", side, len(rows), len(groups), repeated)
+    return groups
+
+
+def pair_up(a: list[dict], b: list[dict]) -> list[tuple[list[dict], list[dict]]]:
+    """Match A's and B's responses by prompt (one pair of response lists per prompt, in A's order);
+    prompts missing on either side are reported and dropped."""
+    ga, gb = group_by_prompt(a, "A"), group_by_prompt(b, "B")
+    pairs = [(rows, gb[k]) for k, rows in ga.items() if k in gb]
+    if len(pairs) < len(ga) or len(pairs) < len(gb):
+        log.warning("evaluating %d prompts present on both sides (A has %d, B has %d)", len(pairs), len(ga), len(gb))
     if not pairs:
         raise ValueError("A and B share no prompts")
     return pairs
 
 
+def score_distinct(backend, items: list[tuple[list[dict], str]]) -> list[float]:
+    """Scores of (prompt messages, response) items, each distinct pair scored once in one call, so
+    identical responses to a prompt get identical scores (and tie) whatever batches they fall in."""
+    index: dict[tuple[str, str], int] = {}
+    unique: list[tuple[list[dict], str]] = []
+    for messages, response in items:
+        key = (prompt_key(messages), response)
+        if key not in index:
+            index[key] = len(unique)
+            unique.append((messages, response))
+    scores = backend.score([m for m, _ in unique], [r for _, r in unique]) if unique else []
+    return [scores[index[(prompt_key(m), r)]] for m, r in items]
+
+
+def per_prompt_means(groups: list[list[dict]], scores: dict[tuple[str, str], float]) -> tuple[list[float], list[float]]:
+    """Mean reward and mean length (characters) per prompt over its responses."""
+    rewards = [sum(scores[(prompt_key(r["messages"]), r["response"])] for r in g) / len(g) for g in groups]
+    lengths = [sum(len(r["response"]) for r in g) / len(g) for g in groups]
+    return rewards, lengths
+
+
+def score_groups(backend, sides: list[list[list[dict]]]) -> dict[tuple[str, str], float]:
+    """One score per distinct (prompt, response) over every side."""
+    items = [(r["messages"], r["response"]) for side in sides for g in side for r in g]
+    scores = score_distinct(backend, items)
+    return {(prompt_key(m), resp): s for (m, resp), s in zip(items, scores)}
+
+
 def run_eval(cfg: EvalConfig) -> Path:
+    """Responses first (a rerun that is a different job stops there), then config.yaml and the scores."""
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    config_lib.save(cfg, out / "config.yaml")
     if cfg.matrix:
         return run_matrix(cfg, out)
     pairs = pair_up(responses_for(cfg.model, "model", cfg), responses_for(cfg.reference, "reference", cfg))
+    out.mkdir(parents=True, exist_ok=True)
+    config_lib.save(cfg, out / "config.yaml")
     backend = reward_backend(cfg, out)
-    prompts = [a["messages"] for a, _ in pairs]
-    rewards_a = backend.score(prompts, [a["response"] for a, _ in pairs])
-    rewards_b = backend.score(prompts, [b["response"] for _, b in pairs])
-    len_a = [len(a["response"]) for a, _ in pairs]
-    len_b = [len(b["response"]) for _, b in pairs]
+    scores = score_groups(backend, [[a for a, _ in pairs], [b for _, b in pairs]])
+    rewards_a, len_a = per_prompt_means([a for a, _ in pairs], scores)
+    rewards_b, len_b = per_prompt_means([b for _, b in pairs], scores)
     tie_value = 0.5 if cfg.ties == "half" else 0.0
-    result = {"model": cfg.model, "reference": cfg.reference, "judge": backend.identity, **summarize(rewards_a, rewards_b, len_a, len_b, tie_value, cfg.bootstrap, cfg.seed)}
+    result = {"model": cfg.model, "reference": cfg.reference, "judge": backend.identity,
+              "responses_per_prompt": {"A": max(len(a) for a, _ in pairs), "B": max(len(b) for _, b in pairs)},
+              **summarize(rewards_a, rewards_b, len_a, len_b, tie_value, cfg.bootstrap, cfg.seed)}
     by_cat: dict[str, list[int]] = defaultdict(list)
     for k, (a, _) in enumerate(pairs):
-        if a.get("category"):
-            by_cat[str(a["category"])].append(k)
+        if a[0].get("category"):
+            by_cat[str(a[0]["category"])].append(k)
     if by_cat:
         result["per_category"] = {
             c: summarize([rewards_a[k] for k in ks], [rewards_b[k] for k in ks], [len_a[k] for k in ks], [len_b[k] for k in ks], tie_value, 200, cfg.seed)["win_rate"]
@@ -105,12 +156,15 @@ def run_eval(cfg: EvalConfig) -> Path:
         }
     (out / "winrate.json").write_text(json.dumps(result, indent=1))
     with (out / "per_prompt.jsonl").open("w") as f:
-        for (a, b), ra, rb in zip(pairs, rewards_a, rewards_b):
+        for (a, b), ra, rb, la, lb in zip(pairs, rewards_a, rewards_b, len_a, len_b):
             outcome = "win" if ra > rb else "loss" if ra < rb else "tie"
-            f.write(json.dumps({"prompt": last_user_text(a["messages"]), "response_a": a["response"], "response_b": b["response"], "reward_a": ra, "reward_b": rb, "length_a": len(a["response"]), "length_b": len(b["response"]), "outcome": outcome, "category": a.get("category")}) + "\n")
+            row = {"prompt": last_user_text(a[0]["messages"]), "response_a": a[0]["response"], "response_b": b[0]["response"],
+                   "n_a": len(a), "n_b": len(b), "reward_a": ra, "reward_b": rb, "length_a": la, "length_b": lb,
+                   "outcome": outcome, "category": a[0].get("category")}
+            f.write(json.dumps(row) + "\n")
     report = render_report(result)
     (out / "report.md").write_text(report)
-    print(report)
+    print(terminal_safe(report))
     return out
 
 
@@ -118,44 +172,112 @@ def reward_backend(cfg: EvalConfig, out: Path):
     return build_backend(cfg.reward, cfg.reward.cache_path(out))
 
 
+def entry_labels(specs: list[str]) -> list[str]:
+    """Short unique labels: a model's name as given; a responses file's shortest path suffix (without
+    .jsonl) that no other entry shares, e.g. sft/responses and dpo/responses."""
+    def parts(spec: str) -> list[str]:
+        return list(Path(spec[: -len(".jsonl")]).parts) if spec.endswith(".jsonl") else [spec]
+
+    split = [parts(s) for s in specs]
+    depth = [1] * len(specs)
+    for _ in range(max(len(p) for p in split)):
+        labels = ["/".join(p[-d:]) for p, d in zip(split, depth)]
+        clashes = {label for label in labels if labels.count(label) > 1}
+        if not clashes:
+            break
+        depth = [d + 1 if label in clashes else d for label, d in zip(labels, depth)]
+    labels = ["/".join(p[-d:]) for p, d in zip(split, depth)]
+    return [label if labels.count(label) == 1 else f"{label} #{labels[:k + 1].count(label)}"
+            for k, label in enumerate(labels)]
+
+
 def run_matrix(cfg: EvalConfig, out: Path) -> Path:
-    """Win rate of every entry against every other on the prompts they all answered."""
-    sides = [{prompt_key(r["messages"]): r for r in responses_for(spec, f"matrix-{k}", cfg)} for k, spec in enumerate(cfg.matrix)]
-    common = sorted(set.intersection(*(set(s) for s in sides)))
+    """Win rate of every entry against every other on the prompts they all answered (per prompt: mean
+    reward over its responses). How many prompts each entry loses to the intersection is reported."""
+    sides = [group_by_prompt(responses_for(spec, f"matrix-{k}", cfg), spec) for k, spec in enumerate(cfg.matrix)]
+    common = [k for k in sides[0] if all(k in s for s in sides[1:])]
     if not common:
         raise ValueError("the matrix entries share no prompts")
+    names = entry_labels(cfg.matrix)
+    dropped = [len(s) - len(common) for s in sides]
+    if any(dropped):
+        log.warning("matrix: comparing the %d prompts every entry answered; dropped per entry: %s",
+                    len(common), ", ".join(f"{n} {d}" for n, d in zip(names, dropped)))
+    out.mkdir(parents=True, exist_ok=True)
+    config_lib.save(cfg, out / "config.yaml")
     backend = reward_backend(cfg, out)
-    prompts = [json.loads(k) for k in common]
-    rewards = [backend.score(prompts, [side[k]["response"] for k in common]) for side in sides]
+    groups = [[s[k] for k in common] for s in sides]
+    scores = score_groups(backend, groups)
+    rewards = [per_prompt_means(g, scores)[0] for g in groups]
     tie_value = 0.5 if cfg.ties == "half" else 0.0
     table = [[None if i == j else float(outcomes(rewards[i], rewards[j], tie_value).mean()) for j in range(len(sides))] for i in range(len(sides))]
-    result = {"entries": cfg.matrix, "n": len(common), "judge": backend.identity, "win_rate": table, "mean_reward": [sum(r) / len(r) for r in rewards]}
+    result = {"entries": cfg.matrix, "labels": names, "n": len(common), "prompts_per_entry": [len(s) for s in sides],
+              "dropped_per_entry": dropped, "judge": backend.identity, "win_rate": table,
+              "mean_reward": [sum(r) / len(r) for r in rewards]}
     (out / "matrix.json").write_text(json.dumps(result, indent=1))
-    names = [Path(m).stem if m.endswith(".jsonl") else m for m in cfg.matrix]
-    lines = [f"# Win-rate matrix (row beats column), {len(common)} prompts, judge `{backend.identity}`", "", "| | " + " | ".join(names) + " | mean reward |", "|---" * (len(names) + 2) + "|"]
+    lines = [f"# Win-rate matrix (row beats column), {len(common)} prompts, judge {md_cell(backend.identity)}", "",
+             f"Compared on the {len(common)} prompts every entry answered; ties count {tie_value}.", "",
+             "| | " + " | ".join(md_cell(n) for n in names) + " | mean reward | prompts | dropped |",
+             "|---" * (len(names) + 4) + "|"]
     for i, name in enumerate(names):
         cells = ["-" if v is None else f"{v:.3f}" for v in table[i]]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {result['mean_reward'][i]:.3f} |")
+        tail = f" | {result['mean_reward'][i]:.3f} | {len(sides[i])} | {dropped[i]} |"
+        lines.append(f"| {md_cell(name)} | " + " | ".join(cells) + tail)
     report = "\n".join(lines) + "\n"
     (out / "report.md").write_text(report)
-    print(report)
+    print(terminal_safe(report))
     return out
 
 
+MD_ESCAPES = {"\\": "\\\\", "|": "\\|", "`": "\\`", "[": "\\[", "]": "\\]", "<": "&lt;", ">": "&gt;", "&": "&amp;"}
+
+
+def md_cell(value) -> str:
+    """Text made inert in a Markdown table cell: one line, no table breaks, no HTML, no code spans."""
+    text = " ".join(terminal_safe(str(value)).split())
+    return "".join(MD_ESCAPES.get(ch, ch) for ch in text)
+
+
+def terminal_safe(text: str) -> str:
+    """Text without control characters (escape sequences included), bidi overrides or other format
+    characters, except newlines and tabs, so untrusted text cannot drive the terminal."""
+    return "".join(ch for ch in text if ch in "\n\t" or unicodedata.category(ch) not in ("Cc", "Cf"))
+
+
 def render_report(r: dict) -> str:
+    def pct(lo_hi) -> str:
+        return f"95% CI {lo_hi[0]:.3f} to {lo_hi[1]:.3f}"
+
+    zero, half = r["tie_value"] == 0.0, r["tie_value"] == 0.5
+    lc = r["length_controlled_win_rate"]
+    note = md_cell(r.get("length_controlled_note") or "no estimate")
+    lc_text = f"{lc:.3f}" if lc is not None else f"not estimated: {note}"
     lines = [
-        f"# Win rate: {r['model']} vs {r['reference']}",
+        f"# Win rate: A {md_cell(r['model'])} vs B {md_cell(r['reference'])}",
         "",
-        f"Judge: `{r['judge']}`; {r['n']} prompts; ties count {r['tie_value']}.",
+        f"Judge: {md_cell(r['judge'])}; {r['n']} prompts; ties count {r['tie_value']}.",
+        "",
+        f"{r['verdict']}.",
         "",
         "| | value |",
         "|---|---|",
-        f"| win rate | {r['win_rate']:.3f} (95% CI {r['ci95'][0]:.3f} to {r['ci95'][1]:.3f}) |",
-        f"| length-controlled win rate | {r['length_controlled_win_rate']:.3f} |",
+        f"| win rate, ties count {r['tie_value']}{' (course protocol)' if zero else ''} "
+        f"| {r['win_rate']:.3f} ({pct(r['ci95'])}) |",
+    ]
+    if not half:
+        lines.append(f"| win rate, ties count 0.5 | {r['win_rate_ties_half']:.3f} ({pct(r['ci95_ties_half'])}) |")
+    lines += [
+        f"| sign test (wins vs losses, ties dropped) | p = {r['sign_test_p']:.3g} |",
+        f"| length-controlled win rate | {lc_text} |",
         f"| wins / losses / ties | {r['wins']} / {r['losses']} / {r['ties']} |",
         f"| mean reward A / B (diff) | {r['mean_reward_a']:.3f} / {r['mean_reward_b']:.3f} ({r['mean_reward_diff']:+.3f}) |",
         f"| mean length A / B (characters) | {r['mean_length_a']:.0f} / {r['mean_length_b']:.0f} |",
     ]
+    per = r.get("responses_per_prompt") or {}
+    if per.get("A", 1) > 1 or per.get("B", 1) > 1:
+        lines += ["", f"Several responses per prompt (up to {per.get('A')} for A, {per.get('B')} for B): each prompt counts "
+                  "once, with the mean reward over its responses; the interval resamples prompts."]
     if r.get("per_category"):
-        lines += ["", "| category | win rate |", "|---|---|"] + [f"| {c} | {w:.3f} |" for c, w in r["per_category"].items()]
+        lines += ["", "| category | win rate |", "|---|---|"]
+        lines += [f"| {md_cell(c)} | {w:.3f} |" for c, w in r["per_category"].items()]
     return "\n".join(lines) + "\n"

@@ -1,4 +1,4 @@
-"""Win-rate statistics: outcomes, bootstrap intervals, and a length-controlled win rate."""
+"""Win-rate statistics: outcomes, bootstrap intervals, an exact sign test, and a length-controlled win rate."""
 
 from __future__ import annotations
 
@@ -37,29 +37,91 @@ def logistic_fit(x: np.ndarray, y: np.ndarray, l2: float = 1e-3, iters: int = 50
     return float(w[0]), float(w[1])
 
 
-def length_controlled_win_rate(wins, length_a, length_b) -> float:
-    """Win rate predicted at zero length difference (in the spirit of AlpacaEval's length control).
-
-    A logistic model of the outcome on the standardised length difference; its intercept is the
-    win rate a response of the same length as the reference would get.
-    """
+def length_feature(length_a, length_b) -> np.ndarray:
+    """tanh of the standardised length difference, as AlpacaEval's length control uses: bounded, so
+    a few very long answers cannot dominate the fit."""
     diff = np.asarray(length_a, dtype=float) - np.asarray(length_b, dtype=float)
-    scale = diff.std() or 1.0
-    a, _ = logistic_fit(diff / scale, np.asarray(wins, dtype=float))
-    return 1 / (1 + math.exp(-a))
+    return np.tanh(diff / (diff.std() or 1.0))
+
+
+def length_separation(wins, x) -> str | None:
+    """Why a logistic fit on x has no finite estimate (outcomes (quasi-)separated by x), or None.
+
+    A row with a fractional outcome (a tie counted 0.5) counts on both sides."""
+    wins, x = np.asarray(wins, dtype=float), np.asarray(x, dtype=float)
+    won, lost = x[wins > 0], x[wins < 1]
+    if len(won) == 0 or len(lost) == 0 or np.ptp(x) == 0:
+        return None  # nothing to separate: one outcome only, or no length difference to fit
+    if lost.max() <= won.min():
+        return "outcomes are separated by length: every win has a larger length difference than every loss"
+    if won.max() <= lost.min():
+        return "outcomes are separated by length: every win has a smaller length difference than every loss"
+    return None
+
+
+def length_control(wins, length_a, length_b, l2: float = 1e-3) -> tuple[float | None, str | None]:
+    """Win rate predicted at zero length difference, or None and the reason it cannot be estimated.
+
+    A logistic model of the outcome on `length_feature` (tanh of the standardised length difference);
+    its intercept is the win rate a response as long as the reference's would get. When outcomes are
+    (quasi-)separated by length, the fit has no finite optimum and any number would only reflect the
+    regularisation, so none is given. With a single outcome (all wins, say) it is the raw win rate.
+    """
+    wins = np.asarray(wins, dtype=float)
+    if len(wins) == 0:
+        return None, "no prompts"
+    if np.all(wins == wins[0]):
+        return float(wins[0]), None
+    x = length_feature(length_a, length_b)
+    reason = length_separation(wins, x)
+    if reason:
+        return None, reason
+    a, _ = logistic_fit(x, wins, l2=l2)
+    return 1 / (1 + math.exp(-a)), None
+
+
+def length_controlled_win_rate(wins, length_a, length_b) -> float | None:
+    """`length_control` without the reason."""
+    return length_control(wins, length_a, length_b)[0]
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Exact two-sided binomial sign test of wins against losses (ties dropped): the p-value."""
+    n, k = wins + losses, min(wins, losses)
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def verdict(wins: int, losses: int, level: float = 0.95) -> str:
+    """One plain sentence from the sign test."""
+    p = sign_test(wins, losses)
+    relation = "not distinguishable from" if p >= 1 - level else "better than" if wins > losses else "worse than"
+    return f"A is {relation} B at {level:.0%} (sign test p={p:.3g})"
 
 
 def summarize(rewards_a, rewards_b, length_a, length_b, tie_value: float = 0.0, n_resamples: int = 2000, seed: int = 0) -> dict:
+    """Statistics over prompts: one reward and one length per prompt and side (averaged over a
+    prompt's samples by the caller), so the bootstrap resamples prompts."""
     wins = outcomes(rewards_a, rewards_b, tie_value)
+    half = outcomes(rewards_a, rewards_b, 0.5)
     ra, rb = np.asarray(rewards_a, float), np.asarray(rewards_b, float)
     lo, hi = bootstrap_ci(wins, n_resamples, seed)
+    lc, lc_reason = length_control(wins, length_a, length_b)
+    n_wins, n_losses = int((ra > rb).sum()), int((ra < rb).sum())
     return {
         "win_rate": float(wins.mean()),
         "ci95": [lo, hi],
-        "length_controlled_win_rate": length_controlled_win_rate(wins, length_a, length_b),
+        "win_rate_ties_half": float(half.mean()),
+        "ci95_ties_half": list(bootstrap_ci(half, n_resamples, seed)),
+        "sign_test_p": sign_test(n_wins, n_losses),
+        "verdict": verdict(n_wins, n_losses),
+        "length_controlled_win_rate": lc,
+        "length_controlled_note": lc_reason,
         "n": int(len(wins)),
-        "wins": int((ra > rb).sum()),
-        "losses": int((ra < rb).sum()),
+        "wins": n_wins,
+        "losses": n_losses,
         "ties": int((ra == rb).sum()),
         "tie_value": tie_value,
         "mean_reward_a": float(ra.mean()),
