@@ -91,8 +91,8 @@ def test_rm_eval_json_describes_the_restored_best_model(tmp_path, tiny_model_dir
 
     from alignkit.train.rm import run_rm
 
-    cfg = rm_config(tmp_path / "rm", tiny_model_dir, prefs, max_steps=30, learning_rate=3e-3, eval_steps=2,
-                    early_stopping_patience=2, metric_for_best="eval_fake", save_total_limit=1)
+    cfg = rm_config(tmp_path / "rm", tiny_model_dir, prefs, max_steps=30, learning_rate=1e-2, eval_steps=2,
+                    early_stopping_patience=2, metric_for_best="eval_fake", greater_is_better=False, save_total_limit=1)
     run_rm(cfg, callbacks=[FakeMetric([1.0, 2.0, 3.0, 4.0])])  # the first evaluation (step 2) is "best"
     evals = [m for m in read_metrics(tmp_path / "rm") if "eval_accuracy" in m]
     assert [m["step"] for m in evals] == [2, 4, 6]

@@ -20,18 +20,15 @@ def prompt_of(row: dict) -> str:
 
 
 def test_held_out_prompts_are_in_no_chat_or_preference_file(tmp_path):
-    """#12.21: no test prompt is in the SFT chats or in any preference pair (train or validation)."""
-    from alignkit.demo.world import write_chat_data, write_preference_data
+    """#12.21: no test prompt is in the SFT chats or in any preference pair (train_prefs or test_prefs)."""
+    from alignkit.demo.world import N_HELD_OUT, write_chat_data, write_preference_data
 
-    write_chat_data(tmp_path / "data")
-    write_preference_data(tmp_path / "prefs", n_train=2000, n_test=100)  # the demo's sizes
+    write_chat_data(tmp_path / "data", n_test=N_HELD_OUT)
+    write_preference_data(tmp_path / "prefs", n_train=2000, n_test=100, held_out=N_HELD_OUT)  # as the demo writes them
     test = {prompt_of(r) for r in rows(tmp_path / "data" / "test.jsonl")}
     for f in ("data/train.jsonl", "prefs/train_prefs.jsonl", "prefs/test_prefs.jsonl"):
         seen = [prompt_of(r) for r in rows(tmp_path / f)]
         assert seen and not test & set(seen), (f, len(test & set(seen)))
-    # test_prefs is a validation set: none of its prompts is trained on by DPO either.
-    train_pairs = {prompt_of(r) for r in rows(tmp_path / "prefs" / "train_prefs.jsonl")}
-    assert not train_pairs & {prompt_of(r) for r in rows(tmp_path / "prefs" / "test_prefs.jsonl")}
 
 
 def test_demo_world_has_an_rl_prompt_set_and_checks_the_split(tmp_path):

@@ -28,6 +28,7 @@ from ..train.sft import SFTConfig, run_sft
 from .task import toy_reward
 from .world import (
     build_tokenizer,
+    N_HELD_OUT,
     data_counts,
     write_chat_data,
     write_model_config,
@@ -118,9 +119,9 @@ def toy_scores(model_dir: Path, prompts: list[dict]) -> dict:
 def write_world_data(world: Path) -> dict:
     """The demo's data (chats, preference pairs, RL prompts) and their sizes; no held-out prompt is in
     any training file (`data_counts` checks the files as written)."""
-    write_chat_data(world / "data", n_train=4000)
-    write_preference_data(world / "prefs", n_train=2000, n_test=100)
-    write_prompt_data(world / "prompts", n_train=1000)
+    write_chat_data(world / "data", n_train=4000, n_test=N_HELD_OUT)
+    write_preference_data(world / "prefs", n_train=2000, n_test=100, held_out=N_HELD_OUT)
+    write_prompt_data(world / "prompts", n_train=1000, n_test=N_HELD_OUT)
     return data_counts(world)
 
 

@@ -41,8 +41,6 @@ MAX_HELD_OUT_SHARE = 0.4
 """At most this share of a kind's distinct prompts is held out; the rest stay for training."""
 HELD_OUT_PER_KIND = 60
 """A kind with many distinct prompts (sort) gives at most this many, so the set stays near balanced."""
-PAIR_VALIDATION_SHARE = 0.2
-"""Share of each kind's training prompts kept out of train_prefs for the test_prefs validation pairs."""
 POOL_DRAWS = 4000
 """Samples per kind from which the distinct prompts are collected (all of each small kind's)."""
 
@@ -187,37 +185,42 @@ def write_chat_data(directory: str | Path, n_train: int = 4000, n_test: int = N_
 
 
 def write_preference_data(
-    directory: str | Path, n_train: int = 1000, n_test: int = 100, seed: int = 0, held_out: int = N_HELD_OUT
+    directory: str | Path, n_train: int = 1000, n_test: int = 100, seed: int = 0, held_out: int = 0
 ) -> Path:
     """Toy preference pairs (ultrafeedback_binarized schema): the right answer over a near miss.
 
-    No pair uses one of the `held_out` prompts of `write_chat_data(..., n_test=held_out, seed=seed)`.
-    test_prefs is a validation set: its prompts (a share of each kind's training prompts) are in no
-    train_prefs pair.
+    With `held_out` > 0 no pair (train_prefs or test_prefs) uses one of the held-out prompts of
+    `write_chat_data(..., n_test=held_out, seed=seed)`; the demo sets it. test_prefs (DPO's eval
+    split) is drawn like train_prefs with another seed, so the small kinds' prompts recur in both.
     """
     directory = Path(directory)
-    split = split_prompts(held_out, seed)
-    pick = random.Random(seed + 2)
-    fit, val = {}, {}
-    for k, prompts in split.train.items():
-        order = pick.sample(prompts, len(prompts))
-        n_val = max(1, int(len(prompts) * PAIR_VALIDATION_SHARE))
-        val[k], fit[k] = sorted(order[:n_val]), sorted(order[n_val:])
+    excluded = {p for ps in split_prompts(held_out, seed).test.values() for p in ps} if held_out else set()
     rng = random.Random(seed + 7)
-    for name, per_kind, n in (("train_prefs", fit, n_train), ("test_prefs", val, n_test)):
+    for split, n, s in (("train_prefs", n_train, seed), ("test_prefs", n_test, seed + 1)):
         rows = []
-        for k, prompt in balanced_prompts(per_kind, n, pick):
-            user = {"role": "user", "content": prompt}
+        for ex in sample_examples(n, s, excluded):
+            wrong = near_miss(ex["prompt"], rng)
+            user = {"role": "user", "content": ex["prompt"]}
             rows.append(
                 {
-                    "prompt": prompt,
-                    "chosen": [user, {"role": "assistant", "content": solve(prompt)}],
-                    "rejected": [user, {"role": "assistant", "content": near_miss(prompt, rng)}],
-                    "category": k,
+                    "prompt": ex["prompt"],
+                    "chosen": [user, {"role": "assistant", "content": ex["completion"]}],
+                    "rejected": [user, {"role": "assistant", "content": wrong}],
+                    "category": ex["category"],
                 }
             )
-        write_jsonl(rows, directory / f"{name}.jsonl")
+        write_jsonl(rows, directory / f"{split}.jsonl")
     return directory
+
+
+def sample_examples(n: int, seed: int, excluded: set[str]) -> list[dict]:
+    """`make_dataset(n, seed)` (kinds in turn, prompts drawn with repeats), skipping excluded prompts."""
+    rng, out = random.Random(seed), []
+    while len(out) < n:
+        ex = make_example(rng, KINDS[len(out) % len(KINDS)])
+        if ex["prompt"] not in excluded:
+            out.append(ex)
+    return out
 
 
 def write_prompt_data(directory: str | Path, n_train: int = 1000, n_test: int = N_HELD_OUT, seed: int = 0) -> Path:
