@@ -108,7 +108,7 @@ class SeededSampler(LogitsProcessor):
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         u = torch.stack([torch.rand(scores.shape[-1], generator=g, device=scores.device) for g in self.generators])
-        gumbel = -torch.log(-torch.log(u.clamp(min=1e-20)).clamp(min=1e-20))
+        gumbel = -torch.log((-torch.log(u.clamp(min=1e-20))).clamp(min=1e-20))
         return scores.float() + gumbel
 
 
@@ -268,25 +268,68 @@ class PromptSource:
     """Column holding the prompt text; unset: messages (up to the last user turn), prompt, or instruction."""
     category_column: str | None = None
     """Column with a category (defaults: category, then dataset)."""
+    template: str | None = None
+    """Build each prompt from the row's columns, e.g. 'Using the numbers {nums}, ... equals {target}.' (plain {column} fields)."""
+    skip_prompts: int = 0
+    """Rows to skip first (e.g. held-out prompts after the training ones of a one-split dataset)."""
     max_prompts: int | None = None
 
 
 def load_prompts(src: PromptSource) -> list[dict]:
-    """[{id, messages, category}] from a dataset, in order."""
+    """[{id, messages, category, columns, where}] from a dataset, in order.
+
+    `columns` holds the row's plain values (numbers, strings, lists of them) for verifiers that
+    read them (e.g. Countdown's nums and target); `where` names the row for error messages.
+    """
     from .data.loading import load_rows
     from .data.schema import DataError
 
     rows, source = load_rows(src.dataset, src.split, src.subset)
-    if src.max_prompts is not None:
-        rows = rows.select(range(min(src.max_prompts, len(rows))))
+    start = min(src.skip_prompts, len(rows))
+    stop = len(rows) if src.max_prompts is None else min(len(rows), start + src.max_prompts)
+    fields = template_fields(src.template) if src.template else []
+    missing = [f for f in fields if f not in rows.column_names]
+    if missing:
+        raise DataError(f"{source.name}: prompts.template names column(s) {', '.join(missing)}, not among {', '.join(rows.column_names)}")
     cat_col = src.category_column or next((c for c in ("category", "dataset") if c in rows.column_names), None)
     out = []
-    for i, row in enumerate(rows):
-        messages = prompt_messages_of(row, src.column)
+    for i in range(start, stop):
+        row = rows[i]
+        if src.template:
+            messages = [{"role": "user", "content": src.template.format(**{f: row[f] for f in fields})}]
+        else:
+            messages = prompt_messages_of(row, src.column)
         if messages is None:
             raise DataError(f"{source.where(i)}: no prompt (expected {src.column or 'messages, prompt or instruction'})")
-        out.append({"id": i, "messages": messages, "category": row.get(cat_col) if cat_col else None})
+        out.append({"id": i, "messages": messages, "category": row.get(cat_col) if cat_col else None,
+                    "columns": plain_columns(row), "where": source.where(i)})
     return out
+
+
+def template_fields(template: str) -> list[str]:
+    """The {column} fields of a prompt template; anything but a plain column name is refused."""
+    import string
+
+    from .config import ConfigError
+
+    fields = []
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise ConfigError(f"prompts.template: {e}") from None
+    for _, name, spec, conv in parsed:
+        if name is None:
+            continue
+        if not name.isidentifier() or spec or conv:
+            raise ConfigError(f"prompts.template: '{{{name}}}' is not a plain column name (write {{column}}; literal braces as {{{{ }}}})")
+        fields.append(name)
+    return fields
+
+
+def plain_columns(row: dict) -> dict:
+    """The row's values that are numbers, strings, booleans or lists of those (what a verifier may read)."""
+    simple = (str, int, float, bool, type(None))
+    return {k: v for k, v in row.items() if isinstance(v, simple) or (isinstance(v, list) and all(isinstance(x, simple) for x in v))}
 
 
 def prompt_messages_of(row: dict, column: str | None = None) -> list[dict] | None:

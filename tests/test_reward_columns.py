@@ -64,3 +64,32 @@ def test_the_score_cache_keys_rule_scores_on_the_columns(tmp_path):
     prompts = [user("Solve it.")] * 2
     first = cached.score(prompts, ["<answer>3 + 4</answer>"] * 2, [{"nums": [3, 4], "target": 7}, {"nums": [3, 4], "target": 8}])
     assert first == [1.0, 0.1]
+
+
+def test_prompt_templates_and_columns_reach_the_rl_verifier(tmp_path, toy_tokenizer_dir):
+    """Countdown-Tasks-3to4 rows (nums, target; no prompt column) become prompts through a template, keep
+    their columns for the verifier, and a row without them is refused before any model is loaded."""
+    import json
+
+    from alignkit.config import ModelConfig
+    from alignkit.generation import PromptSource, load_prompts
+    from alignkit.train.rl import RLConfig, run_rl
+
+    rows = [{"nums": [3, 8, 1], "target": 24}, {"nums": [2, 5], "target": 10}]
+    (tmp_path / "cd.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    src = PromptSource(dataset=str(tmp_path / "cd.jsonl"), split="train", template="Using the numbers {nums}, make {target}.")
+    got = load_prompts(src)
+    assert got[1]["messages"] == [{"role": "user", "content": "Using the numbers [2, 5], make 10."}]
+    assert got[1]["columns"] == {"nums": [2, 5], "target": 10}
+    with pytest.raises(ConfigError, match="plain column name"):
+        load_prompts(PromptSource(dataset=str(tmp_path / "cd.jsonl"), split="train", template="{nums.__class__}"))
+    skipped = load_prompts(PromptSource(dataset=str(tmp_path / "cd.jsonl"), split="train", template="{target}", skip_prompts=1))
+    assert [p["id"] for p in skipped] == [1]
+
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "Make 24 from three numbers."}) + "\n")
+    cfg = RLConfig(output_dir=str(tmp_path / "run"), model=ModelConfig(name_or_path=str(toy_tokenizer_dir)),
+                   prompts=PromptSource(dataset=str(tmp_path / "bad.jsonl"), split="train"),
+                   reward=RewardConfig(kind="rule", rule="countdown"))
+    with pytest.raises(ConfigError, match=r"prompts: .*bad.jsonl, line 1: .*'nums' and 'target'"):
+        run_rl(cfg)
+    assert not (tmp_path / "run").exists()

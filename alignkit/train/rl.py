@@ -246,6 +246,8 @@ class RLConfig:
     eval_prompts: PromptSource = field(default_factory=no_prompts)
     """Held-out prompts: mean reward of greedy completions at every evaluation (dataset unset: none)."""
     reward: RewardConfig = field(default_factory=RewardConfig)
+    """The reward; rule verifiers also receive each prompt row's columns. reward.cache auto: no cache here
+    (fresh samples rarely repeat); a file path keeps one."""
     rl: RLParams = field(default_factory=RLParams)
     train: TrainConfig = field(default_factory=rl_train_defaults)
     """batch_size counts prompts per micro-batch (each brings k samples)."""
@@ -370,8 +372,9 @@ class RolloutSource(StepSource):
         completions = self.sample(model, messages, generation)  # [prompt][k]
         t1 = time.perf_counter()
         texts = [c.text for cs in completions for c in cs]
+        columns = [self.prompts[i].get("columns") or {} for i in flat for _ in range(p.k)]
         try:
-            scores = self.backend.score([m for m in messages for _ in range(p.k)], texts)
+            scores = self.backend.score([m for m in messages for _ in range(p.k)], texts, columns=columns)
         except Exception as e:  # an API down after its retries, a server gone: stop at a clean step
             raise SourceFailed(f"the reward backend failed ({type(e).__name__}: {e})") from e
         rewards = torch.tensor(scores, dtype=torch.float64)
@@ -513,16 +516,18 @@ def rl_loss_fn(p: RLParams):
 def make_eval_fn(cfg: RLConfig, chat, backend):
     if not cfg.eval_prompts.dataset:
         return None
-    prompts = [p["messages"] for p in load_prompts(cfg.eval_prompts)]
-    if not prompts:
-        raise ValueError(f"eval_prompts: no prompts in {cfg.eval_prompts.dataset}")
+    rows = load_prompts(cfg.eval_prompts)
+    if not rows:
+        raise ConfigError(f"eval_prompts: no prompts in {cfg.eval_prompts.dataset}")
+    check_prompt_rows(backend, rows, "eval_prompts")
     params = SamplingParams(max_new_tokens=cfg.rl.max_new_tokens, temperature=0.0)
 
     def eval_fn(model) -> dict:
         state = distributed_state()
-        mine = prompts[state.process_index :: state.num_processes]
-        outs = [c[0] for c in generate(model, chat, mine, params, cfg.rl.generation_batch_size)] if mine else []
-        rewards = backend.score(mine, [o.text for o in outs]) if mine else []
+        mine = rows[state.process_index :: state.num_processes]
+        prompts = [r["messages"] for r in mine]
+        outs = [c[0] for c in generate(model, chat, prompts, params, cfg.rl.generation_batch_size)] if mine else []
+        rewards = backend.score(prompts, [o.text for o in outs], columns=[r["columns"] for r in mine]) if mine else []
         sums = torch.tensor([sum(rewards), len(rewards), sum(len(o.token_ids) for o in outs), sum(o.finish_reason == "length" for o in outs)],
                             dtype=torch.float64)
         if state.num_processes > 1:
@@ -537,6 +542,14 @@ def make_eval_fn(cfg: RLConfig, chat, backend):
 # --------------------------------------------------------------------------- the stage
 
 
+def check_prompt_rows(backend, rows: list[dict], what: str) -> None:
+    """Before any work: every prompt row has the columns the reward's verifier needs (naming row and column)."""
+    check = getattr(getattr(backend, "backend", backend), "check_rows", None)
+    if check is not None:
+        by_index = {i: r for i, r in enumerate(rows)}
+        check([r["messages"] for r in rows], [r.get("columns") or {} for r in rows], where=lambda i: f"{what}: {by_index[i]['where']}")
+
+
 def run_rl(cfg: RLConfig, callbacks=()) -> Path:
     """Train cfg.model with RLOO or GRPO on cfg.prompts against cfg.reward; return the run directory."""
     from ..evaluate.callback import WinRateCallback
@@ -548,8 +561,9 @@ def run_rl(cfg: RLConfig, callbacks=()) -> Path:
     chat = load_tokenizer(cfg.model)
     prompts = load_prompts(cfg.prompts)
     if not prompts:
-        raise ValueError(f"prompts: no prompts in {cfg.prompts.dataset}")
-    backend = build_backend(cfg.reward, None)
+        raise ConfigError(f"prompts: no prompts in {cfg.prompts.dataset}")
+    backend = build_backend(cfg.reward, cfg.reward.cache_path(out) if cfg.reward.cache not in ("auto", "") else None)
+    check_prompt_rows(backend, prompts, "prompts")
     model = load_causal_lm(cfg.model, chat)
     ref_model = None
     if cfg.rl.beta > 0:
