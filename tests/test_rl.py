@@ -226,11 +226,11 @@ def test_a_reward_backend_that_fails_stops_with_a_checkpoint_and_resumes(tmp_pat
             super().__init__("toy")
             self.calls, self.fail_at = 0, fail_at
 
-        def score(self, prompts, responses):
+        def score(self, prompts, responses, columns=None):
             self.calls += 1
             if self.fail_at and self.calls >= self.fail_at:
                 raise RuntimeError("HTTP 503 after 5 retries")
-            return super().score(prompts, responses)
+            return super().score(prompts, responses, columns)
 
     monkeypatch.setattr(rl, "build_backend", lambda cfg, cache: Flaky(fail_at=3))
     cfg = rl_cfg(tmp_path / "run", trained_toy_model, toy_data_dir)
@@ -249,7 +249,7 @@ def test_non_finite_rewards_stop_before_the_update(tmp_path, trained_toy_model, 
     class NaNReward:
         identity = "nan"
 
-        def score(self, prompts, responses):
+        def score(self, prompts, responses, columns=None):
             return [float("nan")] * len(responses)
 
     monkeypatch.setattr(rl, "build_backend", lambda cfg, cache: NaNReward())
