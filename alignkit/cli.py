@@ -22,6 +22,7 @@ from .generation import GenerateConfig, run_generate
 from .rewards.server import ServeRewardConfig, serve_reward
 from .train.dpo import DPOConfig, run_dpo
 from .train.loop import check_launch
+from .train.rl import RLConfig, run_rl
 from .train.rm import RMConfig, run_rm
 from .train.sft import SFTConfig, run_sft
 
@@ -97,6 +98,7 @@ STAGES = {
     "sft": Stage(SFTConfig, run_sft, "supervised fine-tuning on chat data (loss on assistant tokens only)"),
     "dpo": Stage(DPOConfig, run_dpo, "direct preference optimisation (sigmoid, IPO, DPO-Positive, KL, length-normalised) on preference pairs"),
     "rm": Stage(RMConfig, run_rm, "train a Bradley-Terry reward model on preference pairs (causal LM or encoder)"),
+    "rl": Stage(RLConfig, run_rl, "online RL (RLOO, GRPO) against any reward: sample, score, update, in the one training loop"),
     "generate": Stage(GenerateConfig, run_generate, "generate responses for a prompt set (resumable JSONL)"),
     "eval": Stage(EvalConfig, run_eval, "win rate of a model or responses file against a reference, judged by a reward backend"),
     "serve-reward": Stage(ServeRewardConfig, serve_reward, "serve a reward backend through the OpenAI-compatible reward API (loopback by default)"),
@@ -199,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # Errors whose message says everything a user needs; anything else keeps its traceback.
-USER_ERRORS = {"ConfigError", "DataError", "TemplateError", "TrainingDiverged", "FileExistsError", "FileNotFoundError", "OSError", "RemoteError", "CheckpointError"}
+USER_ERRORS = {"ConfigError", "DataError", "TemplateError", "TrainingDiverged", "StepFailed", "FileExistsError", "FileNotFoundError", "OSError",
+               "RemoteError", "CheckpointError"}
 
 
 def quiet_third_party() -> None:

@@ -3,8 +3,8 @@
 `generate(model, chat, prompts, params) -> list[list[Completion]]` (n completions per prompt).
 The transformers engine batches prompts longest first with left padding and the KV cache and
 stops at the end-of-turn token; the vLLM engine takes the same token ids and returns the same
-`Completion`s. `SamplingParams` alone decide decoding on both; sampled prompts are seeded one by one
-from their tokens, so samples do not depend on batching. `alignkit generate` wraps them with prompt
+`Completion`s. `SamplingParams` alone decide decoding on both; each sample is seeded from the seed,
+its prompt's tokens and its index, so samples do not depend on batching. `alignkit generate` wraps them with prompt
 loading, a resumable JSONL output (resumed only for the same job, fingerprinted in job.json), and
 prompt sharding across processes (any process count may resume another's run).
 """
@@ -18,13 +18,14 @@ import logging
 import os
 import zlib
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers.generation.logits_process import MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from .config import ModelConfig
 from .data.chat import tokenize_prompt
@@ -72,6 +73,8 @@ class Completion:
     text: str
     token_ids: list[int]
     finish_reason: str  # "stop" (end-of-turn) or "length"
+    stop_id: int | None = None
+    """The stop token that ended it (not in token_ids), for training on the sample (RL)."""
 
 
 def decoding_config(params: SamplingParams, stop: list[int], pad_id: int) -> GenerationConfig:
@@ -91,14 +94,46 @@ def prompt_seed(seed: int, ids: list[int]) -> int:
     return zlib.crc32(json.dumps([seed, ids]).encode())
 
 
+class SeededSampler(LogitsProcessor):
+    """Sampling as argmax(warped logits + Gumbel noise), each row's noise from its own generator.
+
+    The Gumbel-max trick draws exactly from softmax(scores). Because every row has its own
+    generator, a row's sample depends only on its seed and its own logits, not on which prompts
+    share the batch: batched sampling stays reproducible per prompt across batching, chunking,
+    sharding and resume (up to float differences from padding), as vLLM's per-request seeds are.
+    """
+
+    def __init__(self, seeds: list[int], device: torch.device):
+        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        u = torch.stack([torch.rand(scores.shape[-1], generator=g, device=scores.device) for g in self.generators])
+        gumbel = -torch.log((-torch.log(u.clamp(min=1e-20))).clamp(min=1e-20))
+        return scores.float() + gumbel
+
+
+def sampling_processors(params: SamplingParams, seeds: list[int], device) -> LogitsProcessorList:
+    """Temperature, top-k, top-p and min-p warping, then seeded Gumbel noise (greedy decoding picks the sample)."""
+    procs = LogitsProcessorList([TemperatureLogitsWarper(params.temperature)])
+    if params.top_k > 0:
+        procs.append(TopKLogitsWarper(params.top_k))
+    if params.top_p < 1.0:
+        procs.append(TopPLogitsWarper(params.top_p))
+    if params.min_p > 0:
+        procs.append(MinPLogitsWarper(params.min_p))
+    procs.append(SeededSampler(seeds, device))
+    return procs
+
+
 @torch.no_grad()
 def generate(model, chat, prompts: list[list[dict]], params: SamplingParams, batch_size: int = 16, progress: bool = False) -> list[list[Completion]]:
     """`params.n` completions per prompt, in prompt order.
 
-    The global torch RNG (CPU and CUDA) is left as it was, so a training run that evaluates keeps its
-    random stream. When sampling, each prompt is decoded on its own, seeded by `prompt_seed`: its
-    samples do not depend on batching, chunking, sharding or resuming (as with vLLM). Greedy and beam
-    decoding batch prompts longest first.
+    Prompts are batched longest first (left padding, KV cache). The global torch RNG (CPU and CUDA)
+    is left as it was, so a training run that evaluates keeps its random stream. Seeded sampling
+    gives sample j of each prompt its own seed from (seed, prompt tokens, j) (`SeededSampler`): its
+    samples do not depend on batching, chunking, sharding or resuming (as with vLLM). `batch_size`
+    counts sequences (a prompt with n samples takes n rows).
     """
     tok = chat.tokenizer
     encoded = [tokenize_prompt(tok, p) for p in prompts]
@@ -107,10 +142,16 @@ def generate(model, chat, prompts: list[list[dict]], params: SamplingParams, bat
     results: list[list[Completion]] = [[] for _ in prompts]
     if params.n > 1 and params.temperature <= 0 and params.num_beams < params.n:
         raise ValueError("n > 1 needs sampling (temperature > 0) or num_beams >= n")
-    decoding = decoding_config(params, stop, chat.pad_id)
-    per_prompt_seed = params.temperature > 0 and params.seed is not None
-    batches = [[i] for i in order] if per_prompt_seed else [
-        order[k : k + batch_size] for k in range(0, len(order), batch_size)]
+    seeded = params.temperature > 0 and params.seed is not None and params.num_beams == 1
+    beam_sample = params.temperature > 0 and params.seed is not None and params.num_beams > 1
+    if seeded:  # one row per (prompt, sample); greedy decoding over Gumbel-perturbed warped logits
+        rows = [(i, j) for i in order for j in range(params.n)]
+        decoding = decoding_config(replace(params, temperature=0.0, n=1), stop, chat.pad_id)
+    else:
+        rows = [(i, None) for i in order]
+        decoding = decoding_config(params, stop, chat.pad_id)
+    step = 1 if beam_sample else max(1, batch_size // (params.n if seeded else 1)) * (params.n if seeded else 1)
+    batches = [rows[k : k + step] for k in range(0, len(rows), step)]
     was_training, checkpoint_defaults = model.training, model.generation_config
     # transformers fills every unset field from the model's generation_config; swap in a blank one.
     model.eval()
@@ -121,17 +162,25 @@ def generate(model, chat, prompts: list[list[dict]], params: SamplingParams, bat
     rng = torch.random.fork_rng(devices=cuda) if params.seed is not None else nullcontext()
     try:
         with rng:
-            for idx in tqdm(batches, disable=not progress, desc="generate"):
-                if per_prompt_seed:
+            for batch in tqdm(batches, disable=not progress, desc="generate"):
+                idx = [i for i, _ in batch]
+                extra = {}
+                if seeded:
+                    seeds = [zlib.crc32(json.dumps([params.seed, encoded[i], j]).encode()) for i, j in batch]
+                    extra["logits_processor"] = sampling_processors(params, seeds, device)
+                elif beam_sample:  # beam sampling keeps transformers' sampler: one prompt per call, seeded
                     torch.manual_seed(prompt_seed(params.seed, encoded[idx[0]]))
                 ids = pad([encoded[i] for i in idx], chat.pad_id, side="left").to(device)
                 mask = pad([[1] * len(encoded[i]) for i in idx], 0, side="left").to(device)
-                out = model.generate(input_ids=ids, attention_mask=mask, generation_config=decoding)
+                out = model.generate(input_ids=ids, attention_mask=mask, generation_config=decoding, **extra)
+                per_row = 1 if seeded else params.n
                 for row in range(out.shape[0]):
                     new = out[row, ids.shape[1] :].tolist()
                     cut = next((k for k, t in enumerate(new) if t in stop), None)
+                    stop_id = new[cut] if cut is not None else None
                     new = new[:cut] if cut is not None else [t for t in new if t != chat.pad_id]
-                    results[idx[row // params.n]].append(Completion(tok.decode(new, skip_special_tokens=True), new, "stop" if cut is not None else "length"))
+                    results[idx[row // per_row]].append(
+                        Completion(tok.decode(new, skip_special_tokens=True), new, "stop" if cut is not None else "length", stop_id))
     finally:
         model.generation_config = checkpoint_defaults
         model.train(was_training)
@@ -198,9 +247,10 @@ def generate_vllm(llm, chat, prompts: list[list[dict]], params: SamplingParams) 
         for o in sorted(req.outputs, key=lambda o: o.index):
             ids = list(o.token_ids)
             stopped = o.finish_reason == "stop"
+            stop_id = None
             if stopped and ids and ids[-1] in stop:  # vLLM keeps the stop token; the text never does
-                ids = ids[:-1]
-            completions.append(Completion(tok.decode(ids, skip_special_tokens=True), ids, "stop" if stopped else "length"))
+                stop_id, ids = ids[-1], ids[:-1]
+            completions.append(Completion(tok.decode(ids, skip_special_tokens=True), ids, "stop" if stopped else "length", stop_id))
         results.append(completions)
     return results
 
@@ -218,25 +268,68 @@ class PromptSource:
     """Column holding the prompt text; unset: messages (up to the last user turn), prompt, or instruction."""
     category_column: str | None = None
     """Column with a category (defaults: category, then dataset)."""
+    template: str | None = None
+    """Build each prompt from the row's columns, e.g. 'Using the numbers {nums}, ... equals {target}.' (plain {column} fields)."""
+    skip_prompts: int = 0
+    """Rows to skip first (e.g. held-out prompts after the training ones of a one-split dataset)."""
     max_prompts: int | None = None
 
 
 def load_prompts(src: PromptSource) -> list[dict]:
-    """[{id, messages, category}] from a dataset, in order."""
+    """[{id, messages, category, columns, where}] from a dataset, in order.
+
+    `columns` holds the row's plain values (numbers, strings, lists of them) for verifiers that
+    read them (e.g. Countdown's nums and target); `where` names the row for error messages.
+    """
     from .data.loading import load_rows
     from .data.schema import DataError
 
     rows, source = load_rows(src.dataset, src.split, src.subset)
-    if src.max_prompts is not None:
-        rows = rows.select(range(min(src.max_prompts, len(rows))))
+    start = min(src.skip_prompts, len(rows))
+    stop = len(rows) if src.max_prompts is None else min(len(rows), start + src.max_prompts)
+    fields = template_fields(src.template) if src.template else []
+    missing = [f for f in fields if f not in rows.column_names]
+    if missing:
+        raise DataError(f"{source.name}: prompts.template names column(s) {', '.join(missing)}, not among {', '.join(rows.column_names)}")
     cat_col = src.category_column or next((c for c in ("category", "dataset") if c in rows.column_names), None)
     out = []
-    for i, row in enumerate(rows):
-        messages = prompt_messages_of(row, src.column)
+    for i in range(start, stop):
+        row = rows[i]
+        if src.template:
+            messages = [{"role": "user", "content": src.template.format(**{f: row[f] for f in fields})}]
+        else:
+            messages = prompt_messages_of(row, src.column)
         if messages is None:
             raise DataError(f"{source.where(i)}: no prompt (expected {src.column or 'messages, prompt or instruction'})")
-        out.append({"id": i, "messages": messages, "category": row.get(cat_col) if cat_col else None})
+        out.append({"id": i, "messages": messages, "category": row.get(cat_col) if cat_col else None,
+                    "columns": plain_columns(row), "where": source.where(i)})
     return out
+
+
+def template_fields(template: str) -> list[str]:
+    """The {column} fields of a prompt template; anything but a plain column name is refused."""
+    import string
+
+    from .config import ConfigError
+
+    fields = []
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise ConfigError(f"prompts.template: {e}") from None
+    for _, name, spec, conv in parsed:
+        if name is None:
+            continue
+        if not name.isidentifier() or spec or conv:
+            raise ConfigError(f"prompts.template: '{{{name}}}' is not a plain column name (write {{column}}; literal braces as {{{{ }}}})")
+        fields.append(name)
+    return fields
+
+
+def plain_columns(row: dict) -> dict:
+    """The row's values that are numbers, strings, booleans or lists of those (what a verifier may read)."""
+    simple = (str, int, float, bool, type(None))
+    return {k: v for k, v in row.items() if isinstance(v, simple) or (isinstance(v, list) and all(isinstance(x, simple) for x in v))}
 
 
 def prompt_messages_of(row: dict, column: str | None = None) -> list[dict] | None:

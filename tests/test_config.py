@@ -79,5 +79,6 @@ def test_shipped_recipes_load():
     assert recipes
     for path in recipes:
         stage = path.name.split("-", 1)[0]
+        stage = {"rloo": "rl", "grpo": "rl"}.get(stage, stage)
         cfg = C.load(STAGES[stage].config, path)
         assert cfg.output_dir.startswith("runs/")

@@ -43,7 +43,10 @@ log = logging.getLogger(__name__)
 class RewardBackend(Protocol):
     identity: str
 
-    def score(self, prompts: list[list[dict]], responses: list[str]) -> list[float]: ...
+    def score(self, prompts: list[list[dict]], responses: list[str], columns: list[dict] | None = None) -> list[float]:
+        """One score per (prompt, response). `columns`: the prompt's dataset row per pair, for rule
+        verifiers that read them (e.g. Countdown's nums and target); model backends ignore them."""
+        ...
 
 
 @dataclass
@@ -66,6 +69,8 @@ class RewardConfig:
     max_retries: int = 5
     batch_size: int = 16
     max_length: int = 2048
+    tolerance: float | None = None
+    """rule: numeric tolerance for verifiers that compare numbers (countdown); unset: exact. 1e-5 is the course's grader."""
     cache: str = "auto"
     """Score cache: auto (<output_dir>/scores.sqlite; serve-reward: none), none/off (no cache), or a SQLite file."""
 
@@ -91,7 +96,7 @@ def build_backend(cfg: RewardConfig, cache_path: Path | None) -> RewardBackend:
         backend = RemoteReward(cfg.base_url, cfg.model, key, cfg.concurrency, cfg.timeout_s, cfg.max_retries,
                                allow_insecure_http=cfg.allow_insecure_http, key_name=cfg.api_key_env)
     else:
-        backend = RuleReward(cfg.rule, cfg.allow_python_verifier)
+        backend = RuleReward(cfg.rule, cfg.allow_python_verifier, cfg.tolerance)
     if cache_path is not None:
         backend = CachedReward(backend, cache_path)
     return backend
@@ -115,19 +120,44 @@ class RuleReward:
     """A verifier per (prompt, response). A verifier that raises (or returns a non-finite number)
     scores 0.0 for that response, with a warning: model output must never stop a run."""
 
-    def __init__(self, name: str, allow_python: bool = False):
+    def __init__(self, name: str, allow_python: bool = False, tolerance: float | None = None):
+        import inspect
+
         from .verifiers import get_verifier
 
         self.fn = get_verifier(name, allow_python)
-        self.identity = f"rule:{name}"
+        params = inspect.signature(self.fn).parameters
+        self.takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        named = [p for p in params.values() if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)][2:]
+        self.accepts = {p.name for p in named}
+        self.required = sorted(p.name for p in named if p.default is inspect.Parameter.empty and p.name != "tolerance")
+        self.options = {"tolerance": tolerance} if tolerance is not None and ("tolerance" in self.accepts or self.takes_all) else {}
+        if tolerance is not None and not self.options:
+            raise ConfigError(f"reward.tolerance: verifier {name!r} takes no tolerance")
+        self.identity = f"rule:{name}" + (f":tolerance={tolerance}" if self.options else "")
         self.failures = 0
 
-    def score(self, prompts, responses):
-        return [self.score_one(last_user_text(p), r) for p, r in zip(prompts, responses)]
+    def check_rows(self, prompts: list[list[dict]], columns: list[dict] | None, where=lambda i: f"row {i}") -> None:
+        """Refuse, before any work, prompt rows that lack a column the verifier needs (naming row and column)."""
+        check = getattr(self.fn, "check_row", None)
+        for i, p in enumerate(prompts):
+            row = (columns or [{}] * len(prompts))[i] or {}
+            missing = [c for c in self.required if c not in row]
+            if missing:
+                raise ConfigError(f"{where(i)}: verifier {self.identity} needs column(s) {', '.join(missing)} (the row has "
+                                  f"{', '.join(sorted(row)) or 'none'})")
+            problem = check(last_user_text(p), row) if check else None
+            if problem:
+                raise ConfigError(f"{where(i)}: verifier {self.identity} cannot score it: {problem}")
 
-    def score_one(self, prompt: str, response: str) -> float:
+    def score(self, prompts, responses, columns=None):
+        columns = columns or [{}] * len(prompts)
+        return [self.score_one(last_user_text(p), r, c or {}) for p, r, c in zip(prompts, responses, columns)]
+
+    def score_one(self, prompt: str, response: str, columns: dict | None = None) -> float:
+        kwargs = dict(columns or {}) if self.takes_all else {k: v for k, v in (columns or {}).items() if k in self.accepts}
         try:
-            value = float(self.fn(prompt, response))
+            value = float(self.fn(prompt, response, **kwargs, **self.options))
             if math.isfinite(value):
                 return value
             problem = f"returned {value}"
@@ -164,7 +194,7 @@ class HFRewardModel:
         self.identity = f"hf:{source}:{fingerprint}:max_length={max_length}:{str(dtype).removeprefix('torch.')}"
 
     @torch.no_grad()
-    def score(self, prompts, responses):
+    def score(self, prompts, responses, columns=None):
         from ..data.collate import pad
         from .inputs import reward_input_ids
 
@@ -352,7 +382,7 @@ class RemoteReward:
     def redact(self, text: str) -> str:
         return text.replace(self.api_key, "<key>") if self.api_key else text
 
-    def score(self, prompts, responses):
+    def score(self, prompts, responses, columns=None):
         scores = [0.0] * len(responses)
         for i, s in self.score_stream(prompts, responses):
             scores[i] = s
@@ -436,8 +466,9 @@ class CachedReward:
         self.lock = threading.Lock()
         self.misses = 0
 
-    def key(self, prompt, response) -> str:
-        return hashlib.sha256(json.dumps([self.identity, prompt, response], sort_keys=True).encode()).hexdigest()
+    def key(self, prompt, response, columns: dict | None = None) -> str:
+        parts = [self.identity, prompt, response] + ([columns] if columns else [])
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
     def store(self, rows: list[tuple[str, float]]) -> None:
         bad = [s for _, s in rows if not math.isfinite(s)]
@@ -448,8 +479,10 @@ class CachedReward:
         if bad:
             raise ValueError(f"reward backend {self.identity} returned a non-finite score ({bad[0]}); not cached")
 
-    def score(self, prompts, responses):
-        keys = [self.key(p, r) for p, r in zip(prompts, responses)]
+    def score(self, prompts, responses, columns=None):
+        # Columns change a rule's score, never a model's: only rules see (and are keyed by) them.
+        columns = columns if isinstance(self.backend, RuleReward) and columns else None
+        keys = [self.key(p, r, columns[i] if columns else None) for i, (p, r) in enumerate(zip(prompts, responses))]
         found = {}
         with self.lock:
             for start in range(0, len(keys), 500):
@@ -467,7 +500,8 @@ class CachedReward:
                     self.store([(keys[idx[j]], s)])
                     found[keys[idx[j]]] = s
             else:
-                new = self.backend.score(batch_prompts, batch_responses)
+                extra = {"columns": [columns[i] for i in idx]} if columns else {}
+                new = self.backend.score(batch_prompts, batch_responses, **extra)
                 self.store([(keys[i], s) for i, s in zip(idx, new)])
                 found.update({keys[i]: s for i, s in zip(idx, new)})
         return [found[k] for k in keys]

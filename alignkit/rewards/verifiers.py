@@ -22,7 +22,9 @@ from typing import Callable
 from ..config import ConfigError
 from .toy import toy_reward
 
-Verifier = Callable[[str, str], float]  # (prompt text, response) -> score
+Verifier = Callable[..., float]
+"""(prompt text, response, **columns) -> score. Columns of the prompt's dataset row (e.g. Countdown's
+nums and target) are passed by name to the verifiers that take them; a text-only verifier gets none."""
 
 MAX_PROMPT_CHARS = 20_000
 MAX_RESPONSE_CHARS = 100_000
@@ -90,19 +92,49 @@ def last_answer(response: str) -> str | None:
     return response[start + len("<answer>") : end] if start >= 0 else None
 
 
-def countdown_reward(prompt: str, response: str) -> float:
+def countdown_reward(prompt: str, response: str, nums=None, target=None, tolerance: float | None = None) -> float:
     """Countdown: 1.0 for an equation in <answer>...</answer> that uses each given number once and
-    equals the target; 0.1 for a well-formed answer that does not; 0.0 otherwise."""
-    task = countdown_task(prompt)
+    equals the target; 0.1 for a well-formed answer that does not; 0.0 otherwise.
+
+    The numbers and the target come from the dataset row's own columns (`nums`, `target`, as in
+    Countdown-Tasks-3to4) when it has them, else from the prompt's wording. `tolerance` None
+    compares exactly (fractions); 1e-5 is the course's (TinyZero's) grader, which accepts an
+    equation within 1e-5 of the target.
+    """
+    task = row_task(nums, target) or countdown_task(prompt)
     answer = last_answer(response) if task and len(response) <= MAX_RESPONSE_CHARS else None
     if answer is None:
         return 0.0
-    given, target = task
+    given, goal = task
     try:
         value, used = safe_arithmetic(answer.split("=")[0])
     except UnsafeExpression:
         return 0.0
-    return 1.0 if Counter(used) == Counter(given) and value == target else 0.1
+    close = value == goal if tolerance is None else abs(float(value) - goal) <= tolerance
+    return 1.0 if Counter(used) == Counter(given) and close else 0.1
+
+
+def row_task(nums, target) -> tuple[list[int], int] | None:
+    if nums is None or target is None:
+        return None
+    values = [nums] if isinstance(nums, (int, str)) else list(nums)
+    if not all(isinstance(x, int) or (isinstance(x, str) and x.strip().lstrip("-").isdigit() and len(x) <= MAX_DIGITS) for x in values):
+        return None
+    if not (isinstance(target, int) or (isinstance(target, str) and target.strip().lstrip("-").isdigit() and len(target) <= MAX_DIGITS)):
+        return None
+    return [int(x) for x in values], int(target)
+
+
+def check_countdown_row(prompt: str, columns: dict) -> str | None:
+    """Why a Countdown prompt row cannot be scored (None: it can)."""
+    if row_task(columns.get("nums"), columns.get("target")) or countdown_task(prompt):
+        return None
+    if "nums" in columns or "target" in columns:
+        return "columns 'nums' and 'target' must hold integers (a list of them, and one)"
+    return "needs the columns 'nums' and 'target', or a prompt that states 'numbers [...]' and 'equals N'"
+
+
+countdown_reward.check_row = check_countdown_row
 
 
 VERIFIERS: dict[str, Verifier] = {"toy": toy_reward, "countdown": countdown_reward}

@@ -34,10 +34,25 @@ def label_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, la
 
     Position t of the model predicts labels[:, t + 1].
     """
+    logps, _, mask = label_stats(model, input_ids, attention_mask, labels, entropy=False)
+    return logps, mask
+
+
+@torch.no_grad()
+def label_logps_entropy(model, input_ids, attention_mask, labels) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """No gradient: (log p of each labelled token, the entropy of the model's distribution there, mask).
+
+    For RL's sampling-time pass: the old log-probs and the policy's entropy from one forward.
+    """
+    return label_stats(model, input_ids, attention_mask, labels, entropy=True)
+
+
+def label_stats(model, input_ids, attention_mask, labels, entropy: bool):
     targets = labels[:, 1:]
     mask = targets != IGNORE_INDEX
     inner = extract_model_from_parallel(model)
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    stats = head_stats if entropy else head_logps
     if head is not None and not getattr(inner, FULL_LOGITS, False):
         # logits_to_keep=1: the model's own forward (so DDP and hooks see it) projects one position only.
         out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, logits_to_keep=1)
@@ -50,19 +65,37 @@ def label_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, la
             pieces = []
             for start in range(0, hidden.shape[0], CHUNK_TOKENS):
                 h, y = hidden[start : start + CHUNK_TOKENS], wanted[start : start + CHUNK_TOKENS]
-                pieces.append(checkpoint(head_logps, head, h, y, use_reentrant=False) if torch.is_grad_enabled() else head_logps(head, h, y))
+                pieces.append(checkpoint(stats, head, h, y, use_reentrant=False) if torch.is_grad_enabled() else stats(head, h, y))
+            if entropy:
+                empty = hidden.new_zeros(0, dtype=torch.float32)
+                logps = torch.cat([p[0] for p in pieces]) if pieces else empty
+                ent = torch.cat([p[1] for p in pieces]) if pieces else empty
+                return logps, ent, mask
             logps = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
             # The kept logit joins the graph at zero weight: the output layer gets a gradient even in a
             # batch without labels, which DDP needs on every process.
-            return logps + out.logits.sum() * 0.0, mask
+            return logps + out.logits.sum() * 0.0, None, mask
         log.warning("%s: logits are not the output layer applied to the last hidden state; computing full logits", type(inner).__name__)
         setattr(inner, FULL_LOGITS, True)
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
-    return chunk_logps(logits[mask], targets[mask]), mask
+    if entropy:
+        logps, ent = logits_stats(logits[mask], targets[mask])
+        return logps, ent, mask
+    return chunk_logps(logits[mask], targets[mask]), None, mask
 
 
 def head_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return chunk_logps(head(hidden), targets)
+
+
+def head_stats(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return logits_stats(head(hidden), targets)
+
+
+def logits_stats(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(target) and the entropy -sum p log p of each row's distribution."""
+    logp = logits.float().log_softmax(-1)
+    return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1)
 
 
 def chunk_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

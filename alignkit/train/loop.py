@@ -10,6 +10,11 @@ Data order is a pure function of (seed, epoch) and the step number, which is wha
 exact: a resumed run recomputes where it was instead of replaying a data loader. A checkpoint also
 holds the open logging window, so the log lines after a resume match an uninterrupted run's.
 
+Where each step's batches come from is a `StepSource`: a fixed list of examples (SFT, DPO, reward
+models: `ExampleSource`) or a method that makes them at each step from the current model (online
+RL: prompts -> samples -> rewards -> advantages, `train/rl.py`). A source's own state (e.g. a
+rollout that several optimizer steps reuse) is saved with each checkpoint, so resume stays exact.
+
 The run's config.yaml is written only once the run may start (not when it is refused for existing
 checkpoints); on resume, settings that change what the run computes must match the saved ones.
 """
@@ -51,7 +56,8 @@ class LossOutput:
     count: torch.Tensor | int
     """Number of units (target tokens, pairs, ...) the sum covers."""
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
-    """Per-unit sums of extra quantities to report as means (detached)."""
+    """Extra quantities to report as means (detached): a scalar is a sum over this output's units;
+    a tensor [sum, count] is averaged over its own count (e.g. a per-token rate in a per-sequence loss)."""
     tokens: int = 0
     """Input tokens processed, for throughput."""
 
@@ -134,6 +140,8 @@ RESUMABLE_CHANGES = {
     "output_dir", "train.max_steps", "train.epochs", "train.logging_steps",
     "train.eval_steps", "train.save_steps", "train.save_total_limit", "train.early_stopping_patience",
     "train.gradient_checkpointing", "data.num_proc", "dpo.ref_cache_dir", "dpo.precompute_ref",
+    "rl.log_samples_steps", "rl.samples_per_log", "rl.generation_batch_size", "reward.concurrency", "reward.timeout_s",
+    "reward.max_retries", "reward.batch_size",
 }
 
 
@@ -174,7 +182,7 @@ def check_resumed_config(saved_path: Path, config) -> None:
 
 def new_window(saved: dict | None = None) -> dict:
     """The sums behind the next log line; `saved` reopens one kept in a checkpoint (its clock restarts)."""
-    window = {"loss_sum": 0.0, "count": 0.0, "tokens": 0, "metrics": {}}
+    window = {"loss_sum": 0.0, "count": 0.0, "tokens": 0, "metrics": {}, "source": {}}
     window.update({k: v for k, v in (saved or {}).items() if k in window})
     window["time"] = time.perf_counter()
     return window
@@ -196,6 +204,27 @@ def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
         betas=(cfg.adam_beta1, cfg.adam_beta2),
         eps=cfg.adam_epsilon,
     )
+
+
+class StepSource:
+    """Where each optimizer step's micro-batches come from (see the module docstring)."""
+
+    total_steps: int
+    steps_per_epoch: int
+
+    def micro_batches(self, step: int, model) -> list[dict]:
+        """This process's collated micro-batches for optimizer step `step` (0-based)."""
+        raise NotImplementedError
+
+    def step_metrics(self) -> dict[str, tuple[float, float]]:
+        """(sum, count) per metric of the step just built, on this process; the loop reduces and logs them."""
+        return {}
+
+    def state_dict(self) -> dict:
+        """JSON-serialisable state that a checkpoint must keep for an exact resume."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 class StepPlan:
@@ -227,6 +256,17 @@ class StepPlan:
         return [mine[j * self.bs : (j + 1) * self.bs] for j in range(self.accum)]
 
 
+class ExampleSource(StepSource):
+    """A fixed list of examples, read in the order of a StepPlan and collated per micro-batch."""
+
+    def __init__(self, data, collate: Callable, plan: "StepPlan"):
+        self.data, self.collate, self.plan = data, collate, plan
+        self.total_steps, self.steps_per_epoch = plan.total_steps, plan.steps_per_epoch
+
+    def micro_batches(self, step: int, model) -> list[dict]:
+        return [self.collate([self.data[i] for i in idx]) for idx in self.plan.micro_batches(step)]
+
+
 def train(
     model,
     chat,
@@ -238,8 +278,15 @@ def train(
     run: RunOptions,
     callbacks: list[Callback] = (),
     save_fn: Callable | None = None,
+    source_fn: Callable[[int, int], StepSource] | None = None,
+    eval_fn: Callable[[object], dict] | None = None,
 ) -> Path:
-    """Train `model` and write the run directory; return the `final/` model directory."""
+    """Train `model` and write the run directory; return the `final/` model directory.
+
+    By default the steps read `train_data` through `collate`; `source_fn(world, rank)` supplies
+    them instead (train_data is then unused). `eval_fn(model) -> metrics` replaces the loss-based
+    evaluation on `eval_data` (e.g. RL's mean reward on held-out prompts).
+    """
     from ..models import save_model
 
     save_fn = save_fn or save_model
@@ -251,7 +298,10 @@ def train(
     is_main = accelerator.is_main_process
     torch.manual_seed(run.seed)
 
-    plan = StepPlan(len(train_data), cfg, accelerator.num_processes, accelerator.process_index, run.seed)
+    if source_fn is not None:
+        plan = source_fn(accelerator.num_processes, accelerator.process_index)
+    else:
+        plan = ExampleSource(train_data, collate, StepPlan(len(train_data), cfg, accelerator.num_processes, accelerator.process_index, run.seed))
     warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * plan.total_steps)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -283,6 +333,9 @@ def train(
         saved = ckpt.read_state(resume_from)
         state = LoopState(**{k: v for k, v in saved.items() if k in LoopState.__dataclass_fields__})
         ckpt.set_rng_state(ckpt.load_rng_state(resume_from / f"rng_state_{accelerator.process_index}.pt"))
+        source_state = resume_from / f"source_state_{accelerator.process_index}.json"
+        if source_state.is_file():
+            plan.load_state_dict(json.loads(source_state.read_text()))
         log.info("resumed from %s (step %d of %d)", resume_from, state.step, plan.total_steps)
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -308,6 +361,9 @@ def train(
             tmp.mkdir(parents=True, exist_ok=True)
         accelerator.wait_for_everyone()
         torch.save(ckpt.rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
+        source_state = plan.state_dict()
+        if source_state:
+            (tmp / f"source_state_{accelerator.process_index}.json").write_text(json.dumps(source_state))
         accelerator.wait_for_everyone()
         if is_main:
             save_fn(unwrapped, chat, tmp)
@@ -320,7 +376,10 @@ def train(
         accelerator.wait_for_everyone()
 
     def evaluate() -> dict:
-        metrics = eval_losses(unwrapped, eval_data, collate, loss_fn, cfg.batch_size, accelerator)
+        if eval_fn is not None:
+            metrics = eval_fn(unwrapped)
+        else:
+            metrics = eval_losses(unwrapped, eval_data, collate, loss_fn, cfg.batch_size, accelerator)
         for cb in callbacks:
             cb.on_evaluate(state, metrics, unwrapped)
         if cfg.metric_for_best not in metrics:
@@ -334,7 +393,8 @@ def train(
         log_line({"step": state.step, "epoch": round(state.step / plan.steps_per_epoch, 4), **metrics})
         return metrics
 
-    track_best = eval_data is not None and cfg.early_stopping_patience is not None
+    has_eval = eval_data is not None or eval_fn is not None
+    track_best = has_eval and cfg.early_stopping_patience is not None
     greater = higher_is_better(cfg)
     if track_best:
         how = "set by train.greater_is_better" if cfg.greater_is_better is not None else "inferred from its name"
@@ -345,9 +405,19 @@ def train(
     while state.step < plan.total_steps and not state.stop:
         sums = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss_sum, count, tokens
         metric_sums: dict[str, torch.Tensor] = {}
-        micro = plan.micro_batches(state.step)
-        for j, idx in enumerate(micro):
-            batch = to_device(collate([train_data[i] for i in idx]), accelerator.device)
+        try:
+            with accelerator.autocast():
+                micro = plan.micro_batches(state.step, unwrapped)
+        except SourceFailed as e:  # e.g. a reward API down after its retries: keep the last completed step
+            where = "no step was completed yet"
+            if state.step > 0:
+                save_checkpoint()
+                where = f"the last completed step ({state.step}) is saved in {ckpt_root / f'step-{state.step}'}; fix the cause and rerun with --resume"
+            raise StepFailed(f"step {state.step + 1} could not be prepared: {e}; {where}") from e
+        for name, value in reduce_source_metrics(plan.step_metrics(), accelerator).items():
+            window["source"].setdefault(name, []).append(value)
+        for j, raw in enumerate(micro):
+            batch = to_device(raw, accelerator.device)
             batch["step"] = state.step  # for schedules inside a loss (e.g. DPO's beta warmup)
             # Gradients sync across processes only on the last micro-batch of the step.
             sync = contextlib.nullcontext() if j == len(micro) - 1 else accelerator.no_sync(model)
@@ -358,7 +428,7 @@ def train(
             for k, v in res.metrics.items():
                 metric_sums[k] = metric_sums.get(k, 0) + v.detach().double()
         totals = accelerator.reduce(sums, "sum")
-        metric_totals = {k: accelerator.reduce(v.to(accelerator.device), "sum").item() for k, v in sorted(metric_sums.items())}
+        metric_totals = {k: accelerator.reduce(v.to(accelerator.device), "sum") for k, v in sorted(metric_sums.items())}
         loss_sum, count, tokens = totals.tolist()
         lr = scheduler.get_last_lr()[0]
         if count == 0:
@@ -387,7 +457,7 @@ def train(
         window["count"] += count
         window["tokens"] += tokens
         for k, v in metric_totals.items():
-            window["metrics"][k] = window["metrics"].get(k, 0.0) + v
+            window["metrics"][k] = add_metric(window["metrics"].get(k), v)
         bar.update(1)
         logs: dict = {}
         if state.step % cfg.logging_steps == 0 or state.step == plan.total_steps:
@@ -397,7 +467,8 @@ def train(
                 "step": state.step,
                 "epoch": round(state.step / plan.steps_per_epoch, 4),
                 "loss": window["loss_sum"] / n,
-                **{k: v / n for k, v in window["metrics"].items()},
+                **{k: metric_mean(v, n) for k, v in window["metrics"].items()},
+                **{k: (max(v) if k.endswith("_max") else sum(v) / len(v)) for k, v in window["source"].items()},
                 "lr": lr,
                 "grad_norm": grad_norm,
                 "tokens_seen": state.tokens_seen,
@@ -407,7 +478,7 @@ def train(
             bar.set_postfix(loss=f"{logs['loss']:.4f}")
             window = new_window()
         evaluated = False
-        if eval_data is not None and cfg.eval_steps and state.step % cfg.eval_steps == 0:
+        if has_eval and cfg.eval_steps and state.step % cfg.eval_steps == 0:
             evaluate()
             evaluated = True
             if track_best and state.evals_without_improvement >= cfg.early_stopping_patience:
@@ -419,7 +490,7 @@ def train(
             cb.on_step_end(state, logs)
     bar.close()
 
-    if eval_data is not None and not (cfg.eval_steps and state.step % cfg.eval_steps == 0):
+    if has_eval and not (cfg.eval_steps and state.step % cfg.eval_steps == 0):
         evaluate()  # always end with an evaluation of the final weights
     if track_best and state.best_step is not None and state.best_step != state.step:
         best = ckpt_root / f"step-{state.best_step}"
@@ -455,9 +526,55 @@ def eval_losses(model, data, collate, loss_fn, batch_size: int, accelerator) -> 
     n = max(totals[1], 1.0)
     metrics = {"eval_loss": totals[0] / n}
     for k, v in sorted(metric_sums.items()):
-        metrics[f"eval_{k}"] = accelerator.reduce(v.to(accelerator.device), "sum").item() / n
+        metrics[f"eval_{k}"] = metric_mean(accelerator.reduce(v.to(accelerator.device), "sum"), n)
     model.train(was_training)
     return metrics
+
+
+class SourceFailed(RuntimeError):
+    """Raised by a StepSource whose step cannot be made for an outside reason (e.g. the reward backend failed)."""
+
+
+class StepFailed(RuntimeError):
+    """A step's batches could not be made (SourceFailed); the last completed step is checkpointed."""
+
+
+def add_metric(acc: float | list | None, value: torch.Tensor) -> float | list[float]:
+    """Accumulate a reduced LossOutput metric as JSON-able numbers: a float, or [sum, count]."""
+    value = value.double().cpu()
+    if value.ndim == 1 and value.numel() == 2:
+        acc = acc or [0.0, 0.0]
+        return [acc[0] + float(value[0]), acc[1] + float(value[1])]
+    return (acc or 0.0) + float(value)
+
+
+def metric_mean(total, units: float) -> float:
+    """A LossOutput metric's mean: a scalar sum is per loss unit; a (sum, count) pair has its own count."""
+    if isinstance(total, torch.Tensor):
+        total = total.double().cpu().tolist()
+    if isinstance(total, list):
+        return total[0] / total[1] if total[1] > 0 else float("nan")
+    return float(total) / units
+
+
+def reduce_source_metrics(metrics: dict[str, tuple[float, float]], accelerator) -> dict[str, float]:
+    """A source's per-process (sum, count) pairs -> one value per metric over all processes.
+
+    Names ending in `_max` are maxima (their count is ignored); the rest are sum / count.
+    """
+    if not metrics:
+        return {}
+    names = sorted(metrics)
+    t = torch.tensor([[float(metrics[k][0]), float(metrics[k][1])] for k in names], dtype=torch.float64, device=accelerator.device)
+    maxima = accelerator.reduce(t[:, 0].clone(), "max") if accelerator.num_processes > 1 else t[:, 0]
+    totals = accelerator.reduce(t, "sum")
+    out = {}
+    for i, k in enumerate(names):
+        if k.endswith("_max"):
+            out[k] = float(maxima[i])
+        elif totals[i, 1] > 0:
+            out[k] = float(totals[i, 0] / totals[i, 1])
+    return out
 
 
 def diverged(what: str, value: float, step: int, ckpt_root: Path) -> TrainingDiverged:

@@ -1,0 +1,582 @@
+"""Online RL: RLOO and GRPO against any reward, in the one training loop.
+
+Each optimizer step (read top to bottom):
+1. the next prompts (order a pure function of seed and step, as for every stage);
+2. k completions per prompt from the current policy, each sample index at its own temperature
+   if asked (`rl.temperatures`), each prompt's sampling seeded from (seed, step), so a resumed
+   run samples exactly what the uninterrupted one did;
+3. rewards from any backend (reward model, remote API, rule verifier), plus shaping terms
+   logged one by one (length penalty, penalty or masking for completions cut at max_new_tokens);
+4. log-probs of the samples under the policy at sampling time ("old", with its entropy) and
+   under the reference, in batched no-grad passes, at the completion tokens only;
+5. advantages within each prompt's group, then the policy loss:
+   - RLOO (Ahmadian et al. 2024, "Back to Basics"): the KL to the reference is folded into the
+     reward, r - beta * sum_t (log pi - log pi_ref); advantage = r_i - mean of the other k-1;
+     REINFORCE loss -A_i * log pi(y_i).
+   - GRPO (Shao et al. 2024): advantage = (r_i - mean) / std of the group (no std with
+     `scale_rewards: false`, as Dr. GRPO, Liu et al. 2025, argues); PPO-style clipped ratio
+     against the old log-probs with `epsilon` (and `epsilon_high`, DAPO's clip-higher, Yu et al.
+     2025); `num_iterations` optimizer steps per batch of samples; the per-token k3 estimator
+     of KL(pi || pi_ref) in the loss with coefficient beta. `importance_level: sequence` uses one
+     length-normalised ratio per sequence (GSPO, Zheng et al. 2025).
+   beta = 0 loads no reference model at all.
+
+Loss aggregation (`loss_agg`), each a sum over units divided by the units of the whole step, so
+that the loss does not depend on how a step is split into micro-batches or processes:
+  token_mean     sum over all tokens / number of tokens (DAPO; GRPO's default here: every token
+                 weighs the same, so long answers are not down-weighted)
+  sequence_mean  mean over each sequence's tokens, then over sequences (the original GRPO)
+  sequence_sum   sum over each sequence's tokens, mean over sequences (the REINFORCE estimator of
+                 the RLOO paper; RLOO's default here)
+  constant       sum over tokens / (sequences x max_new_tokens) (Dr. GRPO's constant normaliser)
+
+Deliberate simplifications: samples come from the transformers engine (vLLM colocated with
+weight pushes is not built yet); one policy update pass per step for RLOO; no value model; the
+reference is a frozen copy held in memory when beta > 0.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from transformers import set_seed
+
+from ..config import ConfigError, ModelConfig, TrainConfig
+from ..data.chat import IGNORE_INDEX
+from ..data.collate import pad
+from ..evaluate.callback import WinRateDuringTraining
+from ..generation import PromptSource, SamplingParams, generate, load_prompts
+from ..models import load_causal_lm, load_tokenizer
+from ..rewards.backends import RewardConfig, build_backend, last_user_text
+from .logprobs import label_logps, label_logps_entropy
+from .loop import LossOutput, RunOptions, SourceFailed, StepPlan, StepSource, TrainingDiverged, distributed_state, to_device, train
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- advantages and KL (pure)
+
+
+def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """[groups, k] rewards -> r_i minus the mean of the other k-1 rewards of its group."""
+    k = rewards.shape[-1]
+    if k < 2:
+        raise ValueError("RLOO needs at least 2 samples per prompt")
+    return rewards - (rewards.sum(-1, keepdim=True) - rewards) / (k - 1)
+
+
+def grpo_advantages(rewards: torch.Tensor, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """[groups, k] rewards -> (r - group mean), divided by the group's standard deviation (unbiased,
+    as TRL) plus eps when `scale`."""
+    centred = rewards - rewards.mean(-1, keepdim=True)
+    if not scale:
+        return centred
+    return centred / (rewards.std(-1, keepdim=True) + eps)
+
+
+def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
+    """Per-token estimator of KL(pi || pi_ref) from samples of pi (Schulman's k3): always >= 0, unbiased."""
+    d = ref_logps - logps
+    return torch.exp(d) - d - 1
+
+
+def kl_shaped_rewards(rewards: torch.Tensor, seq_logps: torch.Tensor, seq_ref_logps: torch.Tensor, beta: float) -> torch.Tensor:
+    """RLOO's reward with the KL folded in: r - beta * (log pi(y) - log pi_ref(y)), per sequence."""
+    return rewards - beta * (seq_logps - seq_ref_logps)
+
+
+def length_penalty(lengths: torch.Tensor, kind: str, coef: float, target: int, max_new_tokens: int) -> torch.Tensor:
+    """[groups, k] completion lengths (tokens) -> a penalty to subtract from the reward (>= 0 unless 'group').
+
+    linear:    coef * max(0, len - target)
+    quadratic: coef * max(0, len - target)^2
+    group:     coef * (len - mean len of the group) / max_new_tokens (longer than the group's mean pays)
+    """
+    lengths = lengths.float()
+    if kind == "none" or coef == 0:
+        return torch.zeros_like(lengths)
+    if kind == "linear":
+        return coef * (lengths - target).clamp(min=0)
+    if kind == "quadratic":
+        return coef * (lengths - target).clamp(min=0) ** 2
+    if kind == "group":
+        return coef * (lengths - lengths.mean(-1, keepdim=True)) / max_new_tokens
+    raise ValueError(f"unknown length penalty {kind!r}")
+
+
+def policy_token_losses(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    rows: torch.Tensor,
+    n_tokens: torch.Tensor,
+    algo: str,
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+    importance_level: str = "token",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token policy losses (flat, as logps) and where the clip was active (GRPO).
+
+    logps: this pass's log-probs of the sampled tokens (with grad); old_logps: at sampling time;
+    advantages: per sequence; rows: the sequence of each flat token; n_tokens: tokens per sequence.
+    RLOO: -A * log pi (REINFORCE). GRPO: -min(ratio * A, clip(ratio, 1 - eps, 1 + eps_high) * A).
+    """
+    adv = advantages[rows]
+    if algo == "rloo":
+        return -adv * logps, torch.zeros_like(logps, dtype=torch.bool)
+    log_ratio = logps - old_logps
+    if importance_level == "sequence":  # GSPO: exp(mean_t log ratio), the same for every token of a sequence
+        seq = torch.zeros(len(n_tokens), dtype=log_ratio.dtype, device=log_ratio.device).index_add(0, rows, log_ratio)
+        log_ratio = (seq / n_tokens.clamp(min=1))[rows]
+    ratio = torch.exp(log_ratio)
+    high = epsilon if epsilon_high is None else epsilon_high
+    clipped = ratio.clamp(1 - epsilon, 1 + high)
+    unclipped_loss, clipped_loss = -ratio * adv, -clipped * adv
+    return torch.maximum(unclipped_loss, clipped_loss), (clipped_loss > unclipped_loss).detach()
+
+
+def aggregate(token_losses: torch.Tensor, rows: torch.Tensor, n_tokens: torch.Tensor, weights: torch.Tensor, how: str,
+              max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum over units, number of units) of a micro-batch; the loop divides by the step's units.
+
+    weights: per sequence (0 masks a sequence out, e.g. a truncated completion).
+    """
+    w = weights[rows]
+    if how == "token_mean":
+        return (token_losses * w).sum(), (n_tokens * weights).sum()
+    per_seq = torch.zeros(len(n_tokens), dtype=token_losses.dtype, device=token_losses.device).index_add(0, rows, token_losses)
+    if how == "sequence_mean":
+        per_seq = per_seq / n_tokens.clamp(min=1)
+    elif how == "constant":
+        per_seq = per_seq / max_new_tokens
+    elif how != "sequence_sum":
+        raise ValueError(f"unknown loss aggregation {how!r}")
+    return (per_seq * weights).sum(), weights.sum()
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass
+class LengthPenalty:
+    kind: Literal["none", "linear", "quadratic", "group"] = "none"
+    """Shaping on the completion's length in tokens (see train/rl.py); logged as reward_length_penalty."""
+    coef: float = 0.0
+    target: int = 0
+    """linear/quadratic: tokens allowed before the penalty starts."""
+
+
+@dataclass
+class RLParams:
+    algo: Literal["rloo", "grpo"] = "rloo"
+    k: int = 4
+    """Completions sampled per prompt (>= 2)."""
+    temperature: float = 1.0
+    temperatures: list[float] = field(default_factory=list)
+    """One temperature per sample index (length k), e.g. [0.2, 0.2, 0.7, 0.7, 0.7, 1.2, 1.2, 1.2]; overrides temperature."""
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 256
+    beta: float = 0.05
+    """KL coefficient (RLOO: in the reward; GRPO: k3 in the loss). 0 loads no reference model."""
+    epsilon: float = 0.2
+    """GRPO: lower clip range of the ratio (and upper, unless epsilon_high)."""
+    epsilon_high: float | None = None
+    """GRPO: upper clip range (DAPO's clip-higher, e.g. 0.28)."""
+    num_iterations: int = 1
+    """GRPO: optimizer steps on each batch of samples (old log-probs kept from sampling time)."""
+    importance_level: Literal["token", "sequence"] = "token"
+    """GRPO: per-token ratios, or one length-normalised ratio per sequence (GSPO)."""
+    scale_rewards: bool = True
+    """GRPO: divide advantages by the group's standard deviation (false: Dr. GRPO)."""
+    loss_agg: Literal["auto", "token_mean", "sequence_mean", "sequence_sum", "constant"] = "auto"
+    """auto: sequence_sum for RLOO (the paper's estimator), token_mean for GRPO (DAPO)."""
+    length_penalty: LengthPenalty = field(default_factory=LengthPenalty)
+    truncation_penalty: float = 0.0
+    """Subtracted from the reward of a completion cut at max_new_tokens."""
+    mask_truncated: bool = False
+    """Leave completions cut at max_new_tokens out of the loss (DAPO's overlong filtering)."""
+    ref_model: str | None = None
+    """Reference for the KL; defaults to model.name_or_path."""
+    generation_batch_size: int = 64
+    """Prompts per generate() call."""
+    log_samples_steps: int = 10
+    """Write a few completions with their rewards to samples.jsonl every N steps (0: never)."""
+    samples_per_log: int = 4
+
+    def agg(self) -> str:
+        if self.loss_agg != "auto":
+            return self.loss_agg
+        return "sequence_sum" if self.algo == "rloo" else "token_mean"
+
+    def sample_temperatures(self) -> list[float]:
+        return list(self.temperatures) if self.temperatures else [self.temperature] * self.k
+
+
+def rl_train_defaults() -> TrainConfig:
+    return TrainConfig(learning_rate=1e-6, batch_size=4, grad_accum=4, warmup_steps=0, scheduler="constant", max_steps=200,
+                       save_steps=50, logging_steps=1, metric_for_best="eval_reward", greater_is_better=True)
+
+
+def rl_prompt_defaults() -> PromptSource:
+    return PromptSource(dataset="HuggingFaceH4/ultrafeedback_binarized", split="train_prefs")
+
+
+def no_prompts() -> PromptSource:
+    return PromptSource(dataset="", split="test")
+
+
+@dataclass
+class RLConfig:
+    output_dir: str = "runs/rl"
+    seed: int = 42
+    resume: bool = False
+    quiet: bool = False
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy to train (normally the SFT or DPO model); also the reference unless rl.ref_model."""
+    prompts: PromptSource = field(default_factory=rl_prompt_defaults)
+    """Training prompts (messages up to the last user turn, prompt, or instruction column)."""
+    eval_prompts: PromptSource = field(default_factory=no_prompts)
+    """Held-out prompts: mean reward of greedy completions at every evaluation (dataset unset: none)."""
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    """The reward; rule verifiers also receive each prompt row's columns. reward.cache auto: no cache here
+    (fresh samples rarely repeat); a file path keeps one."""
+    rl: RLParams = field(default_factory=RLParams)
+    train: TrainConfig = field(default_factory=rl_train_defaults)
+    """batch_size counts prompts per micro-batch (each brings k samples)."""
+    win_rate: WinRateDuringTraining = field(default_factory=WinRateDuringTraining)
+
+
+def check_rl_config(cfg: RLConfig) -> None:
+    p = cfg.rl
+    if p.k < 2:
+        raise ConfigError(f"rl.k must be at least 2 (advantages compare samples of one prompt), got {p.k}")
+    if p.temperatures and len(p.temperatures) != p.k:
+        raise ConfigError(f"rl.temperatures has {len(p.temperatures)} values; it needs one per sample (rl.k = {p.k})")
+    if any(t < 0 for t in p.sample_temperatures()):
+        raise ConfigError("rl temperatures must be >= 0")
+    zero = [i for i, t in enumerate(p.sample_temperatures()) if t == 0]
+    if len(zero) > 1:
+        raise ConfigError("at most one sample per prompt can be greedy (temperature 0): greedy samples are identical")
+    if p.beta < 0 or p.epsilon <= 0 or (p.epsilon_high is not None and p.epsilon_high <= 0):
+        raise ConfigError("rl.beta must be >= 0 and rl.epsilon / rl.epsilon_high > 0")
+    if p.num_iterations < 1:
+        raise ConfigError("rl.num_iterations must be >= 1")
+    if p.algo == "rloo" and (p.num_iterations != 1 or p.importance_level != "token"):
+        raise ConfigError("rl.num_iterations and rl.importance_level are GRPO options (RLOO updates once per batch of samples)")
+    if p.max_new_tokens < 1:
+        raise ConfigError("rl.max_new_tokens must be >= 1")
+    if not cfg.eval_prompts.dataset and (cfg.train.eval_steps or cfg.train.early_stopping_patience):
+        raise ConfigError("train.eval_steps / train.early_stopping_patience need held-out prompts: set eval_prompts.dataset")
+
+
+# --------------------------------------------------------------------------- rollouts
+
+
+def sampling_seed(seed: int, generation: int, group: int) -> int:
+    return zlib.crc32(json.dumps([seed, generation, group]).encode())
+
+
+def collate_rollout(samples: list[dict], pad_id: int) -> dict:
+    """Prompt + completion rows, labels on the completion, and per-sample RL tensors.
+
+    Flat per-token lists (old_logps, ref_logps) are concatenated in row order, which is the
+    order in which label_logps returns the labelled tokens.
+    """
+    seqs = [s["prompt_ids"] + s["completion_ids"] for s in samples]
+    batch = {
+        "input_ids": pad(seqs, pad_id),
+        "attention_mask": pad([[1] * len(x) for x in seqs], 0),
+        "labels": pad([[IGNORE_INDEX] * len(s["prompt_ids"]) + s["completion_ids"] for s in samples], IGNORE_INDEX),
+        "advantages": torch.tensor([s["advantage"] for s in samples], dtype=torch.float32),
+        "weights": torch.tensor([s["weight"] for s in samples], dtype=torch.float32),
+    }
+    for key in ("old_logps", "ref_logps"):
+        if samples[0].get(key) is not None:
+            batch[key] = torch.tensor([v for s in samples for v in s[key]], dtype=torch.float32)
+    return batch
+
+
+@torch.no_grad()
+def sample_logps(model, samples: list[dict], pad_id: int, batch_size: int, entropy: bool):
+    """Per-sample lists of completion-token log-probs (and the mean entropy per sample)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out_logps, out_entropy = [], []
+    try:
+        for start in range(0, len(samples), batch_size):
+            chunk = samples[start : start + batch_size]
+            b = to_device(collate_rollout([s | {"advantage": 0.0, "weight": 1.0, "old_logps": None, "ref_logps": None} for s in chunk], pad_id), device)
+            if entropy:
+                logps, ent, mask = label_logps_entropy(model, b["input_ids"], b["attention_mask"], b["labels"])
+            else:
+                logps, mask = label_logps(model, b["input_ids"], b["attention_mask"], b["labels"])
+                ent = None
+            counts = mask.sum(-1).tolist()
+            pieces = logps.float().cpu().split(counts)
+            out_logps += [p.tolist() for p in pieces]
+            if ent is not None:
+                out_entropy += [float(e.mean()) if len(e) else 0.0 for e in ent.float().cpu().split(counts)]
+    finally:
+        model.train(was_training)
+    return out_logps, out_entropy
+
+
+class RolloutSource(StepSource):
+    """Each step's micro-batches made from the current policy: prompts -> samples -> rewards -> advantages."""
+
+    def __init__(self, cfg: RLConfig, chat, prompts: list[dict], backend, ref_model, world: int, rank: int, out: Path, is_main: bool):
+        self.cfg, self.p, self.chat, self.prompts, self.backend, self.ref_model = cfg, cfg.rl, chat, prompts, backend, ref_model
+        self.plan = StepPlan(len(prompts), cfg.train, world, rank, cfg.seed)
+        mu = self.p.num_iterations
+        self.total_steps, self.steps_per_epoch = self.plan.total_steps * mu, self.plan.steps_per_epoch * mu
+        if cfg.train.max_steps:
+            self.total_steps = cfg.train.max_steps
+        self.buffer: dict | None = None
+        self.metrics: dict[str, tuple[float, float]] = {}
+        self.samples_path = out / "samples.jsonl" if is_main else None
+
+    # The loop's interface ---------------------------------------------------------------
+    def micro_batches(self, step: int, model) -> list[dict]:
+        generation = step // self.p.num_iterations
+        if self.buffer is None or self.buffer["generation"] != generation:
+            self.buffer = self.rollout(generation, model)
+        self.metrics = {k: tuple(v) for k, v in self.buffer["metrics"].items()}
+        return [collate_rollout(mb, self.chat.pad_id) for mb in self.buffer["micro"]]
+
+    def step_metrics(self) -> dict[str, tuple[float, float]]:
+        return self.metrics
+
+    def state_dict(self) -> dict:
+        # Only a rollout that later steps still reuse must survive a restart (GRPO, num_iterations > 1).
+        return {"buffer": self.buffer} if self.p.num_iterations > 1 and self.buffer else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.buffer = state.get("buffer")
+
+    # One rollout ------------------------------------------------------------------------
+    def rollout(self, generation: int, model) -> dict:
+        p, chat = self.p, self.chat
+        groups = self.plan.micro_batches(generation)  # prompt indices per micro-batch, this process
+        flat = [i for g in groups for i in g]
+        messages = [self.prompts[i]["messages"] for i in flat]
+        t0 = time.perf_counter()
+        completions = self.sample(model, messages, generation)  # [prompt][k]
+        t1 = time.perf_counter()
+        texts = [c.text for cs in completions for c in cs]
+        columns = [self.prompts[i].get("columns") or {} for i in flat for _ in range(p.k)]
+        try:
+            scores = self.backend.score([m for m in messages for _ in range(p.k)], texts, columns=columns)
+        except Exception as e:  # an API down after its retries, a server gone: stop at a clean step
+            raise SourceFailed(f"the reward backend failed ({type(e).__name__}: {e})") from e
+        rewards = torch.tensor(scores, dtype=torch.float64)
+        if not torch.isfinite(rewards).all():
+            bad = int((~torch.isfinite(rewards)).sum())
+            raise TrainingDiverged(f"the reward backend returned {bad} non-finite reward(s) at generation {generation + 1}; "
+                                   "stopped before updating the weights")
+        t2 = time.perf_counter()
+        samples = []
+        for i, cs in zip(flat, completions):
+            prompt_ids = chat_prompt_ids(chat, self.prompts[i]["messages"])
+            for j, c in enumerate(cs):
+                ids = list(c.token_ids) + ([c.stop_id] if c.stop_id is not None else [])
+                samples.append({"prompt_ids": prompt_ids, "completion_ids": ids, "truncated": c.stop_id is None, "prompt": i, "index": j})
+        bs = max(1, self.cfg.train.batch_size * p.k)
+        old, entropy = sample_logps(model, samples, chat.pad_id, bs, entropy=True)
+        ref = sample_logps(self.ref_model, samples, chat.pad_id, bs, entropy=False)[0] if self.ref_model is not None else None
+        t3 = time.perf_counter()
+
+        shape = (len(flat), p.k)
+        rewards = rewards.view(shape)
+        lengths = torch.tensor([len(s["completion_ids"]) for s in samples], dtype=torch.float64).view(shape)
+        truncated = torch.tensor([s["truncated"] for s in samples], dtype=torch.float64).view(shape)
+        len_pen = length_penalty(lengths, p.length_penalty.kind, p.length_penalty.coef, p.length_penalty.target, p.max_new_tokens).double()
+        trunc_pen = p.truncation_penalty * truncated
+        total = rewards - len_pen - trunc_pen
+        seq_old = torch.tensor([sum(x) for x in old], dtype=torch.float64).view(shape)
+        kl_seq = None
+        if ref is not None:
+            seq_ref = torch.tensor([sum(x) for x in ref], dtype=torch.float64).view(shape)
+            kl_seq = seq_old - seq_ref
+        if p.algo == "rloo":
+            if kl_seq is not None and p.beta > 0:
+                total = kl_shaped_rewards(total, seq_old, seq_ref, p.beta)
+            adv = rloo_advantages(total)
+        else:
+            adv = grpo_advantages(total, p.scale_rewards)
+        weights = (1 - truncated) if p.mask_truncated else torch.ones_like(truncated)
+        if not torch.isfinite(adv).all():
+            raise TrainingDiverged(f"non-finite advantages at generation {generation + 1}; stopped before updating the weights")
+        for s, a, w, o, r in zip(samples, adv.flatten().tolist(), weights.flatten().tolist(), old, ref or [None] * len(samples)):
+            s.update(advantage=a, weight=w, old_logps=o if (p.algo == "grpo") else None, ref_logps=r if p.algo == "grpo" and p.beta > 0 else None)
+
+        n = float(len(samples))
+        tokens = float(lengths.sum())
+        equal_groups = float((rewards.max(-1).values - rewards.min(-1).values).abs().le(1e-12).sum())
+        metrics = {
+            "reward": (float(rewards.sum()), n),
+            "reward_std": (float(rewards.std(-1, unbiased=False).sum()), float(len(flat))),
+            "reward_total": (float(total.sum()), n),
+            "reward_length_penalty": (float(-len_pen.sum()), n),
+            "reward_truncation_penalty": (float(-trunc_pen.sum()), n),
+            "advantage": (float(adv.sum()), n),
+            "advantage_abs": (float(adv.abs().sum()), n),
+            "completion_length": (tokens, n),
+            "completion_length_max": (float(lengths.max()), 1.0),
+            "truncated": (float(truncated.sum()), n),
+            "entropy": (sum(entropy), n),
+            "groups_all_equal": (equal_groups, float(len(flat))),
+            "time_sample_s": (t1 - t0, 1.0),
+            "time_score_s": (t2 - t1, 1.0),
+            "time_logprobs_s": (t3 - t2, 1.0),
+            "sampled_tokens_per_s": (tokens, max(t1 - t0, 1e-9)),
+        }
+        if kl_seq is not None:
+            metrics["kl"] = (float(kl_seq.sum()), n)  # sum over a completion's tokens of log pi - log pi_ref, mean over samples
+        self.write_samples(generation, samples, texts, rewards.flatten().tolist(), total.flatten().tolist())
+        micro = []
+        start = 0
+        for g in groups:
+            micro.append(samples[start : start + len(g) * p.k])
+            start += len(g) * p.k
+        return {"generation": generation, "micro": micro, "metrics": {k: list(v) for k, v in metrics.items()}}
+
+    def sample(self, model, messages: list[list[dict]], generation: int):
+        """k completions per prompt; sample indices that share a temperature are drawn in one call."""
+        p = self.p
+        temps = p.sample_temperatures()
+        out = [[None] * p.k for _ in messages]
+        for group, t in enumerate(sorted(set(temps))):
+            idx = [j for j, x in enumerate(temps) if x == t]
+            params = SamplingParams(max_new_tokens=p.max_new_tokens, temperature=t, top_p=p.top_p, top_k=p.top_k, n=len(idx),
+                                    seed=sampling_seed(self.cfg.seed, generation, group))
+            results = []
+            for start in range(0, len(messages), p.generation_batch_size):
+                results += generate(model, self.chat, messages[start : start + p.generation_batch_size], params, p.generation_batch_size)
+            for i, cs in enumerate(results):
+                for j, c in zip(idx, cs):
+                    out[i][j] = c
+        return out
+
+    def write_samples(self, generation: int, samples, texts, rewards, totals) -> None:
+        every = self.p.log_samples_steps
+        if self.samples_path is None or not every or generation % every:
+            return
+        with self.samples_path.open("a") as f:
+            for s, text, r, t in list(zip(samples, texts, rewards, totals))[: self.p.samples_per_log]:
+                f.write(json.dumps({"step": generation * self.p.num_iterations + 1, "prompt": last_user_text(self.prompts[s["prompt"]]["messages"]),
+                                    "sample": s["index"], "completion": text, "reward": r, "shaped_reward": t,
+                                    "advantage": s["advantage"], "truncated": s["truncated"]}) + "\n")
+
+
+def chat_prompt_ids(chat, messages: list[dict]) -> list[int]:
+    from ..data.chat import tokenize_prompt
+
+    return tokenize_prompt(chat.tokenizer, messages)
+
+
+# --------------------------------------------------------------------------- the loss
+
+
+def rl_loss_fn(p: RLParams):
+    how = p.agg()
+
+    def loss_fn(model, batch) -> LossOutput:
+        logps, mask = label_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        rows = mask.nonzero()[:, 0]
+        n_tokens = mask.sum(-1)
+        old = batch.get("old_logps")
+        old = logps.detach() if old is None else old
+        token_losses, clipped = policy_token_losses(logps, old, batch["advantages"], rows, n_tokens, p.algo, p.epsilon, p.epsilon_high,
+                                                    p.importance_level)
+        metrics = {}
+        if p.algo == "grpo" and p.beta > 0:
+            kl = k3_kl(logps, batch["ref_logps"])
+            token_losses = token_losses + p.beta * kl
+            metrics["kl_k3"] = torch.stack([(kl.detach() * batch["weights"][rows]).sum(), batch["weights"][rows].sum()]).double()
+        loss_sum, count = aggregate(token_losses, rows, n_tokens, batch["weights"], how, p.max_new_tokens)
+        w = batch["weights"][rows]
+        metrics["clip_fraction"] = torch.stack([(clipped.float() * w).sum(), w.sum()]).double()
+        return LossOutput(loss_sum, float(count), metrics, tokens=int(batch["attention_mask"].sum()))
+
+    return loss_fn
+
+
+# --------------------------------------------------------------------------- evaluation on held-out prompts
+
+
+def make_eval_fn(cfg: RLConfig, chat, backend):
+    if not cfg.eval_prompts.dataset:
+        return None
+    rows = load_prompts(cfg.eval_prompts)
+    if not rows:
+        raise ConfigError(f"eval_prompts: no prompts in {cfg.eval_prompts.dataset}")
+    check_prompt_rows(backend, rows, "eval_prompts")
+    params = SamplingParams(max_new_tokens=cfg.rl.max_new_tokens, temperature=0.0)
+
+    def eval_fn(model) -> dict:
+        state = distributed_state()
+        mine = rows[state.process_index :: state.num_processes]
+        prompts = [r["messages"] for r in mine]
+        outs = [c[0] for c in generate(model, chat, prompts, params, cfg.rl.generation_batch_size)] if mine else []
+        rewards = backend.score(prompts, [o.text for o in outs], columns=[r["columns"] for r in mine]) if mine else []
+        sums = torch.tensor([sum(rewards), len(rewards), sum(len(o.token_ids) for o in outs), sum(o.finish_reason == "length" for o in outs)],
+                            dtype=torch.float64)
+        if state.num_processes > 1:
+            sums = sums.to(state.device)
+            torch.distributed.all_reduce(sums)
+        s = sums.cpu().tolist()
+        return {"eval_reward": s[0] / s[1], "eval_completion_length": s[2] / s[1], "eval_truncated": s[3] / s[1]}
+
+    return eval_fn
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def check_prompt_rows(backend, rows: list[dict], what: str) -> None:
+    """Before any work: every prompt row has the columns the reward's verifier needs (naming row and column)."""
+    check = getattr(getattr(backend, "backend", backend), "check_rows", None)
+    if check is not None:
+        by_index = {i: r for i, r in enumerate(rows)}
+        check([r["messages"] for r in rows], [r.get("columns") or {} for r in rows], where=lambda i: f"{what}: {by_index[i]['where']}")
+
+
+def run_rl(cfg: RLConfig, callbacks=()) -> Path:
+    """Train cfg.model with RLOO or GRPO on cfg.prompts against cfg.reward; return the run directory."""
+    from ..evaluate.callback import WinRateCallback
+
+    check_rl_config(cfg)
+    out = Path(cfg.output_dir)
+    state = distributed_state()
+    set_seed(cfg.seed)  # before any model is built
+    chat = load_tokenizer(cfg.model)
+    prompts = load_prompts(cfg.prompts)
+    if not prompts:
+        raise ConfigError(f"prompts: no prompts in {cfg.prompts.dataset}")
+    backend = build_backend(cfg.reward, cfg.reward.cache_path(out) if cfg.reward.cache not in ("auto", "") else None)
+    check_prompt_rows(backend, prompts, "prompts")
+    model = load_causal_lm(cfg.model, chat)
+    ref_model = None
+    if cfg.rl.beta > 0:
+        ref_model = load_causal_lm(cfg.model, chat, path=cfg.rl.ref_model) if cfg.rl.ref_model else load_causal_lm(cfg.model, chat)
+        ref_model.requires_grad_(False).to(state.device).eval()
+    log.info("RL (%s): %d prompts, k=%d samples each, beta=%g, loss aggregation %s", cfg.rl.algo, len(prompts), cfg.rl.k, cfg.rl.beta, cfg.rl.agg())
+
+    def source_fn(world: int, rank: int) -> RolloutSource:
+        return RolloutSource(cfg, chat, prompts, backend, ref_model, world, rank, out, state.is_main_process)
+
+    callbacks = list(callbacks)
+    if cfg.win_rate.reference:
+        callbacks.append(WinRateCallback(cfg.win_rate, chat, out))
+    train(model, chat, None, None, None, rl_loss_fn(cfg.rl), cfg.train, RunOptions(out, cfg.seed, cfg.resume, cfg.quiet, config=cfg), callbacks,
+          source_fn=source_fn, eval_fn=make_eval_fn(cfg, chat, backend))
+    return out
