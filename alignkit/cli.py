@@ -2,6 +2,10 @@
 
 Thin: every stage is a config dataclass plus a `run_<stage>(config)` function. Options are
 generated from the dataclass, so `--help` always lists every field with its default.
+
+Exit status: 0 done; 2 a user error (bad option, config value, data file, missing path), printed as
+one message without a traceback (`--debug` adds it); 130 interrupted; anything unexpected raises
+with its traceback (status 1).
 """
 
 from __future__ import annotations
@@ -165,7 +169,13 @@ def parse(name: str, argv: list[str]):
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    top = argparse.ArgumentParser(prog="alignkit", description="Post-train small language models and measure the result.")
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    top = argparse.ArgumentParser(
+        prog="alignkit",
+        description="Post-train small language models and measure the result. Add --debug to any stage to see the "
+        "traceback of a user error (bad option or data), which is otherwise one message with exit status 2.",
+    )
     sub = top.add_subparsers(dest="stage", metavar="STAGE")
     for name, stage in STAGES.items():
         sub.add_parser(name, help=stage.help, add_help=False)
@@ -190,19 +200,27 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("alignkit: interrupted; run again with --resume to continue from the last checkpoint", file=sys.stderr)
         return 130
-    except Exception as e:  # known user-facing errors get one clear line, the rest a traceback
-        if type(e).__name__ in USER_ERRORS:
-            print(f"alignkit {name}: error: {e}", file=sys.stderr)
-            return 2 if isinstance(e, ConfigError) else 1
-        raise
+    except Exception as e:  # known user-facing errors get one clear message, the rest a traceback
+        if not is_user_error(e):
+            raise
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        print(f"alignkit {name}: error: {e}", file=sys.stderr)
+        return 2
     if result is not None and int(os.environ.get("RANK", "0")) == 0:
         print(result)
     return 0
 
 
-# Errors whose message says everything a user needs; anything else keeps its traceback.
-USER_ERRORS = {"ConfigError", "DataError", "TemplateError", "TrainingDiverged", "StepFailed", "FileExistsError", "FileNotFoundError", "OSError",
-               "RemoteError", "CheckpointError"}
+# Errors whose message says everything a user needs (these classes and their subclasses, e.g. every
+# OSError: a missing input, a full disk, a refused connection); anything else keeps its traceback.
+USER_ERRORS = {"ConfigError", "DataError", "TemplateError", "TrainingDiverged", "StepFailed", "OSError", "RemoteError", "CheckpointError"}
+
+
+def is_user_error(e: BaseException) -> bool:
+    return any(c.__name__ in USER_ERRORS for c in type(e).__mro__)
 
 
 def quiet_third_party() -> None:

@@ -2,18 +2,23 @@
 
 Every stage config is a dataclass whose fields are scalars, lists or nested dataclasses.
 Keys are addressed by dotted paths (`train.learning_rate`); unknown keys are errors that name
-the key and suggest the closest valid one.
+the key and suggest the closest valid one. Once resolved, `validate` checks every value before any
+data or model is loaded: ranges, combinations that cannot work, and local paths that must exist.
+The rules live here, keyed by section class name, so that sections defined in the stage modules
+(SamplingParams, DPOParams, RewardConfig, ...) need no import; a section may add its own
+`validate(prefix)` method.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import yaml
 
@@ -318,7 +323,218 @@ def load(cls: type, path: str | Path | None = None, overrides: dict[str, Any] | 
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
     values.update({k.replace("-", "_"): v for k, v in (overrides or {}).items()})
-    return build(cls, values)
+    return validate(build(cls, values))
+
+
+# --------------------------------------------------------------------------- validation
+#
+# Ranges per section (class name -> field -> (test, what is allowed)); unset (None) values pass.
+
+
+def at_least(low: float, what: str = "an integer") -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v >= low), f"{what} >= {low}"
+
+
+def between(low: float, high: float, low_open: bool = False, high_open: bool = False) -> tuple[Callable[[Any], bool], str]:
+    def test(v) -> bool:
+        return (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+
+    return test, f"a number in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+
+
+COUNT = at_least(1)
+NON_NEGATIVE = at_least(0, "a number")
+POSITIVE = ((lambda v: v > 0), "a number > 0")
+PROBABILITY = between(0, 1)
+
+RANGES: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
+    "TrainConfig": {
+        "epochs": COUNT, "max_steps": COUNT, "batch_size": COUNT, "grad_accum": COUNT, "learning_rate": POSITIVE,
+        "weight_decay": NON_NEGATIVE, "adam_beta1": between(0, 1, high_open=True), "adam_beta2": between(0, 1, high_open=True),
+        "adam_epsilon": POSITIVE, "warmup_steps": at_least(0), "warmup_ratio": PROBABILITY,
+        "max_grad_norm": (NON_NEGATIVE[0], "a number >= 0 (0 or unset: no clipping)"), "logging_steps": COUNT,
+        "eval_steps": COUNT, "save_steps": (at_least(0)[0], "an integer >= 0 (0 or unset: no checkpoints)"),
+        "save_total_limit": COUNT, "early_stopping_patience": COUNT,
+    },
+    "DataConfig": {
+        "eval_ratio": between(0, 1, high_open=True), "max_examples": COUNT, "max_eval_examples": COUNT,
+        "max_prompt_tokens": COUNT, "max_response_tokens": COUNT, "min_response_chars": at_least(0), "num_proc": COUNT,
+    },
+    "TextMetricsData": {"max_examples": COUNT},
+    "DataStatsConfig": {"max_examples": COUNT},
+    "PromptSource": {"max_prompts": COUNT},
+    "SamplingParams": {
+        "max_new_tokens": COUNT, "temperature": NON_NEGATIVE, "top_p": between(0, 1, low_open=True), "top_k": at_least(0),
+        "min_p": PROBABILITY, "repetition_penalty": POSITIVE, "n": COUNT, "num_beams": COUNT,
+    },
+    "VLLMOptions": {"gpu_memory_utilization": between(0, 1, low_open=True), "max_model_len": COUNT},
+    "DPOParams": {
+        "beta": POSITIVE, "label_smoothing": between(0, 0.5, high_open=True), "dpop_lambda": NON_NEGATIVE,
+        "kl_lambda": NON_NEGATIVE, "clamp_margin": POSITIVE, "beta_warmup_steps": at_least(0),
+    },
+    "RewardConfig": {"concurrency": COUNT, "timeout_s": POSITIVE, "max_retries": at_least(0), "batch_size": COUNT, "max_length": COUNT},
+    "ServeRewardConfig": {
+        "port": (lambda v: 0 <= v <= 65535, "a port number in [0, 65535]"), "max_connections": COUNT,
+        "socket_timeout_s": POSITIVE, "score_timeout_s": POSITIVE,
+    },
+    "WinRateDuringTraining": {"batch_size": COUNT},
+    "GenerateConfig": {"batch_size": COUNT},
+    "EvalConfig": {"bootstrap": COUNT, "batch_size": COUNT},
+    "TextMetricsConfig": {"batch_size": COUNT},
+    "RMConfig": {"max_length": COUNT},
+    "DemoConfig": {"steps": COUNT, "dpo_steps": at_least(0)},
+}
+
+# Metrics each training stage's evaluation produces (train.metric_for_best must be one of them);
+# the win-rate callback adds WIN_RATE_METRICS when win_rate.reference is set.
+STAGE_METRICS = {
+    "SFTConfig": {"eval_loss"},
+    "DPOConfig": {"eval_loss", "eval_rewards_chosen", "eval_rewards_rejected", "eval_reward_margin", "eval_reward_accuracy",
+                  "eval_logps_chosen", "eval_logps_rejected"},
+    "RMConfig": {"eval_loss", "eval_accuracy", "eval_reward_margin", "eval_rewards_chosen", "eval_rewards_rejected"},
+}
+WIN_RATE_METRICS = {"eval_win_rate", "eval_mean_reward"}
+
+# Stage-level keys naming local files or folders that must exist (Hub ids pass).
+STAGE_PATHS = {"EvalConfig": ("model", "reference"), "InitModelConfig": ("model_config", "tokenizer"), "DataStatsConfig": ("tokenizer",)}
+
+
+def bad(key: str, value: Any, allowed: str) -> ConfigError:
+    return ConfigError(f"{key}: {value!r} is not allowed; expected {allowed}")
+
+
+def validate(cfg, prefix: str = ""):
+    """Check every value of a resolved config (ranges, combinations, paths); return it or raise ConfigError."""
+    name = type(cfg).__name__
+    ranges = RANGES.get(name, {})
+    for f in dataclasses.fields(cfg):
+        key, value = prefix + f.name, getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            validate(value, key + ".")
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise bad(key, value, "a finite number")
+        if f.name in ranges and value is not None and not ranges[f.name][0](value):
+            raise bad(key, value, ranges[f.name][1])
+    for check in SECTION_CHECKS.get(name, ()):
+        check(cfg, prefix)
+    if callable(getattr(cfg, "validate", None)):
+        cfg.validate(prefix)
+    if not prefix:
+        check_stage(cfg)
+    return cfg
+
+
+def looks_local(spec: str) -> bool:
+    """A path rather than a Hub id: what the loaders look for on disk only."""
+    return spec.startswith((".", "/", "~")) or spec.endswith((".jsonl", ".json", ".parquet"))
+
+
+def must_exist(key: str, spec: str | None, what: str = "file or folder") -> None:
+    if spec and looks_local(spec) and not Path(spec).expanduser().exists():
+        raise ConfigError(f"{key}: {spec!r}: no such {what}")
+
+
+def check_model(cfg, prefix: str) -> None:
+    must_exist(prefix + "name_or_path", cfg.name_or_path, "model folder")
+    must_exist(prefix + "tokenizer", cfg.tokenizer, "tokenizer folder")
+    template = cfg.chat_template
+    if template and "{{" not in template and "{%" not in template and not Path(template).expanduser().is_file():
+        raise ConfigError(
+            f"{prefix}chat_template: {template!r} is neither a template file nor inline Jinja ('{{{{ ... }}}}' or '{{% ... %}}')"
+        )
+
+
+def check_data(cfg, prefix: str) -> None:
+    must_exist(prefix + "dataset", cfg.dataset, "dataset file or folder")
+    must_exist(prefix + "eval_dataset", getattr(cfg, "eval_dataset", None), "dataset file or folder")
+    for key in ("dataset", "split"):
+        if not str(getattr(cfg, key, "x")).strip():
+            raise bad(prefix + key, getattr(cfg, key), "a non-empty name")
+
+
+def check_prompts(cfg, prefix: str) -> None:
+    must_exist(prefix + "dataset", cfg.dataset, "dataset file or folder")
+
+
+def check_sampling(cfg, prefix: str) -> None:
+    if cfg.num_beams > 1 and cfg.n > cfg.num_beams:
+        raise ConfigError(f"{prefix}n: {cfg.n} is more than {prefix}num_beams {cfg.num_beams}; beam search returns at most num_beams sequences")
+    if cfg.n > 1 and cfg.temperature == 0 and cfg.num_beams == 1:
+        raise ConfigError(
+            f"{prefix}n: {cfg.n} completions per prompt with greedy decoding ({prefix}temperature 0) would be identical; "
+            f"set {prefix}temperature > 0 or {prefix}num_beams >= n"
+        )
+
+
+def check_dpo(cfg, prefix: str) -> None:
+    if cfg.label_smoothing and cfg.loss_type != "sigmoid":
+        raise ConfigError(f"{prefix}label_smoothing: {cfg.label_smoothing} applies to loss_type sigmoid only, not {cfg.loss_type!r}")
+    must_exist(prefix + "ref_model", cfg.ref_model, "model folder")
+
+
+def check_reward(cfg, prefix: str) -> None:
+    if cfg.kind == "hf":
+        must_exist(prefix + "model", cfg.model, "reward model folder")
+    if cfg.kind == "remote" and not (cfg.base_url and cfg.model):
+        raise ConfigError(f"{prefix}base_url and {prefix}model are required for {prefix}kind 'remote'")
+
+
+def check_train(cfg, prefix: str) -> None:
+    if cfg.early_stopping_patience is not None and not cfg.eval_steps:
+        raise ConfigError(
+            f"{prefix}early_stopping_patience: {cfg.early_stopping_patience} needs evaluations during training; "
+            f"set {prefix}eval_steps (and eval data)"
+        )
+
+
+SECTION_CHECKS: dict[str, tuple[Callable, ...]] = {
+    "ModelConfig": (check_model,),
+    "DataConfig": (check_data,),
+    "TextMetricsData": (check_data,),
+    "DataStatsConfig": (check_data,),
+    "PromptSource": (check_prompts,),
+    "SamplingParams": (check_sampling,),
+    "DPOParams": (check_dpo,),
+    "RewardConfig": (check_reward,),
+    "TrainConfig": (check_train,),
+}
+
+
+def check_stage(cfg) -> None:
+    """Combinations across sections of a whole stage config."""
+    name = type(cfg).__name__
+    for key in STAGE_PATHS.get(name, ()):  # e.g. eval: responses files must exist before model A is generated
+        must_exist(key, getattr(cfg, key), "file or folder")
+    for k, spec in enumerate(getattr(cfg, "matrix", None) or []):
+        must_exist(f"matrix[{k}]", spec, "responses file or model folder")
+    win_rate = getattr(cfg, "win_rate", None)
+    if win_rate is not None and win_rate.reference:
+        must_exist("win_rate.reference", win_rate.reference, "responses file or model folder")
+    scored = name in ("EvalConfig", "ServeRewardConfig") or (win_rate is not None and win_rate.reference)
+    reward = win_rate.reward if win_rate is not None else getattr(cfg, "reward", None)
+    if scored and reward.kind == "hf" and not reward.model:
+        where = "win_rate.reward" if win_rate is not None else "reward"
+        raise ConfigError(f"{where}.model is required for {where}.kind 'hf' (a reward model folder or Hub id)")
+    train, data = getattr(cfg, "train", None), getattr(cfg, "data", None)
+    if not isinstance(train, TrainConfig) or not isinstance(data, DataConfig):
+        return
+    from .data.prepare import eval_origin  # data settings that cannot work raise here, before any data is read
+
+    where = eval_origin(data, type(cfg)().data.eval_split)
+    if not isinstance(where, tuple):
+        for key in ("eval_steps", "early_stopping_patience"):
+            if getattr(train, key) is not None:
+                why = where or "no data.eval_split, data.eval_ratio or data.eval_dataset is set"
+                raise ConfigError(f"train.{key}: {getattr(train, key)} needs eval data, and there is none: {why}")
+    produced = set(STAGE_METRICS.get(name, ()))
+    if produced and win_rate is not None and win_rate.reference:
+        produced |= WIN_RATE_METRICS
+    if produced and train.metric_for_best not in produced:
+        raise ConfigError(
+            f"train.metric_for_best: {train.metric_for_best!r} is not a metric this stage evaluates; "
+            f"expected one of {', '.join(sorted(produced))}"
+        )
 
 
 def to_dict(cfg) -> dict:

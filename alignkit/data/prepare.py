@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 def load_examples(
     cfg: DataConfig, shape: str, seed: int, default_eval_split: str | None = None
 ) -> tuple[list[dict], list[dict] | None]:
-    """Validated rows in `shape` ('conversation' or 'preference') for training and evaluation.
+    """Validated rows in `shape` ('conversation', 'preference', or 'text': conversations or plain-text
+    language-modelling rows, as SFT takes them) for training and evaluation.
 
     Where eval rows come from (one rule, logged at start):
       1. data.eval_dataset: that dataset (its data.eval_split when it has splits);
@@ -132,6 +133,8 @@ def tokenize_conversations(rows: list[dict], chat, cfg: DataConfig, desc: str = 
     """Tokenise through the chat template, apply the filters, log what was dropped and why."""
 
     def one(row: dict) -> dict:
+        if row["text"] is not None:
+            return one_text(row["text"])
         messages = first_turn(row["messages"]) if cfg.first_turn_only else row["messages"]
         replies = [m["content"] for m in messages if m["role"] == "assistant"]
         reason = ""
@@ -148,8 +151,17 @@ def tokenize_conversations(rows: list[dict], chat, cfg: DataConfig, desc: str = 
             "drop": reason,
         }
 
-    ds = datasets.Dataset.from_list([{"messages": r["messages"]} for r in rows])
-    ds = ds.map(one, remove_columns=["messages"], num_proc=cfg.num_proc, desc=desc, new_fingerprint=uuid.uuid4().hex)
+    def one_text(text: str) -> dict:
+        # TRL's language modelling: the text and the tokenizer's EOS token, every token trained on.
+        reason = f"text shorter than {cfg.min_response_chars} characters" if len(text.strip()) < cfg.min_response_chars else ""
+        eos = chat.tokenizer.eos_token or chat.end_of_turn
+        ids = chat.tokenizer(text if text.endswith(eos) else text + eos, add_special_tokens=False)["input_ids"]
+        truncated = cfg.max_response_tokens is not None and len(ids) > cfg.max_response_tokens
+        ids = ids[: cfg.max_response_tokens] if truncated else ids
+        return {"input_ids": ids, "labels": list(ids), "prompt_tokens": 0, "truncated": truncated, "drop": reason}
+
+    ds = datasets.Dataset.from_list([{"messages": r.get("messages"), "text": r.get("text")} for r in rows])
+    ds = ds.map(one, remove_columns=["messages", "text"], num_proc=cfg.num_proc, desc=desc, new_fingerprint=uuid.uuid4().hex)
     return keep_undropped(ds, len(rows), desc)
 
 
@@ -208,5 +220,9 @@ def keep_undropped(ds: datasets.Dataset, n_rows: int, desc: str) -> datasets.Dat
     if dropped or truncated:
         log.info("%s: kept %d of %d examples; dropped %s; truncated responses in %d", desc, len(ds), n_rows, dict(dropped), truncated)
     if len(ds) == 0:
-        raise DataError(f"{desc}: every example was filtered out ({dict(dropped)}); loosen the data limits")
+        why = "; ".join(f"{n} {reason}" for reason, n in dropped.most_common())
+        raise DataError(
+            f"{desc}: every example was filtered out: {n_rows} valid row(s) read, all dropped by the data limits ({why}); "
+            "loosen data.max_prompt_tokens / data.min_response_chars / data.first_turn_only"
+        )
     return ds

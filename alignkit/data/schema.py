@@ -1,16 +1,26 @@
-"""Detect a dataset's schema, validate every row up front, and normalise rows to two shapes.
+"""Detect a dataset's schema, validate every row up front, and normalise rows to three shapes.
 
 Shapes used by the rest of the toolkit:
   conversation: {"messages": [{"role", "content"}, ...]}               (SFT)
+  text:         {"text": str}                                          (SFT on plain text, all tokens)
   preference:   {"prompt": [messages], "chosen": str, "rejected": str}  (DPO, reward models)
 
-Schemas understood:
-  chat               `messages` (smol-smoltalk)
-  prompt_completion  `prompt` + `completion` (strings or message lists)
-  preference         `prompt` + `chosen` + `rejected`: message lists (ultrafeedback_binarized)
-                     or strings, including "Human: ... Assistant:" transcripts as the prompt;
-                     also `chosen` + `rejected` alone as two whole transcripts (raw Anthropic/hh-rlhf),
-                     split at the final "Assistant:" reply
+Schemas understood (TRL's standard and conversational formats, and the raw forms of common sets):
+  chat                `messages` (smol-smoltalk)
+  language_modeling   `text`: plain text, trained on every token (SFT only)
+  prompt_completion   `prompt` + `completion`: strings, or a prompt message list and a completion
+                      that is either the assistant message(s) alone (TRL) or the whole conversation
+  preference          `prompt` + `chosen` + `rejected`: message lists (ultrafeedback_binarized; `chosen`
+                      / `rejected` either whole conversations or the assistant message(s) alone, TRL's
+                      explicit prompt) or strings, including "Human: ... Assistant:" transcripts as the
+                      prompt; also `chosen` + `rejected` alone (TRL's implicit prompt): conversations
+                      whose shared part is the prompt, raw Anthropic/hh-rlhf transcripts split at the final
+                      "Assistant:" reply, or strings whose common prefix is the prompt (as TRL's extract_prompt)
+  prompt_only         `prompt`: prompts for generate / eval, not training rows (a clear error there)
+  unpaired_preference `prompt` + `completion` + `label` (KTO): no stage trains on it (a clear error)
+
+Simplification: standard (string) prompts are wrapped as one user turn and go through the chat
+template like conversational ones; TRL applies no template to standard rows.
 """
 
 from __future__ import annotations
@@ -20,15 +30,11 @@ import re
 from collections import Counter
 from typing import Any, Iterable
 
-from .loading import Source
+from .loading import DataError, Source
 
 log = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant")
-
-
-class DataError(ValueError):
-    """Invalid rows, reported with source, row and field before any training starts."""
 
 
 class RowError(ValueError):
@@ -40,16 +46,47 @@ class RowError(ValueError):
 
 def detect_schema(columns: Iterable[str]) -> str:
     cols = set(columns)
-    if {"prompt", "chosen", "rejected"} <= cols or {"chosen", "rejected"} <= cols:
+    if {"chosen", "rejected"} <= cols:
         return "preference"
     if "messages" in cols:
         return "chat"
+    if {"prompt", "completion", "label"} <= cols:
+        return "unpaired_preference"
     if {"prompt", "completion"} <= cols:
         return "prompt_completion"
+    if "text" in cols:
+        return "language_modeling"
+    if "prompt" in cols:
+        return "prompt_only"
     raise DataError(
-        f"cannot tell the dataset's schema from its columns {sorted(cols)}: expected 'messages' (chat), "
-        "'prompt' + 'completion', or 'prompt' + 'chosen' + 'rejected' (preference pairs)"
+        f"cannot tell the dataset's schema from its columns {sorted(cols)}: expected 'messages' (chat), 'text' "
+        "(language modelling), 'prompt' + 'completion', 'prompt' + 'chosen' + 'rejected' or 'chosen' + 'rejected' "
+        "(preference pairs)"
     )
+
+
+# Schemas no training shape can use, and what to do instead.
+UNUSABLE = {
+    "prompt_only": "prompt-only rows (a 'prompt' column) have no reply to train on; use them as prompts "
+    "(prompts.dataset of generate, eval or rl), or add a 'completion' column",
+    "unpaired_preference": "unpaired preference rows ('prompt', 'completion', 'label': KTO's format) cannot be "
+    "trained on here: DPO and reward models need 'chosen' and 'rejected' replies to one prompt, and SFT a "
+    "'completion' without a label (drop the 'label' column to fine-tune on every completion)",
+}
+
+
+def check_usable(schema: str, shape: str) -> None:
+    """Raise DataError when rows of `schema` cannot give examples of `shape`, saying what can."""
+    if schema in UNUSABLE:
+        raise DataError(UNUSABLE[schema])
+    if schema == "language_modeling" and shape != "text":
+        stage = "preference pairs" if shape == "preference" else "conversations"
+        raise DataError(
+            f"language-modelling rows (a 'text' column) have no prompt/reply turns, and this stage needs {stage}; "
+            "plain text can be fine-tuned on with alignkit sft"
+        )
+    if shape == "preference" and schema != "preference":
+        raise DataError(f"preference pairs need 'chosen' and 'rejected' columns; this dataset is {schema}")
 
 
 # --------------------------------------------------------------------------- row checks
@@ -144,6 +181,8 @@ def prompt_messages(value: Any, field: str) -> list[dict]:
 
 def response_of(value: Any, field: str) -> tuple[str, list[dict] | None]:
     """A response given as a string, or as a message list ending in the assistant reply."""
+    if isinstance(value, list) and value and isinstance(value[0], dict) and value[0].get("role") == "assistant":
+        return assistant_reply(value, field), None  # TRL: the assistant message(s) alone; the prompt is separate
     if isinstance(value, list):
         msgs = check_messages(value, field)
         if msgs[-1]["role"] != "assistant":
@@ -153,6 +192,38 @@ def response_of(value: Any, field: str) -> tuple[str, list[dict] | None]:
             raise RowError(f"{field}[-1].content", "empty response")
         return text, msgs[:-1]
     return check_text(value, field), None
+
+
+def assistant_reply(value: list, field: str) -> str:
+    """The reply of a TRL completion given as assistant message(s) only: exactly one assistant message."""
+    if len(value) != 1:
+        raise RowError(field, f"{len(value)} messages; a completion without its prompt must be one assistant message")
+    content = value[0].get("content")
+    if not isinstance(content, str):
+        raise RowError(f"{field}[0].content", "missing" if content is None else f"expected a string, got {type(content).__name__}")
+    if not content.strip():
+        raise RowError(f"{field}[0].content", "empty response")
+    return content
+
+
+def common_prefix_prompt(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """TRL's implicit prompt of two strings: their common prefix (ending before a space), and the rests."""
+    idx = 0
+    for idx in range(min(len(chosen), len(rejected))):
+        if chosen[idx] != rejected[idx]:
+            if idx > 0 and chosen[idx - 1] == " ":  # the space belongs to the replies
+                idx -= 1
+            break
+    else:
+        idx = min(len(chosen), len(rejected))
+    return chosen[:idx], chosen[idx:], rejected[idx:]
+
+
+def to_text(row: dict, schema: str) -> dict:
+    """SFT rows: plain text for language-modelling rows, a conversation for every other schema."""
+    if schema == "language_modeling":
+        return {"text": check_text(row.get("text"), "text")}
+    return to_conversation(row, schema)
 
 
 def to_conversation(row: dict, schema: str) -> dict:
@@ -181,10 +252,17 @@ def to_preference(row: dict, schema: str) -> dict:
         prompt = chosen_ctx
     elif row.get("prompt") is not None:
         prompt = prompt_messages(row["prompt"], "prompt")
+    elif isinstance(row["chosen"], list):
+        raise RowError("prompt", "missing (and 'chosen' holds the assistant reply alone, without its conversation)")
     elif parse_transcript(chosen) is not None:  # raw hh-rlhf: two whole transcripts
         prompt, chosen, rejected = split_transcripts(chosen, rejected)
-    else:
-        raise RowError("prompt", "missing (and 'chosen' is neither a conversation nor a 'Human: ... Assistant: ...' transcript)")
+    else:  # TRL's standard implicit prompt: the common prefix of the two texts
+        text, chosen, rejected = common_prefix_prompt(chosen, rejected)
+        if not text.strip():
+            raise RowError("prompt", "missing, and 'chosen' and 'rejected' share no text that could be the prompt")
+        if not chosen.strip() or not rejected.strip():
+            raise RowError("chosen", "one reply is a prefix of the other: nothing is left after the shared prompt")
+        prompt = [{"role": "user", "content": text}]
     if rejected_ctx and rejected_ctx != prompt:
         raise RowError("rejected", "conversation before the response differs from the chosen one")
     if chosen.strip() == rejected.strip():
@@ -198,10 +276,12 @@ def to_preference(row: dict, schema: str) -> dict:
 def normalise(rows, source: Source, shape: str, skip_invalid: bool = False, row_ids: list[int] | None = None) -> list[dict]:
     """Validate and convert every row; raise DataError listing problems unless skip_invalid.
 
+    shape: 'conversation', 'preference', or 'text' (conversations, or {"text"} for language-modelling rows).
     row_ids: each row's index in the source, when `rows` is a selection of it (errors name the source's line).
     """
     schema = detect_schema(rows.column_names)
-    convert = to_conversation if shape == "conversation" else to_preference
+    check_usable(schema, shape)
+    convert = {"conversation": to_conversation, "text": to_text, "preference": to_preference}[shape]
     keep_columns = [c for c in ("category", "source", "prompt_id") if c in rows.column_names]
     out, problems = [], []
     reasons: Counter = Counter()
@@ -228,7 +308,8 @@ def normalise(rows, source: Source, shape: str, skip_invalid: bool = False, row_
             len(problems), len(rows), source.name, dict(reasons),
         )
     if not out:
-        raise DataError(f"{source.name}: no valid rows")
+        why = "; ".join(f"{n} x {reason}" for reason, n in reasons.most_common(5))
+        raise DataError(f"{source.name}: no valid rows: read {len(rows)} row(s), all invalid ({why or 'no rows'})")
     return out
 
 

@@ -36,6 +36,9 @@ def data_stats(cfg) -> dict:
             for side in ("chosen", "rejected"):
                 reply = tok(pair[side] + chat.end_of_turn, add_special_tokens=False)["input_ids"]
                 lengths.setdefault(side, []).append(len(reply))
+    elif schema == "language_modeling":
+        for row in normalise(rows, source, "text", cfg.skip_invalid, row_ids):
+            lengths.setdefault("text", []).append(len(tok(row["text"], add_special_tokens=False)["input_ids"]))
     else:
         for conv in normalise(rows, source, "conversation", cfg.skip_invalid, row_ids):
             messages = first_turn(conv["messages"]) if cfg.first_turn_only else conv["messages"]

@@ -233,9 +233,14 @@ class StepPlan:
     def __init__(self, n_examples: int, cfg: TrainConfig, world: int, rank: int, seed: int):
         self.n, self.bs, self.accum, self.world, self.rank, self.seed = n_examples, cfg.batch_size, cfg.grad_accum, world, rank, seed
         self.global_batch = cfg.batch_size * cfg.grad_accum * world
+        if min(cfg.batch_size, cfg.grad_accum, cfg.max_steps or cfg.epochs) < 1:  # no optimizer step: never a silent no-op
+            raise ConfigError(f"train: batch_size {cfg.batch_size}, grad_accum {cfg.grad_accum}, epochs {cfg.epochs}, "
+                              f"max_steps {cfg.max_steps} give no optimizer step; each must be at least 1")
         self.steps_per_epoch = n_examples // self.global_batch
         if self.steps_per_epoch == 0:
-            raise ValueError(
+            from ..data.loading import DataError
+
+            raise DataError(
                 f"{n_examples} training examples are fewer than one global batch of {self.global_batch} "
                 f"(batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum} x {world} processes)"
             )

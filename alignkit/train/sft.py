@@ -70,7 +70,7 @@ def run_sft(cfg: SFTConfig, callbacks=()) -> Path:
     out = Path(cfg.output_dir)
     set_seed(cfg.seed)  # before any model is built
     chat = load_tokenizer(cfg.model)
-    train_rows, eval_rows = load_examples(cfg.data, "conversation", cfg.seed)
+    train_rows, eval_rows = load_examples(cfg.data, "text", cfg.seed)  # chats, or plain text
     train_data = tokenize_conversations(train_rows, chat, cfg.data, "tokenise train")
     eval_data = tokenize_conversations(eval_rows, chat, cfg.data, "tokenise eval") if eval_rows else None
     log.info("SFT: %d training examples, %d eval examples", len(train_data), len(eval_data) if eval_data else 0)
