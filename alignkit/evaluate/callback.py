@@ -56,3 +56,8 @@ class WinRateCallback(Callback):
         rewards = self.backend.score(self.prompts, replies)
         metrics["eval_win_rate"] = float(outcomes(rewards, self.reference_rewards).mean())
         metrics["eval_mean_reward"] = float(np.mean(rewards))
+
+
+def win_rate_callbacks(cfg: WinRateDuringTraining, chat, output_dir: str | Path) -> list:
+    """The win-rate callback for a training stage, or none when win_rate.reference is unset."""
+    return [WinRateCallback(cfg, chat, output_dir)] if cfg.reference else []

@@ -26,10 +26,9 @@ from ..data.chat import IGNORE_INDEX
 from ..data.collate import collate_pairs
 from ..data.prepare import load_examples, tokenize_pairs
 from ..models import load_causal_lm, load_tokenizer
-from ..evaluate.callback import WinRateDuringTraining
+from ..evaluate.callback import WinRateDuringTraining, win_rate_callbacks
 from .logprobs import label_logps, per_sequence
 from .loop import LossOutput, RunOptions, distributed_state, to_device, train
-from .sft import win_rate_callbacks
 
 log = logging.getLogger(__name__)
 

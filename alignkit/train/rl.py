@@ -51,7 +51,7 @@ from transformers import set_seed
 from ..config import ConfigError, ModelConfig, TrainConfig
 from ..data.chat import IGNORE_INDEX
 from ..data.collate import pad
-from ..evaluate.callback import WinRateDuringTraining
+from ..evaluate.callback import WinRateDuringTraining, win_rate_callbacks
 from ..generation import PromptSource, SamplingParams, generate, load_prompts
 from ..models import load_causal_lm, load_tokenizer
 from ..rewards.backends import RewardConfig, build_backend, last_user_text
@@ -552,8 +552,6 @@ def check_prompt_rows(backend, rows: list[dict], what: str) -> None:
 
 def run_rl(cfg: RLConfig, callbacks=()) -> Path:
     """Train cfg.model with RLOO or GRPO on cfg.prompts against cfg.reward; return the run directory."""
-    from ..evaluate.callback import WinRateCallback
-
     check_rl_config(cfg)
     out = Path(cfg.output_dir)
     state = distributed_state()
@@ -574,9 +572,7 @@ def run_rl(cfg: RLConfig, callbacks=()) -> Path:
     def source_fn(world: int, rank: int) -> RolloutSource:
         return RolloutSource(cfg, chat, prompts, backend, ref_model, world, rank, out, state.is_main_process)
 
-    callbacks = list(callbacks)
-    if cfg.win_rate.reference:
-        callbacks.append(WinRateCallback(cfg.win_rate, chat, out))
+    callbacks = list(callbacks) + win_rate_callbacks(cfg.win_rate, chat, out)
     train(model, chat, None, None, None, rl_loss_fn(cfg.rl), cfg.train, RunOptions(out, cfg.seed, cfg.resume, cfg.quiet, config=cfg), callbacks,
           source_fn=source_fn, eval_fn=make_eval_fn(cfg, chat, backend))
     return out

@@ -15,7 +15,7 @@ from ..config import DataConfig, ModelConfig, TrainConfig
 from ..data.chat import IGNORE_INDEX
 from ..data.collate import collate_lm
 from ..data.prepare import load_examples, tokenize_conversations
-from ..evaluate.callback import WinRateDuringTraining
+from ..evaluate.callback import WinRateDuringTraining, win_rate_callbacks
 from ..models import load_causal_lm, load_tokenizer
 from .logprobs import label_logps
 from .loop import LossOutput, RunOptions, train
@@ -55,14 +55,6 @@ def sft_loss(model, batch: dict) -> LossOutput:
     # token_nll(model(...).logits, labels), computed at the labelled positions only (logprobs.py).
     logps, mask = label_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
     return LossOutput(-logps.sum(), int(mask.sum()), tokens=int(batch["attention_mask"].sum()))
-
-
-def win_rate_callbacks(cfg, chat, out: Path) -> list:
-    if not cfg.reference:
-        return []
-    from ..evaluate.callback import WinRateCallback
-
-    return [WinRateCallback(cfg, chat, out)]
 
 
 def run_sft(cfg: SFTConfig, callbacks=()) -> Path:
