@@ -157,7 +157,7 @@ def test_eval_rerun_with_another_model_stops(tmp_path, tiny_model_dir, toy_data_
     def cfg(model, **kw):
         return EvalConfig(output_dir=str(tmp_path / "eval"), model=str(model), reference=ref, bootstrap=50,
                           prompts=PromptSource(dataset=str(toy_data_dir), split="test", max_prompts=4),
-                          sampling=SamplingParams(max_new_tokens=3), reward=RewardConfig(kind="rule", rule="tests.test_eval:short_answer"), **kw)
+                          sampling=SamplingParams(max_new_tokens=3), reward=RewardConfig(kind="rule", rule="tests.test_eval:short_answer", allow_python_verifier=True), **kw)
 
     run_eval(cfg(tiny_model_dir))
     config_before = (tmp_path / "eval" / "config.yaml").read_text()

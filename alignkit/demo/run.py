@@ -163,7 +163,7 @@ def run_demo(output_dir: str = "runs/demo", steps: int = 600, dpo_steps: int = 2
     eval_cfg = EvalConfig(
         output_dir=str(out / "eval-dpo-vs-sft"), model=str(out / "dpo" / "final"), reference=str(out / "sft" / "final"),
         prompts=PromptSource(dataset=str(world / "data"), split="test"), sampling=SamplingParams(max_new_tokens=24),
-        reward=RewardConfig(kind="rule", rule="toy"), bootstrap=1000,
+        reward=RewardConfig(kind="rule", rule="toy"), bootstrap=1000, quiet=quiet,
     )
     run_eval(eval_cfg)
     winrate = json.loads((out / "eval-dpo-vs-sft" / "winrate.json").read_text())

@@ -20,7 +20,7 @@ from typing import Literal
 from .. import config as config_lib
 from ..config import ModelConfig
 from ..generation import GenerateConfig, PromptSource, SamplingParams, VLLMOptions, prompt_messages_of, read_jsonl, run_generate
-from ..rewards.backends import RewardConfig, build_backend, last_user_text
+from ..rewards.backends import RewardConfig, build_backend, check_reward_config, last_user_text
 from .winrate import outcomes, summarize
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,8 @@ class EvalConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     matrix: list[str] = field(default_factory=list)
     """Matrix mode: several models or responses files compared pairwise (model/reference unused)."""
+    quiet: bool = False
+    """No progress bars."""
     overwrite: bool = False
     """When a model's responses folder (model/, reference/, matrix-<k>/) holds a different job's
     responses: false stops with an error naming what changed; true regenerates them."""
@@ -67,7 +69,7 @@ def responses_for(spec: str, name: str, cfg: EvalConfig) -> list[dict]:
         return rows
     gen = GenerateConfig(output_dir=str(Path(cfg.output_dir) / name), model=ModelConfig(name_or_path=spec), prompts=cfg.prompts,
                          sampling=replace(cfg.sampling, n=1), engine=cfg.engine, vllm=cfg.vllm, batch_size=cfg.batch_size,
-                         overwrite=cfg.overwrite)
+                         overwrite=cfg.overwrite, quiet=cfg.quiet)
     path = run_generate(gen)
     return [{"messages": r["prompt"], "response": r["response"], "category": r["category"]} for r in sorted(read_jsonl(path), key=lambda r: r["id"])]
 
@@ -132,6 +134,7 @@ def score_groups(backend, sides: list[list[list[dict]]]) -> dict[tuple[str, str]
 def run_eval(cfg: EvalConfig) -> Path:
     """Responses first (a rerun that is a different job stops there), then config.yaml and the scores."""
     out = Path(cfg.output_dir)
+    check_reward_config(cfg.reward)  # before any generation work
     if cfg.matrix:
         return run_matrix(cfg, out)
     pairs = pair_up(responses_for(cfg.model, "model", cfg), responses_for(cfg.reference, "reference", cfg))

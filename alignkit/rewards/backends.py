@@ -102,6 +102,22 @@ def build_backend(cfg: RewardConfig, cache_path: Path | None) -> RewardBackend:
     return backend
 
 
+def check_reward_config(cfg: RewardConfig) -> None:
+    """What can be checked of a reward without loading a model or calling an API, so that a bad
+    setting stops a run before its generation work, not after it."""
+    if cfg.kind == "hf" and not cfg.model:
+        raise ConfigError("reward.model is required for kind 'hf'")
+    if cfg.kind == "remote":
+        if not (cfg.base_url and cfg.model):
+            raise ConfigError("reward.base_url and reward.model are required for kind 'remote'")
+        if cfg.api_key_env:
+            check_api_key_env(cfg.api_key_env)
+            if not os.environ.get(cfg.api_key_env):
+                raise ConfigError(f"environment variable {cfg.api_key_env} (reward.api_key_env) is not set")
+    if cfg.kind == "rule":
+        RuleReward(cfg.rule, cfg.allow_python_verifier, cfg.tolerance)
+
+
 def cache_path(cfg: RewardConfig, output_dir: str | Path | None) -> Path | None:
     """Where `reward.cache` puts scores: auto -> <output_dir>/scores.sqlite (None without an output
     directory), none/off -> no cache, anything else -> that file."""
