@@ -169,7 +169,7 @@ def run_demo(output_dir: str = "runs/demo", steps: int = 600, dpo_steps: int = 2
     winrate = json.loads((out / "eval-dpo-vs-sft" / "winrate.json").read_text())
 
     summary = {stage: {k: v for k, v in s.items() if k != "samples"} for stage, s in scores.items()}
-    summary["dpo_vs_sft"] = {k: winrate[k] for k in ("win_rate", "ci95", "wins", "losses", "ties", "n")}
+    summary["dpo_vs_sft"] = {k: winrate[k] for k in ("win_rate", "ci95", "wins", "losses", "ties", "n", "sign_test_p", "verdict")}
     summary["data"] = counts
     (out / "results.json").write_text(json.dumps(summary, indent=1))
     report = render_report(scores, winrate, counts, steps, dpo_steps)
@@ -203,7 +203,7 @@ def render_report(scores: dict, winrate: dict, counts: dict, steps: int, dpo_ste
         "",
         f"DPO model vs SFT model, judged by the verifier: win rate {winrate['win_rate']:.3f} "
         f"(95% CI {winrate['ci95'][0]:.3f} to {winrate['ci95'][1]:.3f}); {winrate['wins']} wins, {winrate['losses']} losses, "
-        f"{winrate['ties']} ties (both right or both wrong; a tie counts 0).",
+        f"{winrate['ties']} ties (both right or both wrong; a tie counts 0). {md_cell(winrate.get('verdict', ''))}",
         "",
         "Samples after DPO (prompt -> reply, as JSON strings):",
         "",
