@@ -145,3 +145,27 @@ def test_max_examples_and_seeded_eval_split(tmp_path):
     other = load_examples(cfg, "conversation", seed=4)
     assert other[1] != evals
     assert not {r["messages"][0]["content"] for r in train} & {r["messages"][0]["content"] for r in evals}
+
+
+def test_prompt_completion_trains_on_the_completion_only(tmp_path, toy_chat):
+    """#11: a conversational prompt-completion row whose prompt holds earlier assistant turns trains on the
+    completion only (as TRL does); the same conversation as a chat row trains on every reply."""
+    from alignkit.config import DataConfig
+    from alignkit.data.chat import IGNORE_INDEX
+    from alignkit.data.prepare import load_examples, tokenize_conversations
+
+    prompt = [{"role": "user", "content": "What is 1 plus 1?"}, {"role": "assistant", "content": "2"},
+              {"role": "user", "content": "What is 2 plus 2?"}]
+    completion = [{"role": "assistant", "content": "4"}]
+    (tmp_path / "pc.jsonl").write_text(json.dumps({"prompt": prompt, "completion": completion}) + "\n")
+    (tmp_path / "chat.jsonl").write_text(json.dumps({"messages": prompt + completion}) + "\n")
+    trained = {}
+    for name in ("pc", "chat"):
+        cfg = DataConfig(dataset=str(tmp_path / f"{name}.jsonl"))
+        rows, _ = load_examples(cfg, "conversation", 0)
+        ex = tokenize_conversations(rows, toy_chat, cfg)[0]
+        trained[name] = [t for t in ex["labels"] if t != IGNORE_INDEX]
+    eot = toy_chat.end_of_turn_id
+    four = toy_chat.tokenizer("4", add_special_tokens=False)["input_ids"]
+    assert trained["pc"] == four + [eot]
+    assert trained["chat"] == toy_chat.tokenizer("2", add_special_tokens=False)["input_ids"] + [eot] + four + [eot]

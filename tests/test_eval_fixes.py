@@ -27,7 +27,7 @@ class LengthJudge:
     def __init__(self):
         self.calls = []
 
-    def score(self, prompts, responses):
+    def score(self, prompts, responses, columns=None):
         self.calls.append(list(responses))
         noise = 1e-7 * sum(len(r) for r in responses)
         return [len(r) + noise for r in responses]
@@ -37,6 +37,7 @@ class LengthJudge:
 def judge(monkeypatch):
     j = LengthJudge()
     monkeypatch.setattr(eval_run, "reward_backend", lambda cfg, out: j)
+    monkeypatch.setattr(eval_run, "check_reward_config", lambda cfg: None)  # the fake judge needs no settings
     return j
 
 
@@ -168,3 +169,13 @@ def test_eval_rerun_with_another_model_stops(tmp_path, tiny_model_dir, toy_data_
     assert json.loads((tmp_path / "eval" / "winrate.json").read_text())["model"] == str(other)
     assert {r["model"] for r in read_jsonl(tmp_path / "eval" / "model" / "responses.jsonl")} == {str(other)}
     assert np.isfinite(json.loads((tmp_path / "eval" / "winrate.json").read_text())["win_rate"])
+
+
+def test_eval_checks_the_reward_before_generating(tmp_path, tiny_model_dir, toy_data_dir):
+    """A reward setting that cannot work stops eval before any response is generated."""
+    cfg = EvalConfig(output_dir=str(tmp_path / "eval"), model=str(tiny_model_dir), reference=str(tiny_model_dir),
+                     prompts=PromptSource(dataset=str(toy_data_dir), split="test", max_prompts=2),
+                     sampling=SamplingParams(max_new_tokens=3), reward=RewardConfig(kind="rule", rule="os:system"))
+    with pytest.raises(ConfigError, match="allow_python_verifier"):
+        run_eval(cfg)
+    assert not (tmp_path / "eval").exists()

@@ -118,19 +118,26 @@ def tokenize_chat(
     messages: list[dict],
     end_of_turn: str,
     max_response_tokens: int | None = None,
+    context_replies: int = 0,
 ) -> TokenizedChat:
     """Ids and labels (reply tokens and end-of-turn only) for a conversation.
 
     A reply longer than max_response_tokens is cut there (losing its end-of-turn), and the
     conversation ends with it: later turns would follow a reply the model never finished.
+    The first `context_replies` assistant replies are part of the prompt (a prompt-completion row
+    whose prompt holds earlier turns): not trained on, as TRL trains on the completion only.
     """
     ids: list[int] = []
     labels: list[int] = []
     prompt_tokens = None
     response_tokens: list[int] = []
     truncated = False
+    replies_seen = 0
     for text, is_reply in chat_segments(tokenizer, messages, end_of_turn):
         seg = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if is_reply:
+            replies_seen += 1
+            is_reply = replies_seen > context_replies
         if is_reply:
             if prompt_tokens is None:
                 prompt_tokens = len(ids)

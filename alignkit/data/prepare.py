@@ -135,12 +135,16 @@ def tokenize_conversations(rows: list[dict], chat, cfg: DataConfig, desc: str = 
     def one(row: dict) -> dict:
         if row["text"] is not None:
             return one_text(row["text"])
+        context = row.get("context_replies") or 0
+        if cfg.first_turn_only and context:
+            return {"input_ids": [], "labels": [], "prompt_tokens": 0, "truncated": False,
+                    "drop": "completion follows earlier assistant turns (first_turn_only)"}
         messages = first_turn(row["messages"]) if cfg.first_turn_only else row["messages"]
-        replies = [m["content"] for m in messages if m["role"] == "assistant"]
+        replies = [m["content"] for m in messages if m["role"] == "assistant"][context:]
         reason = ""
         if cfg.min_response_chars and min(len(r.strip()) for r in replies) < cfg.min_response_chars:
             reason = f"response shorter than {cfg.min_response_chars} characters"
-        tok = tokenize_chat(chat.tokenizer, messages, chat.end_of_turn, cfg.max_response_tokens)
+        tok = tokenize_chat(chat.tokenizer, messages, chat.end_of_turn, cfg.max_response_tokens, context)
         if not reason and cfg.max_prompt_tokens is not None and tok.prompt_tokens > cfg.max_prompt_tokens:
             reason = f"prompt longer than {cfg.max_prompt_tokens} tokens"
         return {
@@ -160,8 +164,9 @@ def tokenize_conversations(rows: list[dict], chat, cfg: DataConfig, desc: str = 
         ids = ids[: cfg.max_response_tokens] if truncated else ids
         return {"input_ids": ids, "labels": list(ids), "prompt_tokens": 0, "truncated": truncated, "drop": reason}
 
-    ds = datasets.Dataset.from_list([{"messages": r.get("messages"), "text": r.get("text")} for r in rows])
-    ds = ds.map(one, remove_columns=["messages", "text"], num_proc=cfg.num_proc, desc=desc, new_fingerprint=uuid.uuid4().hex)
+    ds = datasets.Dataset.from_list([{"messages": r.get("messages"), "text": r.get("text"), "context_replies": r.get("context_replies", 0)}
+                                     for r in rows])
+    ds = ds.map(one, remove_columns=["messages", "text", "context_replies"], num_proc=cfg.num_proc, desc=desc, new_fingerprint=uuid.uuid4().hex)
     return keep_undropped(ds, len(rows), desc)
 
 

@@ -232,11 +232,17 @@ def to_conversation(row: dict, schema: str) -> dict:
     if schema == "prompt_completion":
         prompt = prompt_messages(row.get("prompt"), "prompt")
         completion, _ = response_of(row.get("completion"), "completion")
-        return {"messages": prompt + [{"role": "assistant", "content": completion}]}
+        return {"messages": prompt + [{"role": "assistant", "content": completion}], "context_replies": assistant_turns(prompt)}
     if schema == "preference":
         pair = to_preference(row, schema)
-        return {"messages": pair["prompt"] + [{"role": "assistant", "content": pair["chosen"]}]}
+        return {"messages": pair["prompt"] + [{"role": "assistant", "content": pair["chosen"]}],
+                "context_replies": assistant_turns(pair["prompt"])}
     raise DataError(f"unknown schema {schema}")
+
+
+def assistant_turns(messages: list[dict]) -> int:
+    """Assistant turns inside a prompt: context for the completion, not trained on."""
+    return sum(m["role"] == "assistant" for m in messages)
 
 
 def to_preference(row: dict, schema: str) -> dict:
