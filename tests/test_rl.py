@@ -10,11 +10,13 @@ from alignkit.config import ConfigError, ModelConfig, TrainConfig
 from alignkit.generation import PromptSource
 from alignkit.rewards.backends import RewardConfig
 from alignkit.train import rl
-from alignkit.train.loop import Callback, StepFailed, read_metrics
+from alignkit.train.loop import StepFailed, read_metrics
 from alignkit.train.rl import (
     RLConfig, RLParams, aggregate, grpo_advantages, k3_kl, kl_shaped_rewards, length_penalty, policy_token_losses,
     rloo_advantages,
 )
+
+from .test_train import Interrupt
 
 # --------------------------------------------------------------------------- pure functions
 
@@ -190,15 +192,6 @@ def test_rl_loss_ignores_how_a_step_is_split(tmp_path, trained_toy_model, toy_da
             assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6)
             assert b["reward"] == a["reward"] and b["completion_length"] == a["completion_length"]
     assert (tmp_path / "b4" / "samples.jsonl").is_file()
-
-
-class Interrupt(Callback):
-    def __init__(self, at):
-        self.at = at
-
-    def on_step_end(self, state, logs):
-        if state.step == self.at:
-            raise KeyboardInterrupt
 
 
 def test_rl_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, trained_toy_model, toy_data_dir):
