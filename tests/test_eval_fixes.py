@@ -179,3 +179,15 @@ def test_eval_checks_the_reward_before_generating(tmp_path, tiny_model_dir, toy_
     with pytest.raises(ConfigError, match="allow_python_verifier"):
         run_eval(cfg)
     assert not (tmp_path / "eval").exists()
+
+
+def test_a_bad_responses_file_is_a_clear_error(tmp_path, capsys):
+    """#11: a responses file without a response names its file and line, exit status 2, no traceback."""
+    from alignkit.cli import main
+
+    good = write(tmp_path / "a.jsonl", [{"prompt": "hi", "response": "ok"}])
+    bad = write(tmp_path / "b.jsonl", [{"prompt": "hi", "response": "ok"}, {"prompt": "hi"}])
+    code = main(["eval", "--model", good, "--reference", bad, "--reward.kind", "rule", "--reward.rule", "toy",
+                 "--output-dir", str(tmp_path / "eval")])
+    err = capsys.readouterr().err
+    assert code == 2 and "b.jsonl, line 2" in err and "Traceback" not in err

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..generation import PromptSource, SamplingParams, generate, load_prompts
+from ..data.loading import DataError
 from ..rewards.backends import RewardConfig, build_backend
 from ..train.loop import Callback
 from .winrate import outcomes
@@ -47,7 +48,7 @@ class WinRateCallback(Callback):
         reference = {prompt_key(r["messages"]): r["response"] for r in responses_for(cfg.reference, "reference", ev)}
         self.prompts = [p for p in prompts if prompt_key(p) in reference]
         if not self.prompts:
-            raise ValueError("win_rate.reference has no responses for the win_rate.prompts")
+            raise DataError("win_rate.reference has no responses for the win_rate.prompts")
         self.backend = build_backend(cfg.reward, cfg.reward.cache_path(Path(output_dir) / "win_rate"))
         self.reference_rewards = self.backend.score(self.prompts, [reference[prompt_key(p)] for p in self.prompts])
 

@@ -20,6 +20,7 @@ from typing import Literal
 from .. import config as config_lib
 from ..config import ModelConfig
 from ..generation import GenerateConfig, PromptSource, SamplingParams, VLLMOptions, prompt_messages_of, read_jsonl, run_generate
+from ..data.loading import DataError
 from ..rewards.backends import RewardConfig, build_backend, check_reward_config, last_user_text
 from .winrate import outcomes, summarize
 
@@ -64,7 +65,7 @@ def responses_for(spec: str, name: str, cfg: EvalConfig) -> list[dict]:
             messages = r["prompt"] if isinstance(r.get("prompt"), list) else prompt_messages_of(r)
             response = r.get("response", r.get("output"))
             if messages is None or not isinstance(response, str):
-                raise ValueError(f"{spec}, line {i + 1}: expected a prompt (or instruction) and a response (or output)")
+                raise DataError(f"{spec}, line {i + 1}: expected a prompt (or instruction) and a response (or output)")
             rows.append({"messages": messages, "response": response, "category": r.get("category", r.get("dataset"))})
         return rows
     gen = GenerateConfig(output_dir=str(Path(cfg.output_dir) / name), model=ModelConfig(name_or_path=spec), prompts=cfg.prompts,
@@ -99,7 +100,7 @@ def pair_up(a: list[dict], b: list[dict]) -> list[tuple[list[dict], list[dict]]]
     if len(pairs) < len(ga) or len(pairs) < len(gb):
         log.warning("evaluating %d prompts present on both sides (A has %d, B has %d)", len(pairs), len(ga), len(gb))
     if not pairs:
-        raise ValueError("A and B share no prompts")
+        raise DataError("A and B share no prompts")
     return pairs
 
 
@@ -200,7 +201,7 @@ def run_matrix(cfg: EvalConfig, out: Path) -> Path:
     sides = [group_by_prompt(responses_for(spec, f"matrix-{k}", cfg), spec) for k, spec in enumerate(cfg.matrix)]
     common = [k for k in sides[0] if all(k in s for s in sides[1:])]
     if not common:
-        raise ValueError("the matrix entries share no prompts")
+        raise DataError("the matrix entries share no prompts")
     names = entry_labels(cfg.matrix)
     dropped = [len(s) - len(common) for s in sides]
     if any(dropped):
