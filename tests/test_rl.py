@@ -206,6 +206,8 @@ def test_rl_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, trained_t
     rl.run_rl(cfg)
     a, b = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "broken")
     assert [m["step"] for m in b] == list(range(1, 7))
+    samples = [(tmp_path / run / "samples.jsonl").read_text() for run in ("straight", "broken")]
+    assert samples[0] == samples[1]  # lines logged after the checkpoint are not repeated
     for x, y in zip(a, b):
         for key in ("loss", "reward", "completion_length", "kl", "clip_fraction"):
             assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-7), (x["step"], key)

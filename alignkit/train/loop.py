@@ -226,6 +226,9 @@ class StepSource:
 
     def load_state_dict(self, state: dict) -> None: ...
 
+    def keep_until(self, step: int) -> None:
+        """On the main process at start: drop what the source logged after `step` (a resumed or restarted run)."""
+
 
 class StepPlan:
     """Which examples each process reads at each optimizer step."""
@@ -346,6 +349,7 @@ def train(
         out.mkdir(parents=True, exist_ok=True)
         ckpt.clear_stale(ckpt_root)
         keep_metrics_until(metrics_path, state.step)
+        plan.keep_until(state.step)
         if run.config is not None:
             config_lib.save(run.config, out / "config.yaml")
     accelerator.wait_for_everyone()

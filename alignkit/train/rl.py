@@ -362,6 +362,13 @@ class RolloutSource(StepSource):
     def load_state_dict(self, state: dict) -> None:
         self.buffer = state.get("buffer")
 
+    def keep_until(self, step: int) -> None:
+        """samples.jsonl reads as one run: lines of steps after the checkpoint are dropped on resume."""
+        if self.samples_path is not None and self.samples_path.exists():
+            lines = self.samples_path.read_text().split("\n")
+            kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+            self.samples_path.write_text("".join(line + "\n" for line in kept))
+
     # One rollout ------------------------------------------------------------------------
     def rollout(self, generation: int, model) -> dict:
         p, chat = self.p, self.chat
