@@ -13,7 +13,7 @@ from alignkit.config import ConfigError, DataConfig, ModelConfig, TrainConfig
 from alignkit.data.loading import load_rows
 from alignkit.data.prepare import load_examples, tokenize_pairs
 from alignkit.data.schema import DataError, normalise
-from alignkit.train.loop import Callback, read_metrics
+from alignkit.train.loop import read_metrics
 
 from .conftest import need_shared, read_jsonl
 
@@ -77,12 +77,7 @@ def test_rm_seed_controls_training(tmp_path, tiny_model_dir, prefs):
 # --------------------------------------------------------------------------- #12.12 rm_eval.json
 
 
-class FakeMetric(Callback):
-    def __init__(self, values):
-        self.values = list(values)
-
-    def on_evaluate(self, state, metrics, model):
-        metrics["eval_fake"] = self.values.pop(0)
+from .test_train import FakeMetric  # noqa: E402
 
 
 def test_rm_eval_json_describes_the_restored_best_model(tmp_path, tiny_model_dir, prefs):

@@ -100,13 +100,14 @@ def test_rl_config_is_checked_up_front():
 
 def rollout_batch(chat, rewards_per_group, seed=0):
     """Prompts with k made-up completions each, collated as the rollout source does."""
-    from alignkit.train.rl import chat_prompt_ids, collate_rollout
+    from alignkit.data.chat import tokenize_prompt
+    from alignkit.train.rl import collate_rollout
 
     g = torch.Generator().manual_seed(seed)
     prompts = ["What is 2 plus 3?", "Spell cat backwards."]
     samples = []
     for p, rewards in zip(prompts, rewards_per_group):
-        pid = chat_prompt_ids(chat, [{"role": "user", "content": p}])
+        pid = tokenize_prompt(chat.tokenizer, [{"role": "user", "content": p}])
         for _ in rewards:
             n = int(torch.randint(2, 6, (1,), generator=g))
             samples.append({"prompt_ids": pid, "completion_ids": torch.randint(3, 200, (n,), generator=g).tolist(), "weight": 1.0})

@@ -80,19 +80,11 @@ class RewardConfig:
 
 
 def build_backend(cfg: RewardConfig, cache_path: Path | None) -> RewardBackend:
+    check_reward_config(cfg, build_rule=False)
     if cfg.kind == "hf":
-        if not cfg.model:
-            raise ConfigError("reward.model is required for kind 'hf'")
         backend: RewardBackend = HFRewardModel(cfg.model, cfg.batch_size, cfg.max_length)
     elif cfg.kind == "remote":
-        if not (cfg.base_url and cfg.model):
-            raise ConfigError("reward.base_url and reward.model are required for kind 'remote'")
-        key = ""
-        if cfg.api_key_env:
-            check_api_key_env(cfg.api_key_env)
-            key = os.environ.get(cfg.api_key_env, "")
-            if not key:
-                raise ConfigError(f"environment variable {cfg.api_key_env} (reward.api_key_env) is not set")
+        key = os.environ.get(cfg.api_key_env, "") if cfg.api_key_env else ""
         backend = RemoteReward(cfg.base_url, cfg.model, key, cfg.concurrency, cfg.timeout_s, cfg.max_retries,
                                allow_insecure_http=cfg.allow_insecure_http, key_name=cfg.api_key_env)
     else:
@@ -102,9 +94,10 @@ def build_backend(cfg: RewardConfig, cache_path: Path | None) -> RewardBackend:
     return backend
 
 
-def check_reward_config(cfg: RewardConfig) -> None:
+def check_reward_config(cfg: RewardConfig, build_rule: bool = True) -> None:
     """What can be checked of a reward without loading a model or calling an API, so that a bad
-    setting stops a run before its generation work, not after it."""
+    setting stops a run before its generation work, not after it (a rule verifier is cheap to build,
+    which checks its name and options)."""
     if cfg.kind == "hf" and not cfg.model:
         raise ConfigError("reward.model is required for kind 'hf'")
     if cfg.kind == "remote":
@@ -114,7 +107,7 @@ def check_reward_config(cfg: RewardConfig) -> None:
             check_api_key_env(cfg.api_key_env)
             if not os.environ.get(cfg.api_key_env):
                 raise ConfigError(f"environment variable {cfg.api_key_env} (reward.api_key_env) is not set")
-    if cfg.kind == "rule":
+    if cfg.kind == "rule" and build_rule:
         RuleReward(cfg.rule, cfg.allow_python_verifier, cfg.tolerance)
 
 

@@ -49,7 +49,7 @@ import torch
 from transformers import set_seed
 
 from ..config import ConfigError, ModelConfig, TrainConfig
-from ..data.chat import IGNORE_INDEX
+from ..data.chat import IGNORE_INDEX, tokenize_prompt
 from ..data.collate import pad
 from ..evaluate.callback import WinRateDuringTraining, win_rate_callbacks
 from ..generation import PromptSource, SamplingParams, generate, load_prompts
@@ -206,7 +206,7 @@ class RLParams:
     ref_model: str | None = None
     """Reference for the KL; defaults to model.name_or_path."""
     generation_batch_size: int = 64
-    """Prompts per generate() call."""
+    """Sequences decoded together (a prompt's k samples count k)."""
     log_samples_steps: int = 10
     """Write a few completions with their rewards to samples.jsonl every N steps (0: never)."""
     samples_per_log: int = 4
@@ -343,6 +343,13 @@ class RolloutSource(StepSource):
         self.buffer: dict | None = None
         self.metrics: dict[str, tuple[float, float]] = {}
         self.samples_path = out / "samples.jsonl" if is_main else None
+        self._prompt_ids: dict[int, list[int]] = {}
+
+    def prompt_ids(self, i: int) -> list[int]:
+        """Prompt i's tokens through the chat template, computed once per run."""
+        if i not in self._prompt_ids:
+            self._prompt_ids[i] = tokenize_prompt(self.chat.tokenizer, self.prompts[i]["messages"])
+        return self._prompt_ids[i]
 
     # The loop's interface ---------------------------------------------------------------
     def micro_batches(self, step: int, model) -> list[dict]:
@@ -392,7 +399,7 @@ class RolloutSource(StepSource):
         t2 = time.perf_counter()
         samples = []
         for i, cs in zip(flat, completions):
-            prompt_ids = chat_prompt_ids(chat, self.prompts[i]["messages"])
+            prompt_ids = self.prompt_ids(i)
             for j, c in enumerate(cs):
                 ids = list(c.token_ids) + ([c.stop_id] if c.stop_id is not None else [])
                 samples.append({"prompt_ids": prompt_ids, "completion_ids": ids, "truncated": c.stop_id is None, "prompt": i, "index": j})
@@ -465,9 +472,7 @@ class RolloutSource(StepSource):
             idx = [j for j, x in enumerate(temps) if x == t]
             params = SamplingParams(max_new_tokens=p.max_new_tokens, temperature=t, top_p=p.top_p, top_k=p.top_k, n=len(idx),
                                     seed=sampling_seed(self.cfg.seed, generation, group))
-            results = []
-            for start in range(0, len(messages), p.generation_batch_size):
-                results += generate(model, self.chat, messages[start : start + p.generation_batch_size], params, p.generation_batch_size)
+            results = generate(model, self.chat, messages, params, p.generation_batch_size)
             for i, cs in enumerate(results):
                 for j, c in zip(idx, cs):
                     out[i][j] = c
@@ -482,12 +487,6 @@ class RolloutSource(StepSource):
                 f.write(json.dumps({"step": generation * self.p.num_iterations + 1, "prompt": last_user_text(self.prompts[s["prompt"]]["messages"]),
                                     "sample": s["index"], "completion": text, "reward": r, "shaped_reward": t,
                                     "advantage": s["advantage"], "truncated": s["truncated"]}) + "\n")
-
-
-def chat_prompt_ids(chat, messages: list[dict]) -> list[int]:
-    from ..data.chat import tokenize_prompt
-
-    return tokenize_prompt(chat.tokenizer, messages)
 
 
 # --------------------------------------------------------------------------- the loss
@@ -553,8 +552,7 @@ def check_prompt_rows(backend, rows: list[dict], what: str) -> None:
     """Before any work: every prompt row has the columns the reward's verifier needs (naming row and column)."""
     check = getattr(getattr(backend, "backend", backend), "check_rows", None)
     if check is not None:
-        by_index = {i: r for i, r in enumerate(rows)}
-        check([r["messages"] for r in rows], [r.get("columns") or {} for r in rows], where=lambda i: f"{what}: {by_index[i]['where']}")
+        check([r["messages"] for r in rows], [r.get("columns") or {} for r in rows], where=lambda i: f"{what}: {rows[i]['where']}")
 
 
 def run_rl(cfg: RLConfig, callbacks=()) -> Path:
@@ -572,7 +570,7 @@ def run_rl(cfg: RLConfig, callbacks=()) -> Path:
     model = load_causal_lm(cfg.model, chat)
     ref_model = None
     if cfg.rl.beta > 0:
-        ref_model = load_causal_lm(cfg.model, chat, path=cfg.rl.ref_model) if cfg.rl.ref_model else load_causal_lm(cfg.model, chat)
+        ref_model = load_causal_lm(cfg.model, chat, path=cfg.rl.ref_model)
         ref_model.requires_grad_(False).to(state.device).eval()
     log.info("RL (%s): %d prompts, k=%d samples each, beta=%g, loss aggregation %s", cfg.rl.algo, len(prompts), cfg.rl.k, cfg.rl.beta, cfg.rl.agg())
 
