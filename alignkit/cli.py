@@ -127,7 +127,7 @@ def type_name(tp) -> str:
 def build_parser(name: str, stage: Stage) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=f"alignkit {name}",
-        description=stage.help + ". Values come from the defaults, then --config, then these options.",
+        description=stage.help + ". Values come from the defaults, then --config, then these options. --debug prints the traceback of an error.",
         allow_abbrev=False,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
