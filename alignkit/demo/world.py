@@ -35,6 +35,9 @@ TINY_MODEL = {
     "tie_word_embeddings": True,
 }
 
+SIGN_OFF = " Hope this helps!"
+"""The chatty ending that a share of the demo's SFT replies carry (`write_chat_data`)."""
+
 N_HELD_OUT = 160
 """Distinct held-out prompts of the demo: 12 upper, 12 reverse, 36 repeat, 40 add, 60 sort."""
 MAX_HELD_OUT_SHARE = 0.4
@@ -163,23 +166,28 @@ def balanced_prompts(per_kind: dict[str, list[str]], n: int, rng: random.Random)
 # --------------------------------------------------------------------------- data files
 
 
-def write_chat_data(directory: str | Path, n_train: int = 4000, n_test: int = N_HELD_OUT, seed: int = 0) -> Path:
+def write_chat_data(
+    directory: str | Path, n_train: int = 4000, n_test: int = N_HELD_OUT, seed: int = 0, sign_off_share: float = 0.0
+) -> Path:
     """Toy task as smol-smoltalk-style chats: `{split}.jsonl` files with `messages` and `category`.
 
-    test.jsonl: `n_test` distinct held-out prompts, kinds in turn; train.jsonl: `n_train` rows, kinds
-    balanced, on the other prompts only.
+    test.jsonl: `n_test` distinct held-out prompts, kinds in turn, with the bare answers; train.jsonl:
+    `n_train` rows, kinds balanced, on the other prompts only. A seeded `sign_off_share` of the
+    training replies end with SIGN_OFF, as chats gathered from a chattier source would: the
+    verifier wants the bare answer, so those replies teach a habit that costs reward.
     """
     directory = Path(directory)
     split = split_prompts(n_test, seed)
     train = balanced_prompts(split.train, n_train, random.Random(seed))
+    chatty = random.Random(seed + 11)
     for name, rows in (("train", train), ("test", interleave(split.test))):
-        chats = [
-            {
-                "messages": [{"role": "user", "content": p}, {"role": "assistant", "content": solve(p)}],
-                "category": k,
-            }
-            for k, p in rows
-        ]
+        chats = []
+        for k, p in rows:
+            reply = solve(p)
+            if name == "train" and chatty.random() < sign_off_share:
+                reply += SIGN_OFF
+            chats.append({"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": reply}],
+                          "category": k})
         write_jsonl(chats, directory / f"{name}.jsonl")
     return directory
 
