@@ -288,7 +288,11 @@ def stages_section(rep: Report, stages: list[StageRun]) -> None:
 
 
 def panels_for(stage: StageRun) -> list[tuple[str, list[str]]]:
+    """Loss, the kind's telling metrics, the win rate during training; a stage of another kind also
+    gets a panel for each other eval_ metric it logs."""
     panels = COMMON_PANELS[:1] + PANELS.get(stage.kind, []) + COMMON_PANELS[1:]
+    if stage.kind in PANELS or stage.kind == "sft":
+        return panels
     shown = {k for _, keys in panels for k in keys}
     extra = sorted({k for r in stage.metrics for k in r if k.startswith("eval_") and k not in shown})
     return panels + [(k[len("eval_"):].replace("_", " ") + " (eval)", [k]) for k in extra]
@@ -355,17 +359,7 @@ def evals_section(rep: Report, stages: list[StageRun]) -> None:
                 "|---" * 11 + "|")
         for s, r in pairwise:
             rep.add(winrate_row(s.name, r, rep.run_dir))
-        rates = {f"{s.name}: {comparison_label(r, rep.run_dir)[0]}": r["per_category"]
-                 for s, r in pairwise if isinstance(r.get("per_category"), dict) and r["per_category"]}
-        if rates:
-            categories = sorted({c for per in rates.values() for c in per})
-            rep.add("", "### Per category", "", "Win rate per prompt category (ties count as in each eval's config).", "",
-                    "| category | " + " | ".join(md_cell(k) for k in rates) + " |", "|---" * (len(rates) + 1) + "|")
-            for c in categories:
-                cells = [f"{per[c]:.3f}" if isinstance(per.get(c), (int, float)) else "-" for per in rates.values()]
-                rep.add(f"| {md_cell(c)} | " + " | ".join(cells) + " |")
-            if rep.draw:
-                rep.image(plots.category_bars(rates, rep.out / "per-category.png", "win rate"), "win rate per category")
+        categories_subsection(rep, pairwise)
     for s, m in matrices:
         rep.add("", f"### Matrix {md_cell(s.name)}: row against column, judge {md_cell(m.get('judge', '-'))}", "")
         rep.add(*matrix_tables(m))
@@ -374,6 +368,44 @@ def evals_section(rep: Report, stages: list[StageRun]) -> None:
         if rep.draw:
             rep.image(plots.matrix_heatmap(m["labels"], m["win_rate"], rep.out / f"matrix-{file_stem(s.name)}.png",
                                            f"{s.name}: win rate of row against column"), f"win-rate matrix of {s.name}")
+
+
+def category_counts(stage: StageRun) -> dict[str, list[int]]:
+    """Wins, losses and ties per category from an eval's per_prompt.jsonl."""
+    counts: dict[str, list[int]] = {}
+    for row in read_jsonl(stage.path / "per_prompt.jsonl"):
+        if row.get("category") is not None and row.get("outcome") in ("win", "loss", "tie"):
+            counts.setdefault(str(row["category"]), [0, 0, 0])[("win", "loss", "tie").index(row["outcome"])] += 1
+    return counts
+
+
+def categories_subsection(rep: Report, pairwise: list[tuple[StageRun, dict]]) -> None:
+    """Per-category win rates of each pairwise eval: both tie rules and the counts from per_prompt.jsonl
+    (the bars show ties as half, where 0.5 means no difference), else the eval's own per_category rates."""
+    columns, half, zero = {}, {}, {}
+    for s, r in pairwise:
+        label = f"{s.name}: {comparison_label(r, rep.run_dir)[0]}"
+        counts = category_counts(s)
+        if counts:
+            columns[label] = {c: f"{w / (w + l + t):.3f} / {(w + t / 2) / (w + l + t):.3f} ({w} / {l} / {t})"
+                              for c, (w, l, t) in counts.items()}
+            half[label] = {c: (w + t / 2) / (w + l + t) for c, (w, l, t) in counts.items()}
+        elif isinstance(r.get("per_category"), dict) and r["per_category"]:
+            columns[label] = {c: f"{v:.3f}" for c, v in r["per_category"].items() if isinstance(v, (int, float))}
+            zero[label] = {c: v for c, v in r["per_category"].items() if isinstance(v, (int, float))}
+    if not columns:
+        return
+    categories = sorted({c for per in columns.values() for c in per})
+    rep.add("", "### Per category", "", "Each cell: win rate with ties counting 0 (course protocol) / counting 0.5, then "
+            "wins / losses / ties (a single number: the eval's own rate, ties counting as in its config).", "",
+            "| category | " + " | ".join(md_cell(k) for k in columns) + " |", "|---" * (len(columns) + 1) + "|")
+    for c in categories:
+        rep.add(f"| {md_cell(c)} | " + " | ".join(per.get(c, "-") for per in columns.values()) + " |")
+    if rep.draw and half:
+        rep.image(plots.category_bars(half, rep.out / "per-category.png", "win rate, ties count 0.5"),
+                  "win rate per category, ties count 0.5")
+    elif rep.draw and zero:
+        rep.image(plots.category_bars(zero, rep.out / "per-category.png", "win rate"), "win rate per category")
 
 
 def bon_section(rep: Report, stages: list[StageRun]) -> None:

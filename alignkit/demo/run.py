@@ -23,6 +23,7 @@ from ..config import save as save_config
 from ..generation import SamplingParams, generate
 from ..markdown import fenced, md_cell
 from ..models import init_model, load_causal_lm, load_tokenizer
+from ..report import write_report
 from ..train.dpo import DPOConfig, DPOParams, run_dpo
 from ..train.sft import SFTConfig, run_sft
 from .task import toy_reward
@@ -175,7 +176,8 @@ def run_demo(output_dir: str = "runs/demo", steps: int = 600, dpo_steps: int = 2
     report = render_report(scores, winrate, counts, steps, dpo_steps)
     (out / "report.md").write_text(report)
     print(report)
-    print(f"[demo] models: {out / 'sft' / 'final'}, {out / 'dpo' / 'final'}  report: {out / 'report.md'}")
+    full = write_report(out)  # stages, curves and plots, beside the summary above
+    print(f"[demo] models: {out / 'sft' / 'final'}, {out / 'dpo' / 'final'}  report: {out / 'report.md'}, with plots: {full}")
     return out
 
 
