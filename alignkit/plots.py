@@ -10,6 +10,7 @@ Simplification: fixed sizes and the default style; no interactive output.
 from __future__ import annotations
 
 import importlib.util
+import math
 from pathlib import Path
 
 DPI = 110
@@ -53,11 +54,13 @@ def save(fig, path: str | Path) -> Path:
 def series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
     """(steps, values) of the rows that log `key` as a finite number."""
     points = [(r["step"], float(r[key])) for r in rows
-              if isinstance(r.get(key), (int, float)) and isinstance(r.get("step"), (int, float)) and r[key] == r[key]]
+              if isinstance(r.get(key), (int, float)) and isinstance(r.get("step"), (int, float))]
+    points = [p for p in points if math.isfinite(p[1])]
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def training_curves(rows: list[dict], panels: list[tuple[str, list[str]]], path: str | Path, title: str) -> Path | None:
+def training_curves(rows: list[dict], panels: list[tuple[str, list[str]]], path: str | Path,
+                    title: str) -> Path | None:
     """One subplot per panel (title, metric keys), a line per key against the optimizer step; keys
     logged at evaluations only (eval_*) get markers. Panels with no logged key are left out."""
     drawn = [(name, [(k, *series(rows, k)) for k in keys]) for name, keys in panels]
@@ -71,7 +74,8 @@ def training_curves(rows: list[dict], panels: list[tuple[str, list[str]]], path:
     for i, (name, lines) in enumerate(drawn):
         ax = fig.add_subplot(nrows, cols, i + 1)
         for key, steps, values in lines:
-            ax.plot(steps, values, label=plain(key), marker="o" if key.startswith("eval_") or len(steps) < 3 else None, markersize=3)
+            marker = "o" if key.startswith("eval_") or len(steps) < 3 else None
+            ax.plot(steps, values, label=plain(key), marker=marker, markersize=3)
         ax.set_title(plain(name))
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -93,7 +97,8 @@ def category_bars(rates: dict[str, dict[str, float]], path: str | Path, ylabel: 
         xs = [i + (k - (len(rates) - 1) / 2) * width for i in range(len(categories))]
         ax.bar(xs, [per.get(c, float("nan")) for c in categories], width, label=plain(label))
     ax.set_xticks(range(len(categories)))
-    ax.set_xticklabels([plain(c, 24) for c in categories], rotation=30 if len(categories) > 4 else 0, ha="right" if len(categories) > 4 else "center")
+    tilt = len(categories) > 4
+    ax.set_xticklabels([plain(c, 24) for c in categories], rotation=30 if tilt else 0, ha="right" if tilt else "center")
     ax.set_ylim(0, 1)
     ax.axhline(0.5, color="grey", linewidth=0.8, linestyle="--")
     ax.set_ylabel(plain(ylabel, 60))
@@ -115,8 +120,10 @@ def bon_sweep(sweep: dict, path: str | Path) -> Path | None:
         ns = [r["n"] for r in rs]
         line = left.plot(ns, [r["win_rate"] for r in rs], marker="o", label=f"T={t:g}")[0]
         if all(r.get("ci95") for r in rs):
-            left.fill_between(ns, [r["ci95"][0] for r in rs], [r["ci95"][1] for r in rs], color=line.get_color(), alpha=0.2)
-        right.plot(ns, [r.get("non_tied_win_share", float("nan")) for r in rs], marker="o", color=line.get_color(), label=f"T={t:g}")
+            lows, highs = [r["ci95"][0] for r in rs], [r["ci95"][1] for r in rs]
+            left.fill_between(ns, lows, highs, color=line.get_color(), alpha=0.2)
+        shares = [r.get("non_tied_win_share", float("nan")) for r in rs]
+        right.plot(ns, shares, marker="o", color=line.get_color(), label=f"T={t:g}")
     all_n = sorted({r["n"] for r in rows})
     right.plot(all_n, [n / (n + 1) for n in all_n], color="black", linestyle="--", label="ceiling N/(N+1)")
     for ax, title in ((left, "win rate (ties count 0), 95% band"), (right, "wins / (wins + losses)")):
@@ -132,7 +139,8 @@ def bon_sweep(sweep: dict, path: str | Path) -> Path | None:
     return save(fig, path)
 
 
-def matrix_heatmap(labels: list[str], table: list[list[float | None]], path: str | Path, title: str) -> Path | None:
+def matrix_heatmap(labels: list[str], table: list[list[float | None]], path: str | Path,
+                   title: str) -> Path | None:
     """Win rate of row against column as a heat map with the numbers written in."""
     if len(labels) < 2:
         return None

@@ -40,12 +40,14 @@ MARKERS = ("stage.json", "config.yaml", "metrics.jsonl", "winrate.json", "matrix
 PANELS = {
     "dpo": [("reward margin", ["reward_margin", "eval_reward_margin"]),
             ("reward accuracy", ["reward_accuracy", "eval_reward_accuracy"])],
-    "rm": [("accuracy", ["accuracy", "eval_accuracy"]), ("reward margin", ["reward_margin", "eval_reward_margin"])],
+    "rm": [("accuracy", ["accuracy", "eval_accuracy"]),
+           ("reward margin", ["reward_margin", "eval_reward_margin"])],
     "rl": [("reward", ["reward", "eval_reward"]), ("KL to the reference", ["kl", "kl_k3"]),
            ("completion length (tokens)", ["completion_length", "eval_completion_length"]),
            ("entropy", ["entropy"])],
 }
-"""Per kind of stage, its telling metrics: (subplot title, metrics.jsonl keys); training and eval_ keys share a plot."""
+"""Per kind of stage, its telling metrics: (subplot title, metrics.jsonl keys); training and eval_ keys
+share a plot."""
 COMMON_PANELS = [("loss", ["loss", "eval_loss"]), ("win rate during training (ties count 0)", ["eval_win_rate"]),
                  ("mean reward during training", ["eval_mean_reward"])]
 
@@ -138,15 +140,16 @@ def guess_kind(path: Path, config: dict) -> str:
 def load_stage(path: Path, name: str) -> StageRun:
     record = read_json(path / "stage.json")
     record = record if isinstance(record, dict) else {}
-    config = record.get("config") if isinstance(record.get("config"), dict) else read_config(path / "config.yaml")
+    config = record["config"] if isinstance(record.get("config"), dict) else read_config(path / "config.yaml")
     kind = str(record.get("kind") or guess_kind(path, config))
     if record.get("status"):
         status = str(record["status"])
-    elif any((path / f).is_file() for f in ("winrate.json", "matrix.json", "sweep.json")) or (path / "final").is_dir():
+    elif (path / "final").is_dir() or any((path / f).is_file() for f in ("winrate.json", "matrix.json", "sweep.json")):
         status = "done"
     else:
         status = "incomplete"
-    return StageRun(str(record.get("name") or name), path, kind, status, config, record, read_jsonl(path / "metrics.jsonl"))
+    metrics = read_jsonl(path / "metrics.jsonl")
+    return StageRun(str(record.get("name") or name), path, kind, status, config, record, metrics)
 
 
 def stage_order(path: Path) -> tuple:
@@ -158,7 +161,7 @@ def stage_order(path: Path) -> tuple:
 
 def find_stages(run_dir: Path) -> list[StageRun]:
     """The stages of a run directory in the order they ran, or the directory itself when it is one stage."""
-    children = sorted((p for p in run_dir.iterdir() if is_stage_dir(p)), key=stage_order) if run_dir.is_dir() else []
+    children = sorted((p for p in run_dir.iterdir() if is_stage_dir(p)), key=stage_order)
     pipeline = any((p / "stage.json").is_file() for p in children)
     if is_stage_dir(run_dir) and not pipeline:
         return [load_stage(run_dir, run_dir.name)]
@@ -220,7 +223,8 @@ def key_settings(stage: StageRun, run_dir: Path) -> list[tuple[str, str]]:
         if c.get("matrix"):
             out.append(("entries", ", ".join(short(m, run_dir) for m in c["matrix"])))
         else:
-            out += [("A", short(model, run_dir) if model else None), ("B", short(c.get("reference"), run_dir) if c.get("reference") else None)]
+            reference = c.get("reference")
+            out += [("A", short(model, run_dir) if model else None), ("B", short(reference, run_dir) if reference else None)]
         out += [("judge", reward_text(c.get("reward"))), ("ties", c.get("ties")),
                 ("prompts", short(get(c, "prompts.dataset"), run_dir) if get(c, "prompts.dataset") else None)]
         return [(k, str(v)) for k, v in out if v not in (None, "")]
@@ -244,7 +248,8 @@ def key_settings(stage: StageRun, run_dir: Path) -> list[tuple[str, str]]:
             out.append(("length_normalize", "true"))
     if kind == "rl":
         r = c.get("rl") or {}
-        out += [("algo", r.get("algo")), ("k", r.get("k")), ("beta", r.get("beta")), ("reward", reward_text(c.get("reward")))]
+        out += [("algo", r.get("algo")), ("k", r.get("k")), ("beta", r.get("beta")),
+                ("reward", reward_text(c.get("reward")))]
     if kind == "generate":
         s = c.get("sampling") or {}
         out += [("temperature", s.get("temperature")), ("n", s.get("n"))]
@@ -344,7 +349,8 @@ def winrate_row(name: str, r: dict, run_dir: Path) -> str:
 def evals_section(rep: Report, stages: list[StageRun]) -> None:
     pairwise = [(s, s.read("winrate.json")) for s in stages]
     pairwise = [(s, r) for s, r in pairwise if isinstance(r, dict) and "wins" in r]
-    matrices = [(s, m) for s, m in ((s, s.read("matrix.json")) for s in stages) if isinstance(m, dict) and "labels" in m]
+    matrices = [(s, s.read("matrix.json")) for s in stages]
+    matrices = [(s, m) for s, m in matrices if isinstance(m, dict) and "labels" in m]
     if not pairwise and not matrices:
         return
     rep.add("", "## Win rates", "")
@@ -366,8 +372,9 @@ def evals_section(rep: Report, stages: list[StageRun]) -> None:
         if not m.get("pairs"):
             rep.add("", "This matrix.json predates the pairwise statistics; rerun the eval for intervals and sign tests.")
         if rep.draw:
-            rep.image(plots.matrix_heatmap(m["labels"], m["win_rate"], rep.out / f"matrix-{file_stem(s.name)}.png",
-                                           f"{s.name}: win rate of row against column"), f"win-rate matrix of {s.name}")
+            path = plots.matrix_heatmap(m["labels"], m["win_rate"], rep.out / f"matrix-{file_stem(s.name)}.png",
+                                        f"{s.name}: win rate of row against column")
+            rep.image(path, f"win-rate matrix of {s.name}")
 
 
 def category_counts(stage: StageRun) -> dict[str, list[int]]:
@@ -375,7 +382,8 @@ def category_counts(stage: StageRun) -> dict[str, list[int]]:
     counts: dict[str, list[int]] = {}
     for row in read_jsonl(stage.path / "per_prompt.jsonl"):
         if row.get("category") is not None and row.get("outcome") in ("win", "loss", "tie"):
-            counts.setdefault(str(row["category"]), [0, 0, 0])[("win", "loss", "tie").index(row["outcome"])] += 1
+            per = counts.setdefault(str(row["category"]), [0, 0, 0])
+            per[("win", "loss", "tie").index(row["outcome"])] += 1
     return counts
 
 
@@ -409,20 +417,22 @@ def categories_subsection(rep: Report, pairwise: list[tuple[StageRun, dict]]) ->
 
 
 def bon_section(rep: Report, stages: list[StageRun]) -> None:
-    sweeps = [(s, m) for s, m in ((s, s.read("sweep.json")) for s in stages) if isinstance(m, dict) and m.get("rows")]
+    sweeps = [(s, s.read("sweep.json")) for s in stages]
+    sweeps = [(s, m) for s, m in sweeps if isinstance(m, dict) and m.get("rows")]
     if not sweeps:
         return
     rep.add("", "## Best-of-N", "")
     for s, sw in sweeps:
-        rep.add(f"### {md_cell(s.name)}: best of N samples against {md_cell(short(sw.get('reference', '-'), rep.run_dir))}, "
-                f"judge {md_cell(sw.get('judge', '-'))}", "",
+        reference = md_cell(short(sw.get("reference", "-"), rep.run_dir))
+        rep.add(f"### {md_cell(s.name)}: best of N samples against {reference}, judge {md_cell(sw.get('judge', '-'))}", "",
                 "Win rate with ties counting 0 (course protocol) and 0.5, 95% intervals; the share of non-tied comparisons "
                 "won next to N/(N+1), what picking the best of N would reach if the judge and the reward were one.", "",
                 "| temperature | N | win rate, ties count 0 | win rate, ties count 0.5 | wins / losses / ties | sign test p "
                 "| wins / (wins + losses) | ceiling N/(N+1) | mean reward |", "|---" * 9 + "|")
         for r in sorted(sw["rows"], key=lambda r: (r.get("temperature", 0), r.get("n", 0))):
             zero = ci_text(r["win_rate"], r["ci95"]) if r.get("ci95") else number(r.get("win_rate"))
-            half = ci_text(r["win_rate_ties_half"], r["ci95_ties_half"]) if r.get("ci95_ties_half") else number(r.get("win_rate_ties_half", "-"))
+            half = (ci_text(r["win_rate_ties_half"], r["ci95_ties_half"]) if r.get("ci95_ties_half")
+                    else number(r.get("win_rate_ties_half", "-")))
             share = r.get("non_tied_win_share")
             rep.add(f"| {number(r.get('temperature'))} | {r.get('n')} | {zero} | {half} "
                     f"| {r.get('wins')} / {r.get('losses')} / {r.get('ties')} | {number(r.get('sign_test_p', '-'))} "
@@ -430,6 +440,16 @@ def bon_section(rep: Report, stages: list[StageRun]) -> None:
                     f"| {number(r.get('mean_reward', '-'))} |")
         if rep.draw:
             rep.image(plots.bon_sweep(sw, rep.out / f"bon-{file_stem(s.name)}.png"), f"best-of-N sweep of {s.name}")
+
+
+SAMPLE_CHARS = 2000
+"""Characters of a prompt or answer shown in the report; the rest is cut, and said so."""
+
+
+def clipped(text: str) -> str:
+    if len(text) <= SAMPLE_CHARS:
+        return text
+    return text[:SAMPLE_CHARS] + f"\n[... {len(text) - SAMPLE_CHARS} more characters]"
 
 
 def samples_section(rep: Report, stages: list[StageRun], count: int) -> None:
@@ -465,9 +485,9 @@ def samples_section(rep: Report, stages: list[StageRun], count: int) -> None:
             f"{len(chosen)} prompts answered by every model in the evals above (prompts where a comparison was decided "
             "come first); the text is shown verbatim in code blocks.")
     for k, prompt in enumerate(chosen, 1):
-        rep.add("", f"### Prompt {k}", "", *fenced([prompt]))
+        rep.add("", f"### Prompt {k}", "", *fenced([clipped(prompt)]))
         for label, text in answers[prompt].items():
-            rep.add("", f"**{md_cell(label)}**", "", *fenced([text]))
+            rep.add("", f"**{md_cell(label)}**", "", *fenced([clipped(text)]))
 
 
 def render(run_dir: Path, out: Path, stages: list[StageRun], samples: int, draw: bool, note: str | None) -> Report:
@@ -478,7 +498,7 @@ def render(run_dir: Path, out: Path, stages: list[StageRun], samples: int, draw:
     if note:
         rep.add("", note)
     if not stages:
-        rep.add("", "No stage output found (no stage.json, config.yaml, metrics.jsonl, winrate.json, matrix.json or sweep.json).")
+        rep.add("", f"No stage output found (none of {', '.join(MARKERS)}).")
         return rep
     stages_section(rep, stages)
     curves_section(rep, stages)
@@ -488,8 +508,9 @@ def render(run_dir: Path, out: Path, stages: list[StageRun], samples: int, draw:
     return rep
 
 
-def write_report(run_dir: str | Path, output_dir: str | Path | None = None, samples: int = 3, draw: bool = True) -> Path:
-    """Write <output_dir or RUN_DIR/report>/report.md with its PNG plots beside it; returns the report's path."""
+def write_report(run_dir: str | Path, output_dir: str | Path | None = None, samples: int = 3,
+                 draw: bool = True) -> Path:
+    """Write <output_dir or RUN_DIR/report>/report.md with its PNG plots beside it; returns its path."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"report: run directory not found: {run_dir}")

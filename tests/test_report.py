@@ -85,7 +85,7 @@ def run_dir(tmp_path, judge):
     stage_json(run / "rl", "rl", "rl", train_config(str(run / "dpo" / "final"), rl={"algo": "rloo", "k": 4, "beta": 0.05}))
     write_jsonl(run / "rl" / "metrics.jsonl", metrics(["reward", "kl", "completion_length"], ["eval_reward", "eval_win_rate"]))
     cats = ["math", "code", "math", "code", "math", "chat"]
-    answers = [HOSTILE, "a longer answer", "x", "short", "same", "same"]
+    answers = [HOSTILE, "a longer answer " + "z" * 3000, "x", "short", "same", "same"]
     reference = ["ref one", "ref", "ref three", "ref", "same", "same"]
     stage_json(run / "eval-sft", "eval-sft", "eval", {"model": str(run / "sft" / "final"), "reference": "Qwen/ref", "ties": "zero"})
     pairwise(run / "eval-sft", str(run / "sft" / "final"), "Qwen/ref", [1, 0, 0, 1, 0, 0], [0, 0, 1, 0, 0, 0], ["sft " + a for a in answers], reference, cats)
@@ -164,6 +164,7 @@ def test_model_text_stays_fenced(run_dir):
     assert any("<img src=x onerror=alert(1)>" in b and "`````" in b for b in blocks)
     assert "<img" not in outside and "javascript:" not in outside and "# Heading" not in outside
     assert "prompt 0" in "\n".join(blocks)  # the prompt with the hostile answer is among the ones shown (it was decided)
+    assert "a longer answer " + "z" * 1984 + "\n[... 1016 more characters]" in report  # long answers are cut, and said so
     assert "**rl/final**" in outside and "**sft/final**" in outside and "**Qwen/ref**" in outside
 
 

@@ -262,7 +262,7 @@ def matrix_tables(m: dict) -> list[str]:
     lines += ["", "Every pair, A against B (95% intervals resample prompts; the sign test compares wins with losses, "
               "ties dropped):", "",
               f"| A | B | wins / losses / ties | win rate, ties count {tie_value}{course} | win rate, ties count 0.5 "
-              "| length-controlled | sign test p | verdict (95%) |", "|---|---|---|---|---|---|---|---|"]
+              "| length-controlled | sign test p | verdict (95%) |", "|---" * 8 + "|"]
     for p in m["pairs"]:
         lines.append(f"| {md_cell(p['a'])} | {md_cell(p['b'])} | {p['wins']} / {p['losses']} / {p['ties']} "
                      f"| {ci_text(p['win_rate'], p['ci95'])} | {ci_text(p['win_rate_ties_half'], p['ci95_ties_half'])} "
