@@ -358,7 +358,8 @@ def evals_section(rep: Report, stages: list[StageRun]) -> None:
         rep.add("Each comparison: A's reward against B's on the same prompts. **Ties count 0** is the course protocol "
                 "(the reference results are stated in it; a model against itself scores below 0.5). "
                 "**Ties count 0.5** is symmetric (0.5 means no difference). Intervals are 95% bootstrap intervals over "
-                "prompts; the exact sign test compares wins with losses (ties dropped), and the verdict is its answer at 95%.",
+                "prompts; the exact sign test compares wins with losses (ties dropped), and the verdict is its answer at 95% "
+                "(with few decided prompts the bootstrap interval can be narrower than the exact test; the verdict goes by the test).",
                 "",
                 "| eval | A | B | judge | prompts | wins / losses / ties | win rate, ties count 0 (course protocol) "
                 "| win rate, ties count 0.5 | length-controlled | sign test p | verdict (95%) |",
