@@ -23,6 +23,7 @@ from .config import ConfigError, leaf_fields, suggest
 from .evaluate.run import EvalConfig, run_eval
 from .evaluate.text_metrics import TextMetricsConfig, run_text_metrics
 from .generation import GenerateConfig, run_generate
+from .report import ReportConfig, run_report
 from .rewards.server import ServeRewardConfig, serve_reward
 from .train.dpo import DPOConfig, run_dpo
 from .train.loop import check_launch
@@ -95,6 +96,8 @@ class Stage:
     config: type
     run: Callable
     help: str
+    positional: str | None = None
+    """The config field that a first positional argument fills (e.g. `alignkit report RUN_DIR`)."""
 
 
 STAGES = {
@@ -105,6 +108,8 @@ STAGES = {
     "rl": Stage(RLConfig, run_rl, "online RL (RLOO, GRPO) against any reward: sample, score, update, in the one training loop"),
     "generate": Stage(GenerateConfig, run_generate, "generate responses for a prompt set (resumable JSONL)"),
     "eval": Stage(EvalConfig, run_eval, "win rate of a model or responses file against a reference, judged by a reward backend"),
+    "report": Stage(ReportConfig, run_report, "Markdown report of a run directory with PNG plots: stages, curves, win rates, samples",
+                    positional="run_dir"),
     "serve-reward": Stage(ServeRewardConfig, serve_reward, "serve a reward backend through the OpenAI-compatible reward API (loopback by default)"),
     "text-metrics": Stage(TextMetricsConfig, run_text_metrics, "perplexity of reference replies and BLEU of generated replies on a chat set"),
     "init-model": Stage(InitModelConfig, run_init_model, "write a randomly initialised model in Hugging Face format"),
@@ -148,8 +153,13 @@ def build_parser(name: str, stage: Stage) -> argparse.ArgumentParser:
 def parse(name: str, argv: list[str]):
     stage = STAGES[name]
     parser = build_parser(name, stage)
+    positional = None
+    if stage.positional and argv and not argv[0].startswith("-"):
+        positional, argv = argv[0], argv[1:]
     args, unknown = parser.parse_known_args(argv)
     values = vars(args)
+    if positional is not None:
+        values[stage.positional] = positional
     path = values.pop("config", None)
     extra_overrides = []
     for item in unknown:

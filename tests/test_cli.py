@@ -10,6 +10,7 @@ from transformers import AutoConfig
 from alignkit.cli import main
 
 from .conftest import need_shared
+from .test_report import check_demo_report
 
 
 def test_missing_recipe_is_a_clear_error(tmp_path, capsys):
@@ -73,3 +74,4 @@ def test_demo_runs_and_reports(tmp_path):
     assert results["dpo_vs_sft"]["n"] == results["data"]["held_out_prompts"] == 160  # distinct prompts, each counted once
     report = (tmp_path / "demo" / "report.md").read_text()
     assert "| after SFT (30 steps) |" in report and "| after DPO-Positive (5 steps) |" in report
+    check_demo_report(tmp_path / "demo")  # the full report with plots, written at the demo's end

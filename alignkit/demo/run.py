@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import shutil
 from collections import defaultdict
 from pathlib import Path
@@ -22,7 +21,9 @@ from pathlib import Path
 from ..config import DataConfig, ModelConfig, TrainConfig
 from ..config import save as save_config
 from ..generation import SamplingParams, generate
+from ..markdown import fenced, md_cell
 from ..models import init_model, load_causal_lm, load_tokenizer
+from ..report import write_report
 from ..train.dpo import DPOConfig, DPOParams, run_dpo
 from ..train.sft import SFTConfig, run_sft
 from .task import toy_reward
@@ -175,7 +176,8 @@ def run_demo(output_dir: str = "runs/demo", steps: int = 600, dpo_steps: int = 2
     report = render_report(scores, winrate, counts, steps, dpo_steps)
     (out / "report.md").write_text(report)
     print(report)
-    print(f"[demo] models: {out / 'sft' / 'final'}, {out / 'dpo' / 'final'}  report: {out / 'report.md'}")
+    full = write_report(out)  # stages, curves and plots, beside the summary above
+    print(f"[demo] models: {out / 'sft' / 'final'}, {out / 'dpo' / 'final'}  report: {out / 'report.md'}, with plots: {full}")
     return out
 
 
@@ -219,16 +221,3 @@ def shown(text: str) -> str:
     """Model text as a JSON string: one line, its ends visible, newlines and control characters escaped
     (nothing reaches the terminal raw)."""
     return json.dumps(text)
-
-
-def md_cell(text: str) -> str:
-    """Text for a Markdown table cell or paragraph: one line, with `|`, backslashes and HTML brackets escaped."""
-    text = " ".join(str(text).split())
-    return text.replace("\\", "\\\\").replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
-
-
-def fenced(lines: list[str]) -> list[str]:
-    """A fenced code block that no line inside can close: its fence is longer than any backtick run."""
-    longest = max((len(run) for line in lines for run in re.findall(r"`+", line)), default=0)
-    fence = "`" * max(3, longest + 1)
-    return [fence + "text", *lines, fence]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import unicodedata
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,8 +20,9 @@ from .. import config as config_lib
 from ..config import ModelConfig
 from ..generation import GenerateConfig, PromptSource, SamplingParams, VLLMOptions, prompt_messages_of, read_jsonl, run_generate
 from ..data.loading import DataError
+from ..markdown import md_cell, terminal_safe
 from ..rewards.backends import RewardConfig, build_backend, check_reward_config, last_user_text
-from .winrate import outcomes, summarize
+from .winrate import outcomes, relation, summarize, verdict
 
 log = logging.getLogger(__name__)
 
@@ -212,40 +212,62 @@ def run_matrix(cfg: EvalConfig, out: Path) -> Path:
     backend = reward_backend(cfg, out)
     groups = [[s[k] for k in common] for s in sides]
     scores = score_groups(backend, groups)
-    rewards = [per_prompt_means(g, scores)[0] for g in groups]
+    means = [per_prompt_means(g, scores) for g in groups]
+    rewards = [m[0] for m in means]
     tie_value = 0.5 if cfg.ties == "half" else 0.0
     table = [[None if i == j else float(outcomes(rewards[i], rewards[j], tie_value).mean()) for j in range(len(sides))] for i in range(len(sides))]
+    pairs = []
+    for i in range(len(sides)):
+        for j in range(i + 1, len(sides)):
+            stats = summarize(rewards[i], rewards[j], means[i][1], means[j][1], tie_value, cfg.bootstrap, cfg.seed)
+            stats["verdict"] = verdict(stats["wins"], stats["losses"], a=names[i], b=names[j])
+            pairs.append({"a": names[i], "b": names[j], "row": i, "column": j, **stats})
     result = {"entries": cfg.matrix, "labels": names, "n": len(common), "prompts_per_entry": [len(s) for s in sides],
-              "dropped_per_entry": dropped, "judge": backend.identity, "win_rate": table,
-              "mean_reward": [sum(r) / len(r) for r in rewards]}
+              "dropped_per_entry": dropped, "judge": backend.identity, "tie_value": tie_value, "win_rate": table,
+              "mean_reward": [sum(r) / len(r) for r in rewards], "pairs": pairs}
     (out / "matrix.json").write_text(json.dumps(result, indent=1))
     lines = [f"# Win-rate matrix (row beats column), {len(common)} prompts, judge {md_cell(backend.identity)}", "",
-             f"Compared on the {len(common)} prompts every entry answered; ties count {tie_value}.", "",
-             "| | " + " | ".join(md_cell(n) for n in names) + " | mean reward | prompts | dropped |",
-             "|---" * (len(names) + 4) + "|"]
-    for i, name in enumerate(names):
-        cells = ["-" if v is None else f"{v:.3f}" for v in table[i]]
-        tail = f" | {result['mean_reward'][i]:.3f} | {len(sides[i])} | {dropped[i]} |"
-        lines.append(f"| {md_cell(name)} | " + " | ".join(cells) + tail)
+             *matrix_tables(result)]
     report = "\n".join(lines) + "\n"
     (out / "report.md").write_text(report)
     print(terminal_safe(report))
     return out
 
 
-MD_ESCAPES = {"\\": "\\\\", "|": "\\|", "`": "\\`", "[": "\\[", "]": "\\]", "<": "&lt;", ">": "&gt;", "&": "&amp;"}
+def ci_text(value: float, ci) -> str:
+    return f"{value:.3f} ({ci[0]:.3f} to {ci[1]:.3f})"
 
 
-def md_cell(value) -> str:
-    """Text made inert in a Markdown table cell: one line, no table breaks, no HTML, no code spans."""
-    text = " ".join(terminal_safe(str(value)).split())
-    return "".join(MD_ESCAPES.get(ch, ch) for ch in text)
+def lc_text(r: dict) -> str:
+    """The length-controlled win rate, or why there is none."""
+    lc = r.get("length_controlled_win_rate")
+    return f"{lc:.3f}" if lc is not None else f"not estimated: {md_cell(r.get('length_controlled_note') or 'no estimate')}"
 
 
-def terminal_safe(text: str) -> str:
-    """Text without control characters (escape sequences included), bidi overrides or other format
-    characters, except newlines and tabs, so untrusted text cannot drive the terminal."""
-    return "".join(ch for ch in text if ch in "\n\t" or unicodedata.category(ch) not in ("Cc", "Cf"))
+def matrix_tables(m: dict) -> list[str]:
+    """Markdown of a matrix.json: the win-rate matrix, then every pair's statistics that decide (wins,
+    losses and ties; both tie rules with their intervals; the sign test and its plain verdict)."""
+    names, tie_value = m["labels"], m.get("tie_value", 0.0)
+    course = " (course protocol)" if tie_value == 0.0 else ""
+    tie_value = f"{tie_value:g}"
+    lines = [f"Compared on the {m['n']} prompts every entry answered; ties count {tie_value}{course}.", "",
+             "| | " + " | ".join(md_cell(n) for n in names) + " | mean reward | prompts | dropped |",
+             "|---" * (len(names) + 4) + "|"]
+    for i, name in enumerate(names):
+        cells = ["-" if v is None else f"{v:.3f}" for v in m["win_rate"][i]]
+        tail = f" | {m['mean_reward'][i]:.3f} | {m['prompts_per_entry'][i]} | {m['dropped_per_entry'][i]} |"
+        lines.append(f"| {md_cell(name)} | " + " | ".join(cells) + tail)
+    if not m.get("pairs"):
+        return lines
+    lines += ["", "Every pair, A against B (95% intervals resample prompts; the sign test compares wins with losses, "
+              "ties dropped):", "",
+              f"| A | B | wins / losses / ties | win rate, ties count {tie_value}{course} | win rate, ties count 0.5 "
+              "| length-controlled | sign test p | verdict (95%) |", "|---" * 8 + "|"]
+    for p in m["pairs"]:
+        lines.append(f"| {md_cell(p['a'])} | {md_cell(p['b'])} | {p['wins']} / {p['losses']} / {p['ties']} "
+                     f"| {ci_text(p['win_rate'], p['ci95'])} | {ci_text(p['win_rate_ties_half'], p['ci95_ties_half'])} "
+                     f"| {lc_text(p)} | {p['sign_test_p']:.3g} | {md_cell(p['a'])} is {relation(p['wins'], p['losses'])} {md_cell(p['b'])} |")
+    return lines
 
 
 def render_report(r: dict) -> str:
@@ -253,9 +275,6 @@ def render_report(r: dict) -> str:
         return f"95% CI {lo_hi[0]:.3f} to {lo_hi[1]:.3f}"
 
     zero, half = r["tie_value"] == 0.0, r["tie_value"] == 0.5
-    lc = r["length_controlled_win_rate"]
-    note = md_cell(r.get("length_controlled_note") or "no estimate")
-    lc_text = f"{lc:.3f}" if lc is not None else f"not estimated: {note}"
     lines = [
         f"# Win rate: A {md_cell(r['model'])} vs B {md_cell(r['reference'])}",
         "",
@@ -272,7 +291,7 @@ def render_report(r: dict) -> str:
         lines.append(f"| win rate, ties count 0.5 | {r['win_rate_ties_half']:.3f} ({pct(r['ci95_ties_half'])}) |")
     lines += [
         f"| sign test (wins vs losses, ties dropped) | p = {r['sign_test_p']:.3g} |",
-        f"| length-controlled win rate | {lc_text} |",
+        f"| length-controlled win rate | {lc_text(r)} |",
         f"| wins / losses / ties | {r['wins']} / {r['losses']} / {r['ties']} |",
         f"| mean reward A / B (diff) | {r['mean_reward_a']:.3f} / {r['mean_reward_b']:.3f} ({r['mean_reward_diff']:+.3f}) |",
         f"| mean length A / B (characters) | {r['mean_length_a']:.0f} / {r['mean_length_b']:.0f} |",

@@ -94,11 +94,17 @@ def sign_test(wins: int, losses: int) -> float:
     return min(1.0, 2 * tail)
 
 
-def verdict(wins: int, losses: int, level: float = 0.95) -> str:
+def verdict(wins: int, losses: int, level: float = 0.95, a: str = "A", b: str = "B") -> str:
     """One plain sentence from the sign test."""
     p = sign_test(wins, losses)
-    relation = "not distinguishable from" if p >= 1 - level else "better than" if wins > losses else "worse than"
-    return f"A is {relation} B at {level:.0%} (sign test p={p:.3g})"
+    return f"{a} is {relation(wins, losses, level)} {b} at {level:.0%} (sign test p={p:.3g})"
+
+
+def relation(wins: int, losses: int, level: float = 0.95) -> str:
+    """'better than', 'worse than' or 'not distinguishable from', by the sign test at `level`."""
+    if sign_test(wins, losses) >= 1 - level:
+        return "not distinguishable from"
+    return "better than" if wins > losses else "worse than"
 
 
 def summarize(rewards_a, rewards_b, length_a, length_b, tie_value: float = 0.0, n_resamples: int = 2000, seed: int = 0) -> dict:

@@ -1,0 +1,537 @@
+"""`alignkit report RUN_DIR`: one Markdown report of a run, with PNG plots beside it.
+
+RUN_DIR is a pipeline run directory (a subdirectory per stage, each with stage.json), any folder of
+stage output directories (e.g. the demo's), or a single stage's output directory. A stage without
+stage.json is recognised by what it wrote: config.yaml, metrics.jsonl, winrate.json, matrix.json or
+sweep.json. The report goes to RUN_DIR/report/report.md with its plots in the same folder, so the
+folder can be copied into a PR or paper as is. It shows the stages (key settings, status, wall
+time); training curves per stage; every win rate with both tie rules, intervals, the sign test and
+a plain verdict; win-rate matrices; per-category rates; best-of-N sweeps; and a few prompts with
+each model's answer. Model text only ever appears inside fenced code blocks (see `markdown`).
+
+Simplifications: a stage's kind, when stage.json does not say it, is guessed from its config keys;
+stages without stage.json are ordered by when their config.yaml was written; a partial stage (still
+running, no metrics yet) is listed with what it has. Drawing lives in `plots` only; without
+matplotlib the report is written without plots and says so.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from . import plots
+from .config import ConfigError
+from .evaluate.run import ci_text, lc_text, matrix_tables
+from .evaluate.winrate import relation, sign_test
+from .markdown import fenced, md_cell
+
+log = logging.getLogger(__name__)
+
+MARKERS = ("stage.json", "config.yaml", "metrics.jsonl", "winrate.json", "matrix.json", "sweep.json")
+"""Files by which a directory is recognised as a stage's output."""
+
+PANELS = {
+    "dpo": [("reward margin", ["reward_margin", "eval_reward_margin"]),
+            ("reward accuracy", ["reward_accuracy", "eval_reward_accuracy"])],
+    "rm": [("accuracy", ["accuracy", "eval_accuracy"]),
+           ("reward margin", ["reward_margin", "eval_reward_margin"])],
+    "rl": [("reward", ["reward", "eval_reward"]), ("KL to the reference", ["kl", "kl_k3"]),
+           ("completion length (tokens)", ["completion_length", "eval_completion_length"]),
+           ("entropy", ["entropy"])],
+}
+"""Per kind of stage, its telling metrics: (subplot title, metrics.jsonl keys); training and eval_ keys
+share a plot."""
+COMMON_PANELS = [("loss", ["loss", "eval_loss"]), ("win rate during training (ties count 0)", ["eval_win_rate"]),
+                 ("mean reward during training", ["eval_mean_reward"])]
+
+
+@dataclass
+class ReportConfig:
+    run_dir: str = ""
+    """A pipeline run directory, a folder of stage output directories, or one stage's output directory
+    (also accepted as the first argument: `alignkit report RUN_DIR`)."""
+    output_dir: str | None = None
+    """Where report.md and its PNG plots go (default: RUN_DIR/report)."""
+    samples: int = 3
+    """Prompts whose answers are shown side by side across the evaluated models."""
+    plots: bool = True
+    """Draw PNG plots (needs matplotlib, the `plots` extra); false writes the Markdown only."""
+
+
+@dataclass
+class StageRun:
+    """One stage's output directory and what the report reads of it."""
+
+    name: str
+    path: Path
+    kind: str
+    status: str
+    config: dict
+    record: dict = field(default_factory=dict)
+    metrics: list[dict] = field(default_factory=list)
+
+    def title(self) -> str:
+        return self.name if self.name == self.kind else f"{self.name} ({self.kind})"
+
+    def read(self, filename: str):
+        return read_json(self.path / filename)
+
+
+def read_json(path: Path):
+    """A JSON file's content, or None when it is missing or unreadable (a stage still writing it)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The complete JSON lines of a file (a line being written, or a broken one, is skipped)."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def read_config(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) if path.is_file() else None
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def is_stage_dir(path: Path) -> bool:
+    return path.is_dir() and any((path / m).is_file() for m in MARKERS)
+
+
+def guess_kind(path: Path, config: dict) -> str:
+    """The kind of stage a directory without stage.json holds, from its files and config keys."""
+    if (path / "sweep.json").is_file():
+        return "bon"
+    if (path / "winrate.json").is_file() or (path / "matrix.json").is_file() or "matrix" in config:
+        return "eval"
+    for kind in ("rl", "dpo"):
+        if kind in config:
+            return kind
+    if "max_length" in config and "data" in config:
+        return "rm"
+    if "data" in config and "train" in config:
+        return "sft"
+    if "sampling" in config and "prompts" in config:
+        return "generate"
+    return "stage"
+
+
+def load_stage(path: Path, name: str) -> StageRun:
+    record = read_json(path / "stage.json")
+    record = record if isinstance(record, dict) else {}
+    config = record["config"] if isinstance(record.get("config"), dict) else read_config(path / "config.yaml")
+    kind = str(record.get("kind") or guess_kind(path, config))
+    if record.get("status"):
+        status = str(record["status"])
+    elif (path / "final").is_dir() or any((path / f).is_file() for f in ("winrate.json", "matrix.json", "sweep.json")):
+        status = "done"
+    else:
+        status = "incomplete"
+    metrics = read_jsonl(path / "metrics.jsonl")
+    return StageRun(str(record.get("name") or name), path, kind, status, config, record, metrics)
+
+
+def stage_order(path: Path) -> tuple:
+    record = read_json(path / "stage.json")
+    started = record.get("started") if isinstance(record, dict) else None
+    written = [(path / m).stat().st_mtime for m in MARKERS if (path / m).is_file()]
+    return (str(started) if started is not None else "", min(written), path.name)
+
+
+def find_stages(run_dir: Path) -> list[StageRun]:
+    """The stages of a run directory in the order they ran, or the directory itself when it is one stage."""
+    children = sorted((p for p in run_dir.iterdir() if is_stage_dir(p)), key=stage_order)
+    pipeline = any((p / "stage.json").is_file() for p in children)
+    if is_stage_dir(run_dir) and not pipeline:
+        return [load_stage(run_dir, run_dir.name)]
+    return [load_stage(p, p.name) for p in children]
+
+
+# --------------------------------------------------------------------------- small formatting helpers
+
+
+def get(d: dict, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return None
+        d = d[part]
+    return d
+
+
+def short(spec, run_dir: Path) -> str:
+    """A model or file path relative to the run directory when it lies inside it; anything else as is."""
+    text = str(spec)
+    try:
+        return str(Path(text).resolve().relative_to(run_dir.resolve()))
+    except (ValueError, OSError):
+        return text
+
+
+def duration(seconds) -> str:
+    if not isinstance(seconds, (int, float)) or not math.isfinite(seconds):
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, s = divmod(int(round(seconds)), 60)
+    return f"{minutes} min {s:02d} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def number(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def file_stem(name: str) -> str:
+    """A stage name as a safe file-name part (and a safe Markdown link target)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name).strip(".") or "stage"
+
+
+def reward_text(reward) -> str | None:
+    if not isinstance(reward, dict) or not reward.get("kind"):
+        return None
+    detail = reward.get("rule") or reward.get("model") or reward.get("base_url")
+    return f"{reward['kind']} {detail}" if detail else str(reward["kind"])
+
+
+def key_settings(stage: StageRun, run_dir: Path) -> list[tuple[str, str]]:
+    """(name, value) of the settings that tell one stage from another: model, data, steps, learning
+    rate, and per method its own (DPO beta and loss, RL algorithm, k and beta, the eval's judge)."""
+    c, kind = stage.config, stage.kind
+    out: list[tuple[str, object]] = []
+    model = get(c, "model.name_or_path") if isinstance(c.get("model"), dict) else c.get("model")
+    if kind == "eval":
+        if c.get("matrix"):
+            out.append(("entries", ", ".join(short(m, run_dir) for m in c["matrix"])))
+        else:
+            reference = c.get("reference")
+            out += [("A", short(model, run_dir) if model else None), ("B", short(reference, run_dir) if reference else None)]
+        out += [("judge", reward_text(c.get("reward"))), ("ties", c.get("ties")),
+                ("prompts", short(get(c, "prompts.dataset"), run_dir) if get(c, "prompts.dataset") else None)]
+        return [(k, str(v)) for k, v in out if v not in (None, "")]
+    if model:
+        out.append(("model", short(model, run_dir)))
+    data = get(c, "data.dataset") or get(c, "prompts.dataset")
+    if data:
+        out.append(("data", short(data, run_dir)))
+    train = c.get("train") if isinstance(c.get("train"), dict) else {}
+    if train:
+        steps = train.get("max_steps")
+        out.append(("steps", steps if steps is not None else f"{train.get('epochs')} epochs"))
+        out.append(("lr", train.get("learning_rate")))
+        if train.get("batch_size") is not None:
+            out.append(("batch", f"{train['batch_size']}x{train.get('grad_accum', 1)}"))
+    if kind == "dpo":
+        d = c.get("dpo") or {}
+        out += [("beta", d.get("beta")), ("loss", d.get("loss_type"))]
+        out += [(k, d[k]) for k in ("dpop_lambda", "kl_lambda", "label_smoothing") if d.get(k)]
+        if d.get("length_normalize"):
+            out.append(("length_normalize", "true"))
+    if kind == "rl":
+        r = c.get("rl") or {}
+        out += [("algo", r.get("algo")), ("k", r.get("k")), ("beta", r.get("beta")),
+                ("reward", reward_text(c.get("reward")))]
+    if kind == "generate":
+        s = c.get("sampling") or {}
+        out += [("temperature", s.get("temperature")), ("n", s.get("n"))]
+    sweep = stage.read("sweep.json") if kind == "bon" else None
+    if isinstance(sweep, dict):
+        out += [("reference", short(sweep.get("reference", ""), run_dir)), ("judge", sweep.get("judge")),
+                ("temperatures", ", ".join(map(str, sweep.get("temperatures", [])))),
+                ("N", ", ".join(map(str, sweep.get("n_values", []))))]
+    return [(k, number(v)) for k, v in out if v not in (None, "")]
+
+
+# --------------------------------------------------------------------------- sections
+
+
+class Report:
+    """Collects Markdown lines and the plots drawn for them."""
+
+    def __init__(self, run_dir: Path, out: Path, draw: bool):
+        self.run_dir, self.out, self.draw = run_dir, out, draw
+        self.lines: list[str] = []
+        self.plots: list[Path] = []
+
+    def add(self, *lines: str) -> None:
+        self.lines.extend(lines)
+
+    def image(self, path: Path | None, alt: str) -> None:
+        if path is not None:
+            self.plots.append(path)
+            self.add("", f"![{md_cell(alt)}]({path.name})")
+
+
+def stages_section(rep: Report, stages: list[StageRun]) -> None:
+    rep.add("", "## Stages", "", "| stage | kind | status | key settings | wall time |", "|---|---|---|---|---|")
+    for s in stages:
+        settings = "; ".join(f"{k} {v}" for k, v in key_settings(s, rep.run_dir)) or "-"
+        rep.add(f"| {md_cell(s.name)} | {md_cell(s.kind)} | {md_cell(s.status)} | {md_cell(settings)} "
+                f"| {duration(s.record.get('wall_s'))} |")
+    total = sum(s.record.get("wall_s") or 0 for s in stages if isinstance(s.record.get("wall_s"), (int, float)))
+    if total:
+        rep.add("", f"Total wall time of the stages: {duration(total)}.")
+
+
+def panels_for(stage: StageRun) -> list[tuple[str, list[str]]]:
+    """Loss, the kind's telling metrics, the win rate during training; a stage of another kind also
+    gets a panel for each other eval_ metric it logs."""
+    panels = COMMON_PANELS[:1] + PANELS.get(stage.kind, []) + COMMON_PANELS[1:]
+    if stage.kind in PANELS or stage.kind == "sft":
+        return panels
+    shown = {k for _, keys in panels for k in keys}
+    extra = sorted({k for r in stage.metrics for k in r if k.startswith("eval_") and k not in shown})
+    return panels + [(k[len("eval_"):].replace("_", " ") + " (eval)", [k]) for k in extra]
+
+
+def curves_section(rep: Report, stages: list[StageRun]) -> None:
+    trained = [s for s in stages if s.metrics]
+    if not trained:
+        return
+    rep.add("", "## Training curves", "",
+            "First and last logged value of each telling metric (eval_*: measured on held-out data at evaluation steps).")
+    for s in trained:
+        panels = panels_for(s)
+        rows = []
+        for _, keys in panels:
+            for key in keys:
+                logged = [r for r in s.metrics if isinstance(r.get(key), (int, float))]
+                if logged:
+                    first, last = logged[0], logged[-1]
+                    rows.append(f"| {md_cell(key)} | {number(first[key])} (step {first.get('step')}) "
+                                f"| {number(last[key])} (step {last.get('step')}) |")
+        rep.add("", f"### {md_cell(s.title())}", "")
+        if rows:
+            rep.add("| metric | first | last |", "|---|---|---|", *rows)
+        else:
+            rep.add("No metrics logged yet.")
+        if rep.draw:
+            path = plots.training_curves(s.metrics, panels, rep.out / f"curves-{file_stem(s.name)}.png",
+                                         s.title())
+            rep.image(path, f"training curves of {s.name}")
+
+
+def comparison_label(r: dict, run_dir: Path) -> tuple[str, str]:
+    return short(r.get("model", "A"), run_dir), short(r.get("reference", "B"), run_dir)
+
+
+def winrate_row(name: str, r: dict, run_dir: Path) -> str:
+    a, b = comparison_label(r, run_dir)
+    wins, losses, ties, n = r["wins"], r["losses"], r["ties"], r["n"]
+    tie_value = r.get("tie_value", 0.0)
+    zero = ci_text(r["win_rate"], r["ci95"]) if tie_value == 0.0 else f"{wins / max(n, 1):.3f}"
+    half = ci_text(r["win_rate_ties_half"], r["ci95_ties_half"]) if "ci95_ties_half" in r else "-"
+    p = r.get("sign_test_p", sign_test(wins, losses))
+    return (f"| {md_cell(name)} | {md_cell(a)} | {md_cell(b)} | {md_cell(r.get('judge', '-'))} | {n} "
+            f"| {wins} / {losses} / {ties} | {zero} | {half} | {lc_text(r)} | {p:.3g} "
+            f"| A is {relation(wins, losses)} B |")
+
+
+def evals_section(rep: Report, stages: list[StageRun]) -> None:
+    pairwise = [(s, s.read("winrate.json")) for s in stages]
+    pairwise = [(s, r) for s, r in pairwise if isinstance(r, dict) and "wins" in r]
+    matrices = [(s, s.read("matrix.json")) for s in stages]
+    matrices = [(s, m) for s, m in matrices if isinstance(m, dict) and "labels" in m]
+    if not pairwise and not matrices:
+        return
+    rep.add("", "## Win rates", "")
+    if pairwise:
+        rep.add("Each comparison: A's reward against B's on the same prompts. **Ties count 0** is the course protocol "
+                "(the reference results are stated in it; a model against itself scores below 0.5). "
+                "**Ties count 0.5** is symmetric (0.5 means no difference). Intervals are 95% bootstrap intervals over "
+                "prompts; the exact sign test compares wins with losses (ties dropped), and the verdict is its answer at 95% "
+                "(with few decided prompts the bootstrap interval can be narrower than the exact test; the verdict goes by the test).",
+                "",
+                "| eval | A | B | judge | prompts | wins / losses / ties | win rate, ties count 0 (course protocol) "
+                "| win rate, ties count 0.5 | length-controlled | sign test p | verdict (95%) |",
+                "|---" * 11 + "|")
+        for s, r in pairwise:
+            rep.add(winrate_row(s.name, r, rep.run_dir))
+        categories_subsection(rep, pairwise)
+    for s, m in matrices:
+        rep.add("", f"### Matrix {md_cell(s.name)}: row against column, judge {md_cell(m.get('judge', '-'))}", "")
+        rep.add(*matrix_tables(m))
+        if not m.get("pairs"):
+            rep.add("", "This matrix.json predates the pairwise statistics; rerun the eval for intervals and sign tests.")
+        if rep.draw:
+            path = plots.matrix_heatmap(m["labels"], m["win_rate"], rep.out / f"matrix-{file_stem(s.name)}.png",
+                                        f"{s.name}: win rate of row against column")
+            rep.image(path, f"win-rate matrix of {s.name}")
+
+
+def category_counts(stage: StageRun) -> dict[str, list[int]]:
+    """Wins, losses and ties per category from an eval's per_prompt.jsonl."""
+    counts: dict[str, list[int]] = {}
+    for row in read_jsonl(stage.path / "per_prompt.jsonl"):
+        if row.get("category") is not None and row.get("outcome") in ("win", "loss", "tie"):
+            per = counts.setdefault(str(row["category"]), [0, 0, 0])
+            per[("win", "loss", "tie").index(row["outcome"])] += 1
+    return counts
+
+
+def categories_subsection(rep: Report, pairwise: list[tuple[StageRun, dict]]) -> None:
+    """Per-category win rates of each pairwise eval: both tie rules and the counts from per_prompt.jsonl
+    (the bars show ties as half, where 0.5 means no difference), else the eval's own per_category rates."""
+    columns, half, zero = {}, {}, {}
+    for s, r in pairwise:
+        label = f"{s.name}: {comparison_label(r, rep.run_dir)[0]}"
+        counts = category_counts(s)
+        if counts:
+            columns[label] = {c: f"{w / (w + l + t):.3f} / {(w + t / 2) / (w + l + t):.3f} ({w} / {l} / {t})"
+                              for c, (w, l, t) in counts.items()}
+            half[label] = {c: (w + t / 2) / (w + l + t) for c, (w, l, t) in counts.items()}
+        elif isinstance(r.get("per_category"), dict) and r["per_category"]:
+            columns[label] = {c: f"{v:.3f}" for c, v in r["per_category"].items() if isinstance(v, (int, float))}
+            zero[label] = {c: v for c, v in r["per_category"].items() if isinstance(v, (int, float))}
+    if not columns:
+        return
+    categories = sorted({c for per in columns.values() for c in per})
+    rep.add("", "### Per category", "", "Each cell: win rate with ties counting 0 (course protocol) / counting 0.5, then "
+            "wins / losses / ties (a single number: the eval's own rate, ties counting as in its config).", "",
+            "| category | " + " | ".join(md_cell(k) for k in columns) + " |", "|---" * (len(columns) + 1) + "|")
+    for c in categories:
+        rep.add(f"| {md_cell(c)} | " + " | ".join(per.get(c, "-") for per in columns.values()) + " |")
+    if rep.draw and half:
+        rep.image(plots.category_bars(half, rep.out / "per-category.png", "win rate, ties count 0.5"),
+                  "win rate per category, ties count 0.5")
+    elif rep.draw and zero:
+        rep.image(plots.category_bars(zero, rep.out / "per-category.png", "win rate"), "win rate per category")
+
+
+def bon_section(rep: Report, stages: list[StageRun]) -> None:
+    sweeps = [(s, s.read("sweep.json")) for s in stages]
+    sweeps = [(s, m) for s, m in sweeps if isinstance(m, dict) and m.get("rows")]
+    if not sweeps:
+        return
+    rep.add("", "## Best-of-N", "")
+    for s, sw in sweeps:
+        reference = md_cell(short(sw.get("reference", "-"), rep.run_dir))
+        rep.add(f"### {md_cell(s.name)}: best of N samples against {reference}, judge {md_cell(sw.get('judge', '-'))}", "",
+                "Win rate with ties counting 0 (course protocol) and 0.5, 95% intervals; the share of non-tied comparisons "
+                "won next to N/(N+1), what picking the best of N would reach if the judge and the reward were one.", "",
+                "| temperature | N | win rate, ties count 0 | win rate, ties count 0.5 | wins / losses / ties | sign test p "
+                "| wins / (wins + losses) | ceiling N/(N+1) | mean reward |", "|---" * 9 + "|")
+        for r in sorted(sw["rows"], key=lambda r: (r.get("temperature", 0), r.get("n", 0))):
+            zero = ci_text(r["win_rate"], r["ci95"]) if r.get("ci95") else number(r.get("win_rate"))
+            half = (ci_text(r["win_rate_ties_half"], r["ci95_ties_half"]) if r.get("ci95_ties_half")
+                    else number(r.get("win_rate_ties_half", "-")))
+            share = r.get("non_tied_win_share")
+            rep.add(f"| {number(r.get('temperature'))} | {r.get('n')} | {zero} | {half} "
+                    f"| {r.get('wins')} / {r.get('losses')} / {r.get('ties')} | {number(r.get('sign_test_p', '-'))} "
+                    f"| {'-' if share is None else f'{share:.3f}'} | {number(r.get('ceiling', '-'))} "
+                    f"| {number(r.get('mean_reward', '-'))} |")
+        if rep.draw:
+            rep.image(plots.bon_sweep(sw, rep.out / f"bon-{file_stem(s.name)}.png"), f"best-of-N sweep of {s.name}")
+
+
+SAMPLE_CHARS = 2000
+"""Characters of a prompt or answer shown in the report; the rest is cut, and said so."""
+
+
+def clipped(text: str) -> str:
+    if len(text) <= SAMPLE_CHARS:
+        return text
+    return text[:SAMPLE_CHARS] + f"\n[... {len(text) - SAMPLE_CHARS} more characters]"
+
+
+def samples_section(rep: Report, stages: list[StageRun], count: int) -> None:
+    """The same prompts answered by every evaluated model (A and B of each pairwise eval), each answer
+    fenced. Prompts on which some comparison was not a tie come first."""
+    if count <= 0:
+        return
+    answers: dict[str, dict[str, str]] = {}
+    decided: set[str] = set()
+    evals = 0
+    for s in stages:
+        r = s.read("winrate.json")
+        rows = read_jsonl(s.path / "per_prompt.jsonl")
+        if not isinstance(r, dict) or not rows:
+            continue
+        evals += 1
+        a, b = comparison_label(r, rep.run_dir)
+        for row in rows:
+            prompt = row.get("prompt")
+            if not isinstance(prompt, str):
+                continue
+            per = answers.setdefault(prompt, {})
+            for label, key in ((a, "response_a"), (b, "response_b")):
+                if isinstance(row.get(key), str):
+                    per.setdefault(label, row[key])
+            if row.get("outcome") in ("win", "loss"):
+                decided.add(prompt)
+    if not answers:
+        return
+    most = max(len(v) for v in answers.values())
+    chosen = sorted((p for p in answers if len(answers[p]) == most), key=lambda p: p not in decided)[:count]
+    rep.add("", "## Sample answers", "",
+            f"{len(chosen)} prompts answered by every model in the evals above (prompts where a comparison was decided "
+            "come first); the text is shown verbatim in code blocks.")
+    for k, prompt in enumerate(chosen, 1):
+        rep.add("", f"### Prompt {k}", "", *fenced([clipped(prompt)]))
+        for label, text in answers[prompt].items():
+            rep.add("", f"**{md_cell(label)}**", "", *fenced([clipped(text)]))
+
+
+def render(run_dir: Path, out: Path, stages: list[StageRun], samples: int, draw: bool, note: str | None) -> Report:
+    rep = Report(run_dir, out, draw)
+    rep.add(f"# alignkit report: {md_cell(run_dir.resolve().name)}", "",
+            f"{len(stages)} stage{'s' if len(stages) != 1 else ''} in {md_cell(run_dir.resolve())}. "
+            "Written by `alignkit report`; the plots are PNG files beside this one.")
+    if note:
+        rep.add("", note)
+    if not stages:
+        rep.add("", f"No stage output found (none of {', '.join(MARKERS)}).")
+        return rep
+    stages_section(rep, stages)
+    curves_section(rep, stages)
+    evals_section(rep, stages)
+    bon_section(rep, stages)
+    samples_section(rep, stages, samples)
+    return rep
+
+
+def write_report(run_dir: str | Path, output_dir: str | Path | None = None, samples: int = 3,
+                 draw: bool = True) -> Path:
+    """Write <output_dir or RUN_DIR/report>/report.md with its PNG plots beside it; returns its path."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"report: run directory not found: {run_dir}")
+    out = Path(output_dir) if output_dir else run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    note = None
+    if draw and not plots.available():
+        draw, note = False, "Plots: not drawn, matplotlib is not installed (`pip install 'alignkit[plots]'`)."
+    elif not draw:
+        note = "Plots: not drawn (plots: false)."
+    rep = render(run_dir, out, find_stages(run_dir), samples, draw, note)
+    path = out / "report.md"
+    path.write_text("\n".join(rep.lines) + "\n")
+    log.info("report: %s (%d plots)", path, len(rep.plots))
+    return path
+
+
+def run_report(cfg: ReportConfig) -> Path:
+    if not cfg.run_dir:
+        raise ConfigError("run_dir is required: alignkit report RUN_DIR")
+    if cfg.samples < 0:
+        raise ConfigError(f"samples: {cfg.samples} must be 0 or more")
+    return write_report(cfg.run_dir, cfg.output_dir, cfg.samples, cfg.plots)
