@@ -31,8 +31,8 @@ from typing import Literal
 
 from .. import config as config_lib
 from ..config import ConfigError, ModelConfig, must_exist
-from ..evaluate.run import (EvalConfig, md_cell, pair_up, per_prompt_means, prompt_key, responses_for, score_groups,
-                            terminal_safe)
+from ..evaluate.run import (EvalConfig, md_cell, pair_up, per_prompt_means, prompt_key, responses_for,
+                            score_groups, terminal_safe)
 from ..evaluate.winrate import summarize
 from ..generation import GenerateConfig, PromptSource, SamplingParams, VLLMOptions, read_jsonl, run_generate
 from ..rewards.backends import RewardConfig, RuleReward, build_backend, check_reward_config
@@ -40,10 +40,12 @@ from ..rewards.backends import RewardConfig, RuleReward, build_backend, check_re
 log = logging.getLogger(__name__)
 
 CEILING_NOTE = (
-    "Judge ceiling: with a perfect judge, best-of-N against one sample of the same policy wins at most N/(N+1) of "
-    "the non-tied comparisons; a measured share well below it means the judge or the policy's diversity, not N, "
-    "is the limit (against another model or greedy answers the bound is a yardstick, not a theorem)."
+    "Judge ceiling: with a perfect judge, best-of-N against one sample of the same policy wins at most "
+    "N/(N+1) of the non-tied comparisons; a measured share well below it means the judge or the policy's "
+    "diversity, not N, is the limit (against another model or greedy answers the bound is a yardstick, "
+    "not a theorem)."
 )
+CANDIDATE_KEYS = ("id", "sample", "prompt", "response", "n_tokens", "finish_reason", "category")
 
 
 @dataclass
@@ -51,25 +53,28 @@ class BonParams:
     temperatures: list[float] = field(default_factory=lambda: [1.0])
     """Sampling temperatures, one sampling pass each (distinct, >= 0; 0 is greedy and allows only N = 1)."""
     n_values: list[int] = field(default_factory=lambda: [4])
-    """Best-of-N settings, ascending and distinct; each pass draws the largest, smaller N take its first samples."""
+    """Best-of-N settings, ascending and distinct; each pass draws the largest, a smaller N takes the
+    first N samples."""
     reference: str | None = None
-    """Model (its answers decoded with `sampling`, greedy by default) or responses .jsonl that every setting is
-    compared with (sweep.json); required when there is more than one setting."""
+    """Model (its answers decoded with `sampling`, greedy by default) or responses .jsonl that every
+    setting is compared with (sweep.json); required when there is more than one setting."""
 
     def validate(self, prefix: str) -> None:
-        if not self.n_values or any(n < 1 for n in self.n_values):
-            raise ConfigError(f"{prefix}n_values: {self.n_values!r} is not allowed; expected integers >= 1")
-        if list(self.n_values) != sorted(set(self.n_values)):
-            raise ConfigError(f"{prefix}n_values: {self.n_values!r} is not allowed; expected ascending, distinct values "
-                              f"(e.g. {sorted(set(self.n_values))})")
-        if not self.temperatures or any(not math.isfinite(t) or t < 0 for t in self.temperatures):
-            raise ConfigError(f"{prefix}temperatures: {self.temperatures!r} is not allowed; expected finite numbers >= 0")
-        if len(set(self.temperatures)) < len(self.temperatures):
-            raise ConfigError(f"{prefix}temperatures: {self.temperatures!r} is not allowed; expected distinct values")
-        if 0 in self.temperatures and max(self.n_values) > 1:
-            raise ConfigError(f"{prefix}temperatures: 0 is greedy decoding, whose {max(self.n_values)} samples would be "
-                              f"identical; drop 0, or set {prefix}n_values: [1] (greedy answers as the reference: "
-                              f"{prefix}reference: the model, decoded with sampling.temperature 0)")
+        n_values, temps = list(self.n_values), list(self.temperatures)
+        if not n_values or any(n < 1 for n in n_values):
+            raise ConfigError(f"{prefix}n_values: {n_values!r} is not allowed; expected integers >= 1")
+        if n_values != sorted(set(n_values)):
+            raise ConfigError(f"{prefix}n_values: {n_values!r} is not allowed; expected ascending, distinct "
+                              f"values (e.g. {sorted(set(n_values))})")
+        if not temps or any(not math.isfinite(t) or t < 0 for t in temps):
+            raise ConfigError(f"{prefix}temperatures: {temps!r} is not allowed; expected finite numbers >= 0")
+        if len(set(temps)) < len(temps):
+            raise ConfigError(f"{prefix}temperatures: {temps!r} is not allowed; expected distinct values")
+        if 0 in temps and max(n_values) > 1:
+            raise ConfigError(
+                f"{prefix}temperatures: 0 is greedy decoding, whose {max(n_values)} samples would be "
+                f"identical; drop 0, or set {prefix}n_values: [1] (for greedy answers as the baseline, set "
+                f"{prefix}reference to the model: its answers use sampling.temperature, 0 by default)")
         must_exist(prefix + "reference", self.reference, "responses file or model folder")
 
 
@@ -80,7 +85,8 @@ class BonConfig:
     prompts: PromptSource = field(default_factory=PromptSource)
     sampling: SamplingParams = field(default_factory=SamplingParams)
     """Decoding of every answer (max_new_tokens, top_p, seed...). Candidates take bon.temperatures and
-    max(bon.n_values) in place of sampling.temperature and sampling.n; a reference model's answers use it as is."""
+    max(bon.n_values) in place of sampling.temperature and sampling.n; a reference model's answers
+    use it as is."""
     bon: BonParams = field(default_factory=BonParams)
     reward: RewardConfig = field(default_factory=RewardConfig)
     """The judge that picks the best sample and decides each comparison."""
@@ -99,28 +105,31 @@ class BonConfig:
 
     def validate(self, prefix: str) -> None:
         if self.sampling.n != 1:
-            raise ConfigError(f"{prefix}sampling.n: {self.sampling.n} is not allowed here; set the samples per prompt "
-                              f"with {prefix}bon.n_values")
+            raise ConfigError(f"{prefix}sampling.n: {self.sampling.n} is not allowed here; set the samples per "
+                              f"prompt with {prefix}bon.n_values")
         if self.sampling.num_beams != 1:
-            raise ConfigError(f"{prefix}sampling.num_beams: {self.sampling.num_beams} is not allowed here; best-of-N "
-                              "samples (num_beams 1)")
-        if len(self.bon.temperatures) * len(self.bon.n_values) > 1 and not self.bon.reference:
-            raise ConfigError(f"{prefix}bon.reference is required for a sweep ({len(self.bon.temperatures)} temperatures "
-                              f"x {len(self.bon.n_values)} values of N): each setting is compared with it")
+            raise ConfigError(f"{prefix}sampling.num_beams: {self.sampling.num_beams} is not allowed here; "
+                              "best-of-N samples (num_beams 1)")
+        settings = len(self.bon.temperatures) * len(self.bon.n_values)
+        if settings > 1 and not self.bon.reference:
+            raise ConfigError(f"{prefix}bon.reference is required for a sweep ({len(self.bon.temperatures)} "
+                              f"temperatures x {len(self.bon.n_values)} values of N): each setting is compared "
+                              "with it")
         if self.reward.kind == "hf" and not self.reward.model:
-            raise ConfigError(f"{prefix}reward.model is required for {prefix}reward.kind 'hf' (a reward model folder or Hub id)")
+            raise ConfigError(f"{prefix}reward.model is required for {prefix}reward.kind 'hf' "
+                              "(a reward model folder or Hub id)")
         if self.bootstrap < 1 or self.batch_size < 1:
             raise ConfigError(f"{prefix}bootstrap and {prefix}batch_size must be >= 1")
 
 
 def check_bon_reward(cfg: RewardConfig) -> None:
-    """The reward checks that need no model or API call (eval's), and no verifier that needs row columns."""
+    """Eval's reward checks that need no model or API call, and no verifier that requires row columns."""
     check_reward_config(cfg)
     if cfg.kind == "rule":
         needs = RuleReward(cfg.rule, cfg.allow_python_verifier, cfg.tolerance).required
         if needs:
-            raise ConfigError(f"reward.rule: {cfg.rule!r} needs the prompt row's column(s) {', '.join(needs)}, which bon "
-                              "(like eval) does not pass to the verifier")
+            raise ConfigError(f"reward.rule: {cfg.rule!r} needs the prompt row's column(s) {', '.join(needs)}, "
+                              "which bon (like eval) does not pass to the verifier")
 
 
 def temperature_tag(t: float) -> str:
@@ -131,12 +140,14 @@ def setting_name(t: float, n: int) -> str:
     return f"{temperature_tag(t)}-n{n}"
 
 
-def sample_pass(cfg: BonConfig, out: Path, temperature: float, n: int) -> Path:
-    """max(N) samples per prompt at one temperature, with generate's resume and job check."""
-    gen = GenerateConfig(output_dir=str(out / "samples" / temperature_tag(temperature)), model=cfg.model, prompts=cfg.prompts,
-                         sampling=replace(cfg.sampling, temperature=temperature, n=n), engine=cfg.engine, vllm=cfg.vllm,
-                         batch_size=cfg.batch_size, overwrite=cfg.overwrite, quiet=cfg.quiet)
-    return run_generate(gen)
+def sample_pass(cfg: BonConfig, out: Path, temperature: float, n: int) -> list[dict]:
+    """n samples per prompt at one temperature (generate's resume and job check), by (id, sample)."""
+    gen = GenerateConfig(
+        output_dir=str(out / "samples" / temperature_tag(temperature)), model=cfg.model, prompts=cfg.prompts,
+        sampling=replace(cfg.sampling, temperature=temperature, n=n), engine=cfg.engine, vllm=cfg.vllm,
+        batch_size=cfg.batch_size, overwrite=cfg.overwrite, quiet=cfg.quiet)
+    rows = sorted(read_jsonl(run_generate(gen)), key=lambda r: (r["id"], r["sample"]))
+    return [{"temperature": temperature, **{k: r[k] for k in CANDIDATE_KEYS}} for r in rows]
 
 
 def best_index(scores: list[float]) -> int:
@@ -149,6 +160,24 @@ def choose(samples: list[dict], n: int) -> dict:
     return samples[best_index([s["score"] for s in samples[:n]])]
 
 
+def best_of(candidates: list[dict], temperature: float, n: int) -> list[dict]:
+    """The chosen sample of each prompt among its first n at one temperature, in prompt order."""
+    by_prompt: dict[int, list[dict]] = {}
+    for c in candidates:
+        if c["temperature"] == temperature:
+            by_prompt.setdefault(c["id"], []).append(c)
+    return [choose(samples, n) for samples in by_prompt.values()]
+
+
+def chosen_row(c: dict, n: int, cfg: BonConfig, judge: str) -> dict:
+    """A chosen answer in generate's schema (one per prompt), plus where it came from and its score."""
+    params = asdict(replace(cfg.sampling, temperature=c["temperature"], n=n))
+    return {"id": c["id"], "sample": 0, "prompt": c["prompt"], "response": c["response"],
+            "n_tokens": c["n_tokens"], "finish_reason": c["finish_reason"], "category": c["category"],
+            "model": cfg.model.name_or_path, "params": params, "best_of": n, "chosen_sample": c["sample"],
+            "score": c["score"], "judge": judge}
+
+
 def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -159,16 +188,16 @@ def as_eval_rows(rows: list[dict]) -> list[dict]:
     return [{"messages": r["prompt"], "response": r["response"], "category": r.get("category")} for r in rows]
 
 
-def sweep_row(t: float, n: int, chosen: list[dict], reference: list[dict], scores: dict, cfg: BonConfig) -> dict:
-    """One setting against the reference, with eval's pairing and statistics (ties count 0 in win_rate)."""
+def sweep_row(t: float, n: int, chosen: list[dict], reference: list[dict], scores: dict,
+              cfg: BonConfig) -> dict:
+    """One setting against the reference, with eval's pairing and statistics (win_rate: ties count 0)."""
     pairs = pair_up(as_eval_rows(chosen), reference)
     rewards_a, len_a = per_prompt_means([a for a, _ in pairs], scores)
     rewards_b, len_b = per_prompt_means([b for _, b in pairs], scores)
     s = summarize(rewards_a, rewards_b, len_a, len_b, 0.0, cfg.bootstrap, cfg.seed)
     decided = s["wins"] + s["losses"]
-    return {"temperature": t, "n": n, "win_rate": s["win_rate"], "ci95": s["ci95"],
-            "win_rate_ties_half": s["win_rate_ties_half"], "ci95_ties_half": s["ci95_ties_half"],
-            "wins": s["wins"], "losses": s["losses"], "ties": s["ties"], "sign_test_p": s["sign_test_p"],
+    kept = ("win_rate", "ci95", "win_rate_ties_half", "ci95_ties_half", "wins", "losses", "ties", "sign_test_p")
+    return {"temperature": t, "n": n, **{k: s[k] for k in kept},
             "non_tied_win_share": s["wins"] / decided if decided else None, "ceiling": n / (n + 1),
             "mean_reward": s["mean_reward_a"]}
 
@@ -182,8 +211,8 @@ def render_sweep(sweep: dict, model: str) -> str:
     lines = [
         f"# Best-of-N: {md_cell(model)} against {md_cell(sweep['reference'])}",
         "",
-        f"Judge: {md_cell(sweep['judge'])}; {n_prompts} prompts; win rate with ties as 0 (and as 0.5), 95% bootstrap "
-        "intervals over prompts; sign test on wins against losses.",
+        f"Judge: {md_cell(sweep['judge'])}; {n_prompts} prompts; win rate with ties as 0 (and as 0.5), 95% "
+        "bootstrap intervals over prompts; sign test on wins against losses.",
         "",
         "| temperature | N | win rate (95% CI) | ties as 0.5 (95% CI) | wins / losses / ties | sign test p "
         "| non-tied win share | judge ceiling N/(N+1) | mean reward |",
@@ -192,27 +221,24 @@ def render_sweep(sweep: dict, model: str) -> str:
     for r in rows:
         share = "-" if r["non_tied_win_share"] is None else f"{r['non_tied_win_share']:.3f}"
         cells = [f"{r['temperature']:g}", str(r["n"]), f"{r['win_rate']:.3f} ({ci(r['ci95'])})",
-                 f"{r['win_rate_ties_half']:.3f} ({ci(r['ci95_ties_half'])})", f"{r['wins']} / {r['losses']} / {r['ties']}",
-                 f"{r['sign_test_p']:.3g}", share, f"{r['ceiling']:.3f}", f"{r['mean_reward']:.3f}"]
+                 f"{r['win_rate_ties_half']:.3f} ({ci(r['ci95_ties_half'])})",
+                 f"{r['wins']} / {r['losses']} / {r['ties']}", f"{r['sign_test_p']:.3g}", share,
+                 f"{r['ceiling']:.3f}", f"{r['mean_reward']:.3f}"]
         lines.append("| " + " | ".join(md_cell(c) for c in cells) + " |")
     return "\n".join(lines + ["", md_cell(CEILING_NOTE)]) + "\n"
 
 
 def run_bon(cfg: BonConfig) -> Path:
-    """Samples per temperature, scores, the best per setting, and (with a reference) the sweep."""
+    """Samples per temperature, scores, the best per setting and (with a reference) the sweep."""
     config_lib.validate(cfg)  # a config built in code gets the recipe's checks
     check_bon_reward(cfg.reward)  # before any generation work
     out = Path(cfg.output_dir)
     temps, n_values = list(cfg.bon.temperatures), list(cfg.bon.n_values)
-    eval_cfg = EvalConfig(output_dir=str(out), prompts=cfg.prompts, sampling=cfg.sampling, engine=cfg.engine, vllm=cfg.vllm,
-                          batch_size=cfg.batch_size, overwrite=cfg.overwrite, quiet=cfg.quiet)
+    eval_cfg = EvalConfig(output_dir=str(out), prompts=cfg.prompts, sampling=cfg.sampling, engine=cfg.engine,
+                          vllm=cfg.vllm, batch_size=cfg.batch_size, overwrite=cfg.overwrite, quiet=cfg.quiet)
     # A reference file is read (and checked) before the sampling; a reference model answers into reference/.
     reference = responses_for(cfg.bon.reference, "reference", eval_cfg) if cfg.bon.reference else []
-    candidates = []
-    for t in temps:
-        rows = sorted(read_jsonl(sample_pass(cfg, out, t, max(n_values))), key=lambda r: (r["id"], r["sample"]))
-        candidates += [{"temperature": t, **{k: r[k] for k in ("id", "sample", "prompt", "response", "n_tokens",
-                                                                "finish_reason", "category")}} for r in rows]
+    candidates = [c for t in temps for c in sample_pass(cfg, out, t, max(n_values))]
     config_lib.save(cfg, out / "config.yaml")
     backend = build_backend(cfg.reward, cfg.reward.cache_path(out))
     scores = score_groups(backend, [[as_eval_rows(candidates), reference]])
@@ -223,35 +249,25 @@ def run_bon(cfg: BonConfig) -> Path:
     best = out / "best"
     best.mkdir(exist_ok=True)
     for stale in [*best.glob("*.jsonl"), out / "responses.jsonl", out / "sweep.json", out / "sweep.md"]:
-        stale.unlink(missing_ok=True)  # outputs of an earlier run with other settings would mislead
-    rows_out, chosen_mean = [], {}
+        stale.unlink(missing_ok=True)  # an earlier run's other settings would mislead
+    rows = []
     for t in temps:
-        by_prompt: dict[int, list[dict]] = {}
-        for c in candidates:
-            if c["temperature"] == t:
-                by_prompt.setdefault(c["id"], []).append(c)
         for n in n_values:
-            params = asdict(replace(cfg.sampling, temperature=t, n=n))
-            chosen = [choose(samples, n) for samples in by_prompt.values()]
-            written = [{"id": c["id"], "sample": 0, "prompt": c["prompt"], "response": c["response"], "n_tokens": c["n_tokens"],
-                        "finish_reason": c["finish_reason"], "category": c["category"], "model": cfg.model.name_or_path,
-                        "params": params, "best_of": n, "chosen_sample": c["sample"], "score": c["score"],
-                        "judge": backend.identity} for c in chosen]
+            chosen = best_of(candidates, t, n)
+            written = [chosen_row(c, n, cfg, backend.identity) for c in chosen]
             write_jsonl_atomic(best / f"{setting_name(t, n)}.jsonl", written)
-            chosen_mean[(t, n)] = sum(c["score"] for c in chosen) / len(chosen)
             if reference:
-                rows_out.append(sweep_row(t, n, chosen, reference, scores, cfg))
+                rows.append(sweep_row(t, n, chosen, reference, scores, cfg))
     if len(temps) * len(n_values) == 1:
-        write_jsonl_atomic(out / "responses.jsonl", read_jsonl(best / f"{setting_name(temps[0], n_values[0])}.jsonl"))
+        write_jsonl_atomic(out / "responses.jsonl", written)
+        mean = sum(c["score"] for c in chosen) / len(chosen)
+        print(terminal_safe(f"best-of-{n_values[0]} at temperature {temps[0]:g}: mean reward {mean:.3f} over "
+                            f"{len(chosen)} prompts (judge {backend.identity}); in {out / 'responses.jsonl'}"))
     if reference:
-        sweep = {"reference": cfg.bon.reference, "judge": backend.identity, "temperatures": temps, "n_values": n_values,
-                 "rows": rows_out}
+        sweep = {"reference": cfg.bon.reference, "judge": backend.identity, "temperatures": temps,
+                 "n_values": n_values, "rows": rows}
         (out / "sweep.json").write_text(json.dumps(sweep, indent=1))
         table = render_sweep(sweep, cfg.model.name_or_path)
         (out / "sweep.md").write_text(table)
         print(terminal_safe(table))
-    else:
-        for (t, n), mean in chosen_mean.items():
-            print(terminal_safe(f"best-of-{n} at temperature {t:g}: mean reward {mean:.3f} over {len(by_prompt)} prompts "
-                                f"(judge {backend.identity}); answers in {out / 'responses.jsonl'}"))
     return out
