@@ -42,8 +42,8 @@ log = logging.getLogger(__name__)
 CEILING_NOTE = (
     "Judge ceiling: with a perfect judge, best-of-N against one sample of the same policy wins at most "
     "N/(N+1) of the non-tied comparisons; a measured share well below it means the judge or the policy's "
-    "diversity, not N, is the limit (against another model or greedy answers the bound is a yardstick, "
-    "not a theorem)."
+    "diversity, not N, is the limit. The bound assumes scores without ties and a reference that is one sample "
+    "of the same policy: with a 0/1 verifier, or against greedy answers or another model, the share can pass it."
 )
 CANDIDATE_KEYS = ("id", "sample", "prompt", "response", "n_tokens", "finish_reason", "category")
 
