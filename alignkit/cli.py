@@ -25,6 +25,7 @@ from .evaluate.text_metrics import TextMetricsConfig, run_text_metrics
 from .generation import GenerateConfig, run_generate
 from .report import ReportConfig, run_report
 from .rewards.server import ServeRewardConfig, serve_reward
+from .testtime.bon import BonConfig, run_bon
 from .train.dpo import DPOConfig, run_dpo
 from .train.loop import check_launch
 from .train.rl import RLConfig, run_rl
@@ -108,6 +109,7 @@ STAGES = {
     "rl": Stage(RLConfig, run_rl, "online RL (RLOO, GRPO) against any reward: sample, score, update, in the one training loop"),
     "generate": Stage(GenerateConfig, run_generate, "generate responses for a prompt set (resumable JSONL)"),
     "eval": Stage(EvalConfig, run_eval, "win rate of a model or responses file against a reference, judged by a reward backend"),
+    "bon": Stage(BonConfig, run_bon, "best-of-N: sample N answers per prompt, keep the reward's best; sweep temperatures x N against a reference"),
     "report": Stage(ReportConfig, run_report, "Markdown report of a run directory with PNG plots: stages, curves, win rates, samples",
                     positional="run_dir"),
     "serve-reward": Stage(ServeRewardConfig, serve_reward, "serve a reward backend through the OpenAI-compatible reward API (loopback by default)"),
