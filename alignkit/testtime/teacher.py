@@ -33,6 +33,9 @@ from ..remote import (JSONClient, MalformedReply, SQLiteCache, cache_key, check_
 
 log = logging.getLogger(__name__)
 
+BACKOFF_S = 0.5
+"""openai: the first retry's delay (doubled each retry, plus jitter)."""
+
 
 @dataclass
 class TeacherConfig:
@@ -255,7 +258,7 @@ def build_teacher(cfg: TeacherConfig, student: ModelConfig | None, output_dir: s
     if cfg.kind == "openai":
         key = os.environ.get(cfg.api_key_env, "") if cfg.api_key_env else ""
         teacher = ChatTeacher(cfg.base_url, cfg.model, cfg.sampling, key, cfg.concurrency, cfg.timeout_s, cfg.max_retries,
-                              allow_insecure_http=cfg.allow_insecure_http, key_name=cfg.api_key_env)
+                              BACKOFF_S, allow_insecure_http=cfg.allow_insecure_http, key_name=cfg.api_key_env)
     else:
         model = student if cfg.kind == "self" else ModelConfig(name_or_path=cfg.model)
         if model is None:
