@@ -82,8 +82,8 @@ def test_refinement_keeps_the_higher_scored_answer(tmp_path, serve):
     ])
     replies = {"What is 1 plus 1?": "2", "What is 2 plus 2?": "5", "What is 3 plus 3?": "7", "What is 4 plus 4?": " 8 "}
     calls = []
-    url = serve(make_chat_server(scripted(replies, calls), "teacher", "ab" * 16, SamplingParams()))
-    out = run_refine(refine_cfg(tmp_path, answers, url))
+    url = serve(make_chat_server(scripted(replies, calls), "teacher", "ab" * 16, SamplingParams(), port=0))
+    out = run_refine(refine_cfg(tmp_path, answers, url, reference=answers))
     kept = {r["prompt"][0]["content"]: r["response"] for r in read(out / "responses.jsonl")}
     assert kept == {"What is 1 plus 1?": "2", "What is 2 plus 2?": "4", "What is 3 plus 3?": "5", "What is 4 plus 4?": "8"}
     records = read(out / "refinements.jsonl")
@@ -93,6 +93,7 @@ def test_refinement_keeps_the_higher_scored_answer(tmp_path, serve):
     assert summary["improved"] == 1 and summary["improved_share"] == 0.25 and summary["mean_reward_gain"] == 0.25
     assert (summary["vs_original"]["wins"], summary["vs_original"]["losses"], summary["vs_original"]["ties"]) == (1, 0, 3)
     assert summary["teacher"] == f"openai:{url}:teacher:{'ab' * 16}" and len(calls) == 4
+    assert summary["vs_reference"] == summary["vs_original"] and summary["original_vs_reference"]["ties"] == 4
     # responses.jsonl is a responses file `alignkit eval` accepts as model:
     assert main(["eval", "--model", str(out / "responses.jsonl"), "--reference", answers, "--reward.kind", "rule",
                  "--reward.rule", "toy", "--output-dir", str(tmp_path / "eval"), "--bootstrap", "50"]) == 0
@@ -100,8 +101,9 @@ def test_refinement_keeps_the_higher_scored_answer(tmp_path, serve):
 
 
 def test_critique_mode_makes_two_calls_and_rounds_build_on_the_kept_answer(tmp_path, serve):
-    """#10: critique first: a critique call, then a revision that sees the critique; round 2 starts from round 1's keeper."""
-    answers = write_answers(tmp_path / "student.jsonl", [("What is 1 plus 1?", "3")])
+    """#10: critique first: a critique call, then a revision that sees the critique; round 2 starts from
+    round 1's keeper; an unusable critique keeps the answer without a revision call."""
+    answers = write_answers(tmp_path / "student.jsonl", [("What is 1 plus 1?", "3"), ("What is 5 plus 5?", "9")])
     calls = []
 
     def teacher(prompt):
@@ -109,17 +111,21 @@ def test_critique_mode_makes_two_calls_and_rounds_build_on_the_kept_answer(tmp_p
             return "the sum is wrong"
         return "2" if "the sum is wrong" in prompt else "9"
 
-    url = serve(make_chat_server(scripted({"What is 1 plus 1?": teacher}, calls), "teacher", "cd" * 16, SamplingParams()))
+    replies = {"What is 1 plus 1?": teacher, "What is 5 plus 5?": lambda p: "" if p.endswith("CRITIQUE ME") else "10"}
+    url = serve(make_chat_server(scripted(replies, calls), "teacher", "cd" * 16, SamplingParams(), port=0))
     cfg = refine_cfg(tmp_path, answers, url, critique=True, rounds=2, template="{instruction}\n{answer}\n{critique}",
                      critique_template="{instruction}\n{answer}\nCRITIQUE ME")
     out = run_refine(cfg)
-    assert len(calls) == 4  # two rounds of (critique, revision)
-    assert calls[0].endswith("CRITIQUE ME") and calls[1] == "What is 1 plus 1?\n3\nthe sum is wrong"
-    assert calls[2] == "What is 1 plus 1?\n2\nCRITIQUE ME"  # round 2 critiques the kept revision
+    first = [c for c in calls if c.startswith("What is 1")]
+    assert len(first) == 4  # two rounds of (critique, revision)
+    assert first[0].endswith("CRITIQUE ME") and first[1] == "What is 1 plus 1?\n3\nthe sum is wrong"
+    assert first[2] == "What is 1 plus 1?\n2\nCRITIQUE ME"  # round 2 critiques the kept revision
+    assert [c for c in calls if c.startswith("What is 5")] == ["What is 5 plus 5?\n9\nCRITIQUE ME"]  # round 2: cached
     records = read(out / "refinements.jsonl")
-    assert [(r["round"], r["critique"], r["kept"]) for r in records] == [(1, "the sum is wrong", "revision"),
-                                                                        (2, "the sum is wrong", "answer")]
-    assert read(out / "responses.jsonl")[0]["response"] == "2"
+    assert [(r["round"], r["critique"], r["kept"]) for r in records if r["id"] == 0] == [
+        (1, "the sum is wrong", "revision"), (2, "the sum is wrong", "answer")]
+    assert [(r["problem"], r["kept"]) for r in records if r["id"] == 1] == [("critique: empty answer", "answer")] * 2
+    assert [r["response"] for r in read(out / "responses.jsonl")] == ["2", "9"]
 
 
 def test_serve_chat_end_to_end_and_a_rerun_pays_nothing(tmp_path, serve, tiny_model_dir):
@@ -137,7 +143,7 @@ def test_serve_chat_end_to_end_and_a_rerun_pays_nothing(tmp_path, serve, tiny_mo
         return completer(messages, params)
 
     fingerprint = chat_fingerprint(ServeChatConfig(model=model, precision="fp32"))
-    url = serve(make_chat_server(counted, "tiny", fingerprint, SamplingParams(max_new_tokens=8)))
+    url = serve(make_chat_server(counted, "tiny", fingerprint, SamplingParams(max_new_tokens=8), port=0))
     values = {"output_dir": str(tmp_path / "out"), "model.name_or_path": str(tiny_model_dir),
               "prompts.dataset": str(prompts), "prompts.split": "train", "sampling.max_new_tokens": 4,
               "teacher.kind": "openai", "teacher.base_url": url, "teacher.model": "tiny",
@@ -398,15 +404,20 @@ def test_serve_chat_checks_requests(serve):
     assert messages == ok["messages"] and (params.max_new_tokens, params.temperature, params.seed) == (16, 0.5, 3)
     with pytest.raises(ConfigError, match="requires a bearer token"):
         make_chat_server(lambda m, p: ("", "stop", 0, 0), "m", "0" * 32, defaults, host="0.0.0.0", port=0)
+    import urllib.error
     import urllib.request
 
-    url = serve(make_chat_server(lambda m, p: ("hello", "stop", 1, 1), "m", "0" * 32, defaults))
+    url = serve(make_chat_server(lambda m, p: ("hello", "stop", 1, 1), "m", "0" * 32, defaults, port=0))
     listing = json.loads(urllib.request.urlopen(url + "/models", timeout=5).read())
     assert listing["data"][0]["id"] == "m" and listing["data"][0]["alignkit_fingerprint"] == "0" * 32
     req = urllib.request.Request(url + "/chat/completions", data=json.dumps(ok).encode(),
                                  headers={"Content-Type": "application/json"})
     reply = json.loads(urllib.request.urlopen(req, timeout=5).read())
     assert reply["choices"][0]["message"] == {"role": "assistant", "content": "hello"}
+    locked = serve(make_chat_server(lambda m, p: ("hello", "stop", 1, 1), "m", "0" * 32, defaults, port=0, token="tok"))
+    with pytest.raises(urllib.error.HTTPError, match="401"):
+        urllib.request.urlopen(urllib.request.Request(locked + "/chat/completions", data=json.dumps(ok).encode(),
+                                                      headers={"Content-Type": "application/json"}), timeout=5)
 
 
 def test_refine_recipe_loads():

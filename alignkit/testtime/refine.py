@@ -232,7 +232,8 @@ class Refiner:
             todo = [k for k in range(len(rows)) if critiques[k] is None or critiques[k].text is not None]
             asked = self.ask([self.revise.format(instruction=instructions[k], answer=answers[k],
                                                  critique=critiques[k].text if critiques[k] else "") for k in todo])
-            revisions: list[Reply] = [critiques[k] for k in range(len(rows))]  # an unusable critique stands for the revision
+            # an unusable critique stands for the revision (no second call)
+            revisions = [Reply(None, f"critique: {c.problem}") if c is not None else None for c in critiques]
             for k, reply in zip(todo, asked):
                 revisions[k] = reply
             usable = [k for k in range(len(rows)) if revisions[k].text is not None]
