@@ -26,6 +26,8 @@ from .generation import GenerateConfig, run_generate
 from .report import ReportConfig, run_report
 from .rewards.server import ServeRewardConfig, serve_reward
 from .testtime.bon import BonConfig, run_bon
+from .testtime.chat_server import ServeChatConfig, serve_chat
+from .testtime.refine import RefineConfig, run_refine
 from .train.dpo import DPOConfig, run_dpo
 from .train.loop import check_launch
 from .train.rl import RLConfig, run_rl
@@ -113,6 +115,8 @@ STAGES = {
     "report": Stage(ReportConfig, run_report, "Markdown report of a run directory with PNG plots: stages, curves, win rates, samples",
                     positional="run_dir"),
     "serve-reward": Stage(ServeRewardConfig, serve_reward, "serve a reward backend through the OpenAI-compatible reward API (loopback by default)"),
+    "refine": Stage(RefineConfig, run_refine, "a teacher (self, a local model or a chat API) rewrites a student's answers; a reward keeps the better"),
+    "serve-chat": Stage(ServeChatConfig, serve_chat, "serve a local model as an OpenAI-compatible /v1/chat/completions (loopback by default)"),
     "text-metrics": Stage(TextMetricsConfig, run_text_metrics, "perplexity of reference replies and BLEU of generated replies on a chat set"),
     "init-model": Stage(InitModelConfig, run_init_model, "write a randomly initialised model in Hugging Face format"),
     "data-stats": Stage(DataStatsConfig, run_data_stats, "token-length percentiles of prompts and responses"),

@@ -9,26 +9,18 @@ An identity names everything that changes a backend's scores (weights fingerprin
 max_length, dtype; for a remote model the fingerprint its alignkit server reports), so cached
 scores are never served for a different judge. An API key is read from an environment variable
 whose name ends in API_KEY, is sent only over https or to a loopback host (unless
-`allow_insecure_http`), never follows a redirect, and never appears in an error message.
+`allow_insecure_http`), never follows a redirect, and never appears in an error message (the
+HTTP, retry and SQLite machinery is `alignkit.remote`'s, shared with the chat teacher of `refine`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import json
 import logging
 import math
 import os
-import random
 import re
-import sqlite3
-import threading
-import time
-import urllib.error
-import urllib.parse
-import urllib.request
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal, Protocol
@@ -36,6 +28,10 @@ from typing import Iterator, Literal, Protocol
 import torch
 
 from ..config import ConfigError
+from ..remote import (  # noqa: F401 - RemoteError, MalformedReply and the key checks are this module's API too
+    MAX_REPLY_BYTES, SECRET_PREFIXES, JSONClient, MalformedReply, NoRedirects, RemoteError, SQLiteCache, cache_key,
+    check_api_key_env, check_key_destination, is_loopback, stream_map,
+)
 
 log = logging.getLogger(__name__)
 
@@ -252,144 +248,29 @@ def hub_commit(repo_id: str, revision: str | None = None, cache_dir: str | Path 
 # --------------------------------------------------------------------------- remote API
 
 
-class RemoteError(RuntimeError):
-    pass
-
-
-class MalformedReply(RemoteError):
-    """The judge answered, but not in its format: retried like a transient error."""
-
-
 REWARD_CONTENT = re.compile(r"\s*reward\s*:\s*(-?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?)\s*")
-MAX_REPLY_BYTES = 1 << 20
-SECRET_PREFIXES = ("AWS_", "AZURE_", "GCP_", "GITHUB_", "GH_", "GITLAB_", "HF_", "HUGGING_FACE_", "HUGGINGFACE_",
-                   "SSH_")
 
 
-def check_api_key_env(name: str) -> None:
-    """reward.api_key_env may name only an API key (…API_KEY), never a well-known credential."""
-    if not re.fullmatch(r"[A-Z][A-Z0-9_]*API_KEY", name) or name.startswith(SECRET_PREFIXES):
-        raise ConfigError(
-            f"reward.api_key_env: {name!r} is not allowed: name a variable that ends in API_KEY "
-            f"(e.g. NVIDIA_API_KEY), not another credential (refused: {', '.join(p + '*' for p in SECRET_PREFIXES)})"
-        )
-
-
-def is_loopback(host: str | None) -> bool:
-    host = (host or "").strip("[]").lower()
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def check_key_destination(base_url: str, allow_insecure_http: bool) -> str:
-    """The host a key goes to; refuses anything but https, or http to loopback, unless allowed."""
-    url = urllib.parse.urlsplit(base_url)
-    if url.scheme not in ("http", "https") or not url.hostname:
-        raise ConfigError(f"reward.base_url: {base_url!r} is not an http(s) URL")
-    if url.scheme == "http" and not is_loopback(url.hostname) and not allow_insecure_http:
-        raise ConfigError(
-            f"reward.base_url: the API key would go unencrypted to {url.hostname} over http; "
-            "use https, a loopback host, or set reward.allow_insecure_http: true"
-        )
-    return url.hostname
-
-
-class NoRedirects(urllib.request.HTTPRedirectHandler):
-    """A redirect is answered as the HTTP error it is: the key never follows it anywhere."""
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        return None
-
-
-class RemoteReward:
+class RemoteReward(JSONClient):
     """OpenAI-compatible chat endpoint that returns a reward for the last assistant message.
 
     Nemotron-70B-Reward answers with the message content 'reward:<float>' (and the same value as
     the first token's logprob); both are understood, and nothing else: the content must be exactly
     that. Retries 429, 5xx, network errors and malformed replies with exponential backoff and
-    jitter; the last failure raises RemoteError. A non-finite reward is an error. `GET {base_url}/models`
-    is read once at start: an alignkit server reports its model's fingerprint there, and it becomes
-    part of the identity (so a cache never serves the scores of a model since replaced).
+    jitter (`JSONClient`); the last failure raises RemoteError. A non-finite reward is an error.
+    `GET {base_url}/models` is read once at start: an alignkit server reports its model's
+    fingerprint there, and it becomes part of the identity (so a cache never serves the scores of
+    a model since replaced).
     """
-
-    RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 
     def __init__(self, base_url: str, model: str, api_key: str = "", concurrency: int = 8, timeout_s: float = 60.0,
                  max_retries: int = 5, backoff_s: float = 0.5, allow_insecure_http: bool = False,
                  key_name: str | None = None):
-        self.base_url = base_url.rstrip("/")
+        super().__init__(base_url, api_key, timeout_s, max_retries, backoff_s, allow_insecure_http, key_name, logger=log)
         self.url = self.base_url + "/chat/completions"
-        host = check_key_destination(self.base_url, allow_insecure_http or not api_key)
-        if api_key:
-            log.info("reward: the API key from %s is sent to %s", key_name or "the environment", host)
-        self.model, self.api_key = model, api_key
-        self.concurrency, self.timeout_s, self.max_retries, self.backoff_s = concurrency, timeout_s, max_retries, backoff_s
-        self.opener = urllib.request.build_opener(NoRedirects)
-        self.fingerprint = self.fetch_fingerprint()
+        self.model, self.concurrency = model, concurrency
+        self.fingerprint = self.fetch_fingerprint(model)
         self.identity = f"remote:{self.base_url}:{model}" + (f":{self.fingerprint}" if self.fingerprint else "")
-
-    def headers(self) -> dict:
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        return headers
-
-    def fetch_fingerprint(self) -> str | None:
-        """The served model's `alignkit_fingerprint` from /models (None from servers that have none)."""
-        try:
-            payload = self.request("GET", self.base_url + "/models", None, retry_malformed=False)
-        except MalformedReply:
-            return None  # a model list in another format: no fingerprint
-        except RemoteError as e:
-            if isinstance(e.__cause__, urllib.error.HTTPError):
-                return None  # an endpoint without a model list
-            raise
-        entries = payload.get("data") if isinstance(payload, dict) else None
-        entries = [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
-        named = [e for e in entries if e.get("id") == self.model] or (entries if len(entries) == 1 else [])
-        fingerprint = named[0].get("alignkit_fingerprint") if named else None
-        return fingerprint if isinstance(fingerprint, str) and re.fullmatch(r"[0-9a-f]{8,64}", fingerprint) else None
-
-    def request(self, method: str, url: str, body: bytes | None, parse=lambda payload: payload,
-                retry_malformed: bool = True):
-        """One call with retries, returning parse(JSON reply). 429/5xx, network errors and (unless
-        retry_malformed is off) malformed replies are retried. Errors name the status, never the body."""
-        last = None
-        for attempt in range(self.max_retries + 1):
-            try:
-                req = urllib.request.Request(url, data=body, headers=self.headers(), method=method)
-                with self.opener.open(req, timeout=self.timeout_s) as res:
-                    raw = res.read(MAX_REPLY_BYTES + 1)
-                if len(raw) > MAX_REPLY_BYTES:
-                    raise MalformedReply("reply larger than 1 MiB")
-                try:
-                    payload = json.loads(raw)
-                except (ValueError, RecursionError):
-                    raise MalformedReply("reply is not JSON") from None
-                return parse(payload)
-            except urllib.error.HTTPError as e:
-                e.close()
-                last = self.redact(f"HTTP {e.code} {str(e.reason)[:100]}".strip())
-                if e.code not in self.RETRY_STATUS:
-                    hint = " (redirects are not followed)" if 300 <= e.code < 400 else ""
-                    raise RemoteError(f"{url}: {last}{hint}") from e
-            except MalformedReply as e:
-                if not retry_malformed:
-                    raise
-                last = f"malformed reply: {e}"
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as e:
-                last = self.redact(f"{type(e).__name__}: {getattr(e, 'reason', e)}")
-            if attempt < self.max_retries:
-                delay = self.backoff_s * 2**attempt
-                time.sleep(delay + random.uniform(0, delay))  # jitter spreads out retries of many workers
-        raise RemoteError(f"{url}: gave up after {self.max_retries + 1} attempts; last error: {last}")
-
-    def redact(self, text: str) -> str:
-        return text.replace(self.api_key, "<key>") if self.api_key else text
 
     def score(self, prompts, responses, columns=None):
         scores = [0.0] * len(responses)
@@ -400,21 +281,7 @@ class RemoteReward:
     def score_stream(self, prompts, responses) -> Iterator[tuple[int, float]]:
         """(index, score) as each arrives. After a failure the requests already in flight still
         finish and are yielded (they are paid for), the rest are cancelled, then the error is raised."""
-        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            futures = {pool.submit(self.score_one, p, r): i for i, (p, r) in enumerate(zip(prompts, responses))}
-            error = None
-            for f in as_completed(futures):
-                if f.cancelled():
-                    continue
-                try:
-                    yield futures[f], f.result()
-                except Exception as e:  # noqa: BLE001 - re-raised once the paid-for scores are out
-                    if error is None:
-                        error = e
-                        for g in futures:
-                            g.cancel()
-            if error is not None:
-                raise error
+        yield from stream_map(lambda pair: self.score_one(*pair), list(zip(prompts, responses)), self.concurrency)
 
     def score_one(self, prompt: list[dict], response: str) -> float:
         body = json.dumps({"model": self.model, "messages": prompt + [{"role": "assistant", "content": response}]}).encode()
@@ -469,22 +336,16 @@ class CachedReward:
 
     def __init__(self, backend: RewardBackend, path: str | Path, batch: int = 64):
         self.backend, self.identity, self.batch = backend, backend.identity, batch
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(str(path), check_same_thread=False)
-        self.db.execute("CREATE TABLE IF NOT EXISTS scores (key TEXT PRIMARY KEY, score REAL NOT NULL)")
-        self.lock = threading.Lock()
+        self.cache = SQLiteCache(path, "scores", "score", "REAL")
+        self.db = self.cache.db
         self.misses = 0
 
     def key(self, prompt, response, columns: dict | None = None) -> str:
-        parts = [self.identity, prompt, response] + ([columns] if columns else [])
-        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+        return cache_key(self.identity, prompt, response, *([columns] if columns else []))
 
     def store(self, rows: list[tuple[str, float]]) -> None:
         bad = [s for _, s in rows if not math.isfinite(s)]
-        good = [(k, s) for k, s in rows if math.isfinite(s)]
-        with self.lock:
-            self.db.executemany("INSERT OR REPLACE INTO scores VALUES (?, ?)", good)
-            self.db.commit()
+        self.cache.store([(k, s) for k, s in rows if math.isfinite(s)])
         if bad:
             raise ValueError(f"reward backend {self.identity} returned a non-finite score ({bad[0]}); not cached")
 
@@ -492,12 +353,7 @@ class CachedReward:
         # Columns change a rule's score, never a model's: only rules see (and are keyed by) them.
         columns = columns if isinstance(self.backend, RuleReward) and columns else None
         keys = [self.key(p, r, columns[i] if columns else None) for i, (p, r) in enumerate(zip(prompts, responses))]
-        found = {}
-        with self.lock:
-            for start in range(0, len(keys), 500):
-                chunk = keys[start : start + 500]
-                rows = self.db.execute(f"SELECT key, score FROM scores WHERE key IN ({','.join('?' * len(chunk))})", chunk)
-                found.update(rows.fetchall())
+        found = self.cache.lookup(keys)
         todo = [i for i, k in enumerate(keys) if k not in found]
         self.misses += len(todo)
         stream = getattr(self.backend, "score_stream", None)

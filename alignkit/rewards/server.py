@@ -6,45 +6,32 @@ first token's logprob, the format of nvidia/llama-3.1-nemotron-70b-reward. GET /
 the served name and `alignkit_fingerprint`, a hash of the backend's identity (weights
 fingerprint included, never a path), which RemoteReward puts in its cache key.
 
-Everything that reaches the port is untrusted:
-  - a bearer token (read from the environment variable `auth_token_env`) is required to bind
-    beyond loopback, and checked on loopback when set; requests without it get 401;
-  - only `Content-Type: application/json` bodies (415 otherwise: a web page cannot post a form to
-    the loopback server), with a valid Content-Length up to 8 MiB and no Transfer-Encoding;
-  - every early reply closes the connection, so an unread body is never taken for a request;
-  - sockets time out when idle, at most `max_connections` are served at once (others get 503),
-    and a request whose scoring takes longer than `score_timeout_s` gets 504. Scores run one at
-    a time on a single worker thread (one model, one batch).
+Everything that reaches the port is untrusted; the checks are `alignkit.serving`'s (shared with
+`serve-chat`): a bearer token (from the environment variable `auth_token_env`) is required beyond
+loopback, JSON bodies only with a valid Content-Length up to 8 MiB, early replies close the
+connection, idle sockets time out, at most `max_connections` at once (503 beyond), and a request
+whose scoring takes longer than `score_timeout_s` gets 504. Scores run one at a time on a single
+worker thread (one model, one batch).
 Simplified: no request batching across clients, no TLS (put a TLS proxy in front for that).
 """
 
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
 import logging
 import math
-import os
-import re
-import socket
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from ..config import ConfigError
-from .backends import CachedReward, RewardConfig, build_backend, cache_path, is_loopback
+from ..serving import (  # noqa: F401 - MAX_BODY and BUSY are this module's API too
+    BUSY, MAX_BODY, MODEL_ROUTES, CappedHTTPServer, check_bind, json_handler, model_list, read_token,
+)
+from .backends import CachedReward, RewardConfig, build_backend, cache_path
 
 log = logging.getLogger(__name__)
-
-MAX_BODY = 8 * 1024 * 1024
-BUSY_BODY = b'{"error": {"message": "server busy: too many connections, retry shortly"}}'
-BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
-        b"Content-Length: %d\r\n\r\n%s" % (len(BUSY_BODY), BUSY_BODY))
 
 
 @dataclass
@@ -65,38 +52,7 @@ class ServeRewardConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
 
 
-class RewardHTTPServer(ThreadingHTTPServer):
-    """ThreadingHTTPServer with at most `max_connections` handler threads; a connection over the
-    cap gets 503 and is closed at once."""
-
-    daemon_threads = True
-
-    def __init__(self, address, handler, max_connections: int = 32):
-        self.slots = threading.BoundedSemaphore(max_connections)
-        super().__init__(address, handler)
-
-    def process_request(self, request, client_address):
-        if not self.slots.acquire(blocking=False):
-            try:
-                request.settimeout(1.0)
-                request.sendall(BUSY)
-            except OSError:
-                pass
-            self.shutdown_request(request)
-            return
-
-        def run():
-            try:
-                self.process_request_thread(request, client_address)
-            finally:
-                self.slots.release()
-
-        threading.Thread(target=run, daemon=True).start()
-
-    def server_close(self):
-        super().server_close()
-        if getattr(self, "scorer", None) is not None:
-            self.scorer.shutdown(wait=False, cancel_futures=True)
+RewardHTTPServer = CappedHTTPServer
 
 
 class BadRequest(ValueError):
@@ -133,95 +89,27 @@ def make_server(backend, host: str = "127.0.0.1", port: int = 8000, name: str = 
                 max_connections: int = 32, socket_timeout_s: float = 15.0,
                 score_timeout_s: float = 120.0) -> RewardHTTPServer:
     """A server for `backend`; call serve_forever(). Refuses to bind beyond loopback without a token."""
-    if not is_loopback(host) and not token:
-        raise ConfigError(f"binding to {host!r} (beyond loopback) requires a bearer token: "
-                         "set auth_token_env to the name of an environment variable holding one")
-    scorer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward-scorer")  # one model, one batch at a time
+    check_bind(host, token)
     fingerprint = fingerprint_of(backend)
-    expected = f"Bearer {token}".encode() if token else None
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        timeout = socket_timeout_s  # idle keep-alive connections and slow senders are dropped
-
-        def log_message(self, fmt, *args):
-            log.debug(fmt, *args)
-
-        def reply(self, status: int, payload: dict, close: bool = False) -> None:
-            body = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            if status == 401:
-                self.send_header("WWW-Authenticate", "Bearer")
-            if close:
-                self.send_header("Connection", "close")  # also sets close_connection: an unread body is never parsed
-            self.end_headers()
-            self.wfile.write(body)
-
-        def refuse(self, status: int, message: str) -> None:
-            """An early reply: the body (if any) is left unread, so the connection closes."""
-            self.reply(status, {"error": {"message": message}}, close=True)
-
-        def authorised(self) -> bool:
-            if expected is None:
-                return True
-            given = (self.headers.get("Authorization") or "").encode("utf-8", "replace")
-            return hmac.compare_digest(given, expected)
-
-        def framing_error(self, body_allowed: bool) -> str | None:
-            """Why the request's framing is unacceptable, or None; sets self.length."""
-            if self.headers.get_all("Transfer-Encoding"):
-                return "Transfer-Encoding is not supported; send a Content-Length"
-            lengths = self.headers.get_all("Content-Length") or []
-            if len(lengths) > 1:
-                return "more than one Content-Length"
-            if not lengths:
-                self.length = None
-                return "Content-Length is required" if body_allowed else None
-            if not re.fullmatch(r"[0-9]{1,12}", lengths[0].strip()):
-                return f"Content-Length must be a non-negative integer, got {lengths[0][:20]!r}"
-            self.length = int(lengths[0])
-            if not body_allowed and self.length:
-                return "this request takes no body"
-            return None
-
+    class Handler(json_handler(socket_timeout_s, token)):
         def do_GET(self):
-            problem = self.framing_error(body_allowed=False)
-            if problem:
-                return self.refuse(400, f"bad request: {problem}")
-            if not self.authorised():
-                return self.refuse(401, "missing or wrong bearer token")
-            if self.path.rstrip("/") in ("/v1/models", "/models"):
-                entry = {"id": name, "object": "model", "owned_by": "alignkit", "alignkit_fingerprint": fingerprint}
-                return self.reply(200, {"object": "list", "data": [entry]})
+            if not self.get_allowed():
+                return
+            if self.path.rstrip("/") in MODEL_ROUTES:
+                return self.reply(200, model_list(name, fingerprint))
             self.reply(404, {"error": {"message": "no such route; use /v1/models or /v1/chat/completions"}})
 
         def do_POST(self):
-            problem = self.framing_error(body_allowed=True)
-            if problem:
-                return self.refuse(400, f"bad request: {problem}")
-            if self.path.rstrip("/") not in ("/v1/chat/completions", "/chat/completions"):
-                return self.refuse(404, "no such route; use /v1/chat/completions")
-            if not self.authorised():
-                return self.refuse(401, "missing or wrong bearer token")
-            content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
-            if content_type != "application/json":
-                return self.refuse(415, "Content-Type must be application/json")
-            if self.length > MAX_BODY:
-                return self.refuse(413, f"request too large (at most {MAX_BODY} bytes)")
-            try:
-                body = self.read_body(self.length)
-            except (TimeoutError, socket.timeout, ConnectionError):
-                self.close_connection = True
-                return
+            body = self.post_body()
             if body is None:
-                return self.refuse(408, "request body not received in time")
+                return
             try:
                 prompt, response = read_messages(body)
             except BadRequest as e:
                 return self.reply(400, {"error": {"message": f"bad request: {e}"}})
-            job = scorer.submit(lambda: float(backend.score([prompt], [response])[0]))
+            job = self.server.worker.submit(  # one worker thread: one model, one batch at a time
+                lambda: float(backend.score([prompt], [response])[0]))
             try:
                 score = job.result(timeout=score_timeout_s)
             except FutureTimeout:
@@ -246,27 +134,7 @@ def make_server(backend, host: str = "127.0.0.1", port: int = 8000, name: str = 
                 }],
             })
 
-        def read_body(self, length: int) -> bytes | None:
-            """The body, or None if it does not arrive within socket_timeout_s in total."""
-            deadline = time.monotonic() + socket_timeout_s
-            chunks, left = [], length
-            while left > 0:
-                if time.monotonic() > deadline:
-                    return None
-                chunk = self.rfile.read1(min(left, 1 << 16))
-                if not chunk:
-                    raise ConnectionError("client closed the connection mid-body")
-                chunks.append(chunk)
-                left -= len(chunk)
-            return b"".join(chunks)
-
-        def do_PUT(self):
-            self.refuse(405, "method not allowed")
-
-        do_DELETE = do_PATCH = do_PUT
-
-    server = RewardHTTPServer((host, port), Handler, max_connections)
-    server.scorer = scorer
+    server = CappedHTTPServer((host, port), Handler, max_connections, "reward-scorer")
     server.fingerprint = fingerprint
     return server
 
@@ -283,11 +151,7 @@ def served_name(cfg: ServeRewardConfig) -> str:
 
 def build_server(cfg: ServeRewardConfig):
     """(server, backend) for a config: the token is read, the cache (only when reward.cache names a file) set up."""
-    token = None
-    if cfg.auth_token_env:
-        token = os.environ.get(cfg.auth_token_env, "")
-        if not token:
-            raise ConfigError(f"environment variable {cfg.auth_token_env} (auth_token_env) is not set")
+    token = read_token(cfg.auth_token_env)
     backend = build_backend(cfg.reward, cache_path(cfg.reward, None))
     server = make_server(backend, cfg.host, cfg.port, served_name(cfg), token, cfg.max_connections,
                          cfg.socket_timeout_s, cfg.score_timeout_s)

@@ -1,1 +1,1 @@
-"""Test-time compute: spend inference instead of training (best-of-N reranking, refinement)."""
+"""Test-time compute: spend inference instead of training (best-of-N reranking, critique-guided refinement)."""

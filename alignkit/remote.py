@@ -1,0 +1,220 @@
+"""What every client of a remote OpenAI-compatible API shares: the reward judge and the chat teacher.
+
+  check_api_key_env      a key's variable must end in API_KEY and name no well-known credential
+  check_key_destination  a key goes only over https or to a loopback host (unless allowed)
+  JSONClient             JSON requests with a timeout, retry with exponential backoff and jitter,
+                         no redirects, a 1 MiB reply cap, errors that name the status, never a body or key
+  stream_map             a function over items on a thread pool, results as they arrive
+  SQLiteCache            a persistent key -> value table committed row by row, so a cut run keeps
+                         what it paid for
+
+Simplified: plain urllib (no connection pooling, no HTTP/2); one retry policy for every call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import logging
+import random
+import re
+import sqlite3
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+from typing import Callable, Iterator
+
+from .config import ConfigError
+
+log = logging.getLogger(__name__)
+
+MAX_REPLY_BYTES = 1 << 20
+SECRET_PREFIXES = ("AWS_", "AZURE_", "GCP_", "GITHUB_", "GH_", "GITLAB_", "HF_", "HUGGING_FACE_", "HUGGINGFACE_",
+                   "SSH_")
+
+
+class RemoteError(RuntimeError):
+    pass
+
+
+class MalformedReply(RemoteError):
+    """The server answered, but not in its format: retried like a transient error (unless told not to)."""
+
+
+def check_api_key_env(name: str, key: str = "reward.api_key_env") -> None:
+    """An api_key_env may name only an API key (…API_KEY), never a well-known credential."""
+    if not re.fullmatch(r"[A-Z][A-Z0-9_]*API_KEY", name) or name.startswith(SECRET_PREFIXES):
+        raise ConfigError(
+            f"{key}: {name!r} is not allowed: name a variable that ends in API_KEY "
+            f"(e.g. NVIDIA_API_KEY), not another credential (refused: {', '.join(p + '*' for p in SECRET_PREFIXES)})"
+        )
+
+
+def is_loopback(host: str | None) -> bool:
+    host = (host or "").strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_key_destination(base_url: str, allow_insecure_http: bool, key: str = "reward.base_url") -> str:
+    """The host a key goes to; refuses anything but https, or http to loopback, unless allowed."""
+    url = urllib.parse.urlsplit(base_url)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ConfigError(f"{key}: {base_url!r} is not an http(s) URL")
+    if url.scheme == "http" and not is_loopback(url.hostname) and not allow_insecure_http:
+        section = key.rsplit(".", 1)[0] + "." if "." in key else ""
+        raise ConfigError(
+            f"{key}: the API key would go unencrypted to {url.hostname} over http; "
+            f"use https, a loopback host, or set {section}allow_insecure_http: true"
+        )
+    return url.hostname
+
+
+class NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect is answered as the HTTP error it is: the key never follows it anywhere."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+class JSONClient:
+    """JSON over http(s) to `base_url` with an optional bearer key, retries and no redirects.
+
+    Retries 408/409/425/429/5xx, network errors and (unless retry_malformed is off) malformed
+    replies with exponential backoff and jitter; the last failure raises RemoteError."""
+
+    RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+
+    def __init__(self, base_url: str, api_key: str = "", timeout_s: float = 60.0, max_retries: int = 5,
+                 backoff_s: float = 0.5, allow_insecure_http: bool = False, key_name: str | None = None,
+                 what: str = "reward", url_key: str = "reward.base_url", logger: logging.Logger = log):
+        self.base_url = base_url.rstrip("/")
+        host = check_key_destination(self.base_url, allow_insecure_http or not api_key, url_key)
+        if api_key:
+            logger.info("%s: the API key from %s is sent to %s", what, key_name or "the environment", host)
+        self.api_key = api_key
+        self.timeout_s, self.max_retries, self.backoff_s = timeout_s, max_retries, backoff_s
+        self.opener = urllib.request.build_opener(NoRedirects)
+
+    def headers(self) -> dict:
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        return headers
+
+    def fetch_fingerprint(self, model: str) -> str | None:
+        """The served model's `alignkit_fingerprint` from /models (None from servers that have none)."""
+        try:
+            payload = self.request("GET", self.base_url + "/models", None, retry_malformed=False)
+        except MalformedReply:
+            return None  # a model list in another format: no fingerprint
+        except RemoteError as e:
+            if isinstance(e.__cause__, urllib.error.HTTPError):
+                return None  # an endpoint without a model list
+            raise
+        entries = payload.get("data") if isinstance(payload, dict) else None
+        entries = [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
+        named = [e for e in entries if e.get("id") == model] or (entries if len(entries) == 1 else [])
+        fingerprint = named[0].get("alignkit_fingerprint") if named else None
+        return fingerprint if isinstance(fingerprint, str) and re.fullmatch(r"[0-9a-f]{8,64}", fingerprint) else None
+
+    def request(self, method: str, url: str, body: bytes | None, parse=lambda payload: payload,
+                retry_malformed: bool = True):
+        """One call with retries, returning parse(JSON reply). 429/5xx, network errors and (unless
+        retry_malformed is off) malformed replies are retried. Errors name the status, never the body."""
+        last = None
+        for attempt in range(self.max_retries + 1):
+            try:
+                req = urllib.request.Request(url, data=body, headers=self.headers(), method=method)
+                with self.opener.open(req, timeout=self.timeout_s) as res:
+                    raw = res.read(MAX_REPLY_BYTES + 1)
+                if len(raw) > MAX_REPLY_BYTES:
+                    raise MalformedReply("reply larger than 1 MiB")
+                try:
+                    payload = json.loads(raw)
+                except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+                    raise MalformedReply("reply is not JSON") from None
+                return parse(payload)
+            except urllib.error.HTTPError as e:
+                e.close()
+                last = self.redact(f"HTTP {e.code} {str(e.reason)[:100]}".strip())
+                if e.code not in self.RETRY_STATUS:
+                    hint = " (redirects are not followed)" if 300 <= e.code < 400 else ""
+                    raise RemoteError(f"{url}: {last}{hint}") from e
+            except MalformedReply as e:
+                if not retry_malformed:
+                    raise
+                last = f"malformed reply: {e}"
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as e:
+                last = self.redact(f"{type(e).__name__}: {getattr(e, 'reason', e)}")
+            if attempt < self.max_retries:
+                delay = self.backoff_s * 2**attempt
+                time.sleep(delay + random.uniform(0, delay))  # jitter spreads out retries of many workers
+        raise RemoteError(f"{url}: gave up after {self.max_retries + 1} attempts; last error: {last}")
+
+    def redact(self, text: str) -> str:
+        return text.replace(self.api_key, "<key>") if self.api_key else text
+
+
+def stream_map(fn: Callable, items: list, concurrency: int) -> Iterator[tuple[int, object]]:
+    """(index, fn(item)) as each finishes, on `concurrency` threads. After a failure the calls already
+    in flight still finish and are yielded (they are paid for), the rest are cancelled, then the
+    first error is raised."""
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        futures = {pool.submit(fn, item): i for i, item in enumerate(items)}
+        error = None
+        for f in as_completed(futures):
+            if f.cancelled():
+                continue
+            try:
+                yield futures[f], f.result()
+            except Exception as e:  # noqa: BLE001 - re-raised once the paid-for results are out
+                if error is None:
+                    error = e
+                    for g in futures:
+                        g.cancel()
+        if error is not None:
+            raise error
+
+
+def cache_key(*parts) -> str:
+    """A stable digest of JSON-able parts (dict keys sorted)."""
+    return hashlib.sha256(json.dumps(list(parts), sort_keys=True, default=str).encode()).hexdigest()
+
+
+class SQLiteCache:
+    """A persistent `key -> value` table (value REAL or TEXT), safe to share between threads; every
+    store is committed, so what a cut run paid for is kept."""
+
+    def __init__(self, path: str | Path, table: str = "scores", column: str = "score", sql_type: str = "REAL"):
+        if not (table.isidentifier() and column.isidentifier() and sql_type in ("REAL", "TEXT")):
+            raise ValueError(f"bad cache table {table!r}/{column!r}/{sql_type!r}")
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.path, self.table, self.column = Path(path), table, column
+        self.db = sqlite3.connect(str(path), check_same_thread=False)
+        self.db.execute(f"CREATE TABLE IF NOT EXISTS {table} (key TEXT PRIMARY KEY, {column} {sql_type} NOT NULL)")
+        self.lock = threading.Lock()
+
+    def lookup(self, keys: list[str]) -> dict:
+        found = {}
+        with self.lock:
+            for start in range(0, len(keys), 500):
+                chunk = keys[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                rows = self.db.execute(f"SELECT key, {self.column} FROM {self.table} WHERE key IN ({marks})", chunk)
+                found.update(rows.fetchall())
+        return found
+
+    def store(self, rows: list[tuple[str, object]]) -> None:
+        with self.lock:
+            self.db.executemany(f"INSERT OR REPLACE INTO {self.table} VALUES (?, ?)", rows)
+            self.db.commit()

@@ -1,0 +1,267 @@
+"""Teachers for `alignkit refine`: whoever rewrites a student's answer.
+
+  self    the student model itself (the stage's `model:`), transformers engine
+  local   another model (folder or Hub id), transformers engine, greedy or sampled (SamplingParams)
+  openai  an OpenAI-compatible `/v1/chat/completions` endpoint (base_url, model, api_key_env) under
+          the remote reward backend's rules (`alignkit.remote`): concurrency, timeout, retry with
+          backoff, the key only over https or to loopback, no redirects, never in a message or log
+
+`complete(conversations) -> list[Reply]`, one reply per conversation. `CachedTeacher` puts any of
+them behind a SQLite cache keyed by the teacher's identity (endpoint and model, or the weights
+fingerprint), the messages and the sampling settings, committed as each reply arrives: a rerun never
+pays twice and a cut run resumes where it stopped.
+
+Teacher output is untrusted. A reply that is not JSON (or not UTF-8), larger than 1 MiB, without
+choices[0].message, with content that is not text, or empty is an invalid `Reply` (counted by the
+caller, who keeps the original answer), never an error; text longer than `max_chars` is cut there.
+Simplified: one reply per request (no n), no streaming, no tool calls.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+from ..config import ConfigError, ModelConfig, must_exist
+from ..generation import SamplingParams, generation_dtype, model_fingerprint
+from ..remote import (JSONClient, MalformedReply, SQLiteCache, cache_key, check_api_key_env, check_key_destination,
+                      stream_map)
+
+log = logging.getLogger(__name__)
+
+BACKOFF_S = 0.5
+"""openai: the first retry's delay (doubled each retry, plus jitter)."""
+
+
+@dataclass
+class TeacherConfig:
+    kind: Literal["self", "local", "openai"] = "self"
+    """self: the student model; local: another model (teacher.model); openai: an OpenAI-compatible chat endpoint."""
+    model: str | None = None
+    """local: a model folder or Hub id; openai: the served model name; self: unset (the student's model)."""
+    base_url: str | None = None
+    """openai: e.g. https://api.openai.com/v1 or http://127.0.0.1:8001/v1 (alignkit serve-chat)."""
+    api_key_env: str | None = None
+    """openai: name of the environment variable holding the API key; must end in API_KEY (never the key itself)."""
+    allow_insecure_http: bool = False
+    """openai: allow sending the API key over plain http to a host other than loopback."""
+    system_prompt: str | None = None
+    """A system message put before each refinement prompt."""
+    sampling: SamplingParams = field(default_factory=lambda: SamplingParams(max_new_tokens=512))
+    """The teacher's decoding (greedy by default). openai: max_new_tokens, temperature, top_p and seed are sent."""
+    concurrency: int = 8
+    """openai: requests in flight at once."""
+    timeout_s: float = 120.0
+    """openai: limit for one request."""
+    max_retries: int = 5
+    """openai: retries of 429/5xx/network errors, with exponential backoff and jitter."""
+    batch_size: int = 8
+    """self/local: sequences per generation batch."""
+    max_chars: int = 8000
+    """A teacher answer longer than this is cut here (and counted)."""
+    cache: str = "auto"
+    """Teacher replies: auto (<output_dir>/teacher.sqlite), none/off, or a SQLite file."""
+
+    def validate(self, prefix: str = "") -> None:
+        """What can be checked before any model is loaded or endpoint called (the key's value: `check_teacher`)."""
+        for key, low in (("concurrency", 1), ("max_retries", 0), ("batch_size", 1), ("max_chars", 1)):
+            if getattr(self, key) < low:
+                raise ConfigError(f"{prefix}{key}: {getattr(self, key)!r} is not allowed; expected an integer >= {low}")
+        if not self.timeout_s > 0:
+            raise ConfigError(f"{prefix}timeout_s: {self.timeout_s!r} is not allowed; expected a number > 0")
+        if self.sampling.n != 1:
+            raise ConfigError(f"{prefix}sampling.n: {self.sampling.n} is not allowed; a teacher writes one revision (n: 1)")
+        if self.kind == "self" and (self.model or self.base_url):
+            raise ConfigError(f"{prefix}model/base_url: kind 'self' uses the student model; leave them unset")
+        if self.kind == "local":
+            if not self.model:
+                raise ConfigError(f"{prefix}model is required for {prefix}kind 'local' (a model folder or Hub id)")
+            must_exist(prefix + "model", self.model, "model folder")
+        if self.kind != "openai" and (self.base_url or self.api_key_env):
+            raise ConfigError(f"{prefix}base_url/api_key_env: only for {prefix}kind 'openai', not {self.kind!r}")
+        if self.kind == "openai":
+            if not (self.base_url and self.model):
+                raise ConfigError(f"{prefix}base_url and {prefix}model are required for {prefix}kind 'openai'")
+            if self.api_key_env:
+                check_api_key_env(self.api_key_env, prefix + "api_key_env")
+            check_key_destination(self.base_url, self.allow_insecure_http or not self.api_key_env, prefix + "base_url")
+            default = SamplingParams()
+            unsent = [k for k in ("top_k", "min_p", "repetition_penalty", "num_beams", "length_penalty")
+                      if getattr(self.sampling, k) != getattr(default, k)]
+            if unsent:
+                raise ConfigError(f"{prefix}sampling.{unsent[0]}: not sent to an OpenAI-compatible endpoint "
+                                  "(only max_new_tokens, temperature, top_p and seed are); leave it at its default")
+
+    def cache_path(self, output_dir: str | Path | None) -> Path | None:
+        value = str(self.cache if self.cache is not None else "auto").strip()
+        if value.lower() in ("none", "off", "false", "no", "null"):
+            return None
+        if value.lower() in ("auto", ""):
+            return Path(output_dir) / "teacher.sqlite" if output_dir is not None else None
+        return Path(value)
+
+
+def check_teacher(cfg: TeacherConfig, prefix: str = "teacher.") -> None:
+    """validate() plus the key's presence: everything short of loading a model or calling the endpoint."""
+    cfg.validate(prefix)
+    if cfg.kind == "openai" and cfg.api_key_env and not os.environ.get(cfg.api_key_env):
+        raise ConfigError(f"environment variable {cfg.api_key_env} ({prefix}api_key_env) is not set")
+
+
+@dataclass
+class Reply:
+    text: str | None
+    """The teacher's answer; None when the reply was unusable (then `problem` says why)."""
+    problem: str | None = None
+    truncated: bool = False
+
+
+def clean_reply(reply: Reply, max_chars: int) -> Reply:
+    """Untrusted teacher text made safe to keep: valid UTF-8 (lone surrogates replaced), stripped,
+    non-empty (else invalid), at most max_chars (else cut and flagged)."""
+    if reply.text is None:
+        return reply
+    if not isinstance(reply.text, str):
+        return Reply(None, "content is not text")
+    text = reply.text.encode("utf-8", "replace").decode("utf-8").strip()
+    if not text:
+        return Reply(None, "empty answer")
+    if len(text) > max_chars:
+        return Reply(text[:max_chars].rstrip(), None, truncated=True)
+    return Reply(text)
+
+
+def parse_chat_reply(payload) -> Reply:
+    """The answer of a chat-completions reply, or an invalid Reply saying what is missing."""
+    try:
+        message = payload["choices"][0]["message"]
+    except (KeyError, IndexError, TypeError):
+        return Reply(None, "no choices[0].message in the reply")
+    content = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(content, str):
+        return Reply(None, "message content is not text")
+    return Reply(content)
+
+
+class ChatTeacher(JSONClient):
+    """An OpenAI-compatible chat endpoint. Transient failures are retried (`JSONClient`); after the
+    last one RemoteError is raised. Replies are untrusted: see `parse_chat_reply`."""
+
+    def __init__(self, base_url: str, model: str, sampling: SamplingParams, api_key: str = "", concurrency: int = 8,
+                 timeout_s: float = 120.0, max_retries: int = 5, backoff_s: float = 0.5,
+                 allow_insecure_http: bool = False, key_name: str | None = None):
+        super().__init__(base_url, api_key, timeout_s, max_retries, backoff_s, allow_insecure_http, key_name,
+                         what="teacher", url_key="teacher.base_url", logger=log)
+        self.url = self.base_url + "/chat/completions"
+        self.model, self.sampling, self.concurrency = model, sampling, concurrency
+        self.fingerprint = self.fetch_fingerprint(model)
+        self.identity = f"openai:{self.base_url}:{model}" + (f":{self.fingerprint}" if self.fingerprint else "")
+        self.calls = 0
+
+    def body(self, messages: list[dict]) -> dict:
+        s = self.sampling
+        body = {"model": self.model, "messages": messages, "max_tokens": s.max_new_tokens, "temperature": s.temperature}
+        if s.top_p < 1.0:
+            body["top_p"] = s.top_p
+        if s.seed is not None and s.temperature > 0:
+            body["seed"] = s.seed
+        return body
+
+    def complete_one(self, messages: list[dict]) -> Reply:
+        self.calls += 1
+        try:
+            return self.request("POST", self.url, json.dumps(self.body(messages)).encode(), parse_chat_reply,
+                                retry_malformed=False)
+        except MalformedReply as e:  # answered, but not JSON, not UTF-8 or too large: an unusable answer
+            return Reply(None, str(e))
+
+    def complete_stream(self, conversations: list[list[dict]]):
+        yield from stream_map(self.complete_one, conversations, self.concurrency)
+
+    def complete(self, conversations: list[list[dict]]) -> list[Reply]:
+        replies: list[Reply] = [Reply(None)] * len(conversations)
+        for i, reply in self.complete_stream(conversations):
+            replies[i] = reply
+        return replies
+
+
+class LocalTeacher:
+    """A local model on the transformers engine (loaded on first use, so a fully cached rerun loads nothing)."""
+
+    def __init__(self, model: ModelConfig, sampling: SamplingParams, batch_size: int = 8, precision: str = "auto"):
+        self.model_cfg, self.sampling, self.batch_size = model, replace(sampling, n=1), batch_size
+        self.dtype = generation_dtype(precision)
+        self.identity = f"local:{json.dumps(model_fingerprint(model), sort_keys=True)}:{str(self.dtype)}"
+        self.loaded = None
+        self.calls = 0
+
+    def complete(self, conversations: list[list[dict]]) -> list[Reply]:
+        import torch
+
+        from ..generation import generate
+        from ..models import load_causal_lm, load_tokenizer
+
+        if self.loaded is None:
+            chat = load_tokenizer(self.model_cfg)
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            self.loaded = (load_causal_lm(self.model_cfg, chat, dtype=self.dtype).to(device), chat)
+        model, chat = self.loaded
+        self.calls += len(conversations)
+        results = generate(model, chat, conversations, self.sampling, self.batch_size)
+        return [Reply(c[0].text) for c in results]
+
+
+class CachedTeacher:
+    """Replies are pure functions of (teacher identity, messages, sampling): each is paid for once.
+
+    A streaming teacher (ChatTeacher) has each reply committed as it arrives, others after every
+    chunk; after a failure the replies already received stay cached and the error is raised."""
+
+    def __init__(self, teacher, path: str | Path | None, chunk: int = 64):
+        self.teacher, self.identity, self.chunk = teacher, teacher.identity, chunk
+        self.cache = SQLiteCache(path, "replies", "reply", "TEXT") if path is not None else None
+        self.sampling = asdict(teacher.sampling)
+        self.misses = 0
+
+    def key(self, messages: list[dict]) -> str:
+        return cache_key(self.identity, messages, self.sampling)
+
+    def complete(self, conversations: list[list[dict]]) -> list[Reply]:
+        keys = [self.key(m) for m in conversations]
+        found = {k: json.loads(v) for k, v in (self.cache.lookup(keys) if self.cache else {}).items()}
+        todo: dict[str, list[dict]] = {}
+        for k, m in zip(keys, conversations):
+            if k not in found:
+                todo.setdefault(k, m)  # the same conversation twice is asked once
+        self.misses += len(todo)
+        todo_keys = list(todo)
+        stream = getattr(self.teacher, "complete_stream", None)
+        for start in range(0, len(todo_keys), self.chunk):
+            chunk = todo_keys[start : start + self.chunk]
+            messages = [todo[k] for k in chunk]
+            pairs = stream(messages) if stream else enumerate(self.teacher.complete(messages))
+            for j, reply in pairs:
+                value = {"text": reply.text, "problem": reply.problem}
+                found[chunk[j]] = value
+                if self.cache is not None:
+                    self.cache.store([(chunk[j], json.dumps(value))])
+        return [Reply(found[k]["text"], found[k]["problem"]) for k in keys]
+
+
+def build_teacher(cfg: TeacherConfig, student: ModelConfig | None, output_dir: str | Path | None,
+                  precision: str = "auto") -> CachedTeacher:
+    """The configured teacher behind its cache (cfg already checked by `check_teacher`)."""
+    if cfg.kind == "openai":
+        key = os.environ.get(cfg.api_key_env, "") if cfg.api_key_env else ""
+        teacher = ChatTeacher(cfg.base_url, cfg.model, cfg.sampling, key, cfg.concurrency, cfg.timeout_s, cfg.max_retries,
+                              BACKOFF_S, allow_insecure_http=cfg.allow_insecure_http, key_name=cfg.api_key_env)
+    else:
+        model = student if cfg.kind == "self" else ModelConfig(name_or_path=cfg.model)
+        if model is None:
+            raise ConfigError("teacher.kind 'self' needs the student model (model.name_or_path)")
+        teacher = LocalTeacher(model, cfg.sampling, cfg.batch_size, precision)
+    return CachedTeacher(teacher, cfg.cache_path(output_dir))
