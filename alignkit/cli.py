@@ -23,6 +23,7 @@ from .config import ConfigError, leaf_fields, suggest
 from .evaluate.run import EvalConfig, run_eval
 from .evaluate.text_metrics import TextMetricsConfig, run_text_metrics
 from .generation import GenerateConfig, run_generate
+from .pipeline import RunConfig, run_pipeline
 from .rewards.server import ServeRewardConfig, serve_reward
 from .train.dpo import DPOConfig, run_dpo
 from .train.loop import check_launch
@@ -95,6 +96,8 @@ class Stage:
     config: type
     run: Callable
     help: str
+    positional: str | None = None
+    """Config field that a first argument not starting with '-' fills (`alignkit run PIPELINE.yaml`)."""
 
 
 STAGES = {
@@ -105,6 +108,7 @@ STAGES = {
     "rl": Stage(RLConfig, run_rl, "online RL (RLOO, GRPO) against any reward: sample, score, update, in the one training loop"),
     "generate": Stage(GenerateConfig, run_generate, "generate responses for a prompt set (resumable JSONL)"),
     "eval": Stage(EvalConfig, run_eval, "win rate of a model or responses file against a reference, judged by a reward backend"),
+    "run": Stage(RunConfig, run_pipeline, "run a pipeline file of stages into one run directory; a rerun does only what changed", positional="pipeline"),
     "serve-reward": Stage(ServeRewardConfig, serve_reward, "serve a reward backend through the OpenAI-compatible reward API (loopback by default)"),
     "text-metrics": Stage(TextMetricsConfig, run_text_metrics, "perplexity of reference replies and BLEU of generated replies on a chat set"),
     "init-model": Stage(InitModelConfig, run_init_model, "write a randomly initialised model in Hugging Face format"),
@@ -130,15 +134,17 @@ def build_parser(name: str, stage: Stage) -> argparse.ArgumentParser:
         description=stage.help + ". Values come from the defaults, then --config, then these options. --debug prints the traceback of an error.",
         allow_abbrev=False,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage=f"alignkit {name} {stage.positional.upper()} [options]" if stage.positional else None,
     )
     parser.add_argument("--config", help="YAML recipe", metavar="RECIPE.yaml")
     for key, (tp, default, doc) in leaf_fields(stage.config).items():
-        flags = ["--" + key.replace("_", "-")] + (["--" + key] if "_" in key else [])
+        flag = key[:-1] if key.endswith("_") else key  # from_ (a Python keyword) is --from
+        flags = ["--" + flag.replace("_", "-")] + (["--" + flag] if "_" in flag else [])
         kwargs = dict(dest=key, default=argparse.SUPPRESS, help=f"{doc} (default: {default})".lstrip())
         if tp is bool:
             kwargs.update(nargs="?", const="true", metavar="BOOL")
         elif typing.get_origin(tp) is list:
-            kwargs.update(nargs="+", metavar="VALUE")
+            kwargs.update(nargs="+", action="extend", metavar="VALUE")  # --var a=1 --var b=2 keeps both
         else:
             kwargs.update(metavar=type_name(tp))
         parser.add_argument(*flags, **kwargs)
@@ -147,9 +153,12 @@ def build_parser(name: str, stage: Stage) -> argparse.ArgumentParser:
 
 def parse(name: str, argv: list[str]):
     stage = STAGES[name]
+    first = {}
+    if stage.positional and argv and not argv[0].startswith("-"):
+        first, argv = {stage.positional: argv[0]}, argv[1:]
     parser = build_parser(name, stage)
     args, unknown = parser.parse_known_args(argv)
-    values = vars(args)
+    values = vars(args) | first
     path = values.pop("config", None)
     extra_overrides = []
     for item in unknown:
