@@ -207,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = parse(name, rest)
         result = STAGES[name].run(cfg)
     except KeyboardInterrupt:
-        print("alignkit: interrupted; run again with --resume to continue from the last checkpoint", file=sys.stderr)
+        again = "run the same command again" if name == "run" else "run again with --resume"
+        print(f"alignkit: interrupted; {again} to continue from the last checkpoint", file=sys.stderr)
         return 130
     except Exception as e:  # known user-facing errors get one clear message, the rest a traceback
         if not is_user_error(e):

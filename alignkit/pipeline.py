@@ -1,4 +1,4 @@
-"""`alignkit run PIPELINE.yaml`: several stages from one file into one run directory; a rerun does only what changed.
+"""`alignkit run PIPELINE.yaml`: stages from one file into one run directory; a rerun does only what changed.
 
 The file:
 
@@ -7,12 +7,12 @@ The file:
       steps: 20
     stages:                            # run in this order
       sft:                             # the stage's name; its kind defaults to the name
-        recipe: sft-recipe.yaml        # optional; a path relative to the pipeline file (its output_dir is ignored)
+        recipe: sft-recipe.yaml        # optional; relative to the pipeline file (its output_dir is ignored)
         train: {max_steps: "${vars.steps}"}   # settings over the recipe: nested or dotted keys, as in a recipe
       dpo:
         model: {name_or_path: "${sft.final}"}  # an earlier stage's output, by name
       eval-dpo:
-        kind: eval                     # any stage of the CLI that writes to an output_dir (not demo, serve-reward)
+        kind: eval                     # a CLI stage that writes to an output_dir (not demo, serve-reward)
         model: "${dpo.final}"
 
 A reference is `${stage.output}` or `${vars.NAME}`; a value that is one reference alone keeps the
@@ -117,8 +117,10 @@ class PlannedStage:
     """Hash of each stage in `inputs`."""
     hash: str = ""
     action: str = "run"
+    """run (from a cleared folder), resume or skip."""
     why: str = ""
     previous: dict | None = None
+    """The stage.json of the last run in the folder, if any."""
 
 
 @dataclass
@@ -141,7 +143,8 @@ class UniqueKeyLoader(yaml.SafeLoader):
                 continue
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
-                raise ConfigError(f"key {key!r} is given twice ({key_node.start_mark.name}, line {key_node.start_mark.line + 1})")
+                mark = key_node.start_mark
+                raise ConfigError(f"key {key!r} is given twice ({mark.name}, line {mark.line + 1})")
             seen.add(key)
         return super().construct_mapping(node, deep)
 
@@ -190,7 +193,8 @@ def parse_vars(raw, overrides: list[str]) -> dict[str, Any]:
             raise ConfigError(f"--var {item!r}: expected NAME=VALUE")
         if name not in values:
             known = ", ".join(values) or "none"
-            raise ConfigError(f"--var {name}: the pipeline has no var '{name}'{suggest(name, list(values))} (its vars: {known})")
+            raise ConfigError(f"--var {name}: the pipeline has no var '{name}'{suggest(name, list(values))} "
+                              f"(its vars: {known})")
         values[name] = value
     return values
 
@@ -201,7 +205,8 @@ def substitute(value, key: str, resolve):
         whole = REF.fullmatch(value.strip())
         out = resolve(whole.group(1), key) if whole else REF.sub(lambda m: str(resolve(m.group(1), key)), value)
         if isinstance(out, str) and "${" in out and not whole:
-            raise ConfigError(f"{key}: {value!r}: unclosed or nested reference; write ${{stage.output}} or ${{vars.NAME}}")
+            raise ConfigError(f"{key}: {value!r}: unclosed or nested reference; "
+                              "write ${stage.output} or ${vars.NAME}")
         return out
     if isinstance(value, list):
         return [substitute(v, f"{key}[{i}]", resolve) for i, v in enumerate(value)]
@@ -224,14 +229,17 @@ def stage_values(name: str, body: dict, cls: type, base: Path) -> dict[str, Any]
             raise ConfigError(f"stage '{name}': recipe: expected a path, got {recipe!r}")
         path = Path(recipe).expanduser()
         path = path if path.is_absolute() else base / path
-        values = {k: v for k, v in flatten(read_yaml(path, f"stage '{name}': recipe"), leaves).items() if k not in RUNNER_KEYS}
-        unknown = [k for k in values if k not in leaves]
-        if unknown:
-            raise ConfigError(f"stage '{name}': recipe {path}: unknown config key '{unknown[0]}'{suggest(unknown[0], sorted(leaves))}")
-    unknown = [k for k in inline if k not in leaves]
-    if unknown:
-        raise ConfigError(f"stage '{name}': unknown config key '{unknown[0]}'{suggest(unknown[0], sorted(leaves))}")
+        recipe_values = flatten(read_yaml(path, f"stage '{name}': recipe"), leaves)
+        values = {k: v for k, v in recipe_values.items() if k not in RUNNER_KEYS}
+        check_keys(values, leaves, f"stage '{name}': recipe {path}: ")
+    check_keys(inline, leaves, f"stage '{name}': ")
     return values | inline
+
+
+def check_keys(values: dict, leaves: dict, where: str) -> None:
+    unknown = [k for k in values if k not in leaves]
+    if unknown:
+        raise ConfigError(f"{where}unknown config key '{unknown[0]}'{suggest(unknown[0], sorted(leaves))}")
 
 
 def read_pipeline(path: str | Path, var_overrides: list[str] = (), run_dir: str | None = None) -> Pipeline:
@@ -240,7 +248,8 @@ def read_pipeline(path: str | Path, var_overrides: list[str] = (), run_dir: str 
     raw = read_yaml(path, "pipeline file")
     for key in raw:
         if key not in TOP_KEYS:
-            raise ConfigError(f"{path}: unknown top-level key '{key}'{suggest(str(key), list(TOP_KEYS))} (allowed: {', '.join(TOP_KEYS)})")
+            raise ConfigError(f"{path}: unknown top-level key '{key}'{suggest(str(key), list(TOP_KEYS))} "
+                              f"(allowed: {', '.join(TOP_KEYS)})")
     variables = parse_vars(raw.get("vars"), list(var_overrides))
 
     def var_only(text: str, key: str):
@@ -277,7 +286,8 @@ def read_pipeline(path: str | Path, var_overrides: list[str] = (), run_dir: str 
         def resolve(text: str, key: str, name=name, index=index, inputs=inputs):
             head, dot, tail = text.partition(".")
             if not dot or not head or not tail or "." in tail:
-                raise ConfigError(f"stage '{name}': {key}: ${{{text}}} is not a reference; write ${{stage.output}} or ${{vars.NAME}}")
+                raise ConfigError(f"stage '{name}': {key}: ${{{text}}} is not a reference; "
+                                  "write ${stage.output} or ${vars.NAME}")
             if head == "vars":
                 return resolve_var(tail, f"stage '{name}': {key}", variables)
             if head == name:
@@ -306,7 +316,8 @@ def read_pipeline(path: str | Path, var_overrides: list[str] = (), run_dir: str 
         folder = root / name
         outputs = {k: str(folder / rel) if rel else str(folder) for k, rel in outputs_of(kind).items()}
         stage = PlannedStage(name, kind, folder, cfg, inputs, outputs, {})
-        stage.files = {portable(k, root): d for k, d in input_files(config_lib.to_dict(cfg), [root / n for n in names]).items()}
+        found = input_files(config_lib.to_dict(cfg), [root / n for n in names])
+        stage.files = {portable(k, root): d for k, d in found.items()}
         stage.upstream = {u: stages[names.index(u)].hash for u in inputs}
         stage.hash = stage_hash(stage)
         stages.append(stage)
@@ -379,8 +390,8 @@ def hashed_config(config: dict, root: Path) -> dict:
 
 def stage_hash(stage: PlannedStage) -> str:
     root = stage.dir.parent
-    payload = {"kind": stage.kind, "config": hashed_config(config_lib.to_dict(stage.config), root), "upstream": stage.upstream,
-               "files": stage.files}
+    payload = {"kind": stage.kind, "config": hashed_config(config_lib.to_dict(stage.config), root),
+               "upstream": stage.upstream, "files": stage.files}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -417,8 +428,9 @@ def changes(stage: PlannedStage, old: dict, plan: dict[str, PlannedStage]) -> li
     why = []
     config = old.get("config") or {}
     old_root = Path(config["output_dir"]).parent if config.get("output_dir") else stage.dir.parent  # it may have moved
-    before, now = flat(hashed_config(config, old_root)), flat(hashed_config(config_lib.to_dict(stage.config), stage.dir.parent))
-    keys = sorted(k for k in before.keys() | now.keys() if json.dumps(before.get(k), default=str) != json.dumps(now.get(k), default=str))
+    before = flat(hashed_config(config, old_root))
+    now = flat(hashed_config(config_lib.to_dict(stage.config), stage.dir.parent))
+    keys = sorted(k for k in before.keys() | now.keys() if repr(before.get(k)) != repr(now.get(k)))
     if keys:
         why.append("config changed: " + ", ".join(keys))
     files = old.get("files") or {}
@@ -441,7 +453,7 @@ def natural_action(stage: PlannedStage, plan: dict[str, PlannedStage]) -> tuple[
         return "run", "; ".join(changes(stage, old, plan))
     moving = [u for u in stage.inputs if plan[u].action in ("run", "resume")]
     if moving:
-        return "run", "; ".join(f"upstream {u} {'reruns' if plan[u].action == 'run' else 'resumes'}" for u in moving)
+        return "run", "; ".join(f"upstream {u} {plan[u].action.replace('run', 'rerun')}s" for u in moving)
     if old.get("status") != "done":
         return "resume", "interrupted, unchanged"
     missing = [k for k, p in (old.get("outputs") or {}).items() if not Path(p).exists()]
@@ -455,7 +467,8 @@ def make_plan(pipe: Pipeline, only: list[str] = (), start: str | None = None) ->
     names = [s.name for s in pipe.stages]
     for chosen, flag in [(n, "--only") for n in only] + ([(start, "--from")] if start else []):
         if chosen not in names:
-            raise ConfigError(f"{flag} {chosen}: there is no stage '{chosen}'{suggest(chosen, names)}; stages: {', '.join(names)}")
+            raise ConfigError(f"{flag} {chosen}: there is no stage '{chosen}'{suggest(chosen, names)}; "
+                              f"stages: {', '.join(names)}")
     selected = set(only) if only else set(names)
     if start:
         selected &= set(names[names.index(start):])
@@ -472,9 +485,10 @@ def make_plan(pipe: Pipeline, only: list[str] = (), start: str | None = None) ->
                 flag = f"--only {','.join(only)}" if only else f"--from {start}"
                 raise ConfigError(f"{flag}: stage '{stage.name}' needs '{u}', which is not done and unchanged "
                                   f"({by_name[u].why}); let it run too")
+    flag = "--only" if only else "--from"
     for stage in pipe.stages:
         if stage.name not in selected and stage.action != "skip":
-            stage.action, stage.why = "skip", f"not chosen ({'--only' if only else '--from'}); would {stage.action}: {stage.why}"
+            stage.action, stage.why = "skip", f"not chosen ({flag}); would {stage.action}: {stage.why}"
 
 
 def render_plan(pipe: Pipeline) -> str:
@@ -551,5 +565,5 @@ def run_pipeline(cfg: RunConfig) -> Path | None:
 
         write_report(pipe.run_dir)
     ran = sum(s.action != "skip" for s in pipe.stages)
-    print(f"[run] {ran} of {len(pipe.stages)} stages ran; {pipe.run_dir}", flush=True)
+    print(f"[run] {ran} of {len(pipe.stages)} stages ran, {len(pipe.stages) - ran} skipped", flush=True)
     return pipe.run_dir

@@ -54,14 +54,11 @@ def write_pipeline(path: Path, world: Path, stages: dict | None = None, **top) -
 
 
 def run(pipeline: Path, *flags: str, **kw) -> Path | None:
-    return run_pipeline(RunConfig(pipeline=str(pipeline), quiet=True, **kw) if not flags else
-                        parse_run([str(pipeline), "--quiet", *flags]))
-
-
-def parse_run(argv: list[str]) -> RunConfig:
+    """run_pipeline with command-line flags (parsed as `alignkit run` does) or RunConfig fields."""
     from alignkit.cli import parse
 
-    return parse("run", argv)
+    cfg = parse("run", [str(pipeline), "--quiet", *flags]) if flags else RunConfig(pipeline=str(pipeline), quiet=True, **kw)
+    return run_pipeline(cfg)
 
 
 def record(run_dir: Path, name: str) -> dict:
@@ -272,6 +269,11 @@ def test_dry_run_of_a_new_run_directory_plans_everything(world, tmp_path, capsys
         "  eval-dpo  run     not started",
     ]
     assert not (tmp_path / "run").exists()
+    (tmp_path / "run" / "dpo").mkdir(parents=True)
+    (tmp_path / "run" / "dpo" / "mine.txt").write_text("not the runner's")
+    assert main(["run", str(pipeline)]) == 2  # a stage folder the runner did not make is never cleared
+    assert "holds files but no stage.json: it was not made by `alignkit run`" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["dpo"]
 
 
 def stage_with(name: str, **changes) -> dict:
