@@ -24,6 +24,7 @@ from .evaluate.run import EvalConfig, run_eval
 from .evaluate.text_metrics import TextMetricsConfig, run_text_metrics
 from .generation import GenerateConfig, run_generate
 from .report import ReportConfig, run_report
+from .pipeline import RunConfig, run_pipeline
 from .rewards.server import ServeRewardConfig, serve_reward
 from .testtime.bon import BonConfig, run_bon
 from .testtime.chat_server import ServeChatConfig, serve_chat
@@ -100,7 +101,7 @@ class Stage:
     run: Callable
     help: str
     positional: str | None = None
-    """The config field that a first positional argument fills (e.g. `alignkit report RUN_DIR`)."""
+    """Config field that a first argument not starting with '-' fills (`alignkit run PIPELINE.yaml`, `alignkit report RUN_DIR`)."""
 
 
 STAGES = {
@@ -114,6 +115,7 @@ STAGES = {
     "bon": Stage(BonConfig, run_bon, "best-of-N: sample N answers per prompt, keep the reward's best; sweep temperatures x N against a reference"),
     "report": Stage(ReportConfig, run_report, "Markdown report of a run directory with PNG plots: stages, curves, win rates, samples",
                     positional="run_dir"),
+    "run": Stage(RunConfig, run_pipeline, "run a pipeline file of stages into one run directory; a rerun does only what changed", positional="pipeline"),
     "serve-reward": Stage(ServeRewardConfig, serve_reward, "serve a reward backend through the OpenAI-compatible reward API (loopback by default)"),
     "refine": Stage(RefineConfig, run_refine, "a teacher (self, a local model or a chat API) rewrites a student's answers; a reward keeps the better"),
     "serve-chat": Stage(ServeChatConfig, serve_chat, "serve a local model as an OpenAI-compatible /v1/chat/completions (loopback by default)"),
@@ -141,15 +143,17 @@ def build_parser(name: str, stage: Stage) -> argparse.ArgumentParser:
         description=stage.help + ". Values come from the defaults, then --config, then these options. --debug prints the traceback of an error.",
         allow_abbrev=False,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage=f"alignkit {name} {stage.positional.upper()} [options]" if stage.positional else None,
     )
     parser.add_argument("--config", help="YAML recipe", metavar="RECIPE.yaml")
     for key, (tp, default, doc) in leaf_fields(stage.config).items():
-        flags = ["--" + key.replace("_", "-")] + (["--" + key] if "_" in key else [])
+        flag = key[:-1] if key.endswith("_") else key  # from_ (a Python keyword) is --from
+        flags = ["--" + flag.replace("_", "-")] + (["--" + flag] if "_" in flag else [])
         kwargs = dict(dest=key, default=argparse.SUPPRESS, help=f"{doc} (default: {default})".lstrip())
         if tp is bool:
             kwargs.update(nargs="?", const="true", metavar="BOOL")
         elif typing.get_origin(tp) is list:
-            kwargs.update(nargs="+", metavar="VALUE")
+            kwargs.update(nargs="+", action="extend", metavar="VALUE")  # --var a=1 --var b=2 keeps both
         else:
             kwargs.update(metavar=type_name(tp))
         parser.add_argument(*flags, **kwargs)
@@ -158,14 +162,12 @@ def build_parser(name: str, stage: Stage) -> argparse.ArgumentParser:
 
 def parse(name: str, argv: list[str]):
     stage = STAGES[name]
-    parser = build_parser(name, stage)
-    positional = None
+    first = {}
     if stage.positional and argv and not argv[0].startswith("-"):
-        positional, argv = argv[0], argv[1:]
+        first, argv = {stage.positional: argv[0]}, argv[1:]
+    parser = build_parser(name, stage)
     args, unknown = parser.parse_known_args(argv)
-    values = vars(args)
-    if positional is not None:
-        values[stage.positional] = positional
+    values = vars(args) | first
     path = values.pop("config", None)
     extra_overrides = []
     for item in unknown:
@@ -214,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = parse(name, rest)
         result = STAGES[name].run(cfg)
     except KeyboardInterrupt:
-        print("alignkit: interrupted; run again with --resume to continue from the last checkpoint", file=sys.stderr)
+        again = "run the same command again" if name == "run" else "run again with --resume"
+        print(f"alignkit: interrupted; {again} to continue from the last checkpoint", file=sys.stderr)
         return 130
     except Exception as e:  # known user-facing errors get one clear message, the rest a traceback
         if not is_user_error(e):

@@ -11,9 +11,12 @@ The rules live here, keyed by section class name, so that sections defined in th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import functools
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass
@@ -141,6 +144,7 @@ def leaf_fields(cls: type, prefix: str = "", defaults=None) -> dict[str, tuple[A
     return out
 
 
+@functools.lru_cache(maxsize=None)  # parsing a class's source is slow; a pipeline builds many configs
 def field_docs(cls: type) -> dict[str, str]:
     """The string literal under each field (attribute docstrings), used as --help text."""
     import ast
@@ -430,9 +434,26 @@ def looks_local(spec: str) -> bool:
     return spec.startswith((".", "/", "~")) or spec.endswith((".jsonl", ".json", ".parquet"))
 
 
+DEFERRED: tuple[Path, ...] = ()
+"""Folders that an earlier stage of a pipeline will fill: paths in them pass `must_exist` while the
+pipeline is planned (see `deferred`), and are checked when their stage starts."""
+
+
+@contextlib.contextmanager
+def deferred(folders):
+    global DEFERRED
+    saved, DEFERRED = DEFERRED, tuple(Path(os.path.abspath(Path(f).expanduser())) for f in folders)
+    try:
+        yield
+    finally:
+        DEFERRED = saved
+
+
 def must_exist(key: str, spec: str | None, what: str = "file or folder") -> None:
     if spec and looks_local(spec) and not Path(spec).expanduser().exists():
-        raise ConfigError(f"{key}: {spec!r}: no such {what}")
+        path = Path(os.path.abspath(Path(spec).expanduser()))
+        if not any(path == d or d in path.parents for d in DEFERRED):
+            raise ConfigError(f"{key}: {spec!r}: no such {what}")
 
 
 def check_model(cfg, prefix: str) -> None:
