@@ -72,6 +72,8 @@ class DemoConfig:
     """SFT optimizer steps."""
     dpo_steps: int = 200
     """DPO optimizer steps after SFT."""
+    rl_steps: int = 80
+    """RLOO optimizer steps from the SFT model."""
     seed: int = 0
     """Seed of the model's initialisation and of training (the toy data stay the same)."""
     quiet: bool = False
@@ -92,7 +94,7 @@ def run_data_stats(cfg: DataStatsConfig):
 def run_demo(cfg: DemoConfig):
     from .demo.run import run_demo as run
 
-    return run(cfg.output_dir, cfg.steps, cfg.dpo_steps, cfg.quiet, cfg.seed)
+    return run(cfg.output_dir, cfg.steps, cfg.dpo_steps, cfg.quiet, cfg.seed, cfg.rl_steps)
 
 
 @dataclass

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -70,10 +69,12 @@ OUTPUTS: dict[str, dict[str, str]] = {
     "rl": {"final": "final"},
     "generate": {"responses": "responses.jsonl"},
     "eval": {"winrate": "winrate.json"},
+    "bon": {"responses": "responses.jsonl", "candidates": "candidates.jsonl", "sweep": "sweep.json"},
+    "refine": {"responses": "responses.jsonl"},
 }
 """Outputs of each kind, by name -> path inside the stage folder; every kind also has `dir` (the folder)."""
 
-NOT_STAGES = {"demo", "serve-reward", "run", "report"}
+NOT_STAGES = {"demo", "serve-reward", "serve-chat", "run", "report"}
 """CLI stages that cannot be pipeline stages (besides those without an output_dir)."""
 RUNNER_KEYS = {"output_dir": "the runner writes each stage to run_dir/<stage name>",
                "resume": "the runner resumes an interrupted stage itself"}
@@ -560,10 +561,10 @@ def run_pipeline(cfg: RunConfig) -> Path | None:
             continue
         print(f"[run] {stage.name} ({stage.kind}): {stage.action}: {stage.why}", flush=True)
         execute(stage, cfg.quiet)
-    if importlib.util.find_spec(f"{__package__}.report") is not None:
-        from .report import write_report  # type: ignore[import-not-found]
-
-        write_report(pipe.run_dir)
     ran = sum(s.action != "skip" for s in pipe.stages)
+    if ran or not (Path(pipe.run_dir) / "report" / "report.md").is_file():
+        from .report import write_report
+
+        write_report(pipe.run_dir)  # a rerun that skipped everything leaves the report as it was
     print(f"[run] {ran} of {len(pipe.stages)} stages ran, {len(pipe.stages) - ran} skipped", flush=True)
     return pipe.run_dir

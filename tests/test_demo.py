@@ -122,11 +122,15 @@ def test_report_keeps_model_text_inside_a_code_block():
 
     nasty = ["```\n# Heading <img src=x onerror=alert(1)>", "a | b `c` ````", "\x1b[31mred\r\n"]
     samples = [{"prompt": "Spell cat backwards.", "response": r, "finish": "length", "correct": False} for r in nasty]
-    stage = {"accuracy": 0.5, "stop_rate": 1.0, "per_task": {"a|b": 0.5, "<i>": 1.0}, "samples": samples}
+    stage = {"accuracy": 0.5, "stop_rate": 1.0, "sign_off_rate": 0.0, "per_task": {"a|b": 0.5, "<i>": 1.0},
+             "samples": samples}
     winrate = {"win_rate": 0.1, "ci95": [0.0, 0.2], "wins": 3, "losses": 1, "ties": 6}
+    best = winrate | {"n": 4, "temperature": 1.0, "sign_test_p": 0.6}
     counts = {"held_out_prompts": 10, "held_out_per_kind": {"a|b": 5, "<i>": 5}, "sft_rows": 40,
               "sft_distinct_prompts": 20, "pairs_train": 30, "pairs_train_distinct_prompts": 15}
-    report = render_report({"base": stage, "sft": stage, "dpo": stage}, winrate, counts, 10, 5)
+    scores = dict.fromkeys(["base", "sft", "dpo", "rloo", "bon"], stage)
+    evals = {"dpo-vs-sft": winrate, "rloo-vs-sft": winrate}
+    report = render_report(scores, evals, best, counts, dict(sft=10, dpo=5, rloo=3))
     assert "\x1b" not in report and "\r" not in report
     lines = report.split("\n")
     start = next(i for i, line in enumerate(lines) if line.startswith("```"))
@@ -139,5 +143,5 @@ def test_report_keeps_model_text_inside_a_code_block():
     outside = "\n".join(lines[:start] + lines[end + 1 :])
     assert "<img" not in outside and "onerror" not in outside and "<i>" not in outside
     header, rule, *table = [line for line in lines[:start] if line.startswith("|")]
-    assert header.count(" | ") == rule.count("|") - 2 == 4 and "a\\|b" in header and "&lt;i&gt;" in header
-    assert all(line.count(" | ") == 4 for line in table) and len(table) == 3
+    assert header.count(" | ") == rule.count("|") - 2 == 5 and "a\\|b" in header and "&lt;i&gt;" in header
+    assert all(line.count(" | ") == 5 for line in table) and len(table) == 5

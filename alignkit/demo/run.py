@@ -30,6 +30,8 @@ from .task import toy_reward
 from .world import (
     build_tokenizer,
     N_HELD_OUT,
+    SIGN_OFF,
+    SIGN_OFF_SHARE,
     data_counts,
     write_chat_data,
     write_model_config,
@@ -61,8 +63,8 @@ def prepare_output_dir(out: Path) -> None:
     (out / MARKER).write_text("Made by `alignkit demo`; a later demo run with this --output-dir clears it.\n")
 
 
-def demo_vars(world: Path, steps: int, dpo_steps: int, seed: int) -> list[str]:
-    return [f"world={world}", f"steps={steps}", f"dpo_steps={dpo_steps}", f"seed={seed}"]
+def demo_vars(world: Path, steps: int, dpo_steps: int, seed: int, rl_steps: int = 80) -> list[str]:
+    return [f"world={world}", f"steps={steps}", f"dpo_steps={dpo_steps}", f"seed={seed}", f"rl_steps={rl_steps}"]
 
 
 def demo_sft_config(world: Path, output_dir: Path, steps: int, quiet: bool, seed: int = 0) -> SFTConfig:
@@ -74,22 +76,37 @@ def demo_sft_config(world: Path, output_dir: Path, steps: int, quiet: bool, seed
 
 
 def toy_scores(model_dir: Path, prompts: list[dict]) -> dict:
-    """Exact-match accuracy (overall and per task) and how often replies end at end-of-turn."""
+    """Greedy replies of a model to the held-out prompts, scored by `score_replies`."""
     model_cfg = ModelConfig(name_or_path=str(model_dir))
     chat = load_tokenizer(model_cfg)
     model = load_causal_lm(model_cfg, chat)
-    outs = [c[0] for c in generate(model, chat, [p["messages"][:1] for p in prompts], SamplingParams(max_new_tokens=24), batch_size=50)]
+    messages = [p["messages"][:1] for p in prompts]
+    outs = [c[0] for c in generate(model, chat, messages, SamplingParams(max_new_tokens=24), batch_size=50)]
+    return score_replies(prompts, [o.text for o in outs], [o.finish_reason for o in outs])
+
+
+def responses_scores(path: Path, prompts: list[dict]) -> dict:
+    """`score_replies` of a responses file (e.g. best-of-N's chosen answers) on the held-out prompts."""
+    rows = {r["prompt"][-1]["content"]: r for r in map(json.loads, path.read_text().splitlines())}
+    chosen = [rows[p["messages"][0]["content"]] for p in prompts]
+    return score_replies(prompts, [r["response"] for r in chosen], [r["finish_reason"] for r in chosen])
+
+
+def score_replies(prompts: list[dict], texts: list[str], finishes: list[str]) -> dict:
+    """Exact-match accuracy (overall and per task), how often replies end at end-of-turn, and how often
+    they carry the chatty sign-off that a share of the SFT replies taught."""
     per_kind: dict[str, list[float]] = defaultdict(list)
     samples = []
-    for p, o in zip(prompts, outs):
+    for p, text, finish in zip(prompts, texts, finishes):
         question = p["messages"][0]["content"]
-        score = toy_reward(question, o.text)
+        score = toy_reward(question, text)
         per_kind[p["category"]].append(score)
-        samples.append({"prompt": question, "response": o.text, "finish": o.finish_reason, "correct": bool(score)})
+        samples.append({"prompt": question, "response": text, "finish": finish, "correct": bool(score)})
     all_scores = [s for v in per_kind.values() for s in v]
     return {
         "accuracy": sum(all_scores) / len(all_scores),
-        "stop_rate": sum(o.finish_reason == "stop" for o in outs) / len(outs),
+        "stop_rate": sum(f == "stop" for f in finishes) / len(finishes),
+        "sign_off_rate": sum(SIGN_OFF.strip() in t for t in texts) / len(texts),
         "per_task": {k: sum(v) / len(v) for k, v in sorted(per_kind.items())},
         "samples": samples,
     }
@@ -98,13 +115,14 @@ def toy_scores(model_dir: Path, prompts: list[dict]) -> dict:
 def write_world_data(world: Path) -> dict:
     """The demo's data (chats, preference pairs, RL prompts) and their sizes; no held-out prompt is in
     any training file (`data_counts` checks the files as written)."""
-    write_chat_data(world / "data", n_train=4000, n_test=N_HELD_OUT)
+    write_chat_data(world / "data", n_train=4000, n_test=N_HELD_OUT, sign_off_share=SIGN_OFF_SHARE)
     write_preference_data(world / "prefs", n_train=2000, n_test=100, held_out=N_HELD_OUT)
     write_prompt_data(world / "prompts", n_train=1000, n_test=N_HELD_OUT)
     return data_counts(world)
 
 
-def run_demo(output_dir: str = "runs/demo", steps: int = 600, dpo_steps: int = 200, quiet: bool = False, seed: int = 0) -> Path:
+def run_demo(output_dir: str = "runs/demo", steps: int = 600, dpo_steps: int = 200, quiet: bool = False, seed: int = 0,
+             rl_steps: int = 80) -> Path:
     out = Path(output_dir)
     world = out / "world"
     prepare_output_dir(out)
@@ -116,65 +134,87 @@ def run_demo(output_dir: str = "runs/demo", steps: int = 600, dpo_steps: int = 2
     test = [json.loads(line) for line in (world / "data" / "test.jsonl").read_text().splitlines()]
     print(
         f"[demo] world in {world}: tokenizer ({len(chat.tokenizer)} tokens), tiny Qwen2 model, "
-        f"{counts['sft_rows']} chats ({counts['sft_distinct_prompts']} distinct prompts), "
-        f"{counts['pairs_train']} preference pairs, "
+        f"{counts['sft_rows']} chats ({counts['sft_distinct_prompts']} distinct prompts, "
+        f"{SIGN_OFF_SHARE:.0%} of replies signing off with {SIGN_OFF.strip()!r}), "
+        f"{counts['pairs_train']} preference pairs, {counts['rl_prompts_train']} RL prompts, "
         f"{counts['held_out_prompts']} held-out prompts in no training file"
     )
 
     scores = {"base": toy_scores(world / "base-model", test)}
-    print(f"[demo] SFT ({steps} steps), DPO-Positive ({dpo_steps} steps) and the win rate of DPO against SFT, "
-          f"judged by the toy verifier: `alignkit run {PIPELINE}`")
-    run_pipeline(RunConfig(pipeline=str(PIPELINE), run_dir=str(out), var=demo_vars(world, steps, dpo_steps, seed), quiet=quiet))
-    scores["sft"] = toy_scores(out / "sft" / "final", test)
-    scores["dpo"] = toy_scores(out / "dpo" / "final", test)
-    winrate = json.loads((out / "eval-dpo-vs-sft" / "winrate.json").read_text())
+    print(f"[demo] SFT ({steps} steps), DPO-Positive ({dpo_steps} steps), RLOO ({rl_steps} steps), best-of-N, and "
+          f"win rates judged by the toy verifier: `alignkit run {PIPELINE}`")
+    run_pipeline(RunConfig(pipeline=str(PIPELINE), run_dir=str(out), var=demo_vars(world, steps, dpo_steps, seed, rl_steps),
+                           quiet=quiet))
+    for stage in ("sft", "dpo", "rloo"):
+        scores[stage] = toy_scores(out / stage / "final", test)
+    sweep = json.loads((out / "bon" / "sweep.json").read_text())
+    best = max(sweep["rows"], key=lambda r: (r["temperature"] == BON_TEMPERATURE, r["n"]))
+    scores["bon"] = responses_scores(out / "bon" / "best" / f"t{best['temperature']:g}-n{best['n']}.jsonl", test)
+    evals = {name: json.loads((out / f"eval-{name}" / "winrate.json").read_text()) for name in ("dpo-vs-sft", "rloo-vs-sft")}
 
     summary = {stage: {k: v for k, v in s.items() if k != "samples"} for stage, s in scores.items()}
-    summary["dpo_vs_sft"] = {k: winrate[k] for k in ("win_rate", "ci95", "wins", "losses", "ties", "n", "sign_test_p", "verdict")}
+    keys = ("win_rate", "ci95", "win_rate_ties_half", "ci95_ties_half", "wins", "losses", "ties", "n", "sign_test_p", "verdict")
+    for name, w in evals.items():
+        summary[name.replace("-", "_")] = {k: w[k] for k in keys}
+    summary["bon_vs_greedy"] = {k: best[k] for k in ("temperature", "n", *keys[:-3], "sign_test_p")}
     summary["data"] = counts
     (out / "results.json").write_text(json.dumps(summary, indent=1))
-    report = render_report(scores, winrate, counts, steps, dpo_steps)
+    report = render_report(scores, evals, best, counts, dict(sft=steps, dpo=dpo_steps, rloo=rl_steps))
     (out / "report.md").write_text(report)
     print(report)
-    full = write_report(out)  # stages, curves and plots, beside the summary above
-    print(f"[demo] models: {out / 'sft' / 'final'}, {out / 'dpo' / 'final'}  report: {out / 'report.md'}, with plots: {full}")
+    full = write_report(out)  # stages, curves, sweeps and plots, beside the summary above
+    print(f"[demo] models: {out / 'sft' / 'final'}, {out / 'dpo' / 'final'}, {out / 'rloo' / 'final'}  "
+          f"report: {out / 'report.md'}, with plots: {full}")
     return out
 
 
-def render_report(scores: dict, winrate: dict, counts: dict, steps: int, dpo_steps: int) -> str:
-    names = {"base": "random init", "sft": f"after SFT ({steps} steps)", "dpo": f"after DPO-Positive ({dpo_steps} steps)"}
+BON_TEMPERATURE = 1.0
+"""The best-of-N setting the demo's table shows: the largest N at this temperature."""
+
+
+def render_report(scores: dict, evals: dict, best: dict, counts: dict, steps: dict) -> str:
+    names = {"base": "random init", "sft": f"after SFT ({steps['sft']} steps)",
+             "dpo": f"after DPO-Positive ({steps['dpo']} steps)", "rloo": f"after RLOO ({steps['rloo']} steps)",
+             "bon": f"RLOO, best of {best['n']} at temperature {best['temperature']:g} (verifier picks)"}
     kinds = list(scores["sft"]["per_task"])
     per_kind = ", ".join(f"{md_cell(k)} {n}" for k, n in counts["held_out_per_kind"].items())
     lines = [
-        "# alignkit demo: SFT then DPO on a toy instruction task",
+        "# alignkit demo: SFT, DPO, RLOO and best-of-N on a toy instruction task",
         "",
         f"Held-out prompts: {counts['held_out_prompts']} distinct ({per_kind}), in no stage's training data "
         "(SFT chats, preference pairs, RL prompts). "
-        f"Training data: {counts['sft_rows']} SFT chats on {counts['sft_distinct_prompts']} distinct prompts, "
-        f"{counts['pairs_train']} preference pairs on {counts['pairs_train_distinct_prompts']}. "
-        "Greedy decoding, at most 24 new tokens. Tiny Qwen2 model, CPU.",
+        f"Training data: {counts['sft_rows']} SFT chats on {counts['sft_distinct_prompts']} distinct prompts "
+        f"({SIGN_OFF_SHARE:.0%} of the replies end with {md_cell(repr(SIGN_OFF.strip()))}, which the verifier, "
+        "wanting the bare answer, scores 0), "
+        f"{counts['pairs_train']} preference pairs on {counts['pairs_train_distinct_prompts']}, "
+        f"{counts.get('rl_prompts_train', 0)} RL prompts on {counts.get('rl_prompts_train_distinct_prompts', 0)}. "
+        "Greedy decoding unless said, at most 24 new tokens. Tiny Qwen2 model, CPU.",
         "",
-        "| model | exact match | stops at end-of-turn | " + " | ".join(md_cell(k) for k in kinds) + " |",
-        "|---" * (3 + len(kinds)) + "|",
+        "| model | exact match | signs off | stops at end-of-turn | " + " | ".join(md_cell(k) for k in kinds) + " |",
+        "|---" * (4 + len(kinds)) + "|",
     ]
     for stage, s in scores.items():
-        cells = [names[stage], f"{s['accuracy']:.0%}", f"{s['stop_rate']:.0%}"]
+        cells = [names[stage], f"{s['accuracy']:.0%}", f"{s['sign_off_rate']:.0%}", f"{s['stop_rate']:.0%}"]
         cells += [f"{v:.0%}" for v in s["per_task"].values()]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        f"DPO model vs SFT model, judged by the verifier: win rate {winrate['win_rate']:.3f} "
-        f"(95% CI {winrate['ci95'][0]:.3f} to {winrate['ci95'][1]:.3f}); {winrate['wins']} wins, {winrate['losses']} losses, "
-        f"{winrate['ties']} ties (both right or both wrong; a tie counts 0). {md_cell(winrate.get('verdict', ''))}",
-        "",
-        "Samples after DPO (prompt -> reply, as JSON strings):",
-        "",
-    ]
+    lines += ["", "Paired comparisons on the held-out prompts, judged by the verifier (a tie: both right or both "
+              "wrong; the course's win rate counts a tie 0):", ""]
+    titles = {"dpo-vs-sft": "DPO model vs SFT model", "rloo-vs-sft": "RLOO model vs SFT model"}
+    for name, w in evals.items():
+        lines.append(f"- {titles[name]}: {comparison(w)} {md_cell(w.get('verdict', ''))}")
+    lines.append(f"- Best of {best['n']} (temperature {best['temperature']:g}) vs the RLOO model's greedy answers: "
+                 f"{comparison(best)} Sign test p = {best['sign_test_p']:.2g}.")
+    lines += ["", "Samples after RLOO (prompt -> reply, as JSON strings):", ""]
     samples = [
         f"{shown(s['prompt'])} -> {shown(s['response'])}  ({'correct' if s['correct'] else 'wrong'}, {s['finish']})"
-        for s in scores["dpo"]["samples"][:5]
+        for s in scores["rloo"]["samples"][:5]
     ]
     return "\n".join(lines + fenced(samples)) + "\n"
+
+
+def comparison(w: dict) -> str:
+    return (f"{w['wins']} wins, {w['losses']} losses, {w['ties']} ties; win rate {w['win_rate']:.3f} "
+            f"(95% CI {w['ci95'][0]:.3f} to {w['ci95'][1]:.3f}).")
 
 
 def shown(text: str) -> str:
