@@ -142,16 +142,20 @@ def leaf_fields(cls: type, prefix: str = "", defaults=None) -> dict[str, tuple[A
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """The string literal under each field (attribute docstrings), used as --help text."""
+    """The string literal under each field (attribute docstrings), used as --help text; a subclass
+    inherits its bases' and may restate them."""
     import ast
     import inspect
 
+    docs: dict[str, str] = {}
+    for base in cls.__mro__[1:]:
+        if dataclasses.is_dataclass(base):
+            docs = field_docs(base) | docs
     try:
         tree = ast.parse(inspect.getsource(cls))
     except (OSError, TypeError):
-        return {}
+        return docs
     body = tree.body[0].body  # type: ignore[attr-defined]
-    docs = {}
     for node, nxt in zip(body, body[1:]):
         if (
             isinstance(node, ast.AnnAssign)

@@ -138,8 +138,13 @@ def test_rl_config_is_checked_up_front():
 
 
 def test_vllm_keys_are_validated_on_load():
-    """#8: the config loader checks rl.vllm_is_threshold and rl.vllm's ranges, naming the key."""
-    from alignkit.config import validate
+    """#8: the config loader checks rl.vllm_is_threshold and rl.vllm's ranges, naming the key; --help
+    documents rl.vllm's keys, those inherited from generate's VLLMOptions too."""
+    from alignkit.config import leaf_fields, validate
+
+    fields = leaf_fields(RLConfig)
+    assert fields["rl.vllm.gpu_memory_utilization"][1] == 0.3 and "KV cache" in fields["rl.vllm.gpu_memory_utilization"][2]
+    assert fields["rl.vllm.max_model_len"][2].startswith("Longest prompt + reply") and fields["rl.vllm.sleep"][2]
 
     validate(RLConfig(rl=RLParams(engine="vllm", vllm_is_threshold=2.0)))
     with pytest.raises(ConfigError, match=r"rl.vllm_is_threshold: 0.5 is not allowed; expected a number >= 1"):
