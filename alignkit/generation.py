@@ -197,6 +197,7 @@ def generate(model, chat, prompts: list[list[dict]], params: SamplingParams, bat
 
 @contextmanager
 def environment(name: str, value: str):
+    """An environment variable set for the block, restored after."""
     old = os.environ.get(name)
     os.environ[name] = value
     try:
@@ -214,7 +215,8 @@ def vllm_engine(model: ModelConfig, precision: str = "auto", options: VLLMOption
     """A vLLM `LLM` for a checkpoint, shut down on exit so the next one gets the memory back.
 
     in_process: the engine core and its model run in this process (not a child process), so
-    weights can be pushed into the model directly (`ColocatedVLLM`). sleep_mode: enable vLLM's
+    weights can be pushed into the model directly (`ColocatedVLLM`). (vLLM caches its environment
+    settings once an in-process engine starts: later engines of the process run in-process too.) sleep_mode: enable vLLM's
     sleep/wake_up (the caller checks `sleep_mode_available()` first).
     """
     try:
@@ -309,8 +311,9 @@ class ColocatedVLLM:
     """A vLLM engine in the training process that samples with the policy's current weights.
 
     `sync(model, version)` pushes the policy's parameters into the running engine (the worker's
-    `reload_weights` over the named tensors, as from a checkpoint: no restart, no reload from disk) when `version` (the optimizer steps so far) differs from the last pushed one; the engine
-    starts at version 0, the checkpoint it was loaded from. With `sleep`, the engine sleeps between
+    `reload_weights` over the named tensors, as from a checkpoint: no restart, no reload from disk)
+    when `version` (the optimizer steps so far) differs from the last pushed one; the engine starts
+    at version 0, the checkpoint it was loaded from. With `sleep`, the engine sleeps between
     rollouts (level 1: weights offloaded to CPU memory, KV cache freed) and wakes before the next.
     """
 

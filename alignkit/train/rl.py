@@ -174,7 +174,8 @@ def policy_token_losses(
     return (losses if is_weights is None else losses * is_weights), (clipped_loss > unclipped_loss).detach()
 
 
-def truncated_is_weights(trainer_logps: torch.Tensor, sampler_logps: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+def truncated_is_weights(trainer_logps: torch.Tensor, sampler_logps: torch.Tensor,
+                         threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Truncated importance sampling (Yao et al. 2025, "Your efficient RL framework secretly brings you
     off-policy RL training"): per sampled token, min(pi_trainer / pi_sampler, C) = min(exp(logp_trainer -
     logp_sampler), C), a constant weight on the token's policy-gradient term; and where the cap C bit."""
