@@ -134,25 +134,41 @@ def test_rl_with_the_vllm_engine(tmp_path, trained_model, toy_data_dir, caplog):
     """#8: GRPO sampling on the colocated vLLM engine, with truncated importance sampling: weights
     pushed once per update, the sampler/trainer mismatch logged (tiny: both fp32, the same weights;
     without the pushes it reaches ~1.5 at step 2 with this learning rate). Sleep is asked for and
-    skipped on CPU with a logged reason."""
+    skipped on CPU with a logged reason. Killed after step 3 and resumed from step 2's checkpoint, the
+    engine gets the checkpoint's weights and samples what the uninterrupted run sampled (per-request seeds)."""
+    from dataclasses import replace
+
     from alignkit.config import TrainConfig
     from alignkit.rewards.backends import RewardConfig
     from alignkit.train.loop import read_metrics
     from alignkit.train.rl import LengthPenalty, RLConfig, RLParams, RLVLLMOptions, run_rl
+
+    from .test_train import Interrupt
 
     vllm = RLVLLMOptions(max_model_len=512, enforce_eager=True, gpu_memory_utilization=0.3, sleep=True)
     cfg = RLConfig(output_dir=str(tmp_path / "rl"), seed=0, quiet=True, model=ModelConfig(name_or_path=str(trained_model)),
                    prompts=PromptSource(dataset=str(toy_data_dir), split="train"), reward=RewardConfig(kind="rule", rule="toy"),
                    rl=RLParams(algo="grpo", k=4, max_new_tokens=12, beta=0.0, temperature=1.0, engine="vllm", vllm=vllm,
                                vllm_is_threshold=2.0, log_samples_steps=0, length_penalty=LengthPenalty("linear", coef=0.1)),
-                   train=TrainConfig(max_steps=3, batch_size=4, grad_accum=1, learning_rate=1e-2, scheduler="constant", save_steps=None,
+                   train=TrainConfig(max_steps=4, batch_size=4, grad_accum=1, learning_rate=1e-2, scheduler="constant", save_steps=2,
                                      logging_steps=1, precision="fp32", metric_for_best="eval_reward", greater_is_better=True))
     with caplog.at_level("WARNING", logger="alignkit.train.rl"):
         run_rl(cfg)
     if not sleep_mode_available()[0]:
         assert "rl.vllm.sleep: skipped, vLLM's cpu platform has no sleep mode" in caplog.text
     rows = read_metrics(tmp_path / "rl")
-    assert [r["step"] for r in rows] == [1, 2, 3]
-    assert [r["vllm_weight_pushes"] for r in rows] == [0, 1, 2]  # before steps 2 and 3, after each update
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["vllm_weight_pushes"] for r in rows] == [0, 1, 2, 3]  # before steps 2, 3 and 4, after each update
     for r in rows:
         assert 0 <= r["vllm_mismatch_kl"] < 1e-3 and abs(r["vllm_is_weight"] - 1) < 1e-2 and r["vllm_is_clipped"] == 0
+
+    broken = replace(cfg, output_dir=str(tmp_path / "broken"))
+    with pytest.raises(KeyboardInterrupt):
+        run_rl(broken, callbacks=[Interrupt(at=3)])
+    run_rl(replace(broken, resume=True))
+    again = read_metrics(tmp_path / "broken")
+    assert [r["step"] for r in again] == [1, 2, 3, 4]
+    assert [r["vllm_weight_pushes"] for r in again] == [0, 1, 1, 2]  # the resumed engine starts from the checkpoint on disk
+    for a, b in zip(rows, again):
+        assert (b["reward"], b["completion_length"]) == (a["reward"], a["completion_length"]), a["step"]
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6)
