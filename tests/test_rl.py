@@ -13,7 +13,7 @@ from alignkit.train import rl
 from alignkit.train.loop import StepFailed, read_metrics
 from alignkit.train.rl import (
     RLConfig, RLParams, aggregate, grpo_advantages, k3_kl, kl_shaped_rewards, length_penalty, policy_token_losses,
-    rloo_advantages,
+    rloo_advantages, sampler_mismatch_kl, truncated_is_weights,
 )
 
 from .test_train import Interrupt
@@ -86,13 +86,71 @@ def test_loss_aggregations():
     assert [float(x) for x in aggregate(losses, rows, n, torch.tensor([0.0, 1.0]), "token_mean", 4)] == [3.0, 1.0]
 
 
+def test_truncated_importance_weights_and_the_mismatch_kl():
+    """#8 Algorithms (TIS, Yao et al. 2025): w = min(exp(logp_trainer - logp_sampler), C), and the
+    k3 estimate of KL(sampler || trainer), against hand-computed values."""
+    trainer = torch.log(torch.tensor([0.5, 0.6, 0.2, 0.3]))
+    sampler = torch.log(torch.tensor([0.5, 0.2, 0.4, 0.3]))
+    w, capped = truncated_is_weights(trainer, sampler, threshold=2.0)
+    assert w.tolist() == pytest.approx([1.0, 2.0, 0.5, 1.0])  # ratios 1, 3 (capped at 2), 0.5, 1
+    assert capped.tolist() == [False, True, False, False]
+    # k3 with d = log(trainer / sampler): exp(d) - d - 1
+    assert sampler_mismatch_kl(trainer, sampler).tolist() == pytest.approx([0.0, 3 - math.log(3) - 1, 0.5 - math.log(0.5) - 1, 0.0])
+
+
+def test_importance_weights_scale_each_tokens_policy_term():
+    """#8: the TIS weight multiplies each token's policy-gradient term (RLOO and the clipped GRPO term)."""
+    logps = torch.log(torch.tensor([0.5, 0.25, 0.5]))
+    rows, n = torch.tensor([0, 0, 1]), torch.tensor([2, 1])
+    adv, w = torch.tensor([2.0, -1.0]), torch.tensor([0.5, 2.0, 1.0])
+    loss, _ = policy_token_losses(logps, logps.detach(), adv, rows, n, "rloo", is_weights=w)
+    assert loss.tolist() == pytest.approx([-2 * 0.5 * math.log(0.5), -2 * 2.0 * math.log(0.25), 1.0 * math.log(0.5)])
+    old = torch.log(torch.tensor([0.25, 0.25, 0.5]))  # GRPO ratios 2 (clipped to 1.2 for A > 0), 1, 1
+    loss, clipped = policy_token_losses(logps, old, adv, rows, n, "grpo", epsilon=0.2, is_weights=w)
+    assert loss.tolist() == pytest.approx([-1.2 * 2 * 0.5, -1.0 * 2 * 2.0, 1.0])
+    assert clipped.tolist() == [True, False, False]
+
+
+def test_sampler_correction_of_a_rollout():
+    """#8: per-sample weights for the loss and token-mean metrics from the sampler's log-probs."""
+    old = [[math.log(0.5), math.log(0.6)], [math.log(0.2)]]
+    samples = [{"sampler_logps": [math.log(0.5), math.log(0.2)]}, {"sampler_logps": [math.log(0.4)]}]
+    metrics = rl.sampler_correction(samples, old, threshold=2.0)
+    assert samples[0]["is_weights"] == pytest.approx([1.0, 2.0]) and samples[1]["is_weights"] == pytest.approx([0.5])
+    assert metrics["vllm_is_clipped"] == pytest.approx((1.0, 3.0))
+    assert metrics["vllm_is_weight"] == pytest.approx((3.5, 3.0))
+    assert metrics["vllm_mismatch_kl"] == pytest.approx((3 - math.log(3) - 1 + 0.5 - math.log(0.5) - 1, 3.0))
+    with pytest.raises(RuntimeError, match="2 log-probs for 1"):
+        rl.sampler_correction([{"sampler_logps": [0.0, 0.0]}], [[0.0]], None)
+    plain = [{"sampler_logps": [0.0]}]
+    assert set(rl.sampler_correction(plain, [[0.0]], None)) == {"vllm_mismatch_kl", "vllm_logp_diff"} and "is_weights" not in plain[0]
+
+
 def test_rl_config_is_checked_up_front():
     for bad, match in [(dict(k=1), "at least 2"), (dict(k=4, temperatures=[1.0, 1.0]), "one per sample"),
                        (dict(temperatures=[0.0, 0.0]), "greedy"), (dict(algo="rloo", num_iterations=2), "GRPO options"),
-                       (dict(beta=-1.0), "beta")]:
+                       (dict(beta=-1.0), "beta"), (dict(vllm_is_threshold=2.0), "needs rl.engine: vllm"),
+                       (dict(engine="vllm", vllm_is_threshold=0.5), "expected a number >= 1"),
+                       (dict(engine="vllm", max_new_tokens=64, vllm=rl.RLVLLMOptions(max_model_len=64)), "max_model_len")]:
         k = bad.pop("k", len(bad.get("temperatures", [])) or 2)
         with pytest.raises(ConfigError, match=match):
             rl.check_rl_config(RLConfig(rl=RLParams(k=k, **bad)))
+
+
+def test_vllm_keys_are_validated_on_load():
+    """#8: the config loader checks rl.vllm_is_threshold and rl.vllm's ranges, naming the key; --help
+    documents rl.vllm's keys, those inherited from generate's VLLMOptions too."""
+    from alignkit.config import leaf_fields, validate
+
+    fields = leaf_fields(RLConfig)
+    assert fields["rl.vllm.gpu_memory_utilization"][1] == 0.3 and "KV cache" in fields["rl.vllm.gpu_memory_utilization"][2]
+    assert fields["rl.vllm.max_model_len"][2].startswith("Longest prompt + reply") and fields["rl.vllm.sleep"][2]
+
+    validate(RLConfig(rl=RLParams(engine="vllm", vllm_is_threshold=2.0)))
+    with pytest.raises(ConfigError, match=r"rl.vllm_is_threshold: 0.5 is not allowed; expected a number >= 1"):
+        validate(RLConfig(rl=RLParams(engine="vllm", vllm_is_threshold=0.5)))
+    with pytest.raises(ConfigError, match=r"rl.vllm.gpu_memory_utilization: 1.5 is not allowed"):
+        validate(RLConfig(rl=RLParams(engine="vllm", vllm=rl.RLVLLMOptions(gpu_memory_utilization=1.5))))
 
 
 # --------------------------------------------------------------------------- gradients against the formulas
@@ -136,6 +194,20 @@ def test_rloo_gradient_equals_the_leave_one_out_reinforce_formula(toy_chat, tiny
     (-(torch.tensor(manual_adv) * seq).sum() / len(manual_adv)).backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_the_loss_reads_the_rollouts_importance_weights(toy_chat, tiny_model_dir):
+    """#8: a rollout's `is_weights` reach the loss through the collated batch (all 2: twice the loss)."""
+    from alignkit.models import load_causal_lm
+
+    model = load_causal_lm(ModelConfig(name_or_path=str(tiny_model_dir)), toy_chat)
+    samples, collate = rollout_batch(toy_chat, [[1.0, 0.0], [0.0, 2.0]])
+    for s, a in zip(samples, [1.0, -1.0, -2.0, 2.0]):
+        s["advantage"] = a
+    loss_fn = rl.rl_loss_fn(RLParams(algo="rloo", beta=0.0))
+    plain = loss_fn(model, collate(samples, toy_chat.pad_id)).loss_sum.item()
+    weighted = loss_fn(model, collate([s | {"is_weights": [2.0] * len(s["completion_ids"])} for s in samples], toy_chat.pad_id))
+    assert plain != 0 and weighted.loss_sum.item() == pytest.approx(2 * plain)
 
 
 def test_grpo_at_ratio_one_is_token_mean_reinforce_plus_the_k3_gradient(toy_chat, tiny_model_dir):
@@ -263,6 +335,75 @@ def test_beta_zero_loads_no_reference_model(tmp_path, trained_toy_model, toy_dat
     rl.run_rl(rl_cfg(tmp_path / "b1", trained_toy_model, toy_data_dir, rl=dict(beta=0.1), train=dict(max_steps=1)))
     assert len(loads) == 3
     assert "kl" in read_metrics(tmp_path / "b1")[0] and "kl" not in read_metrics(tmp_path / "b0")[0]
+
+
+class RecordingLLM:
+    """What ColocatedVLLM calls on a vLLM `LLM`, recorded (vLLM itself is tested in test_vllm.py)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def collective_rpc(self, method, kwargs=None):
+        self.calls.append(method)
+        assert len(list(kwargs["weights_iterator"])) > 0
+
+    def apply_model(self, fn):
+        self.calls.append("apply_model")
+
+    def reset_prefix_cache(self):
+        self.calls.append("reset_prefix_cache")
+
+    def sleep(self, level):
+        self.calls.append(f"sleep{level}")
+
+    def wake_up(self):
+        self.calls.append("wake_up")
+
+
+def test_rl_engine_vllm_wiring_without_vllm(tmp_path, trained_toy_model, toy_data_dir, monkeypatch):
+    """#8 Generation during RL: with rl.engine vllm, each rollout wakes the engine, pushes the weights
+    only when an update changed them, samples, and sleeps; the sampler's log-probs give the TIS weights
+    and the logged mismatch. The policy stands in for vLLM's sampling here (CI has no vLLM)."""
+    from contextlib import contextmanager
+
+    from alignkit.generation import ColocatedVLLM, generate
+
+    llm = RecordingLLM()
+
+    class PolicySamples(ColocatedVLLM):
+        def sync(self, model, version):
+            self.model = model
+            return super().sync(model, version)
+
+        def generate(self, chat, prompts, params):
+            self.llm.calls.append("generate")
+            outs = generate(self.model, chat, prompts, params)
+            for c in (c for cs in outs for c in cs):  # a sampler that finds every token a little likelier
+                c.logprobs = [-0.01] * (len(c.token_ids) + (c.stop_id is not None))
+            return outs
+
+    monkeypatch.setattr(rl, "colocated_engine", contextmanager(lambda cfg, chat, state: (yield PolicySamples(llm, sleep=True))))
+    cfg = rl_cfg(tmp_path / "run", trained_toy_model, toy_data_dir, train=dict(max_steps=3),
+                 rl=dict(algo="grpo", engine="vllm", vllm_is_threshold=1.0, length_penalty=rl.LengthPenalty("linear", 0.1)))
+    rl.run_rl(cfg)
+    rows = read_metrics(tmp_path / "run")
+    assert [r["vllm_weight_pushes"] for r in rows] == [0, 1, 2]
+    push = ["wake_up", "reload_weights", "apply_model", "reset_prefix_cache", "generate", "sleep1"]
+    assert llm.calls == ["generate", "sleep1"] + push + push
+    for r in rows:  # trainer log-probs <= -0.01 mostly: weights below 1, few capped at C = 1
+        assert r["vllm_mismatch_kl"] > 0 and r["vllm_logp_diff"] < 0 and 0 < r["vllm_is_weight"] < 1 and 0 <= r["vllm_is_clipped"] < 0.5
+
+
+def test_rl_engine_vllm_runs_in_one_process(toy_chat):
+    """#8: the colocated engine is refused under accelerate launch/torchrun, as for generate."""
+    from types import SimpleNamespace
+
+    cfg = RLConfig(rl=RLParams(engine="vllm"))
+    with pytest.raises(ConfigError, match="runs in one process"):
+        with rl.colocated_engine(cfg, toy_chat, SimpleNamespace(num_processes=2)):
+            pass
+    with rl.colocated_engine(RLConfig(), toy_chat, SimpleNamespace(num_processes=2)) as engine:
+        assert engine is None
 
 
 def test_per_sample_temperatures(toy_chat, trained_toy_model, toy_data_dir):

@@ -2,13 +2,14 @@
 
 Each optimizer step (read top to bottom):
 1. the next prompts (order a pure function of seed and step, as for every stage);
-2. k completions per prompt from the current policy, each sample index at its own temperature
-   if asked (`rl.temperatures`), each prompt's sampling seeded from (seed, step), so a resumed
-   run samples exactly what the uninterrupted one did;
+2. k completions per prompt from the current policy (or a vLLM engine holding its weights, see
+   below), each sample index at its own temperature if asked (`rl.temperatures`), each prompt's
+   sampling seeded from (seed, step), so a resumed run samples exactly what the uninterrupted one did;
 3. rewards from any backend (reward model, remote API, rule verifier), plus shaping terms
    logged one by one (length penalty, penalty or masking for completions cut at max_new_tokens);
 4. log-probs of the samples under the policy at sampling time ("old", with its entropy) and
-   under the reference, in batched no-grad passes, at the completion tokens only;
+   under the reference, in batched no-grad passes, at the completion tokens only (with vLLM: and
+   the sampler/trainer mismatch, with the truncated importance weights if asked);
 5. advantages within each prompt's group, then the policy loss:
    - RLOO (Ahmadian et al. 2024, "Back to Basics"): the KL to the reference is folded into the
      reward, r - beta * sum_t (log pi - log pi_ref); advantage = r_i - mean of the other k-1;
@@ -30,9 +31,32 @@ that the loss does not depend on how a step is split into micro-batches or proce
                  the RLOO paper; RLOO's default here)
   constant       sum over tokens / (sequences x max_new_tokens) (Dr. GRPO's constant normaliser)
 
-Deliberate simplifications: samples come from the transformers engine (vLLM colocated with
-weight pushes is not built yet); one policy update pass per step for RLOO; no value model; the
-reference is a frozen copy held in memory when beta > 0.
+Sampling engines (`rl.engine`): `transformers` decodes with the policy itself; `vllm` runs a vLLM
+engine in the same process, colocated with training (`ColocatedVLLM`). It starts from the policy's
+checkpoint; before each rollout whose weights changed since the last push (after each update;
+once per batch of samples with num_iterations > 1), the policy's parameters are pushed into the
+running engine (the worker's in-place reload over the named tensors: no restart, no reload from
+disk), counted as vllm_weight_pushes. `rl.vllm.gpu_memory_utilization` (0.3 by default) shares the
+GPU with training; `rl.vllm.sleep` also frees the engine's memory between rollouts (level 1 sleep).
+The engine returns the sampled tokens' log-probs; against the trainer's log-probs of the same tokens
+(the "old" pass), the mismatch is logged per token: vllm_mismatch_kl, the k3 estimate of
+KL(sampler || trainer), and vllm_logp_diff, the mean of logp_trainer - logp_sampler. The two engines
+differ by kernels and precision (bf16 vLLM against the trainer's fp32 master weights, say), so the
+samples are slightly off-policy; `rl.vllm_is_threshold: C` corrects that by truncated importance
+sampling (Yao et al. 2025, "Your efficient RL framework secretly brings you off-policy RL training"):
+each token's policy-gradient term is multiplied by min(exp(logp_trainer - logp_sampler), C), a
+constant (no gradient flows through it); vllm_is_weight and vllm_is_clipped (the share of tokens
+whose weight hit C) are logged. Both log-probs are at temperature 1 (vLLM's raw_logprobs, before
+temperature and top-k/top-p), so the mismatch measures the engines, not the sampling settings; the
+k3 estimate is unbiased only for samples drawn at temperature 1. Sampling on vLLM is seeded per
+request from (seed, step, temperature group, prompt tokens), so a resumed run samples what the
+uninterrupted one did on the same machine and vLLM version (vLLM's batching may still change
+floats); vLLM's kernels are not the transformers engine's, so its samples are not bit-identical to
+`rl.engine: transformers` with the same seed. Held-out evaluation still decodes with transformers.
+
+Deliberate simplifications: one policy update pass per step for RLOO; no value model; the
+reference is a frozen copy held in memory when beta > 0; the vLLM engine runs in one process only
+(no tensor parallelism, no multi-process training).
 """
 
 from __future__ import annotations
@@ -41,6 +65,7 @@ import json
 import logging
 import time
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -52,7 +77,9 @@ from ..config import ConfigError, ModelConfig, TrainConfig
 from ..data.chat import IGNORE_INDEX, tokenize_prompt
 from ..data.collate import pad
 from ..evaluate.callback import WinRateDuringTraining, win_rate_callbacks
-from ..generation import PromptSource, SamplingParams, generate, load_prompts
+from ..generation import (
+    ColocatedVLLM, PromptSource, SamplingParams, VLLMOptions, generate, load_prompts, sleep_mode_available, vllm_engine,
+)
 from ..models import load_causal_lm, load_tokenizer
 from ..rewards.backends import RewardConfig, build_backend, last_user_text
 from .logprobs import label_logps, label_logps_entropy
@@ -121,16 +148,20 @@ def policy_token_losses(
     epsilon: float = 0.2,
     epsilon_high: float | None = None,
     importance_level: str = "token",
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token policy losses (flat, as logps) and where the clip was active (GRPO).
 
     logps: this pass's log-probs of the sampled tokens (with grad); old_logps: at sampling time;
     advantages: per sequence; rows: the sequence of each flat token; n_tokens: tokens per sequence.
     RLOO: -A * log pi (REINFORCE). GRPO: -min(ratio * A, clip(ratio, 1 - eps, 1 + eps_high) * A).
+    is_weights: per-token constants multiplying each term (truncated importance sampling, see
+    `truncated_is_weights`), or None.
     """
     adv = advantages[rows]
     if algo == "rloo":
-        return -adv * logps, torch.zeros_like(logps, dtype=torch.bool)
+        losses = -adv * logps
+        return (losses if is_weights is None else losses * is_weights), torch.zeros_like(logps, dtype=torch.bool)
     log_ratio = logps - old_logps
     if importance_level == "sequence":  # GSPO: exp(mean_t log ratio), the same for every token of a sequence
         seq = torch.zeros(len(n_tokens), dtype=log_ratio.dtype, device=log_ratio.device).index_add(0, rows, log_ratio)
@@ -139,7 +170,23 @@ def policy_token_losses(
     high = epsilon if epsilon_high is None else epsilon_high
     clipped = ratio.clamp(1 - epsilon, 1 + high)
     unclipped_loss, clipped_loss = -ratio * adv, -clipped * adv
-    return torch.maximum(unclipped_loss, clipped_loss), (clipped_loss > unclipped_loss).detach()
+    losses = torch.maximum(unclipped_loss, clipped_loss)
+    return (losses if is_weights is None else losses * is_weights), (clipped_loss > unclipped_loss).detach()
+
+
+def truncated_is_weights(trainer_logps: torch.Tensor, sampler_logps: torch.Tensor,
+                         threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Truncated importance sampling (Yao et al. 2025, "Your efficient RL framework secretly brings you
+    off-policy RL training"): per sampled token, min(pi_trainer / pi_sampler, C) = min(exp(logp_trainer -
+    logp_sampler), C), a constant weight on the token's policy-gradient term; and where the cap C bit."""
+    ratio = torch.exp(trainer_logps - sampler_logps)
+    return ratio.clamp(max=threshold), ratio > threshold
+
+
+def sampler_mismatch_kl(trainer_logps: torch.Tensor, sampler_logps: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(pi_sampler || pi_trainer) from the sampler's tokens:
+    exp(d) - d - 1 with d = logp_trainer - logp_sampler (>= 0, 0 when the two engines agree)."""
+    return k3_kl(sampler_logps, trainer_logps)
 
 
 def aggregate(token_losses: torch.Tensor, rows: torch.Tensor, n_tokens: torch.Tensor, weights: torch.Tensor, how: str,
@@ -171,6 +218,19 @@ class LengthPenalty:
     coef: float = 0.0
     target: int = 0
     """linear/quadratic: tokens allowed before the penalty starts."""
+
+
+@dataclass
+class RLVLLMOptions(VLLMOptions):
+    """The colocated vLLM engine of `rl.engine: vllm` (one process, next to the policy on its device)."""
+
+    gpu_memory_utilization: float = 0.3
+    """Share of GPU memory vLLM may take for its copy of the weights and its KV cache; the policy,
+    its gradients and optimizer state (and the reference) need the rest."""
+    sleep: bool = False
+    """Between rollouts, put the engine to sleep (vLLM sleep mode level 1: weights offloaded to CPU
+    memory, KV cache freed) and wake it before the next; for a GPU too small for both at once. Where
+    the platform has no sleep mode (vLLM on CPU) it is skipped with a logged reason."""
 
 
 @dataclass
@@ -206,7 +266,15 @@ class RLParams:
     ref_model: str | None = None
     """Reference for the KL; defaults to model.name_or_path."""
     generation_batch_size: int = 64
-    """Sequences decoded together (a prompt's k samples count k)."""
+    """Sequences decoded together (a prompt's k samples count k; transformers engine)."""
+    engine: Literal["transformers", "vllm"] = "transformers"
+    """What samples the completions: the policy itself (transformers), or a vLLM engine in the same
+    process that gets the policy's weights pushed after each update (no restart, no reload from disk)."""
+    vllm: RLVLLMOptions = field(default_factory=RLVLLMOptions)
+    vllm_is_threshold: float | None = None
+    """engine vllm: truncated importance sampling (Yao et al. 2025) with this cap C (e.g. 2): each token's
+    policy-gradient term is weighted by min(pi_trainer / pi_sampler, C). Unset: no correction (the
+    mismatch is still logged, as vllm_mismatch_kl)."""
     log_samples_steps: int = 10
     """Write a few completions with their rewards to samples.jsonl every N steps (0: never)."""
     samples_per_log: int = 4
@@ -273,6 +341,16 @@ def check_rl_config(cfg: RLConfig) -> None:
         raise ConfigError("rl.num_iterations and rl.importance_level are GRPO options (RLOO updates once per batch of samples)")
     if p.max_new_tokens < 1:
         raise ConfigError("rl.max_new_tokens must be >= 1")
+    if p.vllm_is_threshold is not None:
+        if p.engine != "vllm":
+            raise ConfigError(f"rl.vllm_is_threshold: {p.vllm_is_threshold} corrects the vLLM sampler's mismatch with the trainer; "
+                              "it needs rl.engine: vllm")
+        if not p.vllm_is_threshold >= 1:
+            raise ConfigError(f"rl.vllm_is_threshold: {p.vllm_is_threshold} is not allowed; expected a number >= 1 (e.g. 2): "
+                              "below 1 it would down-weight tokens on which the two engines agree")
+    if p.engine == "vllm" and p.vllm.max_model_len is not None and p.vllm.max_model_len <= p.max_new_tokens:
+        raise ConfigError(f"rl.vllm.max_model_len: {p.vllm.max_model_len} leaves no room for a prompt before "
+                          f"rl.max_new_tokens ({p.max_new_tokens}); raise it or unset it (the model's length)")
     if not cfg.eval_prompts.dataset and (cfg.train.eval_steps or cfg.train.early_stopping_patience):
         raise ConfigError("train.eval_steps / train.early_stopping_patience need held-out prompts: set eval_prompts.dataset")
 
@@ -298,7 +376,7 @@ def collate_rollout(samples: list[dict], pad_id: int) -> dict:
         "advantages": torch.tensor([s["advantage"] for s in samples], dtype=torch.float32),
         "weights": torch.tensor([s["weight"] for s in samples], dtype=torch.float32),
     }
-    for key in ("old_logps", "ref_logps"):
+    for key in ("old_logps", "ref_logps", "is_weights"):
         if samples[0].get(key) is not None:
             batch[key] = torch.tensor([v for s in samples for v in s[key]], dtype=torch.float32)
     return batch
@@ -314,7 +392,8 @@ def sample_logps(model, samples: list[dict], pad_id: int, batch_size: int, entro
     try:
         for start in range(0, len(samples), batch_size):
             chunk = samples[start : start + batch_size]
-            b = to_device(collate_rollout([s | {"advantage": 0.0, "weight": 1.0, "old_logps": None, "ref_logps": None} for s in chunk], pad_id), device)
+            plain = {"advantage": 0.0, "weight": 1.0, "old_logps": None, "ref_logps": None, "is_weights": None}
+            b = to_device(collate_rollout([s | plain for s in chunk], pad_id), device)
             if entropy:
                 logps, ent, mask = label_logps_entropy(model, b["input_ids"], b["attention_mask"], b["labels"])
             else:
@@ -330,11 +409,41 @@ def sample_logps(model, samples: list[dict], pad_id: int, batch_size: int, entro
     return out_logps, out_entropy
 
 
+def sampler_correction(samples: list[dict], old: list[list[float]], threshold: float | None) -> dict[str, tuple[float, float]]:
+    """The sampler/trainer mismatch over a rollout's tokens ((sum, count) per metric: token means),
+    and with a threshold each sample's truncated importance weights (`is_weights`, for the loss).
+
+    samples carry the sampler's `sampler_logps` (taken out here); old: the trainer's log-probs of the
+    same tokens. vllm_mismatch_kl is the k3 estimate of KL(sampler || trainer) per token,
+    vllm_logp_diff the mean of logp_trainer - logp_sampler."""
+    trainer, sampler = [], []
+    for s, o in zip(samples, old):
+        got = s.pop("sampler_logps")
+        if got is None or len(got) != len(o):
+            raise RuntimeError(f"the sampler returned {None if got is None else len(got)} log-probs for {len(o)} sampled tokens")
+        trainer.append(torch.tensor(o, dtype=torch.float64))
+        sampler.append(torch.tensor(got, dtype=torch.float64))
+    t, q = torch.cat(trainer), torch.cat(sampler)
+    n = float(len(t))
+    metrics = {"vllm_mismatch_kl": (float(sampler_mismatch_kl(t, q).sum()), n),
+               "vllm_logp_diff": (float((t - q).sum()), n)}
+    if threshold is not None:
+        w, capped = truncated_is_weights(t, q, threshold)
+        for s, piece in zip(samples, w.split([len(o) for o in old])):
+            s["is_weights"] = piece.tolist()
+        metrics["vllm_is_weight"] = (float(w.sum()), n)
+        metrics["vllm_is_clipped"] = (float(capped.sum()), n)
+    return metrics
+
+
 class RolloutSource(StepSource):
     """Each step's micro-batches made from the current policy: prompts -> samples -> rewards -> advantages."""
 
-    def __init__(self, cfg: RLConfig, chat, prompts: list[dict], backend, ref_model, world: int, rank: int, out: Path, is_main: bool):
+    def __init__(self, cfg: RLConfig, chat, prompts: list[dict], backend, ref_model, world: int, rank: int, out: Path, is_main: bool,
+                 engine=None):
         self.cfg, self.p, self.chat, self.prompts, self.backend, self.ref_model = cfg, cfg.rl, chat, prompts, backend, ref_model
+        self.engine = engine
+        """A `ColocatedVLLM` (rl.engine: vllm) or None (the policy samples)."""
         self.plan = StepPlan(len(prompts), cfg.train, world, rank, cfg.seed)
         mu = self.p.num_iterations
         self.total_steps, self.steps_per_epoch = self.plan.total_steps * mu, self.plan.steps_per_epoch * mu
@@ -355,8 +464,12 @@ class RolloutSource(StepSource):
     def micro_batches(self, step: int, model) -> list[dict]:
         generation = step // self.p.num_iterations
         if self.buffer is None or self.buffer["generation"] != generation:
+            if self.engine is not None:
+                self.engine.sync(model, version=step)  # `step` optimizer updates so far: a push when they changed the weights
             self.buffer = self.rollout(generation, model)
         self.metrics = {k: tuple(v) for k, v in self.buffer["metrics"].items()}
+        if self.engine is not None:
+            self.metrics["vllm_weight_pushes"] = (float(self.engine.pushes), 1.0)
         return [collate_rollout(mb, self.chat.pad_id) for mb in self.buffer["micro"]]
 
     def step_metrics(self) -> dict[str, tuple[float, float]]:
@@ -383,7 +496,11 @@ class RolloutSource(StepSource):
         flat = [i for g in groups for i in g]
         messages = [self.prompts[i]["messages"] for i in flat]
         t0 = time.perf_counter()
-        completions = self.sample(model, messages, generation)  # [prompt][k]
+        try:
+            completions = self.sample(model, messages, generation)  # [prompt][k]
+        finally:
+            if self.engine is not None:
+                self.engine.rest()
         t1 = time.perf_counter()
         texts = [c.text for cs in completions for c in cs]
         columns = [self.prompts[i].get("columns") or {} for i in flat for _ in range(p.k)]
@@ -402,7 +519,8 @@ class RolloutSource(StepSource):
             prompt_ids = self.prompt_ids(i)
             for j, c in enumerate(cs):
                 ids = list(c.token_ids) + ([c.stop_id] if c.stop_id is not None else [])
-                samples.append({"prompt_ids": prompt_ids, "completion_ids": ids, "truncated": c.stop_id is None, "prompt": i, "index": j})
+                samples.append({"prompt_ids": prompt_ids, "completion_ids": ids, "truncated": c.stop_id is None, "prompt": i, "index": j,
+                                "sampler_logps": c.logprobs})
         bs = max(1, self.cfg.train.batch_size * p.k)
         old, entropy = sample_logps(model, samples, chat.pad_id, bs, entropy=True)
         ref = sample_logps(self.ref_model, samples, chat.pad_id, bs, entropy=False)[0] if self.ref_model is not None else None
@@ -431,6 +549,7 @@ class RolloutSource(StepSource):
             raise TrainingDiverged(f"non-finite advantages at generation {generation + 1}; stopped before updating the weights")
         for s, a, w, o, r in zip(samples, adv.flatten().tolist(), weights.flatten().tolist(), old, ref or [None] * len(samples)):
             s.update(advantage=a, weight=w, old_logps=o if (p.algo == "grpo") else None, ref_logps=r if p.algo == "grpo" and p.beta > 0 else None)
+        mismatch = sampler_correction(samples, old, p.vllm_is_threshold) if self.engine is not None else {}
 
         n = float(len(samples))
         tokens = float(lengths.sum())
@@ -455,6 +574,7 @@ class RolloutSource(StepSource):
         }
         if kl_seq is not None:
             metrics["kl"] = (float(kl_seq.sum()), n)  # sum over a completion's tokens of log pi - log pi_ref, mean over samples
+        metrics.update(mismatch)
         self.write_samples(generation, samples, texts, rewards.flatten().tolist(), total.flatten().tolist())
         micro = []
         start = 0
@@ -472,7 +592,10 @@ class RolloutSource(StepSource):
             idx = [j for j, x in enumerate(temps) if x == t]
             params = SamplingParams(max_new_tokens=p.max_new_tokens, temperature=t, top_p=p.top_p, top_k=p.top_k, n=len(idx),
                                     seed=sampling_seed(self.cfg.seed, generation, group))
-            results = generate(model, self.chat, messages, params, p.generation_batch_size)
+            if self.engine is not None:
+                results = self.engine.generate(self.chat, messages, params)
+            else:
+                results = generate(model, self.chat, messages, params, p.generation_batch_size)
             for i, cs in enumerate(results):
                 for j, c in zip(idx, cs):
                     out[i][j] = c
@@ -502,7 +625,7 @@ def rl_loss_fn(p: RLParams):
         old = batch.get("old_logps")
         old = logps.detach() if old is None else old
         token_losses, clipped = policy_token_losses(logps, old, batch["advantages"], rows, n_tokens, p.algo, p.epsilon, p.epsilon_high,
-                                                    p.importance_level)
+                                                    p.importance_level, batch.get("is_weights"))
         metrics = {}
         if p.algo == "grpo" and p.beta > 0:
             kl = k3_kl(logps, batch["ref_logps"])
@@ -574,10 +697,36 @@ def run_rl(cfg: RLConfig, callbacks=()) -> Path:
         ref_model.requires_grad_(False).to(state.device).eval()
     log.info("RL (%s): %d prompts, k=%d samples each, beta=%g, loss aggregation %s", cfg.rl.algo, len(prompts), cfg.rl.k, cfg.rl.beta, cfg.rl.agg())
 
-    def source_fn(world: int, rank: int) -> RolloutSource:
-        return RolloutSource(cfg, chat, prompts, backend, ref_model, world, rank, out, state.is_main_process)
-
     callbacks = list(callbacks) + win_rate_callbacks(cfg.win_rate, chat, out)
-    train(model, chat, None, None, None, rl_loss_fn(cfg.rl), cfg.train, RunOptions(out, cfg.seed, cfg.resume, cfg.quiet, config=cfg), callbacks,
-          source_fn=source_fn, eval_fn=make_eval_fn(cfg, chat, backend))
+    with colocated_engine(cfg, chat, state) as engine:
+
+        def source_fn(world: int, rank: int) -> RolloutSource:
+            return RolloutSource(cfg, chat, prompts, backend, ref_model, world, rank, out, state.is_main_process, engine)
+
+        train(model, chat, None, None, None, rl_loss_fn(cfg.rl), cfg.train, RunOptions(out, cfg.seed, cfg.resume, cfg.quiet, config=cfg),
+              callbacks, source_fn=source_fn, eval_fn=make_eval_fn(cfg, chat, backend))
+        if engine is not None:
+            log.info("vLLM: %d weight push(es) into the running engine", engine.pushes)
     return out
+
+
+@contextmanager
+def colocated_engine(cfg: RLConfig, chat, state):
+    """rl.engine vllm: a `ColocatedVLLM` for the policy's starting checkpoint, in this process; else None."""
+    if cfg.rl.engine != "vllm":
+        yield None
+        return
+    if state.num_processes > 1:
+        raise ConfigError("rl.engine: vllm runs in one process, colocated with training (it batches across all prompts itself); "
+                          "start it without accelerate launch/torchrun, or use rl.engine: transformers")
+    if chat.added_tokens:
+        raise ConfigError(f"rl.engine: vllm: the tokenizer gained {chat.added_tokens} for its chat template, which vLLM would not "
+                          "load; save the model with `alignkit init-model` (or after SFT) and train from that checkpoint")
+    options = cfg.rl.vllm
+    sleep = options.sleep
+    if sleep:
+        sleep, why = sleep_mode_available()
+        if not sleep:
+            log.warning("rl.vllm.sleep: skipped, %s; the engine keeps its memory between rollouts", why)
+    with vllm_engine(cfg.model, cfg.train.precision, options, cfg.seed, in_process=True, sleep_mode=sleep) as llm:
+        yield ColocatedVLLM(llm, sleep=sleep)
