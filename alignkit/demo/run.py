@@ -157,9 +157,12 @@ def run_demo(output_dir: str = "runs/demo", steps: int = 600, dpo_steps: int = 2
     for name, w in evals.items():
         summary[name.replace("-", "_")] = {k: w[k] for k in keys}
     summary["bon_vs_greedy"] = {k: best[k] for k in ("temperature", "n", *keys[:-3], "sign_test_p")}
+    refine = json.loads((out / "refine" / "refine.json").read_text())
+    summary["self_refinement"] = {k: refine[k] for k in ("n", "improved", "improved_share", "mean_reward_gain")}
     summary["data"] = counts
     (out / "results.json").write_text(json.dumps(summary, indent=1))
-    report = render_report(scores, evals, best, counts, dict(sft=steps, dpo=dpo_steps, rloo=rl_steps))
+    report = render_report(scores, evals, best, counts, dict(sft=steps, dpo=dpo_steps, rloo=rl_steps),
+                           summary["self_refinement"])
     (out / "report.md").write_text(report)
     print(report)
     full = write_report(out)  # stages, curves, sweeps and plots, beside the summary above
@@ -172,7 +175,7 @@ BON_TEMPERATURE = 1.0
 """The best-of-N setting the demo's table shows: the largest N at this temperature."""
 
 
-def render_report(scores: dict, evals: dict, best: dict, counts: dict, steps: dict) -> str:
+def render_report(scores: dict, evals: dict, best: dict, counts: dict, steps: dict, refine: dict | None = None) -> str:
     names = {"base": "random init", "sft": f"after SFT ({steps['sft']} steps)",
              "dpo": f"after DPO-Positive ({steps['dpo']} steps)", "rloo": f"after RLOO ({steps['rloo']} steps)",
              "bon": f"RLOO, best of {best['n']} at temperature {best['temperature']:g} (verifier picks)"}
@@ -204,6 +207,10 @@ def render_report(scores: dict, evals: dict, best: dict, counts: dict, steps: di
         lines.append(f"- {titles[name]}: {comparison(w)} {md_cell(w.get('verdict', ''))}")
     lines.append(f"- Best of {best['n']} (temperature {best['temperature']:g}) vs the RLOO model's greedy answers: "
                  f"{comparison(best)} Sign test p = {best['sign_test_p']:.2g}.")
+    if refine:
+        lines.append(f"- Self-refinement of the RLOO model's greedy answers (the model rewrites its own answer; the "
+                     f"verifier keeps a revision only if it scores higher): {refine['improved']} of {refine['n']} "
+                     f"improved ({refine['improved_share']:.0%}), mean reward gain {refine['mean_reward_gain']:+.3f}.")
     lines += ["", "Samples after RLOO (prompt -> reply, as JSON strings):", ""]
     samples = [
         f"{shown(s['prompt'])} -> {shown(s['response'])}  ({'correct' if s['correct'] else 'wrong'}, {s['finish']})"

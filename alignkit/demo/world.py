@@ -37,7 +37,7 @@ TINY_MODEL = {
 
 SIGN_OFF = " Hope this helps!"
 """The chatty ending that a share of the demo's SFT replies carry (`write_chat_data`)."""
-SIGN_OFF_SHARE = 0.5
+SIGN_OFF_SHARE = 0.7
 """Share of the demo's SFT replies with the sign-off: SFT learns it as a coin flip, RL against the
 verifier (which wants the bare answer) has something to unlearn on every prompt, seen or not."""
 
