@@ -1,0 +1,116 @@
+"""SFT with a length penalty on the demo's toy world: does it shorten replies that are too long?
+
+Builds the demo world (tokenizer, tiny model, data) for a seed, then makes the SFT chats verbose:
+a share of the replies (every other one by default) end in a chatty sign-off, " Hope this helps!",
+which the toy verifier counts as a wrong answer. The penalty's reference is each row's own reply,
+as `alignkit sft` defines it, so a terse row penalises a sampled sign-off and a signed-off row does
+not: the penalty pushes the sign-off out where the data leave it to chance, while the NLL keeps
+the answers. SFT runs with and without `sft.length_penalty` (same seed, same steps), and greedy
+replies (at most 48 new tokens) to the 160 held-out prompts (world/data/test.jsonl) are scored:
+mean reply length in tokens, share of replies with the sign-off, exact match (the verifier), and
+exact match ignoring a trailing sign-off (is the answer itself right). Prints one JSON line per
+run and a summary line.
+
+    python bench/sft_length_penalty.py --seeds 0 1 2 --steps 600 --output-dir runs/sft-lenpen
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from alignkit.cli import quiet_third_party
+from alignkit.config import ModelConfig
+from alignkit.demo.run import demo_sft_config, write_world_data
+from alignkit.demo.world import build_tokenizer, write_jsonl, write_model_config
+from alignkit.generation import SamplingParams, generate
+from alignkit.models import init_model, load_causal_lm, load_tokenizer
+from alignkit.rewards.toy import toy_reward
+from alignkit.train.sft import SFTParams, run_sft
+
+SIGN_OFF = " Hope this helps!"
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().split("\n") if line.strip()]
+
+
+def verbose_data(world: Path, share: float) -> Path:
+    """world/data with a sign-off on `share` of the training replies (evenly spread); test.jsonl unchanged."""
+    out = world / "data-verbose"
+    rows = read_jsonl(world / "data" / "train.jsonl")
+    for i, r in enumerate(rows):
+        if int((i + 1) * share) > int(i * share):
+            r["messages"][1]["content"] += SIGN_OFF
+    write_jsonl(rows, out / "train.jsonl")
+    write_jsonl(read_jsonl(world / "data" / "test.jsonl"), out / "test.jsonl")
+    return out
+
+
+def held_out(model_dir: Path, test: list[dict]) -> dict:
+    chat = load_tokenizer(ModelConfig(name_or_path=str(model_dir)))
+    model = load_causal_lm(ModelConfig(name_or_path=str(model_dir)), chat)
+    outs = [c[0] for c in generate(model, chat, [p["messages"][:1] for p in test], SamplingParams(max_new_tokens=48), batch_size=64)]
+    prompts = [p["messages"][0]["content"] for p in test]
+    signed = [o.text.rstrip().endswith(SIGN_OFF.strip()) for o in outs]
+    answers = [o.text.rstrip()[: -len(SIGN_OFF.strip())] if s else o.text for o, s in zip(outs, signed)]
+    n = len(test)
+    return {
+        "length_tokens": round(sum(len(o.token_ids) for o in outs) / n, 2),
+        "sign_off": round(sum(signed) / n, 3),
+        "exact_match": round(sum(toy_reward(p, o.text) for p, o in zip(prompts, outs)) / n, 3),
+        "answer_correct": round(sum(toy_reward(p, a) for p, a in zip(prompts, answers)) / n, 3),
+        "stopped": round(sum(o.finish_reason == "stop" for o in outs) / n, 3),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--output-dir", default="runs/sft-lenpen")
+    ap.add_argument("--steps", type=int, default=600, help="SFT optimizer steps (batch 32, as the demo)")
+    ap.add_argument("--share", type=float, default=0.5, help="share of training replies with the sign-off")
+    ap.add_argument("--penalty", type=float, default=0.01, help="sft.length_penalty (λ)")
+    ap.add_argument("--every", type=int, default=2, help="sft.length_penalty_every")
+    ap.add_argument("--samples", type=int, default=16, help="sft.length_penalty_samples")
+    args = ap.parse_args()
+    quiet_third_party()
+    results = []
+    for seed in args.seeds:
+        root = Path(args.output_dir) / f"seed-{seed}"
+        world = root / "world"
+        tok = build_tokenizer(world / "tokenizer")
+        write_model_config(world / "model-config", vocab_size=len(load_tokenizer(ModelConfig(name_or_path=str(tok))).tokenizer))
+        init_model(str(world / "model-config"), world / "base-model", tokenizer_source=str(tok), seed=seed)
+        write_world_data(world)
+        data = verbose_data(world, args.share)
+        test = read_jsonl(world / "data" / "test.jsonl")
+        for name, lam in (("sft", 0.0), ("sft+penalty", args.penalty)):
+            cfg = demo_sft_config(world, root / name.replace("+", "-"), args.steps, True, seed)
+            cfg.data.dataset, cfg.data.eval_split = str(data), None
+            cfg.train.eval_steps = cfg.train.save_steps = None
+            cfg.sft = SFTParams(length_penalty=lam, length_penalty_every=args.every, length_penalty_samples=args.samples,
+                                length_penalty_max_new_tokens=48)
+            start = time.perf_counter()
+            run_sft(cfg)
+            seconds = time.perf_counter() - start
+            row = {"seed": seed, "run": name, "steps": args.steps, "lambda": lam, "train_seconds": round(seconds),
+                   **held_out(Path(cfg.output_dir) / "final", test)}
+            logs = [m for m in read_jsonl(Path(cfg.output_dir) / "metrics.jsonl") if "sampled_length" in m]
+            if logs:
+                row["train_sampled_length_first_last"] = [round(logs[0]["sampled_length"], 1), round(logs[-1]["sampled_length"], 1)]
+            print(json.dumps(row), flush=True)
+            results.append(row)
+    summary = {}
+    for name in ("sft", "sft+penalty"):
+        rows = [r for r in results if r["run"] == name]
+        summary[name] = {k: round(sum(r[k] for r in rows) / len(rows), 3)
+                         for k in ("length_tokens", "sign_off", "exact_match", "answer_correct", "stopped")}
+    print(json.dumps({"summary_over_seeds": args.seeds, "share": args.share, "lambda": args.penalty, "every": args.every,
+                      "samples": args.samples, **summary}))
+
+
+if __name__ == "__main__":
+    main()
