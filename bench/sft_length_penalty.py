@@ -5,13 +5,13 @@ a share of the replies (every other one by default) end in a chatty sign-off, " 
 which the toy verifier counts as a wrong answer. The penalty's reference is each row's own reply,
 as `alignkit sft` defines it, so a terse row penalises a sampled sign-off and a signed-off row does
 not: the penalty pushes the sign-off out where the data leave it to chance, while the NLL keeps
-the answers. SFT runs with and without `sft.length_penalty` (same seed, same steps), and greedy
+the answers. SFT runs without and with `sft.length_penalty` (one run per λ of --penalties; same seed, same steps), and greedy
 replies (at most 48 new tokens) to the 160 held-out prompts (world/data/test.jsonl) are scored:
 mean reply length in tokens, share of replies with the sign-off, exact match (the verifier), and
 exact match ignoring a trailing sign-off (is the answer itself right). Prints one JSON line per
 run and a summary line.
 
-    python bench/sft_length_penalty.py --seeds 0 1 2 --steps 600 --output-dir runs/sft-lenpen
+    python bench/sft_length_penalty.py --seeds 0 1 2 --steps 600 --penalties 0 0.001 --output-dir runs/sft-lenpen
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def main() -> None:
     ap.add_argument("--output-dir", default="runs/sft-lenpen")
     ap.add_argument("--steps", type=int, default=600, help="SFT optimizer steps (batch 32, as the demo)")
     ap.add_argument("--share", type=float, default=0.5, help="share of training replies with the sign-off")
-    ap.add_argument("--penalty", type=float, default=0.01, help="sft.length_penalty (λ)")
+    ap.add_argument("--penalties", type=float, nargs="+", default=[0.0, 0.001], help="sft.length_penalty (λ) of each run; 0: plain SFT")
     ap.add_argument("--every", type=int, default=2, help="sft.length_penalty_every")
     ap.add_argument("--samples", type=int, default=16, help="sft.length_penalty_samples")
     args = ap.parse_args()
@@ -87,8 +87,9 @@ def main() -> None:
         write_world_data(world)
         data = verbose_data(world, args.share)
         test = read_jsonl(world / "data" / "test.jsonl")
-        for name, lam in (("sft", 0.0), ("sft+penalty", args.penalty)):
-            cfg = demo_sft_config(world, root / name.replace("+", "-"), args.steps, True, seed)
+        for lam in args.penalties:
+            name = f"lambda-{lam:g}"
+            cfg = demo_sft_config(world, root / name, args.steps, True, seed)
             cfg.data.dataset, cfg.data.eval_split = str(data), None
             cfg.train.eval_steps = cfg.train.save_steps = None
             cfg.sft = SFTParams(length_penalty=lam, length_penalty_every=args.every, length_penalty_samples=args.samples,
@@ -104,11 +105,12 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             results.append(row)
     summary = {}
-    for name in ("sft", "sft+penalty"):
+    for lam in args.penalties:
+        name = f"lambda-{lam:g}"
         rows = [r for r in results if r["run"] == name]
         summary[name] = {k: round(sum(r[k] for r in rows) / len(rows), 3)
                          for k in ("length_tokens", "sign_off", "exact_match", "answer_correct", "stopped")}
-    print(json.dumps({"summary_over_seeds": args.seeds, "share": args.share, "lambda": args.penalty, "every": args.every,
+    print(json.dumps({"summary_over_seeds": args.seeds, "steps": args.steps, "share": args.share, "every": args.every,
                       "samples": args.samples, **summary}))
 
 

@@ -171,3 +171,30 @@ def test_penalty_shortens_responses(tmp_path, trained_toy_model, toy_data_dir):
         lengths[lam] = greedy_length(out / "final", prompts)
     assert lengths[0.01] <= 0.75 * lengths[0.0], lengths
     assert [m["step"] for m in read_metrics(tmp_path / "lambda-0.01") if "sampled_length" in m] == list(range(1, 17))
+
+
+@pytest.mark.slow  # two torchrun processes: about 30 s on an idle 2-core machine
+def test_penalty_two_processes_match_one(tmp_path, tiny_model_dir, toy_data_dir):
+    """#8: with the penalty on, 1 process x 2 micro-batches and 2 processes x 1 give the same losses and
+    penalty metrics (the baseline and the step's units are gathered over processes)."""
+    import subprocess
+    import sys
+
+    from tests.test_distributed import free_port
+
+    common = ["--model.name-or-path", str(tiny_model_dir), "--data.dataset", str(toy_data_dir), "--train.max-steps", "2",
+              "--train.logging-steps", "1", "--train.save-steps", "0", "--train.precision", "fp32", "--train.learning-rate", "3e-3",
+              "--sft.length-penalty", "0.05", "--sft.length-penalty-samples", "6", "--sft.length-penalty-max-new-tokens", "8",
+              "--train.batch-size", "4", "--quiet"]
+    cli = [sys.executable, "-m", "alignkit.cli", "sft"]
+    one = subprocess.run(cli + common + ["--output-dir", str(tmp_path / "one"), "--train.grad-accum", "2"], capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-3000:]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+              "--master_port", str(free_port()), "-m", "alignkit.cli", "sft"]
+    two = subprocess.run(launch + common + ["--output-dir", str(tmp_path / "two")], capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert len(a) == len(b) == 2
+    for x, y in zip(a, b):
+        for key in ("loss", "sft_loss", "length_penalty", "sampled_length", "reference_length", "grad_norm"):
+            assert y[key] == pytest.approx(x[key], rel=1e-5), key
