@@ -5,18 +5,24 @@ a share of the replies (every other one by default) end in a chatty sign-off, " 
 which the toy verifier counts as a wrong answer. The penalty's reference is each row's own reply,
 as `alignkit sft` defines it, so a terse row penalises a sampled sign-off and a signed-off row does
 not: the penalty pushes the sign-off out where the data leave it to chance, while the NLL keeps
-the answers. SFT runs without and with `sft.length_penalty` (one run per λ of --penalties; same seed, same steps), and greedy
+the answers. As in the reference experiment, the penalty fights an already verbose SFT model: a
+plain SFT run (--warm-steps, the demo's SFT recipe) makes it, then SFT continues from it for --steps
+more steps (constant learning rate --lr) without and with `sft.length_penalty` (one run per λ of
+--penalties; same seed, same steps; λ 0 is the run without). A penalty from the first step, on the
+samples of a random model, costs far more accuracy (measured, seed 0, 300 steps: held-out answers
+right 14% without, 3% with λ 0.001). Greedy
 replies (at most 48 new tokens) to the 160 held-out prompts (world/data/test.jsonl) are scored:
 mean reply length in tokens, share of replies with the sign-off, exact match (the verifier), and
 exact match ignoring a trailing sign-off (is the answer itself right). Prints one JSON line per
 run and a summary line.
 
-    python bench/sft_length_penalty.py --seeds 0 1 2 --steps 600 --penalties 0 0.001 --output-dir runs/sft-lenpen
+    python bench/sft_length_penalty.py --seeds 0 1 2 --warm-steps 300 --steps 100 --penalties 0 0.001 --output-dir runs/sft-lenpen
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from pathlib import Path
@@ -70,7 +76,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--output-dir", default="runs/sft-lenpen")
-    ap.add_argument("--steps", type=int, default=600, help="SFT optimizer steps (batch 32, as the demo)")
+    ap.add_argument("--warm-steps", type=int, default=300, help="plain SFT steps that make the verbose model (batch 32, as the demo)")
+    ap.add_argument("--steps", type=int, default=100, help="SFT steps from it, without and with the penalty")
+    ap.add_argument("--lr", type=float, default=1e-3, help="learning rate of those steps (constant)")
     ap.add_argument("--share", type=float, default=0.5, help="share of training replies with the sign-off")
     ap.add_argument("--penalties", type=float, nargs="+", default=[0.0, 0.001], help="sft.length_penalty (λ) of each run; 0: plain SFT")
     ap.add_argument("--every", type=int, default=2, help="sft.length_penalty_every")
@@ -87,17 +95,24 @@ def main() -> None:
         write_world_data(world)
         data = verbose_data(world, args.share)
         test = read_jsonl(world / "data" / "test.jsonl")
+        warm = demo_sft_config(world, root / "warm", args.warm_steps, True, seed)
+        warm.data.dataset, warm.data.eval_split = str(data), None
+        warm.train.eval_steps = warm.train.save_steps = None
+        if not (root / "warm" / "final").is_dir():
+            run_sft(warm)
+        row = {"seed": seed, "run": "warm", "steps": args.warm_steps, **held_out(root / "warm" / "final", test)}
+        print(json.dumps(row), flush=True)
         for lam in args.penalties:
             name = f"lambda-{lam:g}"
-            cfg = demo_sft_config(world, root / name, args.steps, True, seed)
-            cfg.data.dataset, cfg.data.eval_split = str(data), None
-            cfg.train.eval_steps = cfg.train.save_steps = None
+            cfg = copy.deepcopy(warm)
+            cfg.output_dir, cfg.model.name_or_path = str(root / name), str(root / "warm" / "final")
+            cfg.train.max_steps, cfg.train.learning_rate, cfg.train.scheduler, cfg.train.warmup_steps = args.steps, args.lr, "constant", 0
             cfg.sft = SFTParams(length_penalty=lam, length_penalty_every=args.every, length_penalty_samples=args.samples,
                                 length_penalty_max_new_tokens=48)
             start = time.perf_counter()
             run_sft(cfg)
             seconds = time.perf_counter() - start
-            row = {"seed": seed, "run": name, "steps": args.steps, "lambda": lam, "train_seconds": round(seconds),
+            row = {"seed": seed, "run": name, "steps": f"{args.warm_steps}+{args.steps}", "lambda": lam, "train_seconds": round(seconds),
                    **held_out(Path(cfg.output_dir) / "final", test)}
             logs = [m for m in read_jsonl(Path(cfg.output_dir) / "metrics.jsonl") if "sampled_length" in m]
             if logs:
@@ -110,7 +125,7 @@ def main() -> None:
         rows = [r for r in results if r["run"] == name]
         summary[name] = {k: round(sum(r[k] for r in rows) / len(rows), 3)
                          for k in ("length_tokens", "sign_off", "exact_match", "answer_correct", "stopped")}
-    print(json.dumps({"summary_over_seeds": args.seeds, "steps": args.steps, "share": args.share, "every": args.every,
+    print(json.dumps({"summary_over_seeds": args.seeds, "warm_steps": args.warm_steps, "steps": args.steps, "lr": args.lr, "share": args.share, "every": args.every,
                       "samples": args.samples, **summary}))
 
 
