@@ -125,7 +125,8 @@ def main() -> None:
         rows = [r for r in results if r["run"] == name]
         summary[name] = {k: round(sum(r[k] for r in rows) / len(rows), 3)
                          for k in ("length_tokens", "sign_off", "exact_match", "answer_correct", "stopped")}
-    print(json.dumps({"summary_over_seeds": args.seeds, "warm_steps": args.warm_steps, "steps": args.steps, "lr": args.lr, "share": args.share, "every": args.every,
+    print(json.dumps({"summary_over_seeds": args.seeds, "warm_steps": args.warm_steps, "steps": args.steps, "lr": args.lr,
+                      "share": args.share, "every": args.every,
                       "samples": args.samples, **summary}))
 
 

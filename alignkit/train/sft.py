@@ -133,7 +133,8 @@ def sft_penalty_loss(model, batch: dict) -> LossOutput:
     responses (it carries `penalty_coef`) adds Σ_i coef_i · log π(y_i) at zero units."""
     if "penalty_coef" not in batch:
         out = sft_loss(model, batch)
-        out.metrics["sft_loss"] = torch.stack([out.loss_sum.detach().double().cpu(), torch.tensor(float(out.count), dtype=torch.float64)])
+        nll = out.loss_sum.detach().double().cpu()
+        out.metrics["sft_loss"] = torch.stack([nll, torch.tensor(float(out.count), dtype=torch.float64)])
         return out
     logps, mask = label_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
     seq_logps, _ = per_sequence(logps, mask)
@@ -179,8 +180,10 @@ class LengthPenaltySource(ExampleSource):
         self.p, self.chat, self.prompts, self.seed, self.world, self.rank = params, chat, prompts, seed, world, rank
         self.batch_size = plan.bs
         if params.length_penalty_samples > plan.global_batch:
-            raise ConfigError(f"sft.length_penalty_samples: {params.length_penalty_samples} is more than the global batch of "
-                              f"{plan.global_batch} rows (train.batch_size x train.grad_accum x {world} processes) it samples from")
+            raise ConfigError(
+                f"sft.length_penalty_samples: {params.length_penalty_samples} is more than the global batch of "
+                f"{plan.global_batch} rows (train.batch_size x train.grad_accum x {world} processes) it samples from"
+            )
         self.metrics: dict[str, tuple[float, float]] = {}
 
     def micro_batches(self, step: int, model) -> list[dict]:
@@ -188,16 +191,19 @@ class LengthPenaltySource(ExampleSource):
         self.metrics = {}
         if (step + 1) % self.p.length_penalty_every:
             return micro
-        chosen = [i for i in self.plan.step_batch(step) if self.data[i]["prompt_tokens"] > 0][: self.p.length_penalty_samples]
+        chat_rows = [i for i in self.plan.step_batch(step) if self.data[i]["prompt_tokens"] > 0]
+        chosen = chat_rows[: self.p.length_penalty_samples]
         rows = [self.data[i] for i in chosen[self.rank :: self.world]]
         prompts = [self.prompt_of(r) for r in rows]
-        params = SamplingParams(max_new_tokens=self.p.length_penalty_max_new_tokens, temperature=self.p.length_penalty_temperature,
-                                seed=sampling_seed(self.seed, step, 0))
+        params = SamplingParams(max_new_tokens=self.p.length_penalty_max_new_tokens,
+                                temperature=self.p.length_penalty_temperature, seed=sampling_seed(self.seed, step, 0))
         outs = generate(model, self.chat, [m for m, _ in prompts], params, max(1, len(prompts))) if prompts else []
-        samples = [{"prompt_ids": ids, "completion_ids": list(c[0].token_ids) + ([c[0].stop_id] if c[0].stop_id is not None else [])}
-                   for (_, ids), c in zip(prompts, outs)]
+        completions = [c[0] for c in outs]
+        samples = [{"prompt_ids": ids, "completion_ids": list(c.token_ids) + ([c.stop_id] if c.stop_id is not None else [])}
+                   for (_, ids), c in zip(prompts, completions)]
         sampled = torch.tensor([len(s["completion_ids"]) for s in samples], dtype=torch.float64)
-        reference = torch.tensor([reference_reply_length(r["labels"], r["prompt_tokens"]) for r in rows], dtype=torch.float64)
+        reference = torch.tensor([reference_reply_length(r["labels"], r["prompt_tokens"]) for r in rows],
+                                 dtype=torch.float64)
         penalties = reply_length_penalty(sampled, reference, self.p.length_penalty)
         n = float(len(samples))
         self.metrics = {"length_penalty": (float(penalties.sum()), n), "sampled_length": (float(sampled.sum()), n),
@@ -206,7 +212,8 @@ class LengthPenaltySource(ExampleSource):
         everyone, offset, sft_units = self.gather(penalties.tolist(), sft_units)
         if len(everyone) < 2 or not samples:  # no baseline with fewer than two samples over all processes
             return micro
-        coefs = penalty_coefficients(torch.tensor(everyone, dtype=torch.float64), sft_units)[offset : offset + len(samples)]
+        coefs = penalty_coefficients(torch.tensor(everyone, dtype=torch.float64), sft_units)
+        coefs = coefs[offset : offset + len(samples)]
         for s, c in zip(samples, coefs.tolist()):
             s.update(advantage=c, weight=1.0)
         for start in range(0, len(samples), self.batch_size):
