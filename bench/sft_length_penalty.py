@@ -10,13 +10,26 @@ plain SFT run (--warm-steps, the demo's SFT recipe) makes it, then SFT continues
 more steps (constant learning rate --lr) without and with `sft.length_penalty` (one run per λ of
 --penalties; same seed, same steps; λ 0 is the run without). A penalty from the first step, on the
 samples of a random model, costs far more accuracy (measured, seed 0, 300 steps: held-out answers
-right 14% without, 3% with λ 0.001). Greedy
-replies (at most 48 new tokens) to the 160 held-out prompts (world/data/test.jsonl) are scored:
-mean reply length in tokens, share of replies with the sign-off, exact match (the verifier), and
+right 14% without, 3% with λ 0.001). Greedy replies (at most 48 new tokens) to the 160 held-out
+prompts (world/data/test.jsonl) are scored: mean reply length in tokens, share of replies with the sign-off, exact match (the verifier), and
 exact match ignoring a trailing sign-off (is the answer itself right). Prints one JSON line per
 run and a summary line.
 
-    python bench/sft_length_penalty.py --seeds 0 1 2 --warm-steps 300 --steps 100 --penalties 0 0.001 --output-dir runs/sft-lenpen
+    python bench/sft_length_penalty.py --seeds 0 1 2 --output-dir runs/sft-lenpen
+
+Measured (2026-11-30, 2 shared CPU cores, seeds 0-2, 600 warm-up steps + 100, 16 samples every 2nd
+step; means over seeds of the 160 held-out prompts; answer right = exact match ignoring a sign-off):
+
+    λ        reply tokens   sign-off   exact match   answer right (per seed)
+    (warm)   12.3           40%        24.6%         39.6% (33.8, 45.0, 40.0)   the model after 600 steps
+    0        18.8           86%        4.8%          31.7% (22.5, 38.1, 34.4)
+    0.0001   17.1           76%        7.7%          33.3% (30.0, 38.8, 31.2)
+    0.0003   12.9           45%        14.6%         27.5% (28.7, 27.5, 26.3)
+    0.001     9.6           20%        17.5%         22.3% (25.0, 26.9, 15.0)
+
+The penalty halves the replies and removes most sign-offs, so the verifier's exact match rises, but
+the answers themselves get worse as λ grows (about 4 points at 0.0003, 9 at 0.001): the REINFORCE
+term's noise slows the NLL's learning on this tiny model.
 """
 
 from __future__ import annotations
@@ -76,11 +89,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--output-dir", default="runs/sft-lenpen")
-    ap.add_argument("--warm-steps", type=int, default=300, help="plain SFT steps that make the verbose model (batch 32, as the demo)")
+    ap.add_argument("--warm-steps", type=int, default=600, help="plain SFT steps that make the verbose model (batch 32, as the demo)")
     ap.add_argument("--steps", type=int, default=100, help="SFT steps from it, without and with the penalty")
     ap.add_argument("--lr", type=float, default=1e-3, help="learning rate of those steps (constant)")
     ap.add_argument("--share", type=float, default=0.5, help="share of training replies with the sign-off")
-    ap.add_argument("--penalties", type=float, nargs="+", default=[0.0, 0.001], help="sft.length_penalty (λ) of each run; 0: plain SFT")
+    ap.add_argument("--penalties", type=float, nargs="+", default=[0.0, 0.0001, 0.0003, 0.001], help="sft.length_penalty (λ) of each run; 0: plain SFT")
     ap.add_argument("--every", type=int, default=2, help="sft.length_penalty_every")
     ap.add_argument("--samples", type=int, default=16, help="sft.length_penalty_samples")
     args = ap.parse_args()
