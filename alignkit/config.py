@@ -393,6 +393,10 @@ RANGES: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
     "TextMetricsConfig": {"batch_size": COUNT},
     "RMConfig": {"max_length": COUNT},
     "DemoConfig": {"steps": COUNT, "dpo_steps": at_least(0)},
+    "SFTParams": {
+        "length_penalty": NON_NEGATIVE, "length_penalty_every": COUNT, "length_penalty_samples": COUNT,
+        "length_penalty_temperature": POSITIVE, "length_penalty_max_new_tokens": COUNT,
+    },
 }
 
 # Metrics each training stage's evaluation produces (train.metric_for_best must be one of them);
@@ -515,6 +519,14 @@ def check_train(cfg, prefix: str) -> None:
         )
 
 
+def check_sft_params(cfg, prefix: str) -> None:
+    if cfg.length_penalty > 0 and cfg.length_penalty_samples < 2:
+        raise ConfigError(
+            f"{prefix}length_penalty_samples: {cfg.length_penalty_samples} with {prefix}length_penalty {cfg.length_penalty}: "
+            "the penalty's baseline is the mean of the other samples of the step, so it needs at least 2"
+        )
+
+
 SECTION_CHECKS: dict[str, tuple[Callable, ...]] = {
     "ModelConfig": (check_model,),
     "DataConfig": (check_data,),
@@ -525,6 +537,7 @@ SECTION_CHECKS: dict[str, tuple[Callable, ...]] = {
     "DPOParams": (check_dpo,),
     "RewardConfig": (check_reward,),
     "TrainConfig": (check_train,),
+    "SFTParams": (check_sft_params,),
 }
 
 

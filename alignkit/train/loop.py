@@ -256,9 +256,13 @@ class StepPlan:
             self._perm = (epoch, torch.randperm(self.n, generator=g).tolist())
         return self._perm[1]
 
-    def micro_batches(self, step: int) -> list[list[int]]:
+    def step_batch(self, step: int) -> list[int]:
+        """The examples of optimizer step `step` over all processes, in order."""
         epoch, k = divmod(step, self.steps_per_epoch)
-        batch = self.permutation(epoch)[k * self.global_batch : (k + 1) * self.global_batch]
+        return self.permutation(epoch)[k * self.global_batch : (k + 1) * self.global_batch]
+
+    def micro_batches(self, step: int) -> list[list[int]]:
+        batch = self.step_batch(step)
         per_rank = self.bs * self.accum
         mine = batch[self.rank * per_rank : (self.rank + 1) * per_rank]
         return [mine[j * self.bs : (j + 1) * self.bs] for j in range(self.accum)]
