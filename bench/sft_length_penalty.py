@@ -43,13 +43,11 @@ from pathlib import Path
 from alignkit.cli import quiet_third_party
 from alignkit.config import ModelConfig
 from alignkit.demo.run import demo_sft_config, write_world_data
-from alignkit.demo.world import build_tokenizer, write_jsonl, write_model_config
+from alignkit.demo.world import SIGN_OFF, build_tokenizer, write_jsonl, write_model_config
 from alignkit.generation import SamplingParams, generate
 from alignkit.models import init_model, load_causal_lm, load_tokenizer
-from alignkit.rewards.toy import toy_reward
+from alignkit.rewards.toy import solve, toy_reward
 from alignkit.train.sft import SFTParams, run_sft
-
-SIGN_OFF = " Hope this helps!"
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -57,10 +55,12 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def verbose_data(world: Path, share: float) -> Path:
-    """world/data with a sign-off on `share` of the training replies (evenly spread); test.jsonl unchanged."""
+    """world/data with a sign-off on `share` of the training replies (evenly spread; the demo's own
+    seeded sign-offs are replaced by the bare answer first); test.jsonl unchanged."""
     out = world / "data-verbose"
     rows = read_jsonl(world / "data" / "train.jsonl")
     for i, r in enumerate(rows):
+        r["messages"][1]["content"] = solve(r["messages"][0]["content"])
         if int((i + 1) * share) > int(i * share):
             r["messages"][1]["content"] += SIGN_OFF
     write_jsonl(rows, out / "train.jsonl")
