@@ -70,12 +70,12 @@ def test_demo_runs_and_reports(tmp_path):
     assert main(argv) == 0
     results = json.loads((tmp_path / "demo" / "results.json").read_text())
     for stage in ("base", "sft", "dpo", "rloo", "bon"):
-        assert set(results[stage]) == {"accuracy", "stop_rate", "sign_off_rate", "per_task"}
+        assert set(results[stage]) == {"accuracy", "stop_rate", "sign_off_rate", "right_ignoring_sign_off", "per_task"}
         assert set(results[stage]["per_task"]) == {"add", "repeat", "reverse", "sort", "upper"}
     assert results["dpo_vs_sft"]["n"] == results["data"]["held_out_prompts"] == 160  # distinct prompts, each counted once
     report = (tmp_path / "demo" / "report.md").read_text()
     assert "| after SFT (30 steps) |" in report and "| after DPO-Positive (5 steps) |" in report
-    assert "| after RLOO (3 steps) |" in report and "| RLOO, best of 4 at temperature 1 (verifier picks) |" in report
+    assert "| after RLOO (3 steps) |" in report and "| RLOO, best of 4 at temperature 0.6 (verifier picks) |" in report
     assert results["rloo_vs_sft"]["n"] == results["bon_vs_greedy"]["wins"] + results["bon_vs_greedy"]["losses"] + results[
         "bon_vs_greedy"]["ties"] == 160
     check_demo_report(tmp_path / "demo")  # the full report with plots, written at the demo's end

@@ -122,7 +122,7 @@ def test_report_keeps_model_text_inside_a_code_block():
 
     nasty = ["```\n# Heading <img src=x onerror=alert(1)>", "a | b `c` ````", "\x1b[31mred\r\n"]
     samples = [{"prompt": "Spell cat backwards.", "response": r, "finish": "length", "correct": False} for r in nasty]
-    stage = {"accuracy": 0.5, "stop_rate": 1.0, "sign_off_rate": 0.0, "per_task": {"a|b": 0.5, "<i>": 1.0},
+    stage = {"accuracy": 0.5, "stop_rate": 1.0, "sign_off_rate": 0.0, "right_ignoring_sign_off": 0.5, "per_task": {"a|b": 0.5, "<i>": 1.0},
              "samples": samples}
     winrate = {"win_rate": 0.1, "ci95": [0.0, 0.2], "wins": 3, "losses": 1, "ties": 6}
     best = winrate | {"n": 4, "temperature": 1.0, "sign_test_p": 0.6}
@@ -143,5 +143,5 @@ def test_report_keeps_model_text_inside_a_code_block():
     outside = "\n".join(lines[:start] + lines[end + 1 :])
     assert "<img" not in outside and "onerror" not in outside and "<i>" not in outside
     header, rule, *table = [line for line in lines[:start] if line.startswith("|")]
-    assert header.count(" | ") == rule.count("|") - 2 == 5 and "a\\|b" in header and "&lt;i&gt;" in header
-    assert all(line.count(" | ") == 5 for line in table) and len(table) == 5
+    assert header.count(" | ") == rule.count("|") - 2 == 6 and "a\\|b" in header and "&lt;i&gt;" in header
+    assert all(line.count(" | ") == 6 for line in table) and len(table) == 5

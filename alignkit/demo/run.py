@@ -92,6 +92,11 @@ def responses_scores(path: Path, prompts: list[dict]) -> dict:
     return score_replies(prompts, [r["response"] for r in chosen], [r["finish_reason"] for r in chosen])
 
 
+def without_sign_off(text: str) -> str:
+    text = text.rstrip()
+    return text[: -len(SIGN_OFF.strip())] if text.endswith(SIGN_OFF.strip()) else text
+
+
 def score_replies(prompts: list[dict], texts: list[str], finishes: list[str]) -> dict:
     """Exact-match accuracy (overall and per task), how often replies end at end-of-turn, and how often
     they carry the chatty sign-off that a share of the SFT replies taught."""
@@ -107,6 +112,8 @@ def score_replies(prompts: list[dict], texts: list[str], finishes: list[str]) ->
         "accuracy": sum(all_scores) / len(all_scores),
         "stop_rate": sum(f == "stop" for f in finishes) / len(finishes),
         "sign_off_rate": sum(SIGN_OFF.strip() in t for t in texts) / len(texts),
+        "right_ignoring_sign_off": sum(toy_reward(p["messages"][0]["content"], without_sign_off(t))
+                                       for p, t in zip(prompts, texts)) / len(texts),
         "per_task": {k: sum(v) / len(v) for k, v in sorted(per_kind.items())},
         "samples": samples,
     }
@@ -171,7 +178,7 @@ def run_demo(output_dir: str = "runs/demo", steps: int = 600, dpo_steps: int = 2
     return out
 
 
-BON_TEMPERATURE = 1.0
+BON_TEMPERATURE = 0.6
 """The best-of-N setting the demo's table shows: the largest N at this temperature."""
 
 
@@ -193,11 +200,13 @@ def render_report(scores: dict, evals: dict, best: dict, counts: dict, steps: di
         f"{counts.get('rl_prompts_train', 0)} RL prompts on {counts.get('rl_prompts_train_distinct_prompts', 0)}. "
         "Greedy decoding unless said, at most 24 new tokens. Tiny Qwen2 model, CPU.",
         "",
-        "| model | exact match | signs off | stops at end-of-turn | " + " | ".join(md_cell(k) for k in kinds) + " |",
-        "|---" * (4 + len(kinds)) + "|",
+        "| model | exact match | signs off | right if the sign-off is ignored | stops at end-of-turn | "
+        + " | ".join(md_cell(k) for k in kinds) + " |",
+        "|---" * (5 + len(kinds)) + "|",
     ]
     for stage, s in scores.items():
-        cells = [names[stage], f"{s['accuracy']:.0%}", f"{s['sign_off_rate']:.0%}", f"{s['stop_rate']:.0%}"]
+        cells = [names[stage], f"{s['accuracy']:.0%}", f"{s['sign_off_rate']:.0%}", f"{s['right_ignoring_sign_off']:.0%}",
+                 f"{s['stop_rate']:.0%}"]
         cells += [f"{v:.0%}" for v in s["per_task"].values()]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Paired comparisons on the held-out prompts, judged by the verifier (a tie: both right or both "
