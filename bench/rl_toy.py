@@ -6,6 +6,10 @@ and the SFT model on the 160 held-out prompts: exact match, wins / losses per pr
 exact sign test. Prints one JSON line.
 
     python bench/rl_toy.py --seed 0 --output-dir runs/rl-toy-0
+    python bench/rl_toy.py --seed 0 --sign-off-share 0   # the world as of 2026-11-29: bare SFT replies
+
+The README's figures of 2026-11-29 were measured on bare SFT replies (`--sign-off-share 0`); the
+demo's world now gives 70% of them a sign-off that the verifier scores 0 (the default here).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from pathlib import Path
 from alignkit.cli import quiet_third_party
 from alignkit.config import ModelConfig, TrainConfig
 from alignkit.demo.run import demo_sft_config, write_world_data
-from alignkit.demo.world import build_tokenizer, write_model_config
+from alignkit.demo.world import N_HELD_OUT, SIGN_OFF_SHARE, build_tokenizer, write_chat_data, write_model_config
 from alignkit.evaluate.winrate import sign_test
 from alignkit.generation import PromptSource, SamplingParams, generate
 from alignkit.models import init_model, load_causal_lm, load_tokenizer
@@ -42,6 +46,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=100, help="RLOO optimizer steps")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--beta", type=float, default=0.0)
+    ap.add_argument("--sign-off-share", type=float, default=SIGN_OFF_SHARE, help="share of SFT replies with the sign-off")
     args = ap.parse_args()
     quiet_third_party()
     root, world = Path(args.output_dir), Path(args.output_dir) / "world"
@@ -49,6 +54,7 @@ def main() -> None:
     write_model_config(world / "model-config", vocab_size=len(load_tokenizer(ModelConfig(name_or_path=str(tok))).tokenizer))
     init_model(str(world / "model-config"), world / "base-model", tokenizer_source=str(tok), seed=args.seed)
     write_world_data(world)
+    write_chat_data(world / "data", n_train=4000, n_test=N_HELD_OUT, sign_off_share=args.sign_off_share)
     run_sft(demo_sft_config(world, root / "sft", 600, True, args.seed))
     start = time.perf_counter()
     run_rl(RLConfig(
