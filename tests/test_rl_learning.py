@@ -4,8 +4,8 @@ The tiny SFT model knows the answers to 12 toy prompts, but half of its training
 chatty sign-off (" Hope this helps!") that the verifier, which wants the bare answer, scores 0. Its
 mean reward is measured exactly enough to compare: 16 seeded samples at temperature 1 for each of
 the 12 prompts (192 scored samples), before and after 15 RL steps on those prompts.
-Measured 2026-11-30 (2-core CPU): 0.40 -> 0.57 for both algorithms in the run's own logged reward, and
-greedy exact match 8/12 -> 10/12; the test asks for a rise of at least 0.1 and fewer sign-offs.
+Measured 2026-11-30 (2-core CPU, about 5 s in all): mean reward 0.38 -> 0.51 (RLOO) and 0.55 (GRPO), sign-offs
+41% -> 4% and 7%; the test asks for a rise of at least 0.1, fewer sign-offs, and a rising logged reward.
 """
 
 import json
