@@ -424,3 +424,24 @@ def test_refine_recipe_loads():
     """#10: the shipped recipe validates (self teacher; the alternatives are commented out)."""
     cfg = C.load(RefineConfig, ROOT / "recipes" / "refine-qwen2.5-0.5b.yaml")
     assert cfg.teacher.kind == "self" and cfg.reward.kind == "hf" and cfg.output_dir.startswith("runs/")
+
+
+def test_self_teacher_must_be_the_model_that_wrote_the_answers(tmp_path, tiny_model_dir):
+    """#10: with a responses file and teacher.kind self, `model` is the teacher: a model other than the one that
+    wrote the answers (e.g. model left at its default) is refused before any model loads, naming both."""
+    rows = [{"id": 0, "sample": 0, "prompt": [{"role": "user", "content": "What is 1 plus 1?"}], "response": "3",
+             "model": str(tiny_model_dir)}]
+    answers = tmp_path / "student.jsonl"
+    answers.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    values = {"output_dir": str(tmp_path / "out"), "responses": str(answers), "teacher.kind": "self",
+              "teacher.sampling.max_new_tokens": 4, "reward.kind": "rule", "reward.rule": "toy", "bootstrap": 50,
+              "quiet": True}
+    with pytest.raises(ConfigError, match="were written by .*set model.name_or_path to the student"):
+        run_refine(C.load(RefineConfig, None, values))
+    assert not (tmp_path / "out").exists()
+    unlabelled = tmp_path / "unlabelled.jsonl"
+    unlabelled.write_text(json.dumps({k: v for k, v in rows[0].items() if k != "model"}) + "\n")
+    with pytest.raises(ConfigError, match="does not say which model wrote the answers"):
+        run_refine(C.load(RefineConfig, None, values | {"responses": str(unlabelled)}))
+    out = run_refine(C.load(RefineConfig, None, values | {"model.name_or_path": str(tiny_model_dir) + "/"}))
+    assert json.loads((out / "refine.json").read_text())["n"] == 1

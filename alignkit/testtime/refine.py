@@ -190,6 +190,30 @@ def student_rows(cfg: RefineConfig, out: Path) -> tuple[list[dict], str]:
     return [{**r, "columns": columns.get(r["id"], {})} for r in rows], cfg.model.name_or_path
 
 
+def same_model(a: str, b: str) -> bool:
+    """Two model specs name the same model: equal ids, or local paths to one folder."""
+    return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
+
+
+def check_self_teacher(cfg: RefineConfig, rows: list[dict]) -> None:
+    """With teacher.kind self and a responses file, the teacher is `model`: it must be the model that wrote the
+    answers (their `model` field, as generate, bon and eval write it), else `model`'s default would silently
+    teach. Files without the field cannot be checked, so they need `model` set explicitly."""
+    if cfg.teacher.kind != "self" or not cfg.responses:
+        return
+    writers = sorted({str(r["model"]) for r in rows if r.get("model")})
+    if not writers:
+        if cfg.model.name_or_path == ModelConfig().name_or_path:
+            raise ConfigError(f"teacher.kind self with responses {cfg.responses!r}: the file does not say which model "
+                              "wrote the answers; set model.name_or_path to the student (it is the teacher)")
+        return
+    if not any(same_model(cfg.model.name_or_path, w) for w in writers):
+        raise ConfigError(f"teacher.kind self: model.name_or_path is {cfg.model.name_or_path!r}, but the answers in "
+                          f"{cfg.responses!r} were written by {', '.join(repr(w) for w in writers[:3])}; set "
+                          "model.name_or_path to the student (with teacher.kind self it is the teacher), or use "
+                          "teacher.kind local to refine with another model")
+
+
 def teacher_messages(text: str, system_prompt: str | None) -> list[dict]:
     return ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [{"role": "user", "content": text}]
 
@@ -262,6 +286,7 @@ def run_refine(cfg: RefineConfig) -> Path:
     check_reward_config(cfg.reward)
     out = Path(cfg.output_dir)
     rows, source = student_rows(cfg, out)
+    check_self_teacher(cfg, rows)
     out.mkdir(parents=True, exist_ok=True)
     config_lib.save(cfg, out / "config.yaml")
     backend = build_backend(cfg.reward, cfg.reward.cache_path(out))
