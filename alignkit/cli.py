@@ -162,11 +162,27 @@ def build_parser(name: str, stage: Stage) -> argparse.ArgumentParser:
     return parser
 
 
+BOOL_WORDS = {"true", "yes", "1", "on", "false", "no", "0", "off"}
+
+
+def positional_after_switch(stage: Stage, argv: list[str]) -> tuple[dict, list[str]]:
+    """`alignkit run --dry-run PIPELINE.yaml`: a bool switch takes an optional value, so the positional
+    argument after it would be read as that value; a word that is not a bool is the positional one."""
+    switches = {"--" + k.rstrip("_").replace("_", "-") for k, (tp, _, _) in leaf_fields(stage.config).items() if tp is bool}
+    switches |= {"--" + k.rstrip("_") for k, (tp, _, _) in leaf_fields(stage.config).items() if tp is bool}
+    for i, item in enumerate(argv[1:], 1):
+        if argv[i - 1] in switches and not item.startswith("-") and item.lower() not in BOOL_WORDS:
+            return {stage.positional: item}, argv[:i] + argv[i + 1:]
+    return {}, argv
+
+
 def parse(name: str, argv: list[str]):
     stage = STAGES[name]
     first = {}
     if stage.positional and argv and not argv[0].startswith("-"):
         first, argv = {stage.positional: argv[0]}, argv[1:]
+    elif stage.positional:
+        first, argv = positional_after_switch(stage, argv)
     parser = build_parser(name, stage)
     args, unknown = parser.parse_known_args(argv)
     values = vars(args) | first
@@ -178,6 +194,8 @@ def parse(name: str, argv: list[str]):
             raise ConfigError(f"unknown option '{item}'{suggest(key, sorted(leaf_fields(stage.config)))}")
         if name == "init-model" and "=" in item:
             extra_overrides.append(item)
+        elif stage.positional and stage.positional not in values:
+            values[stage.positional] = item  # e.g. alignkit run --dry-run true PIPELINE.yaml
         else:
             raise ConfigError(f"unexpected argument '{item}'")
     if extra_overrides:

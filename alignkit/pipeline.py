@@ -549,7 +549,8 @@ def execute(stage: PlannedStage, quiet: bool) -> None:
 def run_pipeline(cfg: RunConfig) -> Path | None:
     """Check the whole file, print the plan, run what it says; return the run directory (None for a dry run)."""
     if not cfg.pipeline:
-        raise ConfigError("give the pipeline file: alignkit run PIPELINE.yaml")
+        raise ConfigError("give the pipeline file first: alignkit run PIPELINE.yaml [options] "
+                          "(a list option such as --only takes every word after it)")
     only = [n for item in cfg.only for n in item.split(",") if n]
     pipe = read_pipeline(cfg.pipeline, cfg.var, cfg.run_dir)
     make_plan(pipe, only, cfg.from_)

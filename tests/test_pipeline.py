@@ -261,7 +261,13 @@ def test_dry_run_of_a_new_run_directory_plans_everything(world, tmp_path, capsys
     pipeline = write_pipeline(tmp_path / "pipeline.yaml", world)
     capsys.readouterr()
     assert main(["run", str(pipeline), "--dry-run"]) == 0
-    out = capsys.readouterr().out
+    first = capsys.readouterr().out
+    for argv in (["--dry-run", str(pipeline)], ["--dry-run", "true", str(pipeline)]):  # the file after a switch
+        assert main(["run", *argv]) == 0
+        assert capsys.readouterr().out == first
+    assert main(["run", "--only", "sft", str(pipeline)]) == 2
+    assert "give the pipeline file first" in capsys.readouterr().err
+    out = first
     assert out.splitlines()[:4] == [
         f"pipeline {pipeline} -> {tmp_path / 'run'}",
         "  sft       run     not started",
