@@ -396,16 +396,6 @@ def stage_hash(stage: PlannedStage) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
 # --------------------------------------------------------------------------- the plan
 
 
@@ -429,8 +419,8 @@ def changes(stage: PlannedStage, old: dict, plan: dict[str, PlannedStage]) -> li
     why = []
     config = old.get("config") or {}
     old_root = Path(config["output_dir"]).parent if config.get("output_dir") else stage.dir.parent  # it may have moved
-    before = flat(hashed_config(config, old_root))
-    now = flat(hashed_config(config_lib.to_dict(stage.config), stage.dir.parent))
+    before = flatten(hashed_config(config, old_root), {})
+    now = flatten(hashed_config(config_lib.to_dict(stage.config), stage.dir.parent), {})
     keys = sorted(k for k in before.keys() | now.keys() if repr(before.get(k)) != repr(now.get(k)))
     if keys:
         why.append("config changed: " + ", ".join(keys))

@@ -186,6 +186,17 @@ def stream_map(fn: Callable, items: list, concurrency: int) -> Iterator[tuple[in
             raise error
 
 
+def cache_file(setting: str | None, output_dir: str | Path | None, default_name: str) -> Path | None:
+    """Where a cache setting puts its SQLite file: auto (or unset) -> <output_dir>/<default_name> (None
+    without an output directory), none/off -> no cache, anything else -> that file."""
+    value = str(setting if setting is not None else "auto").strip()
+    if value.lower() in ("none", "off", "false", "no", "null"):
+        return None
+    if value.lower() in ("auto", ""):
+        return Path(output_dir) / default_name if output_dir is not None else None
+    return Path(value)
+
+
 def cache_key(*parts) -> str:
     """A stable digest of JSON-able parts (dict keys sorted)."""
     return hashlib.sha256(json.dumps(list(parts), sort_keys=True, default=str).encode()).hexdigest()

@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from .config import ConfigError
+from .data.schema import ROLES
 from .remote import is_loopback
 
 log = logging.getLogger(__name__)
@@ -193,6 +194,26 @@ def json_handler(socket_timeout_s: float, token: str | None) -> type[BaseHTTPReq
         do_DELETE = do_PATCH = do_PUT
 
     return JSONHandler
+
+
+class BadRequest(ValueError):
+    """A request the server answers with 400 and this message."""
+
+
+def read_chat_messages(body: bytes) -> tuple[dict, list[dict]]:
+    """(request, messages) of a chat-completions body: a JSON object with a non-empty `messages` list of
+    {role, content} with a known role and string content; else BadRequest saying what is wrong."""
+    try:
+        request = json.loads(body)
+    except (ValueError, RecursionError) as e:
+        raise BadRequest(f"body is not JSON: {str(e)[:100]}") from None
+    messages = request.get("messages") if isinstance(request, dict) else None
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("expected a JSON object with a non-empty 'messages' list")
+    for m in messages:
+        if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)):
+            raise BadRequest("each message needs a role (system, user, assistant) and string content")
+    return request, messages
 
 
 def model_list(name: str, fingerprint: str) -> dict:

@@ -11,7 +11,7 @@ from alignkit.data.chat import IGNORE_INDEX
 from alignkit.generation import SamplingParams, generate
 from alignkit.models import load_causal_lm, load_tokenizer
 from alignkit.train import checkpoint as ckpt
-from alignkit.train.loop import Callback, read_metrics
+from alignkit.train.loop import read_metrics
 from alignkit.train.sft import (
     SFTConfig,
     SFTParams,
@@ -20,6 +20,8 @@ from alignkit.train.sft import (
     reply_length_penalty,
     run_sft,
 )
+
+from .test_train import Interrupt
 
 
 def test_penalty_hand_computed():
@@ -99,15 +101,6 @@ def test_samples_beyond_the_global_batch_are_refused(tmp_path, tiny_model_dir, t
     cfg = penalty_cfg(tmp_path / "run", tiny_model_dir, toy_data_dir, SFTParams(length_penalty=0.1, length_penalty_samples=9))
     with pytest.raises(ConfigError, match="length_penalty_samples: 9 is more than the global batch of 8"):
         run_sft(cfg)
-
-
-class Interrupt(Callback):
-    def __init__(self, at):
-        self.at = at
-
-    def on_step_end(self, state, logs):
-        if state.step == self.at:
-            raise KeyboardInterrupt
 
 
 def test_penalty_steps_log_and_resume_matches_an_uninterrupted_run(tmp_path, tiny_model_dir, toy_data_dir):

@@ -24,7 +24,6 @@ from ..generation import SamplingParams, generate
 from ..markdown import fenced, md_cell
 from ..models import init_model, load_causal_lm, load_tokenizer
 from ..pipeline import RunConfig, read_pipeline, run_pipeline
-from ..report import write_report
 from ..train.sft import SFTConfig
 from .task import toy_reward
 from .world import (
@@ -152,8 +151,10 @@ def run_demo(output_dir: str = "runs/demo", steps: int = 600, dpo_steps: int = 2
           f"win rates judged by the toy verifier: `alignkit run {PIPELINE}`")
     run_pipeline(RunConfig(pipeline=str(PIPELINE), run_dir=str(out), var=demo_vars(world, steps, dpo_steps, seed, rl_steps),
                            quiet=quiet))
-    for stage in ("sft", "dpo", "rloo"):
-        scores[stage] = toy_scores(out / stage / "final", test)
+    # The evals already decoded each model greedily on the held-out prompts: score those replies.
+    answers = {"sft": "eval-dpo-vs-sft/reference", "dpo": "eval-dpo-vs-sft/model", "rloo": "eval-rloo-vs-sft/model"}
+    for stage, folder in answers.items():
+        scores[stage] = responses_scores(out / folder / "responses.jsonl", test)
     sweep = json.loads((out / "bon" / "sweep.json").read_text())
     best = max(sweep["rows"], key=lambda r: (r["temperature"] == BON_TEMPERATURE, r["n"]))
     scores["bon"] = responses_scores(out / "bon" / "best" / f"t{best['temperature']:g}-n{best['n']}.jsonl", test)
@@ -172,7 +173,7 @@ def run_demo(output_dir: str = "runs/demo", steps: int = 600, dpo_steps: int = 2
                            summary["self_refinement"])
     (out / "report.md").write_text(report)
     print(report)
-    full = write_report(out)  # stages, curves, sweeps and plots, beside the summary above
+    full = out / "report" / "report.md"  # written by the pipeline run: stages, curves, sweeps and plots
     print(f"[demo] models: {out / 'sft' / 'final'}, {out / 'dpo' / 'final'}, {out / 'rloo' / 'final'}  "
           f"report: {out / 'report.md'}, with plots: {full}")
     return out

@@ -29,7 +29,7 @@ import torch
 
 from ..config import ConfigError
 from ..remote import (  # noqa: F401 - RemoteError, MalformedReply and the key checks are this module's API too
-    MAX_REPLY_BYTES, SECRET_PREFIXES, JSONClient, MalformedReply, NoRedirects, RemoteError, SQLiteCache, cache_key,
+    MAX_REPLY_BYTES, SECRET_PREFIXES, JSONClient, MalformedReply, NoRedirects, RemoteError, SQLiteCache, cache_file, cache_key,
     check_api_key_env, check_key_destination, is_loopback, stream_map,
 )
 
@@ -110,12 +110,7 @@ def check_reward_config(cfg: RewardConfig, build_rule: bool = True) -> None:
 def cache_path(cfg: RewardConfig, output_dir: str | Path | None) -> Path | None:
     """Where `reward.cache` puts scores: auto -> <output_dir>/scores.sqlite (None without an output
     directory), none/off -> no cache, anything else -> that file."""
-    value = str(cfg.cache if cfg.cache is not None else "auto").strip()
-    if value.lower() in ("none", "off", "false", "no", "null"):
-        return None
-    if value.lower() in ("auto", ""):
-        return Path(output_dir) / "scores.sqlite" if output_dir is not None else None
-    return Path(value)
+    return cache_file(cfg.cache, output_dir, "scores.sqlite")
 
 
 # --------------------------------------------------------------------------- rules

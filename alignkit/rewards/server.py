@@ -18,7 +18,6 @@ Simplified: no request batching across clients, no TLS (put a TLS proxy in front
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import time
@@ -27,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..serving import (  # noqa: F401 - MAX_BODY and BUSY are this module's API too
-    BUSY, MAX_BODY, MODEL_ROUTES, CappedHTTPServer, check_bind, json_handler, model_list, read_token,
+    BUSY, MAX_BODY, MODEL_ROUTES, BadRequest, CappedHTTPServer, check_bind, json_handler, model_list, read_chat_messages,
+    read_token,
 )
 from .backends import CachedReward, RewardConfig, build_backend, cache_path
 
@@ -55,30 +55,14 @@ class ServeRewardConfig:
 RewardHTTPServer = CappedHTTPServer
 
 
-class BadRequest(ValueError):
-    pass
-
-
 def fingerprint_of(backend) -> str:
     """A hash of the backend's identity (which holds its weights fingerprint); reveals no path."""
     return hashlib.sha256(str(backend.identity).encode()).hexdigest()[:32]
 
 
-ROLES = ("system", "user", "assistant")
-
-
 def read_messages(body: bytes) -> tuple[list[dict], str]:
     """(prompt messages, response) of a chat-completions request, or BadRequest saying what is wrong."""
-    try:
-        request = json.loads(body)
-    except (ValueError, RecursionError) as e:
-        raise BadRequest(f"body is not JSON: {str(e)[:100]}") from None
-    messages = request.get("messages") if isinstance(request, dict) else None
-    if not isinstance(messages, list) or not messages:
-        raise BadRequest("expected a JSON object with a non-empty 'messages' list")
-    for m in messages:
-        if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)):
-            raise BadRequest("each message needs a role (system, user, assistant) and string content")
+    _, messages = read_chat_messages(body)
     if messages[-1]["role"] != "assistant":
         raise BadRequest("messages must end with the assistant response to score")
     prompt = [{"role": m["role"], "content": m["content"]} for m in messages[:-1]]

@@ -27,12 +27,10 @@ from typing import Callable, Literal
 
 from ..config import ConfigError, ModelConfig
 from ..generation import SamplingParams, generation_dtype, model_fingerprint
-from ..serving import MODEL_ROUTES, CappedHTTPServer, check_bind, json_handler, model_list, read_token
+from ..serving import (MODEL_ROUTES, BadRequest, CappedHTTPServer, check_bind, json_handler, model_list,
+                       read_chat_messages, read_token)
 
 log = logging.getLogger(__name__)
-
-ROLES = ("system", "user", "assistant")
-
 
 @dataclass
 class ServeChatConfig:
@@ -66,10 +64,6 @@ class ServeChatConfig:
             raise ConfigError(f"{prefix}sampling.n: {self.sampling.n} is not allowed; the server returns one completion (n: 1)")
 
 
-class BadRequest(ValueError):
-    pass
-
-
 def number(request: dict, key: str, low: float, high: float, low_open: bool = False) -> float | None:
     value = request.get(key)
     if value is None:
@@ -82,16 +76,7 @@ def number(request: dict, key: str, low: float, high: float, low_open: bool = Fa
 
 def read_chat_request(body: bytes, defaults: SamplingParams) -> tuple[list[dict], SamplingParams]:
     """(messages, decoding) of a chat-completions request, or BadRequest saying what is wrong."""
-    try:
-        request = json.loads(body)
-    except (ValueError, RecursionError) as e:
-        raise BadRequest(f"body is not JSON: {str(e)[:100]}") from None
-    messages = request.get("messages") if isinstance(request, dict) else None
-    if not isinstance(messages, list) or not messages:
-        raise BadRequest("expected a JSON object with a non-empty 'messages' list")
-    for m in messages:
-        if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)):
-            raise BadRequest("each message needs a role (system, user, assistant) and string content")
+    request, messages = read_chat_messages(body)
     if messages[-1]["role"] != "user":
         raise BadRequest("messages must end with a user message")
     if request.get("n", 1) != 1:

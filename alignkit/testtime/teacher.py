@@ -28,7 +28,7 @@ from typing import Literal
 
 from ..config import ConfigError, ModelConfig, must_exist
 from ..generation import SamplingParams, generation_dtype, model_fingerprint
-from ..remote import (JSONClient, MalformedReply, SQLiteCache, cache_key, check_api_key_env, check_key_destination,
+from ..remote import (JSONClient, MalformedReply, SQLiteCache, cache_file, cache_key, check_api_key_env, check_key_destination,
                       stream_map)
 
 log = logging.getLogger(__name__)
@@ -97,12 +97,7 @@ class TeacherConfig:
                                   "(only max_new_tokens, temperature, top_p and seed are); leave it at its default")
 
     def cache_path(self, output_dir: str | Path | None) -> Path | None:
-        value = str(self.cache if self.cache is not None else "auto").strip()
-        if value.lower() in ("none", "off", "false", "no", "null"):
-            return None
-        if value.lower() in ("auto", ""):
-            return Path(output_dir) / "teacher.sqlite" if output_dir is not None else None
-        return Path(value)
+        return cache_file(self.cache, output_dir, "teacher.sqlite")
 
 
 def check_teacher(cfg: TeacherConfig, prefix: str = "teacher.") -> None:
