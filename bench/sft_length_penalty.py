@@ -8,16 +8,16 @@ not: the penalty pushes the sign-off out where the data leave it to chance, whil
 the answers. As in the reference experiment, the penalty fights an already verbose SFT model: a
 plain SFT run (--warm-steps, the demo's SFT recipe) makes it, then SFT continues from it for --steps
 more steps (constant learning rate --lr) without and with `sft.length_penalty` (one run per λ of
---penalties; same seed, same steps; λ 0 is the run without). A penalty from the first step, on the
-samples of a random model, costs far more accuracy (measured, seed 0, 300 steps: held-out answers
-right 14% without, 3% with λ 0.001). Greedy replies (at most 48 new tokens) to the 160 held-out
+--penalties; same seed, same steps; λ 0 is the run without). An exploratory run of an earlier
+version of this script (the penalty from the first step, on a random model's samples; one seed)
+cost far more accuracy; that setting is not offered here. Greedy replies (at most 48 new tokens) to the 160 held-out
 prompts (world/data/test.jsonl) are scored: mean reply length in tokens, share of replies with the sign-off, exact match (the verifier), and
 exact match ignoring a trailing sign-off (is the answer itself right). Prints one JSON line per
 run and a summary line.
 
     python bench/sft_length_penalty.py --seeds 0 1 2 --output-dir runs/sft-lenpen
 
-Measured (2026-11-30, 2 shared CPU cores, seeds 0-2, 600 warm-up steps + 100, 16 samples every 2nd
+Measured (2026-11-30, 2 CPU cores, seeds 0-2, re-run from a clean checkout with the same figures, 600 warm-up steps + 100, 16 samples every 2nd
 step; means over seeds of the 160 held-out prompts; answer right = exact match ignoring a sign-off):
 
     λ        reply tokens   sign-off   exact match   answer right (per seed)
