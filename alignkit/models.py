@@ -75,6 +75,29 @@ def load_causal_lm(cfg: ModelConfig, chat: ChatTokenizer, path: str | None = Non
     return model
 
 
+def disable_dropout(model) -> int:
+    """Set every dropout probability in `model` to 0 (TRL's `disable_dropout`); returns how many.
+
+    RL and DPO compare log-probabilities of one model taken at different times (sampling vs loss,
+    policy vs reference); dropout would make a model disagree with itself, so both stages turn it
+    off unless asked not to. `nn.Dropout` modules are zeroed, and so are float attributes named
+    `attention_dropout`/`dropout` of other modules (Qwen2's attention passes its own float to the
+    attention kernel, which TRL's version misses). The model's config is left as it is, so a saved
+    checkpoint keeps the dropout it was given.
+    """
+    n = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout) and module.p != 0:
+            module.p = 0.0
+            n += 1
+        for name in ("attention_dropout", "dropout"):
+            value = getattr(module, name, None)
+            if isinstance(value, float) and value != 0 and not isinstance(module, torch.nn.Dropout):
+                setattr(module, name, 0.0)
+                n += 1
+    return n
+
+
 def fit_vocab(model, tokenizer) -> None:
     """Grow the embeddings when the tokenizer has more tokens (e.g. ChatML tokens added).
 
