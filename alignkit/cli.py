@@ -146,9 +146,9 @@ def type_name(tp) -> str:
 
 
 GRANT_FLAGS = {
-    "allow_python_verifier": "let reward.rule name a Python function ('module:function'), which is imported and run",
-    "trust_remote_code": "run the Python code shipped with a model or tokenizer (every model this command loads)",
-    "allow_insecure_http": "let an API key go over plain http to a host beyond loopback (and through an http_proxy)",
+    "allow_python_verifier": "let reward.rule name a Python function ('module:function'), imported and run",
+    "trust_remote_code": "run the code shipped with a model or tokenizer (every model the command loads)",
+    "allow_insecure_http": "let an API key go over plain http beyond loopback (and through an http_proxy)",
 }
 """Switches of the trust boundary: each turns on every config field of that name (config.POWERS)."""
 
@@ -159,11 +159,11 @@ def add_grant_flags(parser: argparse.ArgumentParser) -> None:
         "A recipe, a pipeline file or a --var cannot set these; `alignkit run` passes them to every stage. "
         f"A key goes without --allow-key only to its own service over https: {hosts}.", 78))
     for key, doc in GRANT_FLAGS.items():
-        group.add_argument("--" + key.replace("_", "-"), dest="grant." + key, nargs="?", const="true", default=argparse.SUPPRESS,
-                           metavar="BOOL", help=doc)
-    group.add_argument("--allow-key", dest="grant.keys", action="append", default=argparse.SUPPRESS, metavar="NAME=HOST[:PORT]",
-                       help="let the key in environment variable NAME go to HOST (exact host name; any port unless "
-                            "given); repeat for more keys or hosts")
+        group.add_argument("--" + key.replace("_", "-"), dest="grant." + key, nargs="?", const="true",
+                           default=argparse.SUPPRESS, metavar="BOOL", help=doc)
+    group.add_argument("--allow-key", dest="grant.keys", action="append", default=argparse.SUPPRESS,
+                       metavar="NAME=HOST[:PORT]", help="let the key in environment variable NAME go to HOST "
+                       "(exact host name; any port unless given); repeat for more keys or hosts")
 
 
 def pop_grants(values: dict) -> Grants:
@@ -247,7 +247,8 @@ def parse_with_grants(name: str, argv: list[str]):
     with config_lib.granted(grants):
         if extra_overrides:
             # Trailing key=value pairs add to the recipe's (or --overrides') list; later ones win on a key.
-            base = values["overrides"] if "overrides" in values else config_lib.load(stage.config, path, values).overrides
+            base = values["overrides"] if "overrides" in values else \
+                config_lib.load(stage.config, path, values).overrides
             values["overrides"] = list(base) + extra_overrides
         return config_lib.load(stage.config, path, values), grants
 

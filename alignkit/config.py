@@ -353,7 +353,9 @@ def load(cls: type, path: str | Path | None = None, overrides: dict[str, Any] | 
 # themselves power. Only the command line (and Python code calling these functions) can.
 
 POWERS: dict[str, tuple[str, str]] = {
-    "allow_python_verifier": ("--allow-python-verifier", "imports and runs the Python function reward.rule names"),
+    "allow_python_verifier": (
+        "--allow-python-verifier", "imports and runs the Python function reward.rule names"
+    ),
     "trust_remote_code": ("--trust-remote-code", "runs the Python code shipped with a model or tokenizer"),
     "allow_insecure_http": ("--allow-insecure-http", "sends an API key unencrypted over plain http"),
 }
@@ -415,7 +417,8 @@ def parse_key_grant(item: str) -> tuple[str, str]:
     if "://" in host:
         url_host(host, f"--allow-key {item}")
         host = urllib.parse.urlsplit(host).netloc
-    if eq and re.fullmatch(r"[A-Z][A-Z0-9_]*", name) and re.fullmatch(r"([a-z0-9.-]+|\[[0-9a-f:.]+\])(:[0-9]{1,5})?", host):
+    host_port = r"([a-z0-9.-]+|\[[0-9a-f:.]+\])(:[0-9]{1,5})?"
+    if eq and re.fullmatch(r"[A-Z][A-Z0-9_]*", name) and re.fullmatch(host_port, host):
         parts = urllib.parse.urlsplit("//" + host)
         with contextlib.suppress(ValueError):
             return name, parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
@@ -438,7 +441,8 @@ def truthy(value) -> bool:
         return False  # not a boolean: build() reports it
 
 
-def enforce_trust(cfg, from_file: dict[str, Any], command_line: dict[str, Any] | None = None, where: str = ""):
+def enforce_trust(cfg, from_file: dict[str, Any], command_line: dict[str, Any] | None = None,
+                  where: str = ""):
     """The trust boundary, applied to a config built from a file's values and the command line's:
     a power the file grants itself is refused (naming the flag), GRANTS are applied, and every key
     the config would send goes to its own service's host, a host named with --allow-key, or a host
@@ -449,8 +453,9 @@ def enforce_trust(cfg, from_file: dict[str, Any], command_line: dict[str, Any] |
         leaf = key.rsplit(".", 1)[-1]
         if leaf in POWERS and key not in command_line and truthy(value) and not getattr(GRANTS, leaf):
             flag, what = POWERS[leaf]
-            raise ConfigError(f"{where}{key}: {value!r} is not honoured from a file (it {what}); a recipe, pipeline "
-                              f"file or --var cannot grant it. If you trust it, pass {flag} on the command line")
+            raise ConfigError(f"{where}{key}: {value!r} is not honoured from a file (it {what}); a recipe, "
+                              f"pipeline file or --var cannot grant it. If you trust it, pass {flag} on the "
+                              "command line")
     for section, prefix in sections(cfg):
         for f in dataclasses.fields(section):
             if f.name in POWERS and getattr(GRANTS, f.name):
@@ -461,13 +466,14 @@ def enforce_trust(cfg, from_file: dict[str, Any], command_line: dict[str, Any] |
         named = prefix + "base_url" in command_line and prefix + "api_key_env" in command_line
         if not named and not key_allowed(name, url, f"{where}{prefix}base_url"):
             _, host, port = url_host(url, prefix + "base_url")
+            grant = f"{host}:{port}" if urllib.parse.urlsplit(url).port is not None else host
             known = "; ".join(f"{k} -> {', '.join(v)}" for k, v in KEY_HOSTS.items())
             flag = "--" + prefix.replace("_", "-")
             both = f" (or give {flag}base-url and {flag}api-key-env on the command line)" if single else ""
             raise ConfigError(
-                f"{where}{prefix}api_key_env: {name} would be sent to {host}, a host the command line did not "
-                f"name. A key goes only to its own service over https ({known}) or to a host you name: "
-                f"pass --allow-key {name}={host}:{port}{both}"
+                f"{where}{prefix}api_key_env: {name} would be sent to {host}, a host the command line did "
+                f"not name. A key goes only to its own service over https ({known}) or to a host you name: "
+                f"pass --allow-key {name}={grant}{both}"
             )
     return cfg
 

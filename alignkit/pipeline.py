@@ -312,7 +312,7 @@ def read_pipeline(path: str | Path, var_overrides: list[str] = (), run_dir: str 
         resolved["output_dir"] = str(root / name)
         try:
             cfg = config_lib.build(kinds[kind], resolved)
-            config_lib.enforce_trust(cfg, resolved)  # file and --var values grant no power; the CLI's grants apply
+            config_lib.enforce_trust(cfg, resolved)  # no power from the file or a --var; the CLI grants
             with config_lib.deferred([root / n for n in names]):
                 config_lib.validate(cfg)
         except ConfigError as e:

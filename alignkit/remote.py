@@ -89,7 +89,8 @@ def check_key_destination(base_url: str, allow_insecure_http: bool, key: str = "
         section = key.rsplit(".", 1)[0] + "." if "." in key else ""
         raise ConfigError(
             f"{key}: the API key would go unencrypted to {host} over http; use https or a loopback host, "
-            f"or pass --allow-insecure-http on the command line ({section}allow_insecure_http; not from a file)"
+            f"or pass --allow-insecure-http on the command line ({section}allow_insecure_http; "
+            "not from a file)"
         )
     return host
 
@@ -179,7 +180,8 @@ class WatchedHTTPHandler(urllib.request.HTTPHandler):
 
 class WatchedHTTPSHandler(urllib.request.HTTPSHandler):
     def https_open(self, req):
-        return self.do_open(functools.partial(WatchedHTTPSConnection, deadline=req.deadline), req, context=self._context)
+        connection = functools.partial(WatchedHTTPSConnection, deadline=req.deadline)
+        return self.do_open(connection, req, context=self._context)
 
 
 def build_opener(host: str) -> urllib.request.OpenerDirector:
@@ -206,7 +208,8 @@ class JSONClient:
         self.base_url = base_url.rstrip("/")
         host = check_key_destination(self.base_url, allow_insecure_http or not api_key, url_key)
         if api_key:
-            logger.info("%s: the API key from %s is sent to %s", what, terminal_safe(key_name or "the environment"), host)
+            name = terminal_safe(key_name or "the environment")
+            logger.info("%s: the API key from %s is sent to %s", what, name, host)
         self.api_key = api_key
         self.timeout_s, self.max_retries, self.backoff_s = timeout_s, max_retries, backoff_s
         self.opener = build_opener(host)
@@ -267,7 +270,7 @@ class JSONClient:
                 if not retry_malformed:
                     raise
                 last = f"malformed reply: {e}"
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError, http.client.HTTPException) as e:
+            except (OSError, http.client.HTTPException) as e:  # URLError, ConnectionError, TimeoutError too
                 last = self.redact(terminal_safe(f"{type(e).__name__}: {getattr(e, 'reason', e)}")[:200])
             if attempt < self.max_retries:
                 delay = self.backoff_s * 2**attempt

@@ -74,7 +74,8 @@ class Judge(BaseHTTPRequestHandler):
     def do_POST(self):
         Judge.seen.append(self.headers.get("Authorization"))
         text = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["messages"][-1]["content"]
-        body = json.dumps({"choices": [{"message": {"role": "assistant", "content": f"reward:{len(text)}"}}]}).encode()
+        reply = {"choices": [{"message": {"role": "assistant", "content": f"reward:{len(text)}"}}]}
+        body = json.dumps(reply).encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -98,7 +99,8 @@ def eval_recipe(tmp_path: Path, reward: dict, name: str = "recipe.yaml") -> str:
 
 
 def pipeline(tmp_path: Path, stage: dict, vars: dict | None = None) -> str:
-    doc = {"run_dir": str(tmp_path / "run"), "vars": vars or {}, "stages": {"judge": {"kind": "eval", **stage}}}
+    stages = {"judge": {"kind": "eval", **stage}}
+    doc = {"run_dir": str(tmp_path / "run"), "vars": vars or {}, "stages": stages}
     return write_yaml(tmp_path / "pipeline.yaml", doc)
 
 
@@ -110,8 +112,8 @@ def test_a_recipe_cannot_enable_a_python_verifier(tmp_path, capsys, monkeypatch)
     as Python. Refused, naming the flag; the response never runs; the flag (command line) still works."""
     monkeypatch.chdir(tmp_path)
     a = answers(tmp_path, "open('pwned', 'w').write('ran')")
-    recipe = write_yaml(tmp_path / "r.yaml", {"model": a, "reference": a, "bootstrap": 10,
-                                              "reward": {"kind": "rule", "rule": "timeit:timeit", "allow_python_verifier": True}})
+    reward = {"kind": "rule", "rule": "timeit:timeit", "allow_python_verifier": True}
+    recipe = write_yaml(tmp_path / "r.yaml", {"model": a, "reference": a, "bootstrap": 10, "reward": reward})
     assert main(["eval", "--config", recipe, "--output-dir", "out", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "reward.allow_python_verifier" in err and "pass --allow-python-verifier" in err, err
@@ -120,7 +122,8 @@ def test_a_recipe_cannot_enable_a_python_verifier(tmp_path, capsys, monkeypatch)
     recipe = write_yaml(tmp_path / "r.yaml", {"model": a, "reference": a, "reward": {
         "kind": "rule", "rule": "tests.test_trust_boundary:echo_length", "allow_python_verifier": "yes"}})
     assert main(["eval", "--config", recipe, "--output-dir", "out", "--quiet"]) == 2
-    assert main(["eval", "--config", recipe, "--output-dir", "out", "--quiet", "--allow-python-verifier"]) == 0
+    assert main(["eval", "--config", recipe, "--output-dir", "out", "--quiet",
+                 "--allow-python-verifier"]) == 0
     assert json.loads((tmp_path / "out" / "winrate.json").read_text())["n"] == 1
     assert not (tmp_path / "pwned").exists()
 
@@ -128,14 +131,14 @@ def test_a_recipe_cannot_enable_a_python_verifier(tmp_path, capsys, monkeypatch)
 def test_a_pipeline_or_a_var_cannot_enable_a_python_verifier_even_in_a_dry_run(tmp_path, capsys):
     """#17.1: `alignkit run --dry-run` accepted the self-granted verifier silently; so did a --var."""
     a = answers(tmp_path)
-    stage = {"model": a, "reference": a, "bootstrap": 10,
-             "reward": {"kind": "rule", "rule": "tests.test_trust_boundary:echo_length", "allow_python_verifier": True}}
+    reward = {"kind": "rule", "rule": "tests.test_trust_boundary:echo_length", "allow_python_verifier": True}
+    stage = {"model": a, "reference": a, "bootstrap": 10, "reward": reward}
     path = pipeline(tmp_path, stage)
     assert main(["run", path, "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert "stage 'judge': reward.allow_python_verifier" in err and "--allow-python-verifier" in err, err
     # through a var the file wires into the power, set from the command line
-    path = pipeline(tmp_path, {**stage, "reward": {**stage["reward"], "allow_python_verifier": "${vars.fast}"}},
+    path = pipeline(tmp_path, {**stage, "reward": {**reward, "allow_python_verifier": "${vars.fast}"}},
                     vars={"fast": False})
     assert main(["run", path, "--dry-run"]) == 0  # the safe value stays allowed
     assert main(["run", path, "--dry-run", "--var", "fast=true"]) == 2
@@ -171,13 +174,15 @@ def test_a_recipe_cannot_trust_a_checkpoints_code(tmp_path, capsys, monkeypatch)
     (single stage, init-model, pipeline dry run); --trust-remote-code on the command line runs it."""
     evil = tmp_path / "evil"
     evil.mkdir()
-    (evil / "config.json").write_text(json.dumps({"model_type": "evil", "auto_map": {"AutoConfig": "configuration_evil.EvilConfig"}}))
+    auto_map = {"AutoConfig": "configuration_evil.EvilConfig"}
+    (evil / "config.json").write_text(json.dumps({"model_type": "evil", "auto_map": auto_map}))
     (evil / "configuration_evil.py").write_text(EVIL_CONFIG)
     marker = tmp_path / "marker"
     monkeypatch.setenv("ALIGNKIT_TEST_MARKER", str(marker))
     prompts = answers(tmp_path)
-    recipe = write_yaml(tmp_path / "gen.yaml", {"model": {"name_or_path": str(evil), "trust_remote_code": True},
-                                                "prompts": {"dataset": prompts}, "output_dir": str(tmp_path / "out")})
+    model = {"name_or_path": str(evil), "trust_remote_code": True}
+    recipe = write_yaml(tmp_path / "gen.yaml", {"model": model, "prompts": {"dataset": prompts},
+                                                "output_dir": str(tmp_path / "out")})
     assert main(["generate", "--config", recipe]) == 2
     assert "model.trust_remote_code: True is not honoured from a file" in capsys.readouterr().err
     init = write_yaml(tmp_path / "init.yaml", {"model_config": str(evil), "trust_remote_code": True})
@@ -209,16 +214,18 @@ def test_a_recipe_cannot_send_a_key_to_its_own_host(tmp_path, stub, capsys, monk
     url = stub(Judge)
     port = url.split(":")[2].split("/")[0]
     monkeypatch.setenv("OPENAI_API_KEY", "sk-victim")
-    reward = {"kind": "remote", "base_url": url, "model": "m", "api_key_env": "OPENAI_API_KEY", "max_retries": 0}
+    reward = {"kind": "remote", "base_url": url, "model": "m", "api_key_env": "OPENAI_API_KEY",
+              "max_retries": 0}
     recipe = eval_recipe(tmp_path, reward)
     out = ["--output-dir", str(tmp_path / "out"), "--quiet"]
     assert main(["eval", "--config", recipe, *out]) == 2
     err = capsys.readouterr().err
-    assert "OPENAI_API_KEY would be sent to 127.0.0.1" in err and f"--allow-key OPENAI_API_KEY=127.0.0.1:{port}" in err, err
-    assert main(["run", pipeline(tmp_path, {"model": answers(tmp_path), "reference": answers(tmp_path), "reward": reward}),
-                 "--dry-run"]) == 2
+    assert "OPENAI_API_KEY would be sent to 127.0.0.1" in err, err
+    assert f"--allow-key OPENAI_API_KEY=127.0.0.1:{port}" in err, err
+    a = answers(tmp_path)
+    assert main(["run", pipeline(tmp_path, {"model": a, "reference": a, "reward": reward}), "--dry-run"]) == 2
     assert "stage 'judge': reward.api_key_env: OPENAI_API_KEY would be sent" in capsys.readouterr().err
-    assert main(["eval", "--config", recipe, *out, "--allow-key", "OPENAI_API_KEY=127.0.0.2"]) == 2  # another host
+    assert main(["eval", "--config", recipe, *out, "--allow-key", "OPENAI_API_KEY=127.0.0.2"]) == 2  # not it
     assert Judge.seen == []  # nothing was sent
     assert main(["eval", "--config", recipe, *out, "--allow-key", f"OPENAI_API_KEY=127.0.0.1:{port}"]) == 0
     assert Judge.seen and set(Judge.seen) == {"Bearer sk-victim"}
@@ -238,11 +245,12 @@ def test_a_recipe_cannot_send_a_key_to_its_own_host(tmp_path, stub, capsys, monk
     ("https://api.openai.com/v1", "NVIDIA_API_KEY", False),
     ("https://nvidia.com/v1", "NVIDIA_API_KEY", False),
     ("https://attacker.example/v1", "ANTHROPIC_API_KEY", False),
-    ("http://127.0.0.1:8000/v1", "ALIGNKIT_API_KEY", False),  # loopback is shared by every user of the machine
+    ("http://127.0.0.1:8000/v1", "ALIGNKIT_API_KEY", False),  # every user of the machine shares loopback
 ])
 def test_a_key_goes_only_to_its_own_service_from_a_file(tmp_path, url, key, ok):
     """#17.3: the allow-list matches the exact host (over https); anything else needs --allow-key."""
-    recipe = write_yaml(tmp_path / "r.yaml", {"kind": "remote", "model": "m", "base_url": url, "api_key_env": key})
+    recipe = write_yaml(tmp_path / "r.yaml", {"kind": "remote", "model": "m", "base_url": url,
+                                              "api_key_env": key})
     if ok:
         assert config_lib.load(RewardConfig, recipe).api_key_env == key
     else:
@@ -256,7 +264,8 @@ def test_key_grants_and_urls(tmp_path):
     from alignkit.testtime.refine import RefineConfig
 
     def load(url, *grants):
-        recipe = write_yaml(tmp_path / "r.yaml", {"kind": "remote", "model": "m", "base_url": url, "api_key_env": "MY_API_KEY"})
+        reward = {"kind": "remote", "model": "m", "base_url": url, "api_key_env": "MY_API_KEY"}
+        recipe = write_yaml(tmp_path / "r.yaml", reward)
         with granted(Grants(keys=tuple(config_lib.parse_key_grant(g) for g in grants))):
             return config_lib.load(RewardConfig, recipe)
 
@@ -274,9 +283,10 @@ def test_key_grants_and_urls(tmp_path):
     for bad in ("MY_API_KEY", "=host", "MY_API_KEY=", "MY_API_KEY=a/b", "my key=host", "MY_API_KEY=u@host"):
         with pytest.raises(ConfigError, match="--allow-key"):
             config_lib.parse_key_grant(bad)
-    teacher = write_yaml(tmp_path / "t.yaml", {"reward": {"kind": "rule"}, "teacher": {
-        "kind": "openai", "model": "m", "base_url": "https://evil.example/v1", "api_key_env": "OPENAI_API_KEY"}})
-    with pytest.raises(ConfigError, match="teacher.api_key_env: OPENAI_API_KEY would be sent to evil.example"):
+    teacher = {"kind": "openai", "model": "m", "base_url": "https://evil.example/v1",
+               "api_key_env": "OPENAI_API_KEY"}
+    teacher = write_yaml(tmp_path / "t.yaml", {"reward": {"kind": "rule"}, "teacher": teacher})
+    with pytest.raises(ConfigError, match="teacher.api_key_env: OPENAI_API_KEY would be sent to evil"):
         config_lib.load(RefineConfig, teacher)
 
 
@@ -302,12 +312,13 @@ def test_saved_configs_load_again_as_recipes(tmp_path, capsys):
     a = answers(tmp_path)
     base = ["eval", "--model", a, "--reference", a, "--bootstrap", "10", "--quiet", "--reward.kind", "rule"]
     assert main([*base, "--output-dir", str(tmp_path / "plain")]) == 0
-    again = ["eval", "--config", str(tmp_path / "plain" / "config.yaml"), "--output-dir", str(tmp_path / "again")]
-    assert main(again) == 0
+    assert main(["eval", "--config", str(tmp_path / "plain" / "config.yaml"), "--output-dir",
+                 str(tmp_path / "again")]) == 0
     rule = ["--reward.rule", "tests.test_trust_boundary:echo_length", "--allow-python-verifier"]
     assert main([*base, *rule, "--output-dir", str(tmp_path / "granted")]) == 0
     capsys.readouterr()
-    again = ["eval", "--config", str(tmp_path / "granted" / "config.yaml"), "--output-dir", str(tmp_path / "again2")]
+    again = ["eval", "--config", str(tmp_path / "granted" / "config.yaml"), "--output-dir",
+             str(tmp_path / "again2")]
     assert main(again) == 2 and "--allow-python-verifier" in capsys.readouterr().err
     assert main([*again, "--allow-python-verifier"]) == 0
 
@@ -429,6 +440,7 @@ def test_remote_error_text_reaches_the_terminal_inert(tmp_path, stub, capsys):
     assert "HTTP 400" in str(e.value) and "all good" in str(e.value)
     assert not any(ord(ch) < 32 or 127 <= ord(ch) < 160 for ch in str(e.value)), repr(str(e.value))
     recipe = eval_recipe(tmp_path, {"kind": "remote", "model": "m", "max_retries": 0})
-    assert main(["eval", "--config", recipe, "--reward.base-url", url, "--output-dir", str(tmp_path / "out"), "--quiet"]) == 2
+    assert main(["eval", "--config", recipe, "--reward.base-url", url, "--output-dir", str(tmp_path / "out"),
+                 "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "HTTP 400" in err and "\x1b" not in err and "\x07" not in err and "\x9b" not in err, repr(err)
