@@ -381,6 +381,7 @@ RANGES: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
     "DPOParams": {
         "beta": POSITIVE, "label_smoothing": between(0, 0.5, high_open=True), "dpop_lambda": NON_NEGATIVE,
         "kl_lambda": NON_NEGATIVE, "clamp_margin": POSITIVE, "beta_warmup_steps": at_least(0),
+        "simpo_gamma": NON_NEGATIVE, "desirable_weight": POSITIVE, "undesirable_weight": POSITIVE,
     },
     "RewardConfig": {"concurrency": COUNT, "timeout_s": POSITIVE, "max_retries": at_least(0), "batch_size": COUNT, "max_length": COUNT},
     "ServeRewardConfig": {
@@ -499,8 +500,17 @@ def check_sampling(cfg, prefix: str) -> None:
 
 
 def check_dpo(cfg, prefix: str) -> None:
-    if cfg.label_smoothing and cfg.loss_type != "sigmoid":
-        raise ConfigError(f"{prefix}label_smoothing: {cfg.label_smoothing} applies to loss_type sigmoid only, not {cfg.loss_type!r}")
+    if cfg.label_smoothing and cfg.loss_type not in ("sigmoid", "simpo"):
+        raise ConfigError(f"{prefix}label_smoothing: {cfg.label_smoothing} applies to loss_type sigmoid and simpo only, not {cfg.loss_type!r}")
+    # Options of the DPO losses that SimPO, ORPO and KTO do not have; KTO's weights only KTO has.
+    only = {"dpop_lambda": ("sigmoid", "ipo"), "kl_lambda": ("sigmoid", "ipo"), "length_normalize": ("sigmoid", "ipo"),
+            "clamp_margin": ("sigmoid", "ipo"), "ref_model": ("sigmoid", "ipo", "kto"),
+            "desirable_weight": ("kto",), "undesirable_weight": ("kto",)}
+    for key, types in only.items():
+        value = getattr(cfg, key)
+        if value not in (None, False, 0, 0.0) and not (key.endswith("able_weight") and value == 1.0) and cfg.loss_type not in types:
+            raise ConfigError(f"{prefix}{key}: {value!r} applies to loss_type {' and '.join(types)}, not {cfg.loss_type!r}"
+                              + (" (it needs no reference model)" if cfg.loss_type in ("simpo", "orpo") else ""))
     must_exist(prefix + "ref_model", cfg.ref_model, "model folder")
 
 
