@@ -77,8 +77,8 @@ UNPAIRED = ("kto",)
 @dataclass
 class DPOParams:
     beta: float = 0.1
-    """Strength of the implicit KL constraint (IPO: its tau; SimPO: the reward scale, 2 to 10 in its
-    paper; ORPO: the weight lambda of the odds-ratio term, 0.1 to 0.25 in its paper; KTO: its beta)."""
+    """Strength of the implicit KL constraint (IPO: its tau; SimPO: the reward scale, which its paper tunes
+    per model in 2 to 10; ORPO: the weight lambda of the odds-ratio term, TRL's default 0.1; KTO: its beta)."""
     loss_type: Literal["sigmoid", "ipo", "simpo", "orpo", "kto"] = "sigmoid"
     """sigmoid: the DPO loss; ipo: the IPO squared loss on per-token log-ratios; simpo: SimPO's
     length-normalised margin with target margin simpo_gamma (no reference model); orpo: SFT loss on
@@ -87,12 +87,12 @@ class DPOParams:
     label_smoothing: float = 0.0
     """Probability that a preference label is flipped (conservative DPO); sigmoid and simpo only."""
     simpo_gamma: float = 0.5
-    """SimPO's target reward margin gamma (its paper: gamma / beta of 0.3 to 0.8); simpo only."""
+    """SimPO's target reward margin gamma (its paper tunes gamma / beta per model, below 1); simpo only."""
     desirable_weight: float = 1.0
     """KTO: weight of the desirable rows' losses (raise it when they are the fewer)."""
     undesirable_weight: float = 1.0
-    """KTO: weight of the undesirable rows' losses (KTO's paper keeps weight x count within 1 to 4/3
-    of the other label's)."""
+    """KTO: weight of the undesirable rows' losses. KTO's paper keeps (desirable_weight x desirable rows) /
+    (undesirable_weight x undesirable rows) in [1, 4/3]; the run logs a warning outside it."""
     disable_dropout: bool = True
     """Set every dropout probability of the policy and the reference to 0 (TRL's default), so the policy
     at step 0 gives the reference's log-probabilities; false keeps the checkpoint's dropout."""
@@ -356,6 +356,21 @@ class KTOSource(ExampleSource):
         return batches
 
 
+def check_kto_balance(labels: list[bool], params: DPOParams) -> None:
+    """Log the label counts; warn where the weighted ratio is outside the KTO paper's [1, 4/3] (as TRL)."""
+    n_d = sum(labels)
+    n_u = len(labels) - n_d
+    log.info("KTO: %d desirable and %d undesirable training rows", n_d, n_u)
+    if not n_d or not n_u:
+        log.warning("KTO: no %s training rows; the loss then only pushes one way", "desirable" if not n_d else "undesirable")
+        return
+    ratio = params.desirable_weight * n_d / (params.undesirable_weight * n_u)
+    if not 1 <= ratio <= 4 / 3:
+        low, high = n_u * params.undesirable_weight / n_d, 4 / 3 * n_u * params.undesirable_weight / n_d
+        log.warning("KTO: desirable_weight x %d / (undesirable_weight x %d) = %.2f is outside the paper's [1, 4/3]; "
+                    "a dpo.desirable_weight in [%.2f, %.2f] brings it inside", n_d, n_u, ratio, low, high)
+
+
 def mismatched_partners(n: int, seed: int) -> list[int]:
     """For each of n rows another row (n >= 2): consecutive rows of a seeded shuffle, as a cycle."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
@@ -494,6 +509,8 @@ def run_dpo(cfg: DPOConfig, callbacks=()) -> Path:
         train_data = tokenize_pairs(train_rows, chat, cfg.data, "tokenise train pairs")
         eval_data = tokenize_pairs(eval_rows, chat, cfg.data, "tokenise eval pairs") if eval_rows else None
         collate, kind = partial(collate_pairs, pad_token_id=chat.pad_id), PAIRS
+    if kto:
+        check_kto_balance(train_data["label"], params)
     model = ref_model = None
     if params.loss_type not in REFERENCE_FREE:
         ref_source = params.ref_model or cfg.model.name_or_path
