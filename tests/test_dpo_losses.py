@@ -237,18 +237,20 @@ def test_loss_ignores_how_the_batch_is_split(tmp_path, tiny_model_dir, toy_prefs
     for bs, accum in [(8, 1), (4, 2), (1, 8)]:
         out = tmp_path / f"b{bs}"
         cfg = cfg_for(out, tiny_model_dir, data_for(name, toy_prefs, toy_unpaired), LOSSES[name] | extra, max_steps=3,
-                      batch_size=bs, grad_accum=accum, logging_steps=1)
-        cfg.data.eval_split = None
+                      batch_size=bs, grad_accum=accum, logging_steps=1, eval_steps=3)
         run_dpo(cfg)
         runs[bs] = (read_metrics(out), load_file(out / "final" / "model.safetensors"))
+    keys = ("loss", "rewards_chosen", "rewards_rejected") + (("kl",) if name == "kto" else ())
     for bs in (4, 1):
+        assert len(runs[bs][0]) == len(runs[8][0]) == 4  # three steps and one evaluation (batches of bs)
         for a, b in zip(runs[bs][0], runs[8][0]):
-            for k in ("loss", "rewards_chosen", "rewards_rejected") + (("kl",) if name == "kto" else ()):
-                assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), (bs, k)
+            for k in keys + tuple(f"eval_{k}" for k in keys):
+                if k in b:
+                    assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), (bs, k)
         for k, v in runs[8][1].items():
             torch.testing.assert_close(runs[bs][1][k], v, rtol=1e-4, atol=5e-5)
     if name == "kto":
-        assert min(m["kl"] for m in runs[8][0]) > 0.1  # the reference point is not floored to 0
+        assert min(m.get("kl", m.get("eval_kl")) for m in runs[8][0]) > 0.1  # the reference point is not floored to 0
 
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
@@ -355,3 +357,35 @@ def test_options_of_other_losses_are_refused():
         check(loss_type="kto", undesirable_weight=0.0)
     with pytest.raises(ConfigError, match="dpo.label_smoothing"):
         check(loss_type="orpo", label_smoothing=0.1)
+
+
+@pytest.mark.slow
+def test_kto_two_processes_match_one(tmp_path, tiny_model_dir, toy_unpaired, sharp_reference):
+    """KTO's reference point is reduced over processes: 2 processes x 4 rows train as 1 process x 4 x 2."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    common = ["dpo", "--model.name-or-path", str(tiny_model_dir), "--data.dataset", str(toy_unpaired),
+              "--data.max-examples", "64", "--data.max-eval-examples", "16", "--dpo.loss-type", "kto",
+              "--dpo.ref-model", str(sharp_reference), "--train.max-steps", "2", "--train.logging-steps", "1",
+              "--train.eval-steps", "2", "--train.save-steps", "0", "--train.precision", "fp32",
+              "--train.learning-rate", "1e-3", "--train.batch-size", "4", "--quiet"]
+    one = subprocess.run([sys.executable, "-m", "alignkit.cli", *common, "--output-dir", str(tmp_path / "one"),
+                          "--train.grad-accum", "2"], capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+              "--master_port", str(port), "-m", "alignkit.cli"]
+    two = subprocess.run([*launch, *common, "--output-dir", str(tmp_path / "two"), "--train.grad-accum", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert len(a) == len(b) == 3
+    for x, y in zip(a, b):
+        for k in ("loss", "kl", "rewards_chosen", "eval_loss", "eval_kl", "eval_rewards_chosen"):
+            if k in x:
+                assert y[k] == pytest.approx(x[k], rel=1e-5, abs=1e-7), k
+    assert a[0]["kl"] > 0.1

@@ -10,7 +10,7 @@ Simplifications: KTO's KL reference point is estimated from mismatched (prompt, 
 fixed once per dataset (each row's prompt with another row's completion, a seeded derangement), so
 the reference log-probabilities of those pairs can be cached too, and it is the mean over the whole
 optimizer step (all micro-batches and processes), so it does not depend on grad_accum; TRL pairs
-rows within each micro-batch and averages there. At evaluation it is the mean over each eval batch.
+rows within each micro-batch and averages there. At evaluation it is the mean over the whole eval set.
 ORPO's NLL term is the mean over the chosen reply's tokens of each pair (TRL's also covers the
 prompt tokens, averaged over the batch's tokens).
 """
@@ -295,9 +295,9 @@ def kl_log_ratios(model, ref_model, batch: dict) -> torch.Tensor:
     return policy - ref
 
 
-def kto_loss_fn(params: DPOParams, ref_model=None):
-    """loss_fn(model, batch) for KTO; the batch carries the step's KL reference point (`kto_kl`, from
-    KTOSource) in training; at evaluation it is estimated from the batch's own mismatched pairs."""
+def kto_loss_fn(params: DPOParams, ref_model=None, eval_point: "KTOEvalPoint | None" = None):
+    """loss_fn(model, batch) for KTO. In training the batch carries the step's KL reference point
+    (`kto_kl`, from KTOSource); at evaluation `eval_point` gives the eval set's (without one: the batch's)."""
 
     def loss_fn(model, batch) -> LossOutput:
         logps, _ = batch_sequence_logps(model, batch)
@@ -308,13 +308,14 @@ def kto_loss_fn(params: DPOParams, ref_model=None):
                 ref = batch_sequence_logps(ref_model, batch)[0]
         if "kto_kl" in batch:
             kl = batch["kto_kl"]
+        elif eval_point is not None:
+            kl = torch.tensor(eval_point(model))
         else:
             ratios = kl_log_ratios(model, ref_model, batch)
             kl = torch.tensor(kto_reference_point(float(ratios.sum()), len(ratios)))
         desirable = batch["label"]
-        losses, rewards = kto_losses(
-            logps, ref, desirable, kl, beta_at(params, batch.get("step")), params.desirable_weight, params.undesirable_weight
-        )
+        beta = beta_at(params, batch.get("step"))
+        losses, rewards = kto_losses(logps, ref, desirable, kl, beta, params.desirable_weight, params.undesirable_weight)
         d = desirable.to(rewards.dtype)
         u = 1 - d
         metrics = {  # per label: [sum, count], averaged over the rows of that label
@@ -329,6 +330,37 @@ def kto_loss_fn(params: DPOParams, ref_model=None):
     return loss_fn
 
 
+def reference_point(model, ref_model, batches: list[dict]) -> float:
+    """KTO's z0 over the mismatched pairs of `batches` on every process (a collective when distributed)."""
+    device = next(model.parameters()).device
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for b in batches:
+        ratios = kl_log_ratios(model, ref_model, to_device(b, device)).double()
+        total += torch.stack([ratios.sum(), torch.tensor(float(len(ratios)), dtype=torch.float64, device=device)])
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(total)
+    return kto_reference_point(*total.tolist())
+
+
+class KTOEvalPoint:
+    """KTO's z0 at evaluation: over the whole eval set (sharded over processes), once per evaluation,
+    so eval metrics do not depend on the eval batch size or the number of processes."""
+
+    def __init__(self, data, collate, batch_size: int, ref_model=None):
+        self.data, self.collate, self.batch_size, self.ref_model = data, collate, batch_size, ref_model
+        self.step: int | None = None
+        """The optimizer step the weights are at (set by KTOSource)."""
+        self._at: tuple | None = None
+
+    def __call__(self, model) -> float:
+        if self._at is None or self._at[0] != self.step:
+            state = distributed_state()
+            mine = list(range(state.process_index, len(self.data), state.num_processes))
+            batches = [self.collate([self.data[i] for i in mine[s : s + self.batch_size]]) for s in range(0, len(mine), self.batch_size)]
+            self._at = (self.step, reference_point(model, self.ref_model, batches))
+        return self._at[1]
+
+
 class KTOSource(ExampleSource):
     """KTO's examples in the loop's order, each micro-batch carrying the step's KL reference point.
 
@@ -337,22 +369,17 @@ class KTOSource(ExampleSource):
     grad_accum or number of processes.
     """
 
-    def __init__(self, data, collate, plan: StepPlan, ref_model=None):
+    def __init__(self, data, collate, plan: StepPlan, ref_model=None, eval_point: KTOEvalPoint | None = None):
         super().__init__(data, collate, plan)
-        self.ref_model = ref_model
+        self.ref_model, self.eval_point = ref_model, eval_point
 
     def micro_batches(self, step: int, model) -> list[dict]:
         batches = super().micro_batches(step, model)
-        device = next(model.parameters()).device
-        total = torch.zeros(2, dtype=torch.float64, device=device)
-        for b in batches:
-            ratios = kl_log_ratios(model, self.ref_model, to_device(b, device))
-            total += torch.stack([ratios.sum().double(), torch.tensor(float(len(ratios)), dtype=torch.float64, device=device)])
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and self.plan.world > 1:
-            torch.distributed.all_reduce(total)
-        kl = torch.tensor(kto_reference_point(*total.tolist()), dtype=torch.float32)
+        kl = torch.tensor(reference_point(model, self.ref_model, batches), dtype=torch.float32)
         for b in batches:
             b["kto_kl"] = kl
+        if self.eval_point is not None:
+            self.eval_point.step = step + 1  # an evaluation after this step sees its updated weights
         return batches
 
 
@@ -540,11 +567,18 @@ def run_dpo(cfg: DPOConfig, callbacks=()) -> Path:
         model = load_causal_lm(cfg.model, chat)
     if params.disable_dropout:
         disable_dropout(model)
-    source_fn = None
+    source_fn, loss_fn = None, dpo_loss_fn(params, ref_model)
     if kto:
+        if eval_data is not None and len(eval_data) < distributed_state().num_processes:
+            raise DataError(f"KTO: {len(eval_data)} eval rows for {distributed_state().num_processes} processes; each needs one")
+        eval_point = KTOEvalPoint(eval_data, collate, cfg.train.batch_size, ref_model) if eval_data is not None else None
+        loss_fn = kto_loss_fn(params, ref_model, eval_point)
+
         def source_fn(world: int, rank: int) -> KTOSource:
-            return KTOSource(train_data, collate, StepPlan(len(train_data), cfg.train, world, rank, cfg.seed), ref_model)
+            plan = StepPlan(len(train_data), cfg.train, world, rank, cfg.seed)
+            return KTOSource(train_data, collate, plan, ref_model, eval_point)
+
     callbacks = list(callbacks) + win_rate_callbacks(cfg.win_rate, chat, out)
-    train(model, chat, train_data, eval_data, collate, dpo_loss_fn(params, ref_model), cfg.train,
+    train(model, chat, train_data, eval_data, collate, loss_fn, cfg.train,
           RunOptions(out, cfg.seed, cfg.resume, cfg.quiet, config=cfg), callbacks, source_fn=source_fn)
     return out
