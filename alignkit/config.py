@@ -501,16 +501,19 @@ def check_sampling(cfg, prefix: str) -> None:
 
 def check_dpo(cfg, prefix: str) -> None:
     if cfg.label_smoothing and cfg.loss_type not in ("sigmoid", "simpo"):
-        raise ConfigError(f"{prefix}label_smoothing: {cfg.label_smoothing} applies to loss_type sigmoid and simpo only, not {cfg.loss_type!r}")
+        raise ConfigError(f"{prefix}label_smoothing: {cfg.label_smoothing} applies to loss_type sigmoid and "
+                          f"simpo only, not {cfg.loss_type!r}")
     # Options of the DPO losses that SimPO, ORPO and KTO do not have; KTO's weights only KTO has.
-    only = {"dpop_lambda": ("sigmoid", "ipo"), "kl_lambda": ("sigmoid", "ipo"), "length_normalize": ("sigmoid", "ipo"),
-            "clamp_margin": ("sigmoid", "ipo"), "ref_model": ("sigmoid", "ipo", "kto"),
-            "desirable_weight": ("kto",), "undesirable_weight": ("kto",)}
+    dpo = ("sigmoid", "ipo")
+    only = {"dpop_lambda": dpo, "kl_lambda": dpo, "length_normalize": dpo, "clamp_margin": dpo,
+            "ref_model": dpo + ("kto",), "desirable_weight": ("kto",), "undesirable_weight": ("kto",)}
     for key, types in only.items():
         value = getattr(cfg, key)
-        if value not in (None, False, 0, 0.0) and not (key.endswith("able_weight") and value == 1.0) and cfg.loss_type not in types:
-            raise ConfigError(f"{prefix}{key}: {value!r} applies to loss_type {' and '.join(types)}, not {cfg.loss_type!r}"
-                              + (" (it needs no reference model)" if cfg.loss_type in ("simpo", "orpo") else ""))
+        default = 1.0 if key.endswith("able_weight") else None
+        if value not in (None, False, 0, default) and cfg.loss_type not in types:
+            why = " (it needs no reference model)" if cfg.loss_type in ("simpo", "orpo") else ""
+            raise ConfigError(f"{prefix}{key}: {value!r} applies to loss_type {' and '.join(types)}, "
+                              f"not {cfg.loss_type!r}{why}")
     must_exist(prefix + "ref_model", cfg.ref_model, "model folder")
 
 

@@ -60,7 +60,8 @@ def collate_unpaired(examples: list[dict], pad_token_id: int) -> dict[str, torch
         seqs = [e["prompt_ids"] + e[side] for e in examples]
         batch[f"{prefix}input_ids"] = pad(seqs, pad_token_id)
         batch[f"{prefix}attention_mask"] = pad([[1] * len(s) for s in seqs], 0)
-        batch[f"{prefix}labels"] = pad([[IGNORE_INDEX] * len(e["prompt_ids"]) + e[side] for e in examples], IGNORE_INDEX)
+        labels = [[IGNORE_INDEX] * len(e["prompt_ids"]) + e[side] for e in examples]
+        batch[f"{prefix}labels"] = pad(labels, IGNORE_INDEX)
     batch["label"] = torch.tensor([bool(e["label"]) for e in examples], dtype=torch.bool)
     for key in ("ref_logps", "ref_kl_logps"):
         if key in examples[0]:

@@ -82,10 +82,11 @@ def check_usable(schema: str, shape: str) -> None:
     """Raise DataError when rows of `schema` cannot give examples of `shape`, saying what can."""
     if shape == "unpaired":
         if schema != "unpaired_preference":
+            other = "; preference pairs train with the other dpo.loss_type values"
+            hint = other if schema == "preference" else ""
             raise DataError(
-                f"KTO (dpo.loss_type: kto) trains on unpaired rows with 'prompt', 'completion' and a true/false "
-                f"'label' column; this dataset is {schema}"
-                + ("; preference pairs train with the other dpo.loss_type values" if schema == "preference" else "")
+                "KTO (dpo.loss_type: kto) trains on unpaired rows with 'prompt', 'completion' and a "
+                f"true/false 'label' column; this dataset is {schema}{hint}"
             )
         return
     if schema in UNUSABLE:
@@ -290,7 +291,8 @@ def to_preference(row: dict, schema: str) -> dict:
 def to_unpaired(row: dict, schema: str) -> dict:
     """A KTO row: the prompt as messages, the completion's text, and whether it is desirable."""
     if schema != "unpaired_preference":
-        raise DataError(f"unpaired rows need 'prompt', 'completion' and 'label' columns; this dataset is {schema}")
+        raise DataError(f"unpaired rows need 'prompt', 'completion' and 'label' columns; this dataset is "
+                        f"{schema}")
     if row.get("prompt") is None:
         raise RowError("prompt", "missing")
     prompt = prompt_messages(row["prompt"], "prompt")
@@ -317,7 +319,8 @@ def normalise(rows, source: Source, shape: str, skip_invalid: bool = False, row_
     """
     schema = detect_schema(rows.column_names)
     check_usable(schema, shape)
-    convert = {"conversation": to_conversation, "text": to_text, "preference": to_preference, "unpaired": to_unpaired}[shape]
+    convert = {"conversation": to_conversation, "text": to_text, "preference": to_preference,
+               "unpaired": to_unpaired}[shape]
     keep_columns = [c for c in ("category", "source", "prompt_id") if c in rows.column_names]
     out, problems = [], []
     reasons: Counter = Counter()

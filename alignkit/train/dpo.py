@@ -77,8 +77,9 @@ UNPAIRED = ("kto",)
 @dataclass
 class DPOParams:
     beta: float = 0.1
-    """Strength of the implicit KL constraint (IPO: its tau; SimPO: the reward scale, which its paper tunes
-    per model in 2 to 10; ORPO: the weight lambda of the odds-ratio term, TRL's default 0.1; KTO: its beta)."""
+    """Strength of the implicit KL constraint (IPO: its tau; SimPO: the reward scale, which its paper
+    tunes per model in 2 to 10; ORPO: the weight lambda of the odds-ratio term, TRL's default 0.1;
+    KTO: its beta)."""
     loss_type: Literal["sigmoid", "ipo", "simpo", "orpo", "kto"] = "sigmoid"
     """sigmoid: the DPO loss; ipo: the IPO squared loss on per-token log-ratios; simpo: SimPO's
     length-normalised margin with target margin simpo_gamma (no reference model); orpo: SFT loss on
@@ -251,13 +252,15 @@ def dpo_loss_fn(params: DPOParams, ref_model=None):
         chosen_tokens, rejected_tokens = tokens.chunk(2)
         beta = beta_at(params, batch.get("step"))
         metrics = {}
+        policy = (policy_chosen, policy_rejected, chosen_tokens, rejected_tokens)
         if params.loss_type == "simpo":
             losses, chosen_rewards, rejected_rewards = simpo_losses(
-                policy_chosen, policy_rejected, chosen_tokens, rejected_tokens, beta, params.simpo_gamma, params.label_smoothing
+                *policy, beta, params.simpo_gamma, params.label_smoothing
             )
         elif params.loss_type == "orpo":
-            losses, chosen_rewards, rejected_rewards, log_odds = orpo_losses(policy_chosen, policy_rejected, chosen_tokens, rejected_tokens, beta)
-            metrics = {"log_odds_ratio": log_odds.sum(), "nll_chosen": -(policy_chosen / chosen_tokens).detach().sum()}
+            losses, chosen_rewards, rejected_rewards, log_odds = orpo_losses(*policy, beta)
+            nll = -(policy_chosen / chosen_tokens).detach()
+            metrics = {"log_odds_ratio": log_odds.sum(), "nll_chosen": nll.sum()}
         else:
             if "ref_chosen_logps" in batch:
                 ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
@@ -265,7 +268,8 @@ def dpo_loss_fn(params: DPOParams, ref_model=None):
                 with torch.no_grad():
                     ref_chosen, ref_rejected = batch_sequence_logps(ref_model, batch)[0].chunk(2)
             losses, chosen_rewards, rejected_rewards = dpo_losses(
-                policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_tokens, rejected_tokens, params, beta
+                policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_tokens, rejected_tokens,
+                params, beta,
             )
         margin = chosen_rewards - rejected_rewards
         metrics = {
@@ -284,14 +288,17 @@ def dpo_loss_fn(params: DPOParams, ref_model=None):
 
 def kl_view(batch: dict) -> dict:
     """The mismatched (prompt, completion) rows of a KTO batch, as a batch of their own."""
-    return {"input_ids": batch["kl_input_ids"], "attention_mask": batch["kl_attention_mask"], "labels": batch["kl_labels"]}
+    return {key: batch[f"kl_{key}"] for key in ("input_ids", "attention_mask", "labels")}
 
 
 @torch.no_grad()
 def kl_log_ratios(model, ref_model, batch: dict) -> torch.Tensor:
     """log pi(y'|x) - log pi_ref(y'|x) of the batch's mismatched pairs (reference from the cache if there)."""
     policy = batch_sequence_logps(model, kl_view(batch))[0]
-    ref = batch["ref_kl_logps"] if "ref_kl_logps" in batch else batch_sequence_logps(ref_model, kl_view(batch))[0]
+    if "ref_kl_logps" in batch:
+        ref = batch["ref_kl_logps"]
+    else:
+        ref = batch_sequence_logps(ref_model, kl_view(batch))[0]
     return policy - ref
 
 
@@ -315,7 +322,8 @@ def kto_loss_fn(params: DPOParams, ref_model=None, eval_point: "KTOEvalPoint | N
             kl = torch.tensor(kto_reference_point(float(ratios.sum()), len(ratios)))
         desirable = batch["label"]
         beta = beta_at(params, batch.get("step"))
-        losses, rewards = kto_losses(logps, ref, desirable, kl, beta, params.desirable_weight, params.undesirable_weight)
+        weights = (params.desirable_weight, params.undesirable_weight)
+        losses, rewards = kto_losses(logps, ref, desirable, kl, beta, *weights)
         d = desirable.to(rewards.dtype)
         u = 1 - d
         metrics = {  # per label: [sum, count], averaged over the rows of that label
@@ -336,8 +344,10 @@ def reference_point(model, ref_model, batches: list[dict]) -> float:
     total = torch.zeros(2, dtype=torch.float64, device=device)
     for b in batches:
         ratios = kl_log_ratios(model, ref_model, to_device(b, device)).double()
-        total += torch.stack([ratios.sum(), torch.tensor(float(len(ratios)), dtype=torch.float64, device=device)])
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        total[0] += ratios.sum()
+        total[1] += len(ratios)
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         torch.distributed.all_reduce(total)
     return kto_reference_point(*total.tolist())
 
@@ -356,7 +366,9 @@ class KTOEvalPoint:
         if self._at is None or self._at[0] != self.step:
             state = distributed_state()
             mine = list(range(state.process_index, len(self.data), state.num_processes))
-            batches = [self.collate([self.data[i] for i in mine[s : s + self.batch_size]]) for s in range(0, len(mine), self.batch_size)]
+            bs = self.batch_size
+            batches = [self.collate([self.data[i] for i in mine[s : s + bs]])
+                       for s in range(0, len(mine), bs)]
             self._at = (self.step, reference_point(model, self.ref_model, batches))
         return self._at[1]
 
@@ -389,13 +401,15 @@ def check_kto_balance(labels: list[bool], params: DPOParams) -> None:
     n_u = len(labels) - n_d
     log.info("KTO: %d desirable and %d undesirable training rows", n_d, n_u)
     if not n_d or not n_u:
-        log.warning("KTO: no %s training rows; the loss then only pushes one way", "desirable" if not n_d else "undesirable")
+        missing = "desirable" if not n_d else "undesirable"
+        log.warning("KTO: no %s training rows; the loss then only pushes one way", missing)
         return
     ratio = params.desirable_weight * n_d / (params.undesirable_weight * n_u)
     if not 1 <= ratio <= 4 / 3:
         low, high = n_u * params.undesirable_weight / n_d, 4 / 3 * n_u * params.undesirable_weight / n_d
-        log.warning("KTO: desirable_weight x %d / (undesirable_weight x %d) = %.2f is outside the paper's [1, 4/3]; "
-                    "a dpo.desirable_weight in [%.2f, %.2f] brings it inside", n_d, n_u, ratio, low, high)
+        log.warning("KTO: desirable_weight x %d / (undesirable_weight x %d) = %.2f is outside the paper's "
+                    "[1, 4/3]; a dpo.desirable_weight in [%.2f, %.2f] brings it inside",
+                    n_d, n_u, ratio, low, high)
 
 
 def mismatched_partners(n: int, seed: int) -> list[int]:
@@ -410,7 +424,8 @@ def mismatched_partners(n: int, seed: int) -> list[int]:
 def add_kl_completions(rows, seed: int, what: str):
     """Each KTO row gets kl_completion_ids: another row's completion, for the KL reference point."""
     if len(rows) < 2:
-        raise DataError(f"KTO needs at least 2 {what} rows (its KL estimate pairs each prompt with another row's completion); got {len(rows)}")
+        raise DataError(f"KTO needs at least 2 {what} rows (its KL estimate pairs each prompt with another "
+                        f"row's completion); got {len(rows)}")
     completions = rows["completion_ids"]
     partner = mismatched_partners(len(rows), seed)
     return rows.add_column("kl_completion_ids", [completions[partner[i]] for i in range(len(rows))])
@@ -429,13 +444,17 @@ def unpaired_scores(ref_model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]
     return batch_sequence_logps(ref_model, batch)[0], batch_sequence_logps(ref_model, kl_view(batch))[0]
 
 
-PAIRS = (("prompt_ids", "chosen_ids", "rejected_ids"), ("chosen", "rejected"), ("ref_chosen_logps", "ref_rejected_logps"), pair_scores)
-UNPAIRED_ROWS = (("prompt_ids", "completion_ids", "kl_completion_ids"), ("completion", "kl"), ("ref_logps", "ref_kl_logps"), unpaired_scores)
+PAIRS = (("prompt_ids", "chosen_ids", "rejected_ids"), ("chosen", "rejected"),
+         ("ref_chosen_logps", "ref_rejected_logps"), pair_scores)
+UNPAIRED_ROWS = (("prompt_ids", "completion_ids", "kl_completion_ids"), ("completion", "kl"),
+                 ("ref_logps", "ref_kl_logps"), unpaired_scores)
 """(columns that key the cache, the cache file's fields, the columns added, the scoring function)."""
 
 
 @torch.no_grad()
-def reference_logps(ref_model, pairs, collate, batch_size: int, progress: bool = True, score=pair_scores) -> tuple[list[float], list[float]]:
+def reference_logps(
+    ref_model, pairs, collate, batch_size: int, progress: bool = True, score=pair_scores
+) -> tuple[list[float], list[float]]:
     """Sequence log-probabilities of chosen and rejected (or of what `score` returns) under the
     reference, sharded over processes."""
     from accelerate.utils import gather_object
@@ -474,8 +493,10 @@ def cache_key(ref_digest: str, pairs, columns=PAIRS[0]) -> str:
     return h.hexdigest()
 
 
-def add_reference_logps(pairs, ref_model, ref_digest: str, source: str, cache_dir: Path, collate, batch_size: int, progress: bool = True,
-                        kind=PAIRS):
+def add_reference_logps(
+    pairs, ref_model, ref_digest: str, source: str, cache_dir: Path, collate, batch_size: int,
+    progress: bool = True, kind=PAIRS,
+):
     """Attach ref_chosen_logps / ref_rejected_logps columns (KTO rows: ref_logps / ref_kl_logps, kind
     UNPAIRED_ROWS), from the cache when it has them."""
     key_columns, (first, second), (first_col, second_col), score = kind
@@ -527,10 +548,15 @@ def run_dpo(cfg: DPOConfig, callbacks=()) -> Path:
     params = cfg.dpo
     kto = params.loss_type in UNPAIRED
     chat = load_tokenizer(cfg.model)
-    train_rows, eval_rows = load_examples(cfg.data, "unpaired" if kto else "preference", cfg.seed, dpo_data_defaults().eval_split)
+    shape = "unpaired" if kto else "preference"
+    train_rows, eval_rows = load_examples(cfg.data, shape, cfg.seed, dpo_data_defaults().eval_split)
     if kto:
-        train_data = add_kl_completions(tokenize_unpaired(train_rows, chat, cfg.data, "tokenise train rows"), cfg.seed, "training")
-        eval_data = add_kl_completions(tokenize_unpaired(eval_rows, chat, cfg.data, "tokenise eval rows"), cfg.seed, "eval") if eval_rows else None
+        train_data = tokenize_unpaired(train_rows, chat, cfg.data, "tokenise train rows")
+        train_data = add_kl_completions(train_data, cfg.seed, "training")
+        eval_data = None
+        if eval_rows:
+            eval_data = tokenize_unpaired(eval_rows, chat, cfg.data, "tokenise eval rows")
+            eval_data = add_kl_completions(eval_data, cfg.seed, "eval")
         collate, kind = partial(collate_unpaired, pad_token_id=chat.pad_id), UNPAIRED_ROWS
     else:
         train_data = tokenize_pairs(train_rows, chat, cfg.data, "tokenise train pairs")
@@ -548,8 +574,9 @@ def run_dpo(cfg: DPOConfig, callbacks=()) -> Path:
     if ref_model is not None and params.precompute_ref:
         cache_dir = Path(params.ref_cache_dir) if params.ref_cache_dir else out / "ref_logps"
         digest = weights_digest(ref_model, ref_source)
-        add = partial(add_reference_logps, ref_model=ref_model, ref_digest=digest, source=ref_source, cache_dir=cache_dir,
-                      collate=collate, batch_size=cfg.train.batch_size, progress=not cfg.quiet, kind=kind)
+        add = partial(add_reference_logps, ref_model=ref_model, ref_digest=digest, source=ref_source,
+                      cache_dir=cache_dir, collate=collate, batch_size=cfg.train.batch_size,
+                      progress=not cfg.quiet, kind=kind)
         train_data = add(train_data)
         if eval_data is not None:
             eval_data = add(eval_data)
@@ -562,16 +589,20 @@ def run_dpo(cfg: DPOConfig, callbacks=()) -> Path:
     elif ref_model is not None:
         ref_model.to(distributed_state().device).eval()
     what = "rows" if kto else "pairs"
-    log.info("DPO (%s): %d training %s, %d eval %s", params.loss_type, len(train_data), what, len(eval_data) if eval_data else 0, what)
+    n_eval = len(eval_data) if eval_data else 0
+    log.info("DPO (%s): %d training %s, %d eval %s", params.loss_type, len(train_data), what, n_eval, what)
     if model is None:
         model = load_causal_lm(cfg.model, chat)
     if params.disable_dropout:
         disable_dropout(model)
     source_fn, loss_fn = None, dpo_loss_fn(params, ref_model)
     if kto:
-        if eval_data is not None and len(eval_data) < distributed_state().num_processes:
-            raise DataError(f"KTO: {len(eval_data)} eval rows for {distributed_state().num_processes} processes; each needs one")
-        eval_point = KTOEvalPoint(eval_data, collate, cfg.train.batch_size, ref_model) if eval_data is not None else None
+        world = distributed_state().num_processes
+        if eval_data is not None and len(eval_data) < world:
+            raise DataError(f"KTO: {len(eval_data)} eval rows for {world} processes; each process needs one")
+        eval_point = None
+        if eval_data is not None:
+            eval_point = KTOEvalPoint(eval_data, collate, cfg.train.batch_size, ref_model)
         loss_fn = kto_loss_fn(params, ref_model, eval_point)
 
         def source_fn(world: int, rank: int) -> KTOSource:
