@@ -217,7 +217,8 @@ def dropout_model_dir(tmp_path_factory, tiny_model_dir):
 
 
 @pytest.mark.parametrize("precompute_ref", [True, False])
-def test_dropout_is_off_so_the_policy_starts_as_the_reference(tmp_path, dropout_model_dir, toy_prefs, precompute_ref):
+def test_dropout_is_off_so_the_policy_starts_as_the_reference(tmp_path, dropout_model_dir, toy_prefs,
+                                                               precompute_ref):
     """#19.1: with dropout in the checkpoint, step 0's policy log-probs equal the reference's (loss log 2)."""
     cfg = dpo_cfg(tmp_path / "run", dropout_model_dir, toy_prefs, precompute_ref=precompute_ref,
                   train={"max_steps": 1, "logging_steps": 1, "eval_steps": None})

@@ -4,6 +4,7 @@ no reference model for the reference-free ones, KTO's unpaired rows, and small l
 import json
 import math
 import random
+from collections import defaultdict
 from types import SimpleNamespace
 
 import pytest
@@ -13,7 +14,8 @@ from alignkit.config import ConfigError, DataConfig, ModelConfig, TrainConfig, v
 from alignkit.data.schema import DataError
 from alignkit.train import dpo as dpo_mod
 from alignkit.train.dpo import (
-    DPOConfig, DPOParams, kto_losses, kto_reference_point, log1mexp, mismatched_partners, orpo_losses, run_dpo, simpo_losses,
+    DPOConfig, DPOParams, kto_losses, kto_reference_point, log1mexp, mismatched_partners, orpo_losses,
+    run_dpo, simpo_losses,
 )
 from alignkit.train.loop import read_metrics
 
@@ -32,14 +34,16 @@ def test_simpo_hand_computed():
     loss, rc, rr = simpo_losses(T([-4.0]), T([-6.0]), T([4.0]), T([2.0]), beta=2.0, gamma=1.0)
     assert loss.item() == pytest.approx(-logsig(3.0), rel=1e-6)
     assert (rc.item(), rr.item()) == pytest.approx((-2.0, -6.0))
-    loss, *_ = simpo_losses(T([-4.0]), T([-6.0]), T([4.0]), T([2.0]), beta=2.0, gamma=1.0, label_smoothing=0.1)
+    loss, *_ = simpo_losses(T([-4.0]), T([-6.0]), T([4.0]), T([2.0]), beta=2.0, gamma=1.0,
+                            label_smoothing=0.1)
     assert loss.item() == pytest.approx(-0.9 * logsig(3.0) - 0.1 * logsig(-3.0), rel=1e-6)
 
 
 def test_orpo_hand_computed():
     # Chosen: 2 tokens, mean log p = log 0.5 -> odds 1; rejected: 3 tokens, mean log p = log 0.2 -> odds 1/4.
     # Log odds ratio log 4; loss = NLL log 2 + 0.1 * -log sigmoid(log 4) = log 2 + 0.1 * log(5/4).
-    loss, rc, rr, log_odds = orpo_losses(T([2 * math.log(0.5)]), T([3 * math.log(0.2)]), T([2.0]), T([3.0]), lam=0.1)
+    pc, pr = T([2 * math.log(0.5)]), T([3 * math.log(0.2)])
+    loss, rc, rr, log_odds = orpo_losses(pc, pr, T([2.0]), T([3.0]), lam=0.1)
     assert log_odds.item() == pytest.approx(math.log(4), rel=1e-6)
     assert loss.item() == pytest.approx(math.log(2) + 0.1 * math.log(1.25), rel=1e-6)
     assert (rc.item(), rr.item()) == pytest.approx((0.1 * math.log(0.5), 0.1 * math.log(0.2)), rel=1e-6)
@@ -92,10 +96,11 @@ TOKENS_L = T([5.0, 4.0, 16.0, 3.0])
 def test_simpo_agrees_with_trl_cpo_trainer():
     cpo = pytest.importorskip("trl.experimental.cpo")
     for beta, gamma, eps in ((2.0, 0.5, 0.0), (2.5, 1.4, 0.1)):
-        trainer = SimpleNamespace(alpha=0.0, beta=beta, simpo_gamma=gamma, label_smoothing=eps, loss_type="simpo",
-                                  accelerator=SimpleNamespace(device="cpu"))
+        trainer = SimpleNamespace(alpha=0.0, beta=beta, simpo_gamma=gamma, label_smoothing=eps,
+                                  loss_type="simpo", accelerator=SimpleNamespace(device="cpu"))
         # TRL's CPO with loss_type simpo takes token-averaged log-probs; cpo_alpha 0 adds no NLL term.
-        theirs, their_rc, their_rr = cpo.CPOTrainer.cpo_loss(trainer, POLICY_W / TOKENS_W, POLICY_L / TOKENS_L)
+        theirs, their_rc, their_rr = cpo.CPOTrainer.cpo_loss(trainer, POLICY_W / TOKENS_W,
+                                                             POLICY_L / TOKENS_L)
         ours, rc, rr = simpo_losses(POLICY_W, POLICY_L, TOKENS_W, TOKENS_L, beta, gamma, eps)
         torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(rc, their_rc)
@@ -105,9 +110,11 @@ def test_simpo_agrees_with_trl_cpo_trainer():
 def test_orpo_odds_ratio_agrees_with_trl_orpo_trainer():
     orpo = pytest.importorskip("trl.experimental.orpo")
     trainer = SimpleNamespace(beta=0.25, accelerator=SimpleNamespace(device="cpu"))
-    theirs, their_rc, their_rr, _, their_log_odds = orpo.ORPOTrainer.odds_ratio_loss(trainer, POLICY_W / TOKENS_W, POLICY_L / TOKENS_L)
+    theirs, their_rc, their_rr, _, their_log_odds = orpo.ORPOTrainer.odds_ratio_loss(
+        trainer, POLICY_W / TOKENS_W, POLICY_L / TOKENS_L)
     ours, rc, rr, log_odds = orpo_losses(POLICY_W, POLICY_L, TOKENS_W, TOKENS_L, 0.25)
-    # TRL's loss is nll - mean(beta * log sigmoid(log odds)); ours per pair is nll_i - beta * log sigmoid(log odds_i).
+    # TRL's loss is nll - mean(beta * log sigmoid(log odds));
+    # ours per pair is nll_i - beta * log sigmoid(log odds_i).
     nll = -(POLICY_W / TOKENS_W)
     torch.testing.assert_close(ours - nll, -theirs, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(log_odds.mean(), their_log_odds)
@@ -131,7 +138,7 @@ class StubLM:
 
 
 def test_kto_agrees_with_trl_kto_trainer():
-    trl = pytest.importorskip("trl")
+    pytest.importorskip("trl")
     from trl.trainer.kto_trainer import KTOTrainer
 
     g = torch.Generator().manual_seed(0)
@@ -146,9 +153,9 @@ def test_kto_agrees_with_trl_kto_trainer():
     model = StubLM()
     for beta, wd, wu in ((0.1, 1.0, 1.0), (0.5, 1.33, 0.8)):
         fake = SimpleNamespace(
-            model=model, accelerator=SimpleNamespace(device="cpu", gather_for_metrics=lambda x: x), calculate_KL=True,
-            precompute_ref_logps=True, loss_type="kto", beta=beta, desirable_weight=wd, undesirable_weight=wu,
-            _metrics={"train": __import__("collections").defaultdict(list)}, _total_train_tokens=0, _tp_size=1,
+            model=model, accelerator=SimpleNamespace(device="cpu", gather_for_metrics=lambda x: x),
+            calculate_KL=True, precompute_ref_logps=True, loss_type="kto", beta=beta, desirable_weight=wd,
+            undesirable_weight=wu, _metrics={"train": defaultdict(list)}, _total_train_tokens=0, _tp_size=1,
             aux_loss_enabled=False, args=SimpleNamespace(gradient_checkpointing_kwargs=None),
         )
         fake._compute_kl_logps = lambda m, b, fake=fake: KTOTrainer._compute_kl_logps(fake, m, b)
@@ -160,7 +167,6 @@ def test_kto_agrees_with_trl_kto_trainer():
         ours, _ = kto_losses(policy, ref, label, z0, beta, wd, wu)
         assert ours.mean().item() == pytest.approx(theirs.item(), rel=1e-6)
         assert fake._metrics["train"]["kl"][-1] == pytest.approx(z0, rel=1e-6)
-    assert trl  # imported for the skip
 
 
 # --------------------------------------------------------------------------- training
@@ -188,24 +194,27 @@ def unpaired_rows(pairs_file) -> list[dict]:
 def toy_unpaired(tmp_path_factory, toy_prefs):
     d = tmp_path_factory.mktemp("unpaired")
     for split in ("train_prefs", "test_prefs"):
-        (d / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in unpaired_rows(toy_prefs / f"{split}.jsonl")))
+        rows = unpaired_rows(toy_prefs / f"{split}.jsonl")
+        (d / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return d
 
 
 def cfg_for(out, model_dir, data_dir, dpo: dict, **train) -> DPOConfig:
-    t = dict(max_steps=30, batch_size=8, learning_rate=1e-3, logging_steps=5, save_steps=None, precision="fp32",
-             scheduler="constant", eval_steps=None)
+    t = dict(max_steps=30, batch_size=8, learning_rate=1e-3, logging_steps=5, save_steps=None,
+             precision="fp32", scheduler="constant", eval_steps=None)
     t.update(train)
     return DPOConfig(
         output_dir=str(out), seed=0, quiet=True, model=ModelConfig(name_or_path=str(model_dir)),
-        data=DataConfig(dataset=str(data_dir), split="train_prefs", eval_split="test_prefs", max_examples=64, max_eval_examples=16),
+        data=DataConfig(dataset=str(data_dir), split="train_prefs", eval_split="test_prefs", max_examples=64,
+                        max_eval_examples=16),
         train=TrainConfig(**t), dpo=DPOParams(**dpo),
     )
 
 
 @pytest.fixture(scope="module")
 def sharp_reference(tmp_path_factory, tiny_model_dir):
-    """The tiny model with its final norm scaled x30: confident and wrong, so KTO's KL estimate is positive."""
+    """The tiny model with its final norm scaled x30: confident and wrong, so KTO's KL estimate is
+    positive."""
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -218,7 +227,8 @@ def sharp_reference(tmp_path_factory, tiny_model_dir):
     return out
 
 
-LOSSES = {"simpo": dict(loss_type="simpo", beta=2.0, simpo_gamma=0.5), "orpo": dict(loss_type="orpo", beta=0.2),
+LOSSES = {"simpo": dict(loss_type="simpo", beta=2.0, simpo_gamma=0.5),
+          "orpo": dict(loss_type="orpo", beta=0.2),
           "kto": dict(loss_type="kto", beta=0.1)}
 
 
@@ -227,7 +237,8 @@ def data_for(name, toy_prefs, toy_unpaired):
 
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
-def test_loss_ignores_how_the_batch_is_split(tmp_path, tiny_model_dir, toy_prefs, toy_unpaired, sharp_reference, name):
+def test_loss_ignores_how_the_batch_is_split(tmp_path, tiny_model_dir, toy_prefs, toy_unpaired,
+                                             sharp_reference, name):
     """Global batch of 8 as 1x8, 2x4 and 8x1 micro-batches: same losses, same weights."""
     from safetensors.torch import load_file
 
@@ -236,8 +247,8 @@ def test_loss_ignores_how_the_batch_is_split(tmp_path, tiny_model_dir, toy_prefs
     extra = {"ref_model": str(sharp_reference)} if name == "kto" else {}
     for bs, accum in [(8, 1), (4, 2), (1, 8)]:
         out = tmp_path / f"b{bs}"
-        cfg = cfg_for(out, tiny_model_dir, data_for(name, toy_prefs, toy_unpaired), LOSSES[name] | extra, max_steps=3,
-                      batch_size=bs, grad_accum=accum, logging_steps=1, eval_steps=3)
+        cfg = cfg_for(out, tiny_model_dir, data_for(name, toy_prefs, toy_unpaired), LOSSES[name] | extra,
+                      max_steps=3, batch_size=bs, grad_accum=accum, logging_steps=1, eval_steps=3)
         run_dpo(cfg)
         runs[bs] = (read_metrics(out), load_file(out / "final" / "model.safetensors"))
     keys = ("loss", "rewards_chosen", "rewards_rejected") + (("kl",) if name == "kto" else ())
@@ -250,7 +261,8 @@ def test_loss_ignores_how_the_batch_is_split(tmp_path, tiny_model_dir, toy_prefs
         for k, v in runs[8][1].items():
             torch.testing.assert_close(runs[bs][1][k], v, rtol=1e-4, atol=5e-5)
     if name == "kto":
-        assert min(m.get("kl", m.get("eval_kl")) for m in runs[8][0]) > 0.1  # the reference point is not floored to 0
+        # The reference point is not floored to 0.
+        assert min(m.get("kl", m.get("eval_kl")) for m in runs[8][0]) > 0.1
 
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
@@ -263,9 +275,11 @@ def test_new_losses_learn_the_toy_preferences(tmp_path, tiny_model_dir, toy_pref
     first, last = train_logs[0], train_logs[-1]
     margin = lambda m, p="": m[p + "rewards_chosen"] - m[p + "rewards_rejected"]  # noqa: E731
     assert last["loss"] < first["loss"], (first, last)
-    assert margin(last) > max(margin(first), 0) + {"orpo": 0.02}.get(name, 0.2), (first, last)  # ORPO's rewards: 0.2 x mean log p
+    rise = {"orpo": 0.02}.get(name, 0.2)  # ORPO's rewards are 0.2 x mean log p
+    assert margin(last) > max(margin(first), 0) + rise, (first, last)
     if name != "kto":
-        assert last["reward_accuracy"] >= 0.85 and last["reward_accuracy"] > first["reward_accuracy"], (first, last)
+        assert last["reward_accuracy"] >= 0.85, (first, last)
+        assert last["reward_accuracy"] > first["reward_accuracy"], (first, last)
     if name == "orpo":
         assert last["log_odds_ratio"] > first["log_odds_ratio"] + 0.1
     evals = [m for m in logs if "eval_loss" in m][-1]
@@ -276,20 +290,24 @@ def test_new_losses_learn_the_toy_preferences(tmp_path, tiny_model_dir, toy_pref
 def test_reference_free_losses_load_no_reference(tmp_path, tiny_model_dir, toy_prefs, monkeypatch, loss_type):
     loads = []
     real = dpo_mod.load_causal_lm
-    monkeypatch.setattr(dpo_mod, "load_causal_lm", lambda *a, **k: loads.append(k.get("path")) or real(*a, **k))
+    monkeypatch.setattr(dpo_mod, "load_causal_lm",
+                        lambda *a, **k: loads.append(k.get("path")) or real(*a, **k))
 
     def no_reference_pass(*a, **k):
         raise AssertionError("a reference pass ran")
 
     monkeypatch.setattr(dpo_mod, "reference_logps", no_reference_pass)
     monkeypatch.setattr(dpo_mod, "weights_digest", no_reference_pass)
-    run_dpo(cfg_for(tmp_path / "run", tiny_model_dir, toy_prefs, {"loss_type": loss_type}, max_steps=2, eval_steps=2))
+    run_dpo(cfg_for(tmp_path / "run", tiny_model_dir, toy_prefs, {"loss_type": loss_type}, max_steps=2,
+                    eval_steps=2))
     assert loads == [None]  # the policy only
     assert not (tmp_path / "run" / "ref_logps").exists()
 
 
-def test_kto_caches_reference_log_probs_of_completions_and_mismatched_pairs(tmp_path, tiny_model_dir, toy_unpaired):
-    cfg = cfg_for(tmp_path / "run", tiny_model_dir, toy_unpaired, {"loss_type": "kto"}, max_steps=1, logging_steps=1)
+def test_kto_caches_reference_log_probs_of_completions_and_mismatched_pairs(tmp_path, tiny_model_dir,
+                                                                            toy_unpaired):
+    cfg = cfg_for(tmp_path / "run", tiny_model_dir, toy_unpaired, {"loss_type": "kto"}, max_steps=1,
+                  logging_steps=1)
     cfg.data.eval_split = None
     run_dpo(cfg)
     (cache,) = (tmp_path / "run" / "ref_logps").glob("*.json")
@@ -313,11 +331,13 @@ GOOD = {"prompt": "Say hi", "completion": "hi", "label": True}
 
 
 @pytest.mark.parametrize("bad, message", [
-    ({"prompt": "Say hi", "completion": "hi", "label": "yes"}, "row 1: field 'label': expected true \\(desirable\\) or false"),
+    ({"prompt": "Say hi", "completion": "hi", "label": "yes"},
+     "row 1: field 'label': expected true \\(desirable\\) or false"),
     ({"prompt": "Say hi", "completion": "hi", "label": 1}, "row 1: field 'label'"),
     ({"prompt": "Say hi", "completion": "", "label": False}, "row 1: field 'completion': empty"),
     ({"prompt": "Say hi", "completion": None, "label": False}, "row 1: field 'completion': missing"),
-    ({"prompt": [{"role": "robot", "content": "x"}], "completion": "hi", "label": False}, "row 1: field 'prompt\\[0\\].role'"),
+    ({"prompt": [{"role": "robot", "content": "x"}], "completion": "hi", "label": False},
+     "row 1: field 'prompt\\[0\\].role'"),
 ])
 def test_bad_kto_rows_name_line_and_field(tmp_path, bad, message):
     from alignkit.data.prepare import load_examples
@@ -347,7 +367,8 @@ def test_options_of_other_losses_are_refused():
 
     check(loss_type="simpo", label_smoothing=0.1, simpo_gamma=1.0)
     check(loss_type="kto", desirable_weight=1.33)
-    with pytest.raises(ConfigError, match="dpo.dpop_lambda: 1.0 applies to loss_type sigmoid and ipo, not 'simpo'.*no reference"):
+    match = "dpo.dpop_lambda: 1.0 applies to loss_type sigmoid and ipo, not 'simpo'.*no reference"
+    with pytest.raises(ConfigError, match=match):
         check(loss_type="simpo", dpop_lambda=1.0)
     with pytest.raises(ConfigError, match="dpo.ref_model"):
         check(loss_type="orpo", ref_model="some/model")
@@ -374,11 +395,12 @@ def test_kto_two_processes_match_one(tmp_path, tiny_model_dir, toy_unpaired, sha
               "--dpo.ref-model", str(sharp_reference), "--train.max-steps", "2", "--train.logging-steps", "1",
               "--train.eval-steps", "2", "--train.save-steps", "0", "--train.precision", "fp32",
               "--train.learning-rate", "1e-3", "--train.batch-size", "4", "--quiet"]
-    one = subprocess.run([sys.executable, "-m", "alignkit.cli", *common, "--output-dir", str(tmp_path / "one"),
-                          "--train.grad-accum", "2"], capture_output=True, text=True, timeout=300)
+    one = subprocess.run([sys.executable, "-m", "alignkit.cli", *common,
+                          "--output-dir", str(tmp_path / "one"), "--train.grad-accum", "2"],
+                         capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-              "--master_port", str(port), "-m", "alignkit.cli"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+              "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "alignkit.cli"]
     two = subprocess.run([*launch, *common, "--output-dir", str(tmp_path / "two"), "--train.grad-accum", "1"],
                          capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
