@@ -318,6 +318,36 @@ def test_kto_caches_reference_log_probs_of_completions_and_mismatched_pairs(tmp_
     assert first["loss"] == pytest.approx(0.5, rel=1e-6) and first["kl"] == pytest.approx(0.0, abs=1e-7)
 
 
+def test_kto_with_dropout_in_the_checkpoint_starts_at_the_reference(tmp_path, tiny_model_dir, toy_unpaired):
+    """#19.1 for KTO: dropout off, so at step 0 r = 0 and z0 = 0 for every row (loss 1 - sigmoid(0))."""
+    import shutil
+
+    model = tmp_path / "dropout"
+    shutil.copytree(tiny_model_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(config | {"attention_dropout": 0.1}))
+    cfg = cfg_for(tmp_path / "run", model, toy_unpaired, {"loss_type": "kto"}, max_steps=1, logging_steps=1)
+    cfg.data.eval_split = None
+    run_dpo(cfg)
+    first = read_metrics(tmp_path / "run")[0]
+    assert first["loss"] == pytest.approx(0.5, rel=1e-6) and first["kl"] == pytest.approx(0.0, abs=1e-7)
+
+
+def test_kto_live_reference_equals_cached_reference(tmp_path, tiny_model_dir, toy_unpaired, sharp_reference):
+    runs = []
+    for name, precompute in (("cached", True), ("live", False)):
+        dpo = {"loss_type": "kto", "precompute_ref": precompute, "ref_model": str(sharp_reference)}
+        cfg = cfg_for(tmp_path / name, tiny_model_dir, toy_unpaired, dpo, max_steps=3, logging_steps=1, eval_steps=3)
+        run_dpo(cfg)
+        runs.append(read_metrics(tmp_path / name))
+    assert not (tmp_path / "live" / "ref_logps").exists()
+    assert len(runs[0]) == len(runs[1]) == 4
+    for x, y in zip(*runs):
+        for k in x:
+            if k != "tokens_per_s":
+                assert y[k] == pytest.approx(x[k], rel=1e-5, abs=1e-7), k
+
+
 # --------------------------------------------------------------------------- KTO rows and options
 
 
