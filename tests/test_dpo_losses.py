@@ -337,7 +337,8 @@ def test_kto_live_reference_equals_cached_reference(tmp_path, tiny_model_dir, to
     runs = []
     for name, precompute in (("cached", True), ("live", False)):
         dpo = {"loss_type": "kto", "precompute_ref": precompute, "ref_model": str(sharp_reference)}
-        cfg = cfg_for(tmp_path / name, tiny_model_dir, toy_unpaired, dpo, max_steps=3, logging_steps=1, eval_steps=3)
+        cfg = cfg_for(tmp_path / name, tiny_model_dir, toy_unpaired, dpo, max_steps=3, logging_steps=1,
+                      eval_steps=3)
         run_dpo(cfg)
         runs.append(read_metrics(tmp_path / name))
     assert not (tmp_path / "live" / "ref_logps").exists()
@@ -385,10 +386,27 @@ def test_kto_and_pair_data_mismatch_is_a_clear_error(tmp_path, tiny_model_dir, t
     cfg.data.eval_split = None
     with pytest.raises(DataError, match="unpaired preference.*dpo.loss_type: kto"):
         run_dpo(cfg)
-    cfg = cfg_for(tmp_path / "run", tiny_model_dir, toy_prefs, {"loss_type": "kto"})
-    with pytest.raises(DataError, match="KTO .* 'label' column; this dataset is preference"):
+    text = write(tmp_path / "t" / "train_prefs.jsonl", [{"text": "plain"}]).parent
+    cfg = cfg_for(tmp_path / "run", tiny_model_dir, text, {"loss_type": "kto"})
+    cfg.data.eval_split = None
+    with pytest.raises(DataError, match="KTO .* 'label' column, or on preference pairs; this dataset is"):
         run_dpo(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_kto_reads_preference_pairs_as_two_unpaired_rows(tmp_path, toy_prefs):
+    from alignkit.data.prepare import load_examples
+
+    cfg = DataConfig(dataset=str(toy_prefs), split="train_prefs", eval_split="test_prefs", max_examples=5)
+    rows, evals = load_examples(cfg, "unpaired", 0)
+    pairs, _ = load_examples(DataConfig(dataset=str(toy_prefs), split="train_prefs", max_examples=5),
+                             "preference", 0)
+    assert len(rows) == 10 and len(evals) == 32
+    for pair, (chosen, rejected) in zip(pairs, zip(rows[::2], rows[1::2])):
+        assert chosen == {"prompt": pair["prompt"], "completion": pair["chosen"], "label": True,
+                          "category": pair["category"]}
+        assert rejected == {"prompt": pair["prompt"], "completion": pair["rejected"], "label": False,
+                            "category": pair["category"]}
 
 
 def test_options_of_other_losses_are_refused():

@@ -20,6 +20,7 @@ Schemas understood (TRL's standard and conversational formats, and the raw forms
   prompt_only         `prompt`: prompts for generate / eval, not training rows (a clear error there)
   unpaired_preference `prompt` + `completion` + `label` (KTO): `label` true for a desirable completion,
                       false for an undesirable one; `alignkit dpo` with dpo.loss_type kto trains on it
+                      (and on preference pairs, each read as two unpaired rows)
 
 Simplification: standard (string) prompts are wrapped as one user turn and go through the chat
 template like conversational ones; TRL applies no template to standard rows.
@@ -81,12 +82,10 @@ UNUSABLE = {
 def check_usable(schema: str, shape: str) -> None:
     """Raise DataError when rows of `schema` cannot give examples of `shape`, saying what can."""
     if shape == "unpaired":
-        if schema != "unpaired_preference":
-            other = "; preference pairs train with the other dpo.loss_type values"
-            hint = other if schema == "preference" else ""
+        if schema not in ("unpaired_preference", "preference"):
             raise DataError(
                 "KTO (dpo.loss_type: kto) trains on unpaired rows with 'prompt', 'completion' and a "
-                f"true/false 'label' column; this dataset is {schema}{hint}"
+                f"true/false 'label' column, or on preference pairs; this dataset is {schema}"
             )
         return
     if schema in UNUSABLE:
@@ -288,8 +287,15 @@ def to_preference(row: dict, schema: str) -> dict:
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
-def to_unpaired(row: dict, schema: str) -> dict:
-    """A KTO row: the prompt as messages, the completion's text, and whether it is desirable."""
+def to_unpaired(row: dict, schema: str) -> dict | list[dict]:
+    """A KTO row: the prompt as messages, the completion's text, and whether it is desirable.
+
+    A preference pair gives two rows, chosen desirable and rejected not (TRL's unpair_preference_dataset).
+    """
+    if schema == "preference":
+        pair = to_preference(row, schema)
+        return [{"prompt": list(pair["prompt"]), "completion": pair[side], "label": side == "chosen"}
+                for side in ("chosen", "rejected")]
     if schema != "unpaired_preference":
         raise DataError(f"unpaired rows need 'prompt', 'completion' and 'label' columns; this dataset is "
                         f"{schema}")
@@ -331,9 +337,10 @@ def normalise(rows, source: Source, shape: str, skip_invalid: bool = False, row_
             problems.append(f"{source.where(row_ids[i] if row_ids is not None else i)}: {e}")
             reasons[e.message] += 1
             continue
-        for c in keep_columns:
-            item[c] = row[c]
-        out.append(item)
+        for one in item if isinstance(item, list) else [item]:
+            for c in keep_columns:
+                one[c] = row[c]
+            out.append(one)
     if problems:
         if not skip_invalid:
             shown = "\n  ".join(problems[:20])
@@ -346,6 +353,9 @@ def normalise(rows, source: Source, shape: str, skip_invalid: bool = False, row_
             "skipped %d invalid row(s) of %d in %s: %s",
             len(problems), len(rows), source.name, dict(reasons),
         )
+    if shape == "unpaired" and schema == "preference":
+        log.info("KTO: %s: %d preference pairs read as %d unpaired rows (chosen desirable, rejected not)",
+                 source.name, len(out) // 2, len(out))
     if not out:
         why = "; ".join(f"{n} x {reason}" for reason, n in reasons.most_common(5))
         raise DataError(f"{source.name}: no valid rows: read {len(rows)} row(s), all invalid ({why or 'no rows'})")
