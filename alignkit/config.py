@@ -534,6 +534,7 @@ RANGES: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
     "DPOParams": {
         "beta": POSITIVE, "label_smoothing": between(0, 0.5, high_open=True), "dpop_lambda": NON_NEGATIVE,
         "kl_lambda": NON_NEGATIVE, "clamp_margin": POSITIVE, "beta_warmup_steps": at_least(0),
+        "simpo_gamma": NON_NEGATIVE, "desirable_weight": POSITIVE, "undesirable_weight": POSITIVE,
     },
     "RewardConfig": {"concurrency": COUNT, "timeout_s": POSITIVE, "max_retries": at_least(0), "batch_size": COUNT, "max_length": COUNT},
     "ServeRewardConfig": {
@@ -652,8 +653,20 @@ def check_sampling(cfg, prefix: str) -> None:
 
 
 def check_dpo(cfg, prefix: str) -> None:
-    if cfg.label_smoothing and cfg.loss_type != "sigmoid":
-        raise ConfigError(f"{prefix}label_smoothing: {cfg.label_smoothing} applies to loss_type sigmoid only, not {cfg.loss_type!r}")
+    if cfg.label_smoothing and cfg.loss_type not in ("sigmoid", "simpo"):
+        raise ConfigError(f"{prefix}label_smoothing: {cfg.label_smoothing} applies to loss_type sigmoid and "
+                          f"simpo only, not {cfg.loss_type!r}")
+    # Options of the DPO losses that SimPO, ORPO and KTO do not have; KTO's weights only KTO has.
+    dpo = ("sigmoid", "ipo")
+    only = {"dpop_lambda": dpo, "kl_lambda": dpo, "length_normalize": dpo, "clamp_margin": dpo,
+            "ref_model": dpo + ("kto",), "desirable_weight": ("kto",), "undesirable_weight": ("kto",)}
+    for key, types in only.items():
+        value = getattr(cfg, key)
+        default = 1.0 if key.endswith("able_weight") else None
+        if value not in (None, False, 0, default) and cfg.loss_type not in types:
+            why = " (it needs no reference model)" if cfg.loss_type in ("simpo", "orpo") else ""
+            raise ConfigError(f"{prefix}{key}: {value!r} applies to loss_type {' and '.join(types)}, "
+                              f"not {cfg.loss_type!r}{why}")
     must_exist(prefix + "ref_model", cfg.ref_model, "model folder")
 
 
