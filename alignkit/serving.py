@@ -11,12 +11,13 @@ Everything that reaches the port is untrusted:
   - every early reply closes the connection, so an unread body is never taken for a request;
   - slow clients (slowloris): the request line and headers must arrive within `header_timeout_s` in
     total (408 then close) and the body within `socket_timeout_s` in total, besides the per-read idle
-    timeout. Connections that are still sending headers (or idle between requests) are not counted
-    against `max_connections`: at most `max_pending` of them wait, and a new one beyond that closes the
-    oldest. A request takes one of the `max_connections` slots only once its headers are in and it
-    passed the Host and token checks (503 when none is free), and gives it back when answered. With a
-    token set, a client without it can therefore never hold a slot; without a token every local
-    process is trusted as much as the server's user (it could also just send heavy requests);
+    timeout; at most 64 KiB may arrive before the headers end (431). Connections still sending
+    headers (or idle between requests) are not counted against `max_connections`: at most
+    `max_pending` of them wait, and a new one beyond that closes the oldest. A request takes one of
+    the `max_connections` slots only once its headers are in and it passed the Host and token checks
+    (503 when none is free), and gives it back when answered. With a token set, a client without it
+    can therefore never hold a slot; without a token every local process is trusted as much as the
+    server's user (it could also just send heavy requests);
   - the model work runs on one worker thread, and a request that waits longer than its limit gets 504.
 Simplified: no TLS (put a TLS proxy in front for that), no batching across clients, no per-address
 limits (on loopback every client has the same address).
@@ -32,6 +33,7 @@ import logging
 import os
 import re
 import socket
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -47,12 +49,21 @@ MAX_BODY = 8 * 1024 * 1024
 SLOW_BODY = b'{"error": {"message": "request line and headers not received in time"}}'
 SLOW = (b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\nConnection: close\r\n"
         b"Content-Length: %d\r\n\r\n%s" % (len(SLOW_BODY), SLOW_BODY))
+LARGE_BODY = b'{"error": {"message": "request line and headers too large"}}'
+LARGE = (b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: application/json\r\n"
+         b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(LARGE_BODY), LARGE_BODY))
+MAX_HEADER_BYTES = 64 * 1024
+"""Bytes a connection may send before its headers end (with what the reader buffers past them)."""
 MODEL_ROUTES = ("/v1/models", "/models")
 CHAT_ROUTES = ("/v1/chat/completions", "/chat/completions")
 
 
 class DeadlinePassed(Exception):
     """The total time allowed for reading part of a request (headers or body) is over."""
+
+
+class HeadersTooLarge(Exception):
+    """More than MAX_HEADER_BYTES arrived before the end of the headers."""
 
 
 class DeadlineReader(io.RawIOBase):
@@ -62,11 +73,15 @@ class DeadlineReader(io.RawIOBase):
     def __init__(self, sock: socket.socket, idle_s: float):
         self.sock, self.idle_s = sock, idle_s
         self.deadline: float | None = None
+        self.limit: int | None = None
         self.received = 0  # bytes since the last begin()
 
-    def begin(self, seconds: float | None) -> None:
+    def begin(self, seconds: float | None, limit: int | None = None) -> None:
+        """Start a total limit of `seconds` and of `limit` bytes (None: none); the socket's own timeout
+        is the idle one again, so a reply is never written under what was left of a read's deadline."""
         self.deadline = None if seconds is None else time.monotonic() + seconds
-        self.received = 0
+        self.limit, self.received = limit, 0
+        self.sock.settimeout(self.idle_s)
 
     def readable(self) -> bool:
         return True
@@ -86,6 +101,8 @@ class DeadlineReader(io.RawIOBase):
                 raise DeadlinePassed from None
             raise
         self.received += n
+        if self.limit is not None and self.received > self.limit:
+            raise HeadersTooLarge
         return n
 
 
@@ -137,7 +154,10 @@ class CappedHTTPServer(ThreadingHTTPServer):
         threading.Thread(target=run, daemon=True).start()
 
     def handle_error(self, request, client_address):
-        log.debug("connection from %s ended with an error", client_address, exc_info=True)
+        if isinstance(sys.exc_info()[1], OSError):  # a client gone (or closed as the oldest waiter)
+            log.debug("connection from %s ended: %s", client_address, sys.exc_info()[1])
+        else:
+            log.exception("error while handling a request from %s", client_address)
 
     def server_close(self):
         super().server_close()
@@ -204,15 +224,15 @@ def json_handler(socket_timeout_s: float, token: str | None,
         def handle_one_request(self):
             """One request: its line and headers within header_timeout_s, a slot only once admitted."""
             self.server.await_request(self.connection)
-            self.reader.begin(header_timeout_s)
+            self.reader.begin(header_timeout_s, MAX_HEADER_BYTES)
             self.slot = False
             try:
                 super().handle_one_request()
-            except DeadlinePassed:
+            except (DeadlinePassed, HeadersTooLarge) as e:
                 self.close_connection = True
                 if self.reader.received:  # silence for a connection that sent nothing (idle keep-alive)
                     try:
-                        self.wfile.write(SLOW)
+                        self.wfile.write(LARGE if isinstance(e, HeadersTooLarge) else SLOW)
                     except OSError:
                         pass
             finally:

@@ -147,6 +147,18 @@ def test_request_line_and_headers_have_a_total_deadline(running):
     assert elapsed < 2.0  # the idle timeout (5 s) was never reached
 
 
+def test_oversized_headers_are_refused(running):
+    """#17.8: headers that never end but keep coming fast (90 lines of 1 kB, under http.client's 100-line
+    limit) are cut off at 64 KiB with 431."""
+    from alignkit.serving import MAX_HEADER_BYTES
+
+    port = running(make_server(RuleReward("toy"), "127.0.0.1", 0))
+    flood = b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"".join(b"X-%02d: %s\r\n" % (i, b"a" * 1000)
+                                                                        for i in range(90))
+    reply = exchange(port, flood[: MAX_HEADER_BYTES + 1])  # all of it read by the server: no reset
+    assert status(reply) == 431 and b"too large" in reply
+
+
 def test_unauthenticated_requests_never_hold_a_slot(running):
     """#17.8: with a token set, requests without it are refused (401) before taking one of the
     max_connections slots, so they cannot crowd out the authenticated client."""

@@ -81,7 +81,10 @@ _CONTROL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def control_tokens(tokenizer) -> tuple[re.Pattern | None, frozenset[int]]:
     """(a pattern matching the text of any added or special token, longest first; their ids)."""
     size = len(tokenizer)
-    cached = _CONTROL.get(tokenizer)
+    try:
+        cached = _CONTROL.get(tokenizer)
+    except TypeError:  # a tokenizer that cannot be weakly referenced or hashed: computed each time
+        cached = None
     if cached is not None and cached[0] == size:
         return cached[1], cached[2]
     decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
@@ -89,7 +92,10 @@ def control_tokens(tokenizer) -> tuple[re.Pattern | None, frozenset[int]]:
     names = sorted((n for n in names if n), key=len, reverse=True)
     pattern = re.compile("|".join(re.escape(n) for n in names)) if names else None
     ids = frozenset(decoder) | frozenset(i for i in tokenizer.convert_tokens_to_ids(names) if i is not None)
-    _CONTROL[tokenizer] = (size, pattern, ids)
+    try:
+        _CONTROL[tokenizer] = (size, pattern, ids)
+    except TypeError:
+        pass
     return pattern, ids
 
 
