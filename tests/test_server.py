@@ -54,7 +54,7 @@ def exchange(port: int, raw: bytes, wait_s: float = 3.0) -> bytes:
 
 
 def post(path="/v1/chat/completions", body=BODY, headers=None) -> bytes:
-    headers = {"Host": "x", "Content-Type": "application/json", "Content-Length": str(len(body)), **(headers or {})}
+    headers = {"Host": "127.0.0.1", "Content-Type": "application/json", "Content-Length": str(len(body)), **(headers or {})}
     return f"POST {path} HTTP/1.1\r\n".encode() + b"".join(f"{k}: {v}\r\n".encode() for k, v in headers.items() if v is not None) + b"\r\n" + body
 
 
@@ -76,7 +76,7 @@ def test_bad_framing_gets_400_and_a_closed_connection(running):
 
 def test_early_replies_never_desync_the_connection(running):
     """#13.6: a body left unread after an early 404/413/415/401 is never answered as a second request."""
-    smuggled = b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer tok\r\n\r\n"
+    smuggled = b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer tok\r\n\r\n"
     cases = [(None, 404, post("/nope", smuggled)),
              (None, 413, post(body=smuggled, headers={"Content-Length": str(MAX_BODY + 1)})),
              (None, 415, post(body=smuggled, headers={"Content-Type": "text/plain"})),
@@ -114,7 +114,7 @@ def test_bearer_token_and_json_content_type(running, monkeypatch):
     port = running(server)
     assert status(exchange(port, post())) == 401
     assert status(exchange(port, post(headers={"Authorization": "Bearer wrong"}))) == 401
-    assert status(exchange(port, b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")) == 401
+    assert status(exchange(port, b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")) == 401
     ok = exchange(port, post(headers={"Authorization": "Bearer s3cret-token", "Connection": "close"}))
     assert status(ok) == 200 and b"reward:1.0" in ok
     assert status(exchange(port, post(headers={"Authorization": "Bearer s3cret-token", "Content-Type": "text/plain"}))) == 415
@@ -122,34 +122,47 @@ def test_bearer_token_and_json_content_type(running, monkeypatch):
     assert remote.score(PROMPTS, RESPONSES) == [1.0] * 6 and remote.fingerprint
 
 
-def test_idle_connections_time_out_and_connections_are_capped(running):
-    """#13.5: at most max_connections at once (others get 503 at once), idle sockets are closed."""
-    port = running(make_server(RuleReward("toy"), "127.0.0.1", 0, max_connections=2, socket_timeout_s=0.5))
+def test_idle_connections_time_out_and_requests_are_capped(running):
+    """#13.5, #17.8: idle sockets are closed after header_timeout_s and hold no slot; at most
+    max_connections admitted requests at once (others get 503 at once)."""
+    backend = Slow()
+    port = running(make_server(backend, "127.0.0.1", 0, max_connections=1, header_timeout_s=0.5))
     idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(2)]
     try:
-        time.sleep(0.1)
-        assert status(exchange(port, post(), wait_s=2.0)) == 503
-        for s in idle:  # the server closes them once the socket timeout passes
+        assert status(exchange(port, post(headers={"Connection": "close"}), wait_s=2.0)) == 200  # idle: no slot
+        slow_request = post(body=SLOW_BODY, headers={"Connection": "close"})
+        slow = threading.Thread(target=exchange, args=(port, slow_request))
+        slow.start()
+        deadline = time.monotonic() + 3
+        while not backend.started.is_set() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        busy = exchange(port, post(headers={"Connection": "close"}), wait_s=2.0)
+        assert status(busy) == 503 and b"busy" in busy
+        backend.release.set()
+        slow.join(5)
+        for s in idle:  # closed once header_timeout_s passes, without a reply (they sent nothing)
             assert s.recv(100) == b""
     finally:
+        backend.release.set()
         for s in idle:
             s.close()
-    deadline = time.monotonic() + 5
-    while (reply := exchange(port, post(headers={"Connection": "close"}), wait_s=2.0)) and status(reply) == 503 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert status(reply) == 200
+    assert status(exchange(port, post(headers={"Connection": "close"}), wait_s=2.0)) == 200
 
 
 class Slow:
     identity = "slow"
 
     def __init__(self):
-        self.release = threading.Event()
+        self.release, self.started = threading.Event(), threading.Event()
 
     def score(self, prompts, responses):
         if responses[0] == "slow":
+            self.started.set()
             self.release.wait(10)
         return [1.0]
+
+
+SLOW_BODY = json.dumps({"messages": [{"role": "assistant", "content": "slow"}]}).encode()
 
 
 def test_slow_scoring_gets_504_and_does_not_hold_the_connection(running):
@@ -169,7 +182,7 @@ def test_models_reveals_no_path_and_reports_a_fingerprint(running, tiny_model_di
     carries the fingerprint of the weights."""
     server, backend = build_server(ServeRewardConfig(port=0, reward=RewardConfig(kind="hf", model=str(tiny_model_dir))))
     port = running(server)
-    reply = exchange(port, b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    reply = exchange(port, b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
     entry = json.loads(reply.split(b"\r\n\r\n", 1)[1].removesuffix(b"<closed>"))["data"][0]
     assert str(tiny_model_dir) not in reply.decode() and str(tiny_model_dir.parent) not in reply.decode()
     assert entry["id"] == tiny_model_dir.name and len(entry["alignkit_fingerprint"]) == 32

@@ -2,7 +2,9 @@
 
 Shared by training (`alignkit rm`) and scoring (HFRewardModel), so that both see the same
 sequence. Causal LMs render the conversation with their chat template; encoders read
-'[CLS] prompt [SEP] response [SEP]'.
+'[CLS] prompt [SEP] response [SEP]'. Prompt and response are untrusted text: special-token text in
+them ("<|im_end|>", "[SEP]") is tokenised as plain characters, never as the control token
+(`data.chat.tokenize_conversation`; encoders: `split_special_tokens=True`).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 from transformers import AutoConfig, AutoTokenizer
 
 from ..config import ModelConfig
-from ..data.chat import render
+from ..data.chat import tokenize_conversation
 from ..models import ChatTokenizer, check_source, load_tokenizer
 
 
@@ -36,10 +38,12 @@ def reward_input_ids(tokenizer, causal: bool, prompt: list[dict], response: str,
     """The sequence a reward model scores for one response.
 
     Causal LMs: the conversation exactly as `apply_chat_template` renders it, so that anyone
-    scoring with plain transformers gets the same number; cut from the left to keep the end.
+    scoring with plain transformers gets the same number (content with special-token text aside:
+    that is plain text here); cut from the left to keep the end.
     Encoders: '[CLS] prompt [SEP] response [SEP]', the longer part truncated first.
     """
     if causal:
-        text = render(tokenizer, prompt + [{"role": "assistant", "content": response}])
-        return tokenizer(text, add_special_tokens=False)["input_ids"][-max_length:]
-    return tokenizer(flatten_prompt(prompt), response, truncation="longest_first", max_length=max_length)["input_ids"]
+        ids = tokenize_conversation(tokenizer, prompt + [{"role": "assistant", "content": response}])
+        return ids[-max_length:]
+    return tokenizer(flatten_prompt(prompt), response, truncation="longest_first", max_length=max_length,
+                     split_special_tokens=True)["input_ids"]

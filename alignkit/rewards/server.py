@@ -8,8 +8,10 @@ fingerprint included, never a path), which RemoteReward puts in its cache key.
 
 Everything that reaches the port is untrusted; the checks are `alignkit.serving`'s (shared with
 `serve-chat`): a bearer token (from the environment variable `auth_token_env`) is required beyond
-loopback, JSON bodies only with a valid Content-Length up to 8 MiB, early replies close the
-connection, idle sockets time out, at most `max_connections` at once (503 beyond), and a request
+loopback and a loopback Host header without one, JSON bodies only with a valid Content-Length up to
+8 MiB, early replies close the connection, total deadlines for headers and body, at most
+`max_connections` admitted requests at once (503 beyond; clients still sending headers are not
+counted, at most `max_pending` of them wait, the oldest closed first), and a request
 whose scoring takes longer than `score_timeout_s` gets 504. Scores run one at a time on a single
 worker thread (one model, one batch).
 Simplified: no request batching across clients, no TLS (put a TLS proxy in front for that).
@@ -25,9 +27,10 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..serving import (  # noqa: F401 - MAX_BODY and BUSY are this module's API too
-    BUSY, MAX_BODY, MODEL_ROUTES, BadRequest, CappedHTTPServer, check_bind, json_handler, model_list, read_chat_messages,
-    read_token,
+from ..config import ConfigError
+from ..serving import (  # noqa: F401 - MAX_BODY is this module's API too
+    MAX_BODY, MODEL_ROUTES, BadRequest, CappedHTTPServer, check_bind, json_handler, model_list,
+    read_chat_messages, read_token,
 )
 from .backends import CachedReward, RewardConfig, build_backend, cache_path
 
@@ -44,12 +47,26 @@ class ServeRewardConfig:
     auth_token_env: str | None = None
     """Name of the environment variable holding the bearer token clients must send (required beyond loopback)."""
     max_connections: int = 32
-    """Connections served at once; more get 503."""
+    """Requests served at once, counted once their headers are in and passed the Host and token
+    checks; more get 503."""
+    max_pending: int = 64
+    """Connections still sending their request line and headers (or idle between requests); one
+    more closes the oldest."""
+    header_timeout_s: float = 10.0
+    """Total time for a request line and headers (from opening, or from the last reply); 408 after."""
     socket_timeout_s: float = 15.0
-    """Idle time after which a connection is closed (also the limit for sending one request)."""
+    """Idle time after which a connection is closed; also the total time for receiving one request body."""
     score_timeout_s: float = 120.0
     """A request whose scoring takes longer gets 504."""
     reward: RewardConfig = field(default_factory=RewardConfig)
+
+    def validate(self, prefix: str = "") -> None:
+        if self.max_pending < 1:
+            raise ConfigError(f"{prefix}max_pending: {self.max_pending!r} is not allowed; "
+                              "expected an integer >= 1")
+        if not self.header_timeout_s > 0:
+            raise ConfigError(f"{prefix}header_timeout_s: {self.header_timeout_s!r} is not allowed; "
+                              "expected a number > 0")
 
 
 RewardHTTPServer = CappedHTTPServer
@@ -71,12 +88,13 @@ def read_messages(body: bytes) -> tuple[list[dict], str]:
 
 def make_server(backend, host: str = "127.0.0.1", port: int = 8000, name: str = "reward", token: str | None = None,
                 max_connections: int = 32, socket_timeout_s: float = 15.0,
-                score_timeout_s: float = 120.0) -> RewardHTTPServer:
+                score_timeout_s: float = 120.0, header_timeout_s: float = 10.0,
+                max_pending: int = 64) -> RewardHTTPServer:
     """A server for `backend`; call serve_forever(). Refuses to bind beyond loopback without a token."""
     check_bind(host, token)
     fingerprint = fingerprint_of(backend)
 
-    class Handler(json_handler(socket_timeout_s, token)):
+    class Handler(json_handler(socket_timeout_s, token, header_timeout_s)):
         def do_GET(self):
             if not self.get_allowed():
                 return
@@ -118,7 +136,7 @@ def make_server(backend, host: str = "127.0.0.1", port: int = 8000, name: str = 
                 }],
             })
 
-    server = CappedHTTPServer((host, port), Handler, max_connections, "reward-scorer")
+    server = CappedHTTPServer((host, port), Handler, max_connections, "reward-scorer", max_pending)
     server.fingerprint = fingerprint
     return server
 
@@ -138,7 +156,7 @@ def build_server(cfg: ServeRewardConfig):
     token = read_token(cfg.auth_token_env)
     backend = build_backend(cfg.reward, cache_path(cfg.reward, None))
     server = make_server(backend, cfg.host, cfg.port, served_name(cfg), token, cfg.max_connections,
-                         cfg.socket_timeout_s, cfg.score_timeout_s)
+                         cfg.socket_timeout_s, cfg.score_timeout_s, cfg.header_timeout_s, cfg.max_pending)
     return server, backend
 
 

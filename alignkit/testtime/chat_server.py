@@ -8,8 +8,12 @@ endpoint. The recipe's `sampling` is the default decoding; a request may change 
 top_p and seed, and ask for fewer tokens (max_tokens is capped at sampling.max_new_tokens).
 
 The port is untrusted; the checks are serve-reward's (`alignkit.serving`): a bearer token beyond
-loopback, JSON bodies with a valid Content-Length up to 8 MiB, idle timeouts, a connection cap, one
-generation at a time on one worker thread, 504 past `request_timeout_s`.
+loopback and a loopback Host header without one, JSON bodies with a valid Content-Length up to 8 MiB,
+total deadlines for headers and body, a cap on admitted requests (clients still sending headers do not
+count), one generation at a time on one worker thread, 504 past `request_timeout_s`. A prompt longer
+than `max_prompt_chars` characters is refused (400) before it is tokenised or queued: tokenising a
+2 MB prompt would hold the single worker for seconds. Message content is tokenised as plain text
+(`data.chat`: special-token text such as "<|im_end|>" in a message is never a control token).
 Simplified: one completion per request (n: 1), no streaming, no tools, no batching across clients.
 """
 
@@ -32,6 +36,11 @@ from ..serving import (MODEL_ROUTES, BadRequest, CappedHTTPServer, check_bind, j
 
 log = logging.getLogger(__name__)
 
+CHARS_PER_TOKEN = 8
+"""The default max_prompt_chars is this many characters per token of context: English text averages
+about 4 characters per token, so a prompt over the cap almost surely would not fit anyway."""
+
+
 @dataclass
 class ServeChatConfig:
     host: str = "127.0.0.1"
@@ -42,9 +51,18 @@ class ServeChatConfig:
     auth_token_env: str | None = None
     """Name of the environment variable holding the bearer token clients must send (required beyond loopback)."""
     max_connections: int = 32
-    """Connections served at once; more get 503."""
+    """Requests served at once, counted once their headers are in and passed the Host and token
+    checks; more get 503."""
+    max_pending: int = 64
+    """Connections still sending their request line and headers (or idle between requests); one
+    more closes the oldest."""
+    header_timeout_s: float = 10.0
+    """Total time for a request line and headers (from opening, or from the last reply); 408 after."""
     socket_timeout_s: float = 15.0
-    """Idle time after which a connection is closed (also the limit for sending one request)."""
+    """Idle time after which a connection is closed; also the total time for receiving one request body."""
+    max_prompt_chars: int | None = None
+    """Prompts (all message contents together) longer than this many characters get 400 before tokenising;
+    unset: CHARS_PER_TOKEN (8) x the model's context length in tokens (none when the config has no length)."""
     request_timeout_s: float = 300.0
     """A request whose generation (queue included) takes longer gets 504."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -55,9 +73,11 @@ class ServeChatConfig:
     def validate(self, prefix: str = "") -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"{prefix}port: {self.port!r} is not allowed; expected a port number in [0, 65535]")
-        if self.max_connections < 1:
-            raise ConfigError(f"{prefix}max_connections: {self.max_connections!r} is not allowed; expected an integer >= 1")
-        for key in ("socket_timeout_s", "request_timeout_s"):
+        for key in ("max_connections", "max_pending", "max_prompt_chars"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ConfigError(f"{prefix}{key}: {getattr(self, key)!r} is not allowed; "
+                                  "expected an integer >= 1")
+        for key in ("socket_timeout_s", "request_timeout_s", "header_timeout_s"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"{prefix}{key}: {getattr(self, key)!r} is not allowed; expected a number > 0")
         if self.sampling.n != 1:
@@ -102,17 +122,29 @@ def read_chat_request(body: bytes, defaults: SamplingParams) -> tuple[list[dict]
     return [{"role": m["role"], "content": m["content"]} for m in messages], params
 
 
+def check_prompt_chars(messages: list[dict], max_chars: int | None) -> None:
+    """BadRequest when the message contents hold more than max_chars characters in total."""
+    n = sum(len(m["content"]) for m in messages)
+    if max_chars is not None and n > max_chars:
+        raise BadRequest(f"the prompt has {n} characters; this server takes at most {max_chars} "
+                         "(max_prompt_chars) and refuses longer ones before tokenising")
+
+
 # complete(messages, params) -> (text, finish_reason, prompt_tokens, completion_tokens)
 Completer = Callable[[list[dict], SamplingParams], tuple[str, str, int, int]]
 
 
 def make_chat_server(complete: Completer, name: str, fingerprint: str, defaults: SamplingParams,
                      host: str = "127.0.0.1", port: int = 8001, token: str | None = None, max_connections: int = 32,
-                     socket_timeout_s: float = 15.0, request_timeout_s: float = 300.0) -> CappedHTTPServer:
-    """A chat server answering with `complete`; call serve_forever(). Refuses to bind beyond loopback without a token."""
+                     socket_timeout_s: float = 15.0, request_timeout_s: float = 300.0,
+                     header_timeout_s: float = 10.0, max_pending: int = 64,
+                     max_prompt_chars: int | None = None) -> CappedHTTPServer:
+    """A chat server answering with `complete`; call serve_forever(). Refuses to bind beyond loopback
+    without a token. A prompt over max_prompt_chars characters gets 400 on the request's own thread
+    (never queued)."""
     check_bind(host, token)
 
-    class Handler(json_handler(socket_timeout_s, token)):
+    class Handler(json_handler(socket_timeout_s, token, header_timeout_s)):
         def do_GET(self):
             if not self.get_allowed():
                 return
@@ -126,6 +158,7 @@ def make_chat_server(complete: Completer, name: str, fingerprint: str, defaults:
                 return
             try:
                 messages, params = read_chat_request(body, defaults)
+                check_prompt_chars(messages, max_prompt_chars)
             except BadRequest as e:
                 return self.reply(400, {"error": {"message": f"bad request: {e}"}})
             job = self.server.worker.submit(complete, messages, params)  # one model: one generation at a time
@@ -150,13 +183,17 @@ def make_chat_server(complete: Completer, name: str, fingerprint: str, defaults:
                           "total_tokens": n_prompt + n_completion},
             })
 
-    server = CappedHTTPServer((host, port), Handler, max_connections, "chat-generator")
+    server = CappedHTTPServer((host, port), Handler, max_connections, "chat-generator", max_pending)
     server.fingerprint = fingerprint
     return server
 
 
-def model_completer(model_cfg: ModelConfig, precision: str = "auto") -> Completer:
-    """A Completer for a local model on the transformers engine (prompts beyond its context get 400)."""
+def model_completer(model_cfg: ModelConfig, precision: str = "auto",
+                    max_prompt_chars: int | None = None) -> Completer:
+    """A Completer for a local model on the transformers engine (prompts beyond its context get 400).
+
+    Prompts over max_prompt_chars characters (unset: CHARS_PER_TOKEN x the context length) are refused
+    before tokenising; the limit in use is the completer's `max_prompt_chars` attribute."""
     import torch
 
     from ..data.chat import tokenize_prompt
@@ -167,8 +204,10 @@ def model_completer(model_cfg: ModelConfig, precision: str = "auto") -> Complete
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_causal_lm(model_cfg, chat, dtype=generation_dtype(precision)).to(device)
     limit = getattr(model.config, "max_position_embeddings", None)
+    chars = max_prompt_chars if max_prompt_chars is not None else (CHARS_PER_TOKEN * limit if limit else None)
 
     def complete(messages: list[dict], params: SamplingParams) -> tuple[str, str, int, int]:
+        check_prompt_chars(messages, chars)
         n_prompt = len(tokenize_prompt(chat.tokenizer, messages))
         if limit and n_prompt >= limit:
             raise BadRequest(f"the prompt has {n_prompt} tokens; the model takes at most {limit - 1}")
@@ -177,6 +216,7 @@ def model_completer(model_cfg: ModelConfig, precision: str = "auto") -> Complete
         c = generate(model, chat, [messages], params)[0][0]
         return c.text, c.finish_reason, n_prompt, len(c.token_ids)
 
+    complete.max_prompt_chars = chars
     return complete
 
 
@@ -197,9 +237,10 @@ def chat_fingerprint(cfg: ServeChatConfig) -> str:
 def build_chat_server(cfg: ServeChatConfig) -> CappedHTTPServer:
     token = read_token(cfg.auth_token_env)
     check_bind(cfg.host, token)  # before the model loads
-    return make_chat_server(model_completer(cfg.model, cfg.precision), served_name(cfg), chat_fingerprint(cfg),
-                            cfg.sampling, cfg.host, cfg.port, token, cfg.max_connections, cfg.socket_timeout_s,
-                            cfg.request_timeout_s)
+    complete = model_completer(cfg.model, cfg.precision, cfg.max_prompt_chars)
+    return make_chat_server(complete, served_name(cfg), chat_fingerprint(cfg), cfg.sampling, cfg.host,
+                            cfg.port, token, cfg.max_connections, cfg.socket_timeout_s, cfg.request_timeout_s,
+                            cfg.header_timeout_s, cfg.max_pending, complete.max_prompt_chars)
 
 
 def serve_chat(cfg: ServeChatConfig) -> None:

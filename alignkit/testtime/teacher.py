@@ -11,6 +11,13 @@ them behind a SQLite cache keyed by the teacher's identity (endpoint and model, 
 fingerprint), the messages and the sampling settings, committed as each reply arrives: a rerun never
 pays twice and a cut run resumes where it stopped.
 
+The refinement prompt holds untrusted text (the prompt's instruction, the student's answer, a
+critique): `fill_template` fills a template's fields and its {delimiter}, a tag the default templates
+put around each of them (<TAG> ... </TAG>, TAG 12 hex digits) and name as data, not instructions. The tag is a
+hash of the filled-in text itself: it changes with every call's content, so a text cannot contain the
+tag that will close it (it would have to hold its own hash), and it is the same on a rerun, so the
+teacher cache still hits. A mitigation, not a guarantee: a model may still follow injected text.
+
 Teacher output is untrusted. A reply that is not JSON (or not UTF-8), larger than 1 MiB, without
 choices[0].message, with content that is not text, or empty is an invalid `Reply` (counted by the
 caller, who keeps the original answer), never an error; text longer than `max_chars` is cut there.
@@ -19,6 +26,7 @@ Simplified: one reply per request (no n), no streaming, no tool calls.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -105,6 +113,21 @@ def check_teacher(cfg: TeacherConfig, prefix: str = "teacher.") -> None:
     cfg.validate(prefix)
     if cfg.kind == "openai" and cfg.api_key_env and not os.environ.get(cfg.api_key_env):
         raise ConfigError(f"environment variable {cfg.api_key_env} ({prefix}api_key_env) is not set")
+
+
+def fence_tag(fields: dict[str, str]) -> str:
+    """A tag that occurs in none of the field values, derived from a hash of all of them."""
+    text = json.dumps(fields, sort_keys=True)
+    for attempt in range(1000):
+        tag = hashlib.sha256(f"{attempt}:{text}".encode()).hexdigest()[:12]
+        if not any(tag in value for value in fields.values()):
+            return tag
+    raise ValueError("no delimiter tag found that the text does not contain")  # would need ~1000 hash matches
+
+
+def fill_template(template: str, **fields: str) -> str:
+    """`template` with its fields filled in and {delimiter} set to `fence_tag(fields)` (module docstring)."""
+    return template.format(delimiter=fence_tag(fields), **fields)
 
 
 @dataclass
