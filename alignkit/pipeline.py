@@ -24,19 +24,29 @@ The whole file is checked before any stage starts: keys, kinds, references, vars
 resolved config through config.validate, with paths inside the stage folders deferred (an upstream
 stage makes them; they are checked when their stage starts). Errors name the stage and the key.
 
-Each stage folder holds stage.json (written atomically): name, kind, hash, status (running or
-done), started, finished, wall_s, outputs (name -> path), inputs (the upstream stages it refers
-to), config (the resolved config), and, for the plan's reasons, upstream (name -> hash) and files
-(local input -> content digest). The hash covers the resolved config (references as paths; not
-output_dir, resume or quiet), the upstream stages' hashes, and the content of the local files and
-folders the config names that no stage of the pipeline makes (files a stage writes itself, such
-as reward.cache and dpo.ref_cache_dir, are not inputs).
+Each stage folder holds stage.json (written atomically): name, kind, hash, run_id (new each time
+the stage is cleared and run; kept by a resume), alignkit (the version), status (running or done),
+started, finished, wall_s, outputs (name -> path relative to the stage folder, so a moved run
+directory keeps them), inputs (the upstream stages it uses), consumed (upstream -> the run id it
+read), config (the resolved config), and, for the plan's reasons, upstream (name -> hash) and files
+(local input -> digest). The hash covers the resolved config (paths in the run directory written
+relative to it; not output_dir, resume or quiet), the upstream stages' hashes, alignkit's version,
+and a fingerprint of every config string that names an existing file or folder outside the stage
+folders (relative to the working directory, as the loaders read it; not name-only keys such as
+split, nor files a stage writes itself such as reward.cache and dpo.ref_cache_dir), and of the
+source file of a `module:function` verifier. Fingerprints are bounded (CONTENT_BYTES, MAX_FILES):
+past them, files count by name, size and mtime, and the plan says so. A literal path into an
+earlier stage's folder makes that stage an input, as a reference would; into a later one, or the
+stage's own, it is an error.
 
-On a rerun a stage is skipped when done with the same hash (and its outputs present), resumed when
-its last run was interrupted with the same hash (training stages from their last checkpoint,
-generate and eval from the responses on disk), and otherwise cleared and run again; a stage below
-one that runs or resumes runs too. `--only a,b` and `--from name` restrict which stages may run;
-a chosen stage whose upstream is not done and unchanged is an error. `--dry-run` prints the plan.
+On a rerun a stage is skipped when done with the same hash (and its outputs present) and every
+upstream still holds the run it read; resumed when its last run was interrupted with the same hash
+(training stages from their last checkpoint, generate and eval from the responses on disk); and
+otherwise cleared and run again; a stage below one that runs or resumes runs too. `--only a,b` and
+`--from name` restrict which stages may run; a chosen stage whose upstream is not done and
+unchanged is an error. `--dry-run` prints the plan. A stage folder holding a symbolic link is
+refused (a shipped folder must not make a stage write outside it). At the end the report is
+written (the file's stages only) unless nothing ran and report/report.json shows it current.
 
 Simplified: stages run one after another in file order, in this process; a folder is the unit of
 caching (no sharing of unchanged outputs between run directories); to force a stage to run

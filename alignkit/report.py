@@ -7,7 +7,11 @@ sweep.json. The report goes to RUN_DIR/report/report.md with its plots in the sa
 folder can be copied into a PR or paper as is. It shows the stages (key settings, status, wall
 time); training curves per stage; every win rate with both tie rules, intervals, the sign test and
 a plain verdict; win-rate matrices; per-category rates; best-of-N sweeps; and a few prompts with
-each model's answer. Model text only ever appears inside fenced code blocks (see `markdown`).
+each model's answer. Model text only ever appears inside fenced code blocks (see `markdown`); every
+other value from a stage's files is escaped or checked to be a number. Given a pipeline's stage
+names, only those are reported; a stage whose upstream folder now holds another run is marked
+stale. report.json beside report.md records what the report was written from (alignkit version,
+run ids), so that `alignkit run` knows when to rewrite it.
 
 Simplifications: a stage's kind, when stage.json does not say it, is guessed from its config keys;
 stages without stage.json are ordered by when their config.yaml was written; a partial stage (still
