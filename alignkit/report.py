@@ -429,11 +429,14 @@ WINRATE_NUMBERS = ("wins", "losses", "ties", "n", "win_rate")
 PAIR_NUMBERS = WINRATE_NUMBERS + ("win_rate_ties_half", "sign_test_p")
 
 
-def comparison_problem(r: dict, required: tuple[str, ...]) -> str | None:
+def comparison_problem(r: dict, required: tuple[str, ...], intervals: tuple[str, ...] = ("ci95",)) -> str | None:
     """The first field of a comparison (winrate.json, a matrix pair) that the report would have to
-    print but is not a number; optional fields are checked when present."""
+    print but is not a number (`intervals`: not two numbers); optional fields are checked when present."""
+    if "ci95_ties_half" in r and "ci95_ties_half" not in intervals:
+        intervals += ("ci95_ties_half",)
+        required += ("win_rate_ties_half",)
     optional = tuple(k for k in ("win_rate_ties_half", "sign_test_p", "tie_value") if k in r and k not in required)
-    bad = malformed(r, required + optional, ("ci95",) + (("ci95_ties_half",) if "ci95_ties_half" in r else ()))
+    bad = malformed(r, required + optional, intervals)
     if bad is None and r.get("length_controlled_win_rate") is not None and not is_number(r["length_controlled_win_rate"]):
         bad = "length_controlled_win_rate"
     return bad
@@ -443,8 +446,9 @@ def matrix_problem(m: dict) -> str | None:
     labels = m.get("labels")
     if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
         return "labels"
-    if malformed(m, ("n",) + (("tie_value",) if "tie_value" in m else ())):
-        return malformed(m, ("n",) + (("tie_value",) if "tie_value" in m else ()))
+    bad = malformed(m, ("n",) + (("tie_value",) if "tie_value" in m else ()))
+    if bad:
+        return bad
     table = m.get("win_rate")
     if not (isinstance(table, list) and len(table) == len(labels)
             and all(isinstance(row, list) and all(v is None or is_number(v) for v in row) for row in table)):
@@ -453,7 +457,9 @@ def matrix_problem(m: dict) -> str | None:
         if not (isinstance(m.get(key), list) and len(m[key]) == len(labels) and all(is_number(v) for v in m[key])):
             return key
     for k, pair in enumerate(m.get("pairs") or []):
-        bad = comparison_problem(pair, PAIR_NUMBERS) if isinstance(pair, dict) else "pair"
+        if not (isinstance(pair, dict) and isinstance(pair.get("a"), str) and isinstance(pair.get("b"), str)):
+            return f"pairs[{k}]"
+        bad = comparison_problem(pair, PAIR_NUMBERS, ("ci95", "ci95_ties_half"))
         if bad:
             return f"pairs[{k}].{bad}"
     return None
