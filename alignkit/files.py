@@ -56,5 +56,5 @@ def refuse_links(folder: str | Path, what: str) -> None:
     output at a file outside it (report.md -> ~/.bashrc)."""
     link = find_link(folder)
     if link is not None:
-        raise ConfigError(f"{what}: {link} is a symbolic link (to {os.readlink(link)!r}); alignkit never writes "
-                          "through links in a run folder. Remove it, or delete the folder to start it afresh")
+        raise ConfigError(f"{what}: {link} is a symbolic link (to {os.readlink(link)!r}); alignkit "
+                          "never writes through links in a run folder. Remove it, or delete the folder")

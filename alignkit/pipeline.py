@@ -351,7 +351,7 @@ def read_pipeline(path: str | Path, var_overrides: list[str] = (), run_dir: str 
                 raise ConfigError(f"{where} itself, which the runner clears before the stage runs")
             if names.index(other) > index:
                 raise ConfigError(f"{where}, which comes later; a stage can use only the stages above it")
-            if other not in inputs:  # a literal path into an earlier stage: a dependency, as ${other.dir} would be
+            if other not in inputs:  # a literal path into an earlier stage: an input, like ${other.dir}
                 inputs.append(other)
         folder = root / name
         outputs = {k: str(folder / rel) if rel else str(folder) for k, rel in outputs_of(kind).items()}
@@ -424,7 +424,8 @@ def module_source(spec: str) -> Path | None:
     locations, found = None, None
     for part in module.split("."):
         try:
-            found = importlib.machinery.PathFinder.find_spec(part, locations if locations is not None else sys.path)
+            where = locations if locations is not None else sys.path
+            found = importlib.machinery.PathFinder.find_spec(part, where)
         except (ImportError, ValueError, OSError):
             return None
         if found is None:
@@ -434,7 +435,7 @@ def module_source(spec: str) -> Path | None:
     return Path(origin) if origin and Path(origin).is_file() else None
 
 
-def input_files(config: dict, root: Path, names: list[str]) -> tuple[dict[str, str], list[str], dict[str, tuple]]:
+def input_files(config: dict, root: Path, names: list[str]) -> tuple[dict[str, str], list[str], dict]:
     """What a stage's config reads from disk: (files, notes, stages).
 
     files: every config string that names an existing file or folder (relative to the working
@@ -632,7 +633,8 @@ def execute(stage: PlannedStage, quiet: bool, consumed: dict[str, str | None] | 
     if stage.action != "resume" or not stage.run_id:
         stage.run_id = uuid.uuid4().hex[:16]
     record = {"name": stage.name, "kind": stage.kind, "hash": stage.hash, "run_id": stage.run_id,
-              "alignkit": __version__, "status": "running", "started": now(), "finished": None, "wall_s": before,
+              "alignkit": __version__, "status": "running", "started": now(), "finished": None,
+              "wall_s": before,
               "outputs": {"dir": "."}, "inputs": stage.inputs, "consumed": dict(consumed or {}),
               "config": config_lib.to_dict(stage.config), "upstream": stage.upstream, "files": stage.files}
     write_record(stage.dir, record)
@@ -653,7 +655,8 @@ def execute(stage: PlannedStage, quiet: bool, consumed: dict[str, str | None] | 
         write_record(stage.dir, record)  # still running: the next run resumes it
         raise
     record.update(status="done", finished=now(), wall_s=round(before + time.perf_counter() - t0, 3))
-    record["outputs"] = {k: os.path.relpath(p, stage.dir) for k, p in stage.outputs.items() if Path(p).exists()}
+    record["outputs"] = {k: os.path.relpath(p, stage.dir) for k, p in stage.outputs.items()
+                         if Path(p).exists()}
     record.pop("error", None)
     write_record(stage.dir, record)
 

@@ -367,9 +367,9 @@ def stages_section(rep: Report, stages: list[StageRun]) -> None:
         rep.add("", f"Total wall time of the stages: {duration(total)}.")
     stale = [s for s in stages if s.stale]
     if stale:
-        rep.add("", "**Stale:** these stages' results were made from upstream outputs that are no longer in the run "
-                "directory; `alignkit run` reruns them: " + "; ".join(f"{md_cell(s.name)} ({md_cell(', '.join(s.stale))})"
-                                                                     for s in stale) + ".")
+        listed = "; ".join(f"{md_cell(s.name)} ({md_cell(', '.join(s.stale))})" for s in stale)
+        rep.add("", "**Stale:** these stages' results were made from upstream outputs that are no longer in "
+                f"the run directory; `alignkit run` reruns them: {listed}.")
 
 
 def panels_for(stage: StageRun) -> list[tuple[str, list[str]]]:
@@ -429,15 +429,18 @@ WINRATE_NUMBERS = ("wins", "losses", "ties", "n", "win_rate")
 PAIR_NUMBERS = WINRATE_NUMBERS + ("win_rate_ties_half", "sign_test_p")
 
 
-def comparison_problem(r: dict, required: tuple[str, ...], intervals: tuple[str, ...] = ("ci95",)) -> str | None:
+def comparison_problem(r: dict, required: tuple[str, ...], intervals: tuple[str, ...] = ("ci95",)
+                       ) -> str | None:
     """The first field of a comparison (winrate.json, a matrix pair) that the report would have to
     print but is not a number (`intervals`: not two numbers); optional fields are checked when present."""
     if "ci95_ties_half" in r and "ci95_ties_half" not in intervals:
         intervals += ("ci95_ties_half",)
         required += ("win_rate_ties_half",)
-    optional = tuple(k for k in ("win_rate_ties_half", "sign_test_p", "tie_value") if k in r and k not in required)
+    optional = tuple(k for k in ("win_rate_ties_half", "sign_test_p", "tie_value")
+                     if k in r and k not in required)
     bad = malformed(r, required + optional, intervals)
-    if bad is None and r.get("length_controlled_win_rate") is not None and not is_number(r["length_controlled_win_rate"]):
+    lc = r.get("length_controlled_win_rate")
+    if bad is None and lc is not None and not is_number(lc):
         bad = "length_controlled_win_rate"
     return bad
 
@@ -454,7 +457,9 @@ def matrix_problem(m: dict) -> str | None:
             and all(isinstance(row, list) and all(v is None or is_number(v) for v in row) for row in table)):
         return "win_rate"
     for key in ("mean_reward", "prompts_per_entry", "dropped_per_entry"):
-        if not (isinstance(m.get(key), list) and len(m[key]) == len(labels) and all(is_number(v) for v in m[key])):
+        values = m.get(key)
+        if not (isinstance(values, list) and len(values) == len(labels)
+                and all(is_number(v) for v in values)):
             return key
     for k, pair in enumerate(m.get("pairs") or []):
         if not (isinstance(pair, dict) and isinstance(pair.get("a"), str) and isinstance(pair.get("b"), str)):
@@ -479,7 +484,8 @@ def evals_section(rep: Report, stages: list[StageRun]) -> None:
         return
     rep.add("", "## Win rates", "")
     for s, name, bad in skipped:
-        rep.add(f"Not shown: {md_cell(s.name)}/{name}: field {md_cell(bad)} is not what an eval writes (a number).", "")
+        rep.add(f"Not shown: {md_cell(s.name)}/{name}: field {md_cell(bad)} is not what an eval writes "
+                "(a number).", "")
     if pairwise:
         rep.add("Each comparison: A's reward against B's on the same prompts. **Ties count 0** is the course protocol "
                 "(the reference results are stated in it; a model against itself scores below 0.5). "
@@ -545,15 +551,16 @@ def categories_subsection(rep: Report, pairwise: list[tuple[StageRun, dict]]) ->
 
 def bon_section(rep: Report, stages: list[StageRun]) -> None:
     sweeps = [(s, s.read("sweep.json")) for s in stages]
-    sweeps = [(s, m) for s, m in sweeps if isinstance(m, dict) and isinstance(m.get("rows"), list) and m["rows"]]
+    sweeps = [(s, m) for s, m in sweeps
+              if isinstance(m, dict) and isinstance(m.get("rows"), list) and m["rows"]]
     if not sweeps:
         return
     rep.add("", "## Best-of-N", "")
     for s, sw in sweeps:
         good = [r for r in sw["rows"] if isinstance(r, dict) and not bon_row_problem(r)]
         if len(good) < len(sw["rows"]):
-            rep.add(f"Not shown: {len(sw['rows']) - len(good)} row(s) of {md_cell(s.name)}/sweep.json whose fields are "
-                    "not what best-of-N writes (numbers).", "")
+            rep.add(f"Not shown: {len(sw['rows']) - len(good)} row(s) of {md_cell(s.name)}/sweep.json whose "
+                    "fields are not what best-of-N writes (numbers).", "")
         if not good:
             continue
         sw = {**sw, "rows": good}
@@ -580,8 +587,8 @@ def bon_section(rep: Report, stages: list[StageRun]) -> None:
 def bon_row_problem(r: dict) -> str | None:
     """The first field of a sweep row that is not a number (temperature, N, the win rate: required)."""
     bad = malformed(r, ("temperature", "n", "win_rate"))
-    optional = ("win_rate_ties_half", "wins", "losses", "ties", "sign_test_p", "non_tied_win_share", "ceiling",
-                "mean_reward")
+    optional = ("win_rate_ties_half", "wins", "losses", "ties", "sign_test_p", "non_tied_win_share",
+                "ceiling", "mean_reward")
     bad = bad or next((k for k in optional if r.get(k) is not None and not is_number(r[k])), None)
     for k in ("ci95", "ci95_ties_half"):
         if not bad and r.get(k) and malformed(r, (), (k,)):
@@ -641,7 +648,8 @@ def render(run_dir: Path, out: Path, stages: list[StageRun], samples: int, draw:
     rep = Report(run_dir, out, draw)
     rep.add(f"# alignkit report: {md_cell(run_dir.resolve().name)}", "",
             f"{len(stages)} stage{'s' if len(stages) != 1 else ''} in {md_cell(run_dir.resolve())}. "
-            f"Written by `alignkit report` (alignkit {md_cell(__version__)}); the plots are PNG files beside this one.")
+            f"Written by `alignkit report` (alignkit {md_cell(__version__)}); the plots are PNG files beside "
+            "this one.")
     if note:
         rep.add("", note)
     if not stages:

@@ -20,7 +20,8 @@ import yaml
 import alignkit.pipeline as pipeline_lib
 from alignkit.config import ConfigError
 from alignkit.pipeline import input_files, read_pipeline
-from tests.test_pipeline import STAGES_YAML, copy, done_run, plan_of, record, run, world, write_pipeline  # noqa: F401
+from tests.test_pipeline import (  # noqa: F401  (fixtures: copy, done_run, world)
+    STAGES_YAML, copy, done_run, plan_of, record, run, world, write_pipeline)
 
 
 def test_upstream_that_ran_again_with_the_same_hash_reruns_its_dependants(copy, capsys):
@@ -77,7 +78,8 @@ def test_every_named_path_and_the_verifier_module_are_inputs(tmp_path, monkeypat
     (tmp_path / "mods" / "pkg" / "__init__.py").write_text("raise SystemExit('imported')")
     (tmp_path / "mods" / "pkg" / "myrule.py").write_text("def fn(prompt, response):\n    return 1.0\n")
     monkeypatch.setattr(sys, "path", [str(tmp_path / "mods"), *sys.path])
-    config = {"model": {"name_or_path": "base", "chat_template": "x.jinja"}, "data": {"dataset": "data", "split": "train"},
+    config = {"model": {"name_or_path": "base", "chat_template": "x.jinja"},
+              "data": {"dataset": "data", "split": "train"},
               "reward": {"kind": "rule", "rule": "pkg.myrule:fn"}, "output_dir": "run/me"}
     files, notes, named = input_files(config, tmp_path / "run", ["me"])
     assert sorted(files) == ["base", "data", "pkg.myrule:fn", "x.jinja"] and notes == [] and named == {}
@@ -93,7 +95,8 @@ def test_the_alignkit_version_is_in_the_hash(copy, capsys, monkeypatch):
     capsys.readouterr()
     run(copy / "pipeline.yaml", dry_run=True)
     plan = plan_of(capsys)
-    assert plan["sft"] == ("run", "alignkit version changed: 0.1.0 -> 99.0") and {a for a, _ in plan.values()} == {"run"}
+    assert plan["sft"] == ("run", "alignkit version changed: 0.1.0 -> 99.0")
+    assert {a for a, _ in plan.values()} == {"run"}
 
 
 def test_report_is_rewritten_when_written_by_another_alignkit(copy, capsys, monkeypatch):
@@ -128,7 +131,8 @@ def test_literal_path_into_a_stage_folder_is_a_dependency(copy, capsys, tmp_path
     assert plan_of(capsys)["eval-dpo"][0] == "run"
     doc["stages"]["sft"]["data"]["dataset"] = str(run_dir / "eval-dpo" / "per_prompt.jsonl")
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    with pytest.raises(ConfigError, match=r"stage 'sft': data.dataset: .* lies in the folder of stage 'eval-dpo', "
+    with pytest.raises(ConfigError, match=r"stage 'sft': data.dataset: .* lies in the folder of stage "
+                                          r"'eval-dpo', "
                                           r"which comes later"):
         read_pipeline(path)
     doc["stages"]["sft"]["data"]["dataset"] = str(run_dir / "sft" / "mine.jsonl")
@@ -142,7 +146,7 @@ def test_moved_run_directory_keeps_every_stage(copy, capsys, tmp_path):
     it ran (nothing left at the old place) is skipped, not rerun."""
     run_dir = copy / "run"
     made_in = str(Path(record(run_dir, "sft")["config"]["output_dir"]).parent)
-    for name in ("sft", "dpo", "eval-dpo"):  # as if the run had been made here (absolute paths name this place)
+    for name in ("sft", "dpo", "eval-dpo"):  # as if the run had been made here (absolute paths say so)
         f = run_dir / name / "stage.json"
         f.write_text(f.read_text().replace(made_in, str(run_dir)))
     (tmp_path / "moved").mkdir()
@@ -172,7 +176,8 @@ def test_shipped_run_folder_cannot_write_through_a_link(copy, tmp_path, capsys):
             run(copy / "pipeline.yaml", *flags)
     assert victim.read_text() == "mine\n"
     (run_dir / "eval-dpo" / "report.md").unlink()
-    (run_dir / "eval-dpo" / "stage.json").write_text(json.dumps(record(run_dir, "eval-dpo") | {"status": "done"}))
+    done = record(run_dir, "eval-dpo") | {"status": "done"}
+    (run_dir / "eval-dpo" / "stage.json").write_text(json.dumps(done))
     (run_dir / "report" / "report.md").unlink()
     os.symlink(victim, run_dir / "report" / "report.md")
     with pytest.raises(ConfigError, match=r"report: .*report/report.md is a symbolic link"):

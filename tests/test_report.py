@@ -255,8 +255,8 @@ def check_demo_report(out):
 
 
 def test_pipeline_report_lists_the_files_stages_flags_stale_ones_and_names_plots_by_folder(tmp_path):
-    """#18.6: `sft-old` (a copy of an older sft, its stage.json says "sft") is reported as sft-old with its own
-    curve file, not as a second "sft"; given the pipeline's stages only those are reported, in file order; a
+    """#18.6: `sft-old` (a copy of an older sft, its stage.json says "sft") is reported as sft-old with its
+    own curve file, not as a second "sft"; given the pipeline's stages only those are reported, in file order; a
     record whose upstream ran again since (another run id) or is gone is flagged stale."""
     run = tmp_path / "run"
     stage_json(run / "sft", "sft", "sft", train_config("base"))
@@ -265,8 +265,9 @@ def test_pipeline_report_lists_the_files_stages_flags_stale_ones_and_names_plots
     write_jsonl(run / "sft-old" / "metrics.jsonl", [{"step": 1, "loss": 9.0}, {"step": 2, "loss": 8.0}])
     stage_json(run / "dpo", "dpo", "dpo", train_config(str(run / "sft" / "final")))
     stage_json(run / "removed", "removed", "sft", train_config("base"))
-    for name, extra in {"sft": {"run_id": "new"}, "dpo": {"run_id": "d", "inputs": ["sft"], "consumed": {"sft": "old"}},
-                        "removed": {"run_id": "r", "inputs": ["gone"], "consumed": {"gone": "g"}}}.items():
+    extras = {"sft": {"run_id": "new"}, "dpo": {"run_id": "d", "inputs": ["sft"], "consumed": {"sft": "old"}},
+              "removed": {"run_id": "r", "inputs": ["gone"], "consumed": {"gone": "g"}}}
+    for name, extra in extras.items():
         rec = json.loads((run / name / "stage.json").read_text())
         (run / name / "stage.json").write_text(json.dumps(rec | extra))
     report = write_report(run).read_text()
@@ -276,8 +277,8 @@ def test_pipeline_report_lists_the_files_stages_flags_stale_ones_and_names_plots
     assert "| removed | sft | done, stale |" in report and "removed (upstream gone is gone)" in report
     report = write_report(run, stages=["dpo", "sft"]).read_text()
     table = report.split("## Stages")[1].split("##")[0]
-    assert [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:] \
-        == ["dpo", "sft"]
+    rows = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")]
+    assert rows == ["stage", "dpo", "sft"]
     assert "sft-old" not in report and "removed" not in report
     assert "| dpo | dpo | done, stale |" in report and "dpo (upstream sft ran again since)" in report
 
@@ -302,7 +303,7 @@ def test_grpo_kl_per_sequence_and_per_token_have_their_own_panels(tmp_path):
 
 
 def test_values_that_should_be_numbers_never_reach_the_report_raw(tmp_path):
-    """#17.13: a step, counts, matrix and best-of-N fields holding HTML are escaped or the file is not shown."""
+    """#17.13: a step, counts, matrix and best-of-N fields holding HTML are escaped, or not shown."""
     run = tmp_path / "run"
     img, link = "<img src=x onerror=alert(1)>", "<a href=javascript:x>y</a>"
     stage_json(run / "sft", "sft", "sft", train_config("base"), wall_s=img)
@@ -312,14 +313,17 @@ def test_values_that_should_be_numbers_never_reach_the_report_raw(tmp_path):
     (run / "eval" / "winrate.json").write_text(json.dumps(r | {"wins": img, "n": link}))
     stage_json(run / "eval", "eval", "eval", {"model": "m"})
     (run / "bon").mkdir()
-    rows = [{"temperature": 1.0, "n": n, "win_rate": 0.5, "wins": w, "losses": 1, "ties": 0} for n, w in ((1, 3), (2, img))]
+    rows = [{"temperature": 1.0, "n": n, "win_rate": 0.5, "wins": w, "losses": 1, "ties": 0}
+            for n, w in ((1, 3), (2, img))]
     (run / "bon" / "sweep.json").write_text(json.dumps({"reference": link, "judge": img, "rows": rows}))
     (run / "m").mkdir()
-    (run / "m" / "matrix.json").write_text(json.dumps({"labels": ["a", "b"], "n": img, "win_rate": [[None, 0.5], [0.5, None]],
-                                                       "mean_reward": [1, 1], "prompts_per_entry": [2, 2], "dropped_per_entry": [0, 0]}))
+    matrix = {"labels": ["a", "b"], "n": img, "win_rate": [[None, 0.5], [0.5, None]], "mean_reward": [1, 1],
+              "prompts_per_entry": [2, 2], "dropped_per_entry": [0, 0]}
+    (run / "m" / "matrix.json").write_text(json.dumps(matrix))
     report = write_report(run, draw=False).read_text()
     _, outside = code_blocks(report)
     assert "<img" not in outside and "<a href" not in outside
     assert "(step &lt;img src=x onerror=alert(1)&gt;)" in report
-    assert "Not shown: eval/winrate.json: field wins" in report and "Not shown: m/matrix.json: field n" in report
+    assert "Not shown: eval/winrate.json: field wins" in report
+    assert "Not shown: m/matrix.json: field n" in report
     assert "Not shown: 1 row(s) of bon/sweep.json" in report and "| 1 | 1 | 0.5 |" in report
