@@ -581,6 +581,7 @@ def make_plan(pipe: Pipeline, only: list[str] = (), start: str | None = None) ->
     if start:
         selected &= set(names[names.index(start):])
     by_name: dict[str, PlannedStage] = {}
+    refuse_links(Path(pipe.run_dir) / "report", "report")  # before any work, not only when it is written
     for stage in pipe.stages:  # first by the rerun rules alone
         refuse_links(stage.dir, f"stage '{stage.name}'")
         stage.previous = read_record(stage.dir)

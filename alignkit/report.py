@@ -39,6 +39,9 @@ from .markdown import fenced, md_cell
 
 log = logging.getLogger(__name__)
 
+STAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+"""A pipeline stage's name (its folder in the run directory); a record naming anything else as an
+upstream is not followed."""
 MARKERS = ("stage.json", "config.yaml", "metrics.jsonl", "winrate.json", "matrix.json", "sweep.json")
 """Files by which a directory is recognised as a stage's output."""
 
@@ -193,7 +196,7 @@ def stale_reasons(stage: StageRun, run_dir: Path) -> list[str]:
     why = []
     consumed, hashes = stage.record.get("consumed"), stage.record.get("upstream") or {}
     for u in stage.record.get("inputs") or []:
-        up = read_json(run_dir / str(u) / "stage.json") if isinstance(u, str) else None
+        up = read_json(run_dir / u / "stage.json") if isinstance(u, str) and STAGE_NAME.fullmatch(u) else None
         if not isinstance(up, dict):
             why.append(f"upstream {u} is gone")
         elif up.get("status") != "done":

@@ -180,8 +180,9 @@ def test_shipped_run_folder_cannot_write_through_a_link(copy, tmp_path, capsys):
     (run_dir / "eval-dpo" / "stage.json").write_text(json.dumps(done))
     (run_dir / "report" / "report.md").unlink()
     os.symlink(victim, run_dir / "report" / "report.md")
-    with pytest.raises(ConfigError, match=r"report: .*report/report.md is a symbolic link"):
-        run(copy / "pipeline.yaml")
+    for flags in ((), ("--dry-run",)):
+        with pytest.raises(ConfigError, match=r"report: .*report/report.md is a symbolic link"):
+            run(copy / "pipeline.yaml", *flags)
     assert victim.read_text() == "mine\n"
 
 
