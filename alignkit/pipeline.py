@@ -26,19 +26,29 @@ stage makes them; they are checked when their stage starts). Errors name the sta
 Nothing in the file or a --var grants power (config.enforce_trust); the grants of the command line
 (--trust-remote-code, --allow-key NAME=HOST, ...) apply to every stage.
 
-Each stage folder holds stage.json (written atomically): name, kind, hash, status (running or
-done), started, finished, wall_s, outputs (name -> path), inputs (the upstream stages it refers
-to), config (the resolved config), and, for the plan's reasons, upstream (name -> hash) and files
-(local input -> content digest). The hash covers the resolved config (references as paths; not
-output_dir, resume or quiet), the upstream stages' hashes, and the content of the local files and
-folders the config names that no stage of the pipeline makes (files a stage writes itself, such
-as reward.cache and dpo.ref_cache_dir, are not inputs).
+Each stage folder holds stage.json (written atomically): name, kind, hash, run_id (new each time
+the stage is cleared and run; kept by a resume), alignkit (the version), status (running or done),
+started, finished, wall_s, outputs (name -> path relative to the stage folder, so a moved run
+directory keeps them), inputs (the upstream stages it uses), consumed (upstream -> the run id it
+read), config (the resolved config), and, for the plan's reasons, upstream (name -> hash) and files
+(local input -> digest). The hash covers the resolved config (paths in the run directory written
+relative to it; not output_dir, resume or quiet), the upstream stages' hashes, alignkit's version,
+and a fingerprint of every config string that names an existing file or folder outside the stage
+folders (relative to the working directory, as the loaders read it; not name-only keys such as
+split, nor files a stage writes itself such as reward.cache and dpo.ref_cache_dir), and of the
+source file of a `module:function` verifier. Fingerprints are bounded (CONTENT_BYTES, MAX_FILES):
+past them, files count by name, size and mtime, and the plan says so. A literal path into an
+earlier stage's folder makes that stage an input, as a reference would; into a later one, or the
+stage's own, it is an error.
 
-On a rerun a stage is skipped when done with the same hash (and its outputs present), resumed when
-its last run was interrupted with the same hash (training stages from their last checkpoint,
-generate and eval from the responses on disk), and otherwise cleared and run again; a stage below
-one that runs or resumes runs too. `--only a,b` and `--from name` restrict which stages may run;
-a chosen stage whose upstream is not done and unchanged is an error. `--dry-run` prints the plan.
+On a rerun a stage is skipped when done with the same hash (and its outputs present) and every
+upstream still holds the run it read; resumed when its last run was interrupted with the same hash
+(training stages from their last checkpoint, generate and eval from the responses on disk); and
+otherwise cleared and run again; a stage below one that runs or resumes runs too. `--only a,b` and
+`--from name` restrict which stages may run; a chosen stage whose upstream is not done and
+unchanged is an error. `--dry-run` prints the plan. A stage folder holding a symbolic link is
+refused (a shipped folder must not make a stage write outside it). At the end the report is
+written (the file's stages only) unless nothing ran and report/report.json shows it current.
 
 Simplified: stages run one after another in file order, in this process; a folder is the unit of
 caching (no sharing of unchanged outputs between run directories); to force a stage to run
@@ -49,11 +59,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.machinery
 import json
 import os
 import re
 import shutil
+import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -61,8 +74,10 @@ from typing import Any
 
 import yaml
 
+from . import __version__
 from . import config as config_lib
-from .config import ConfigError, flatten, leaf_fields, looks_local, suggest
+from .config import ConfigError, flatten, leaf_fields, suggest
+from .files import refuse_links, write_atomic
 
 OUTPUTS: dict[str, dict[str, str]] = {
     "sft": {"final": "final"},
@@ -83,6 +98,17 @@ RUNNER_KEYS = {"output_dir": "the runner writes each stage to run_dir/<stage nam
 NOT_HASHED = {"output_dir", "resume", "quiet"}
 WRITTEN_BY_STAGE = {"cache", "ref_cache_dir"}
 """Config leaves naming files a stage writes itself: never fingerprinted as inputs."""
+NOT_PATHS = {"split", "eval_split", "subset", "revision", "column", "category_column", "metric_for_best",
+             "attn_implementation", "end_of_turn_token", "base_url", "api_key_env", "system_prompt", "kind"}
+"""Config leaves that hold names, not paths: never fingerprinted even when a file of that name exists
+(`split: train` beside a folder called train)."""
+CONTENT_BYTES = 256 << 20
+"""Bytes of one input (file or folder) hashed by content; files past this budget are fingerprinted by
+relative name, size and modification time (a 5 GB model folder plans in milliseconds, not minutes)."""
+MAX_FILES = 10_000
+"""Files of one input folder fingerprinted at most; past this the walk stops and the plan says so."""
+MODULE_RULE = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*")
+"""A `module:function` verifier (reward.rule): its module's source file is an input."""
 TOP_KEYS = ("run_dir", "vars", "stages")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 VAR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -118,6 +144,10 @@ class PlannedStage:
     files: dict[str, str]
     upstream: dict[str, str] = field(default_factory=dict)
     """Hash of each stage in `inputs`."""
+    notes: list[str] = field(default_factory=list)
+    """What the plan should say about how the inputs were fingerprinted (bounded folders)."""
+    run_id: str | None = None
+    """Id of the stage's current run: the previous record's, or a new one once it runs."""
     hash: str = ""
     action: str = "run"
     """run (from a cleared folder), resume or skip."""
@@ -317,10 +347,18 @@ def read_pipeline(path: str | Path, var_overrides: list[str] = (), run_dir: str 
                 config_lib.validate(cfg)
         except ConfigError as e:
             raise ConfigError(f"stage '{name}': {e}") from None
+        found, notes, named = input_files(config_lib.to_dict(cfg), root, names)
+        for other, (key, value) in named.items():
+            where = f"stage '{name}': {key}: {value!r} lies in the folder of stage '{other}'"
+            if other == name:
+                raise ConfigError(f"{where} itself, which the runner clears before the stage runs")
+            if names.index(other) > index:
+                raise ConfigError(f"{where}, which comes later; a stage can use only the stages above it")
+            if other not in inputs:  # a literal path into an earlier stage: an input, like ${other.dir}
+                inputs.append(other)
         folder = root / name
         outputs = {k: str(folder / rel) if rel else str(folder) for k, rel in outputs_of(kind).items()}
-        stage = PlannedStage(name, kind, folder, cfg, inputs, outputs, {})
-        found = input_files(config_lib.to_dict(cfg), [root / n for n in names])
+        stage = PlannedStage(name, kind, folder, cfg, inputs, outputs, {}, notes=notes)
         stage.files = {portable(k, root): d for k, d in found.items()}
         stage.upstream = {u: stages[names.index(u)].hash for u in inputs}
         stage.hash = stage_hash(stage)
@@ -337,43 +375,116 @@ def resolve_var(name: str, where: str, variables: dict):
 # --------------------------------------------------------------------------- hashes
 
 
-def fingerprint(path: Path) -> str:
-    """Digest of a file's or a folder's content (every file's relative name, size and bytes)."""
+def fingerprint(path: Path) -> tuple[str, str | None]:
+    """(digest, note) of a file's or a folder's content: every file's relative name and size, and its
+    bytes while the input's CONTENT_BYTES budget lasts, else its modification time. A folder of more
+    than MAX_FILES files is fingerprinted by its first MAX_FILES (in name order); the note says what
+    was bounded (None when everything was hashed by content)."""
     h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for f in files:
-        h.update(f"{f.relative_to(path) if f != path else f.name}\0{f.stat().st_size}\0".encode())
+    budget, by_metadata, files, truncated = CONTENT_BYTES, 0, [], False
+    if path.is_file():
+        files = [(path.name, path)]
+    else:
+        for f in walk_files(path):
+            if len(files) == MAX_FILES:
+                truncated = True
+                break
+            files.append((f.relative_to(path).as_posix(), f))
+    for rel, f in files:
+        st = f.stat()
+        h.update(f"{rel}\0{st.st_size}\0".encode())
+        if st.st_size > budget:
+            by_metadata += 1
+            h.update(f"mtime {st.st_mtime_ns}\0".encode())
+            continue
+        budget -= st.st_size
         with f.open("rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 h.update(block)
-    return h.hexdigest()[:16]
+    notes = []
+    if truncated:
+        notes.append(f"more than {MAX_FILES} files, fingerprinted by the first {MAX_FILES}")
+    if by_metadata:
+        notes.append(f"{by_metadata} file(s) past the {CONTENT_BYTES >> 20} MiB content budget "
+                     "fingerprinted by size and modification time")
+    return h.hexdigest()[:16], "; ".join(notes) or None
 
 
-def input_files(config: dict, produced: list[Path]) -> dict[str, str]:
-    """Local files and folders named in a config (not inside a stage folder of the pipeline) -> digest."""
-    produced = [Path(os.path.abspath(p)) for p in produced]
+def walk_files(folder: Path):
+    """Files under `folder` in a fixed order (sorted names, depth first), links not followed."""
+    for top, dirs, names in os.walk(folder, followlinks=False):
+        dirs.sort()
+        for name in sorted(names):
+            f = Path(top) / name
+            if f.is_file():
+                yield f
+
+
+def module_source(spec: str) -> Path | None:
+    """The source file of the module of a `module:function` verifier, found without importing it (no
+    package __init__ runs), or None."""
+    module = spec.split(":", 1)[0]
+    locations, found = None, None
+    for part in module.split("."):
+        try:
+            where = locations if locations is not None else sys.path
+            found = importlib.machinery.PathFinder.find_spec(part, where)
+        except (ImportError, ValueError, OSError):
+            return None
+        if found is None:
+            return None
+        locations = found.submodule_search_locations
+    origin = getattr(found, "origin", None)
+    return Path(origin) if origin and Path(origin).is_file() else None
+
+
+def input_files(config: dict, root: Path, names: list[str]) -> tuple[dict[str, str], list[str], dict]:
+    """What a stage's config reads from disk: (files, notes, stages).
+
+    files: every config string that names an existing file or folder (relative to the working
+    directory, as the loaders read it; not inside a stage folder of the pipeline; not a name-only leaf
+    of NOT_PATHS) -> digest, and for a `module:function` verifier its module's source file; notes: how
+    bounded fingerprints were taken; stages: stage name -> (key, value) of a string that lies in that
+    stage's folder (the caller makes it a dependency)."""
+    folders = {n: Path(os.path.abspath(Path(root) / n)) for n in names}
     found: dict[str, str] = {}
+    notes: list[str] = []
+    named: dict[str, tuple] = {}
 
-    def visit(value, leaf: str) -> None:
+    def add(label: str, path: Path) -> None:
+        found[label], note = fingerprint(path)
+        if note:
+            notes.append(f"{label}: {note}")
+
+    def visit(value, key: str) -> None:
+        leaf = key.rsplit(".", 1)[-1].split("[", 1)[0]
         if isinstance(value, dict):
             for k, v in value.items():
-                visit(v, k)
+                visit(v, f"{key}.{k}" if key else k)
         elif isinstance(value, list):
-            for v in value:
-                visit(v, leaf)
-        elif isinstance(value, str) and leaf not in WRITTEN_BY_STAGE and (looks_local(value) or "/" in value):
+            for i, v in enumerate(value):
+                visit(v, f"{key}[{i}]")
+        elif isinstance(value, str) and value.strip() and leaf not in WRITTEN_BY_STAGE | NOT_PATHS:
+            if leaf == "rule" and MODULE_RULE.fullmatch(value):
+                source = module_source(value)
+                if source is not None:
+                    add(value, source)
+                return
             try:
                 path = Path(value).expanduser()
+                absolute = Path(os.path.abspath(path))
+                inside = next((n for n, f in folders.items() if absolute == f or f in absolute.parents), None)
+                if inside is not None:
+                    named.setdefault(inside, (key, value))
+                    return
                 if not path.exists():
                     return
-            except OSError:  # e.g. an inline chat template, too long for a file name
+            except (OSError, ValueError):  # e.g. an inline chat template, too long for a file name
                 return
-            absolute = Path(os.path.abspath(path))
-            if not any(absolute == p or p in absolute.parents for p in produced):
-                found[value] = fingerprint(path)
+            add(value, path)
 
     visit({k: v for k, v in config.items() if k not in NOT_HASHED}, "")
-    return dict(sorted(found.items()))
+    return dict(sorted(found.items())), notes, named
 
 
 def portable(value, root: Path):
@@ -395,7 +506,7 @@ def hashed_config(config: dict, root: Path) -> dict:
 def stage_hash(stage: PlannedStage) -> str:
     root = stage.dir.parent
     payload = {"kind": stage.kind, "config": hashed_config(config_lib.to_dict(stage.config), root),
-               "upstream": stage.upstream, "files": stage.files}
+               "upstream": stage.upstream, "files": stage.files, "alignkit": __version__}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -420,6 +531,8 @@ def changes(stage: PlannedStage, old: dict, plan: dict[str, PlannedStage]) -> li
     if old.get("kind") != stage.kind:
         return [f"kind changed: {old.get('kind')} -> {stage.kind}"]
     why = []
+    if old.get("alignkit") != __version__:
+        why.append(f"alignkit version changed: {old.get('alignkit') or 'unrecorded'} -> {__version__}")
     config = old.get("config") or {}
     old_root = Path(config["output_dir"]).parent if config.get("output_dir") else stage.dir.parent  # it may have moved
     before = flatten(hashed_config(config, old_root), {})
@@ -448,9 +561,13 @@ def natural_action(stage: PlannedStage, plan: dict[str, PlannedStage]) -> tuple[
     moving = [u for u in stage.inputs if plan[u].action in ("run", "resume")]
     if moving:
         return "run", "; ".join(f"upstream {u} {plan[u].action.replace('run', 'rerun')}s" for u in moving)
+    consumed = old.get("consumed") or {}
+    replaced = [u for u in stage.inputs if consumed.get(u) is None or consumed.get(u) != plan[u].run_id]
+    if replaced:  # same hash, but the upstream ran again after this stage read it (--only, an interruption)
+        return "run", "; ".join(f"upstream {u} ran again since this stage used it" for u in replaced)
     if old.get("status") != "done":
         return "resume", "interrupted, unchanged"
-    missing = [k for k, p in (old.get("outputs") or {}).items() if not Path(p).exists()]
+    missing = [k for k, p in (old.get("outputs") or {}).items() if not (stage.dir / p).exists()]
     if missing:
         return "run", "outputs missing: " + ", ".join(missing)
     return "skip", "done, unchanged"
@@ -467,8 +584,11 @@ def make_plan(pipe: Pipeline, only: list[str] = (), start: str | None = None) ->
     if start:
         selected &= set(names[names.index(start):])
     by_name: dict[str, PlannedStage] = {}
+    refuse_links(Path(pipe.run_dir) / "report", "report")  # before any work, not only when it is written
     for stage in pipe.stages:  # first by the rerun rules alone
+        refuse_links(stage.dir, f"stage '{stage.name}'")
         stage.previous = read_record(stage.dir)
+        stage.run_id = (stage.previous or {}).get("run_id")
         stage.action, stage.why = natural_action(stage, by_name)
         by_name[stage.name] = stage
     for stage in pipe.stages:
@@ -488,7 +608,9 @@ def make_plan(pipe: Pipeline, only: list[str] = (), start: str | None = None) ->
 def render_plan(pipe: Pipeline) -> str:
     width = max(len(s.name) for s in pipe.stages)
     lines = [f"pipeline {pipe.path} -> {pipe.run_dir}"]
-    lines += [f"  {s.name:<{width}}  {s.action:<6}  {s.why}" for s in pipe.stages]
+    for s in pipe.stages:
+        lines.append(f"  {s.name:<{width}}  {s.action:<6}  {s.why}")
+        lines += [f"  {'':<{width}}  {'':<6}  (input {note})" for note in s.notes]
     return "\n".join(lines)
 
 
@@ -500,21 +622,24 @@ def now() -> str:
 
 
 def write_record(folder: Path, record: dict) -> None:
-    tmp = folder / "stage.json.tmp"
-    tmp.write_text(json.dumps(record, indent=1, default=str))
-    os.replace(tmp, folder / "stage.json")
+    write_atomic(folder / "stage.json", json.dumps(record, indent=1, default=str))
 
 
-def execute(stage: PlannedStage, quiet: bool) -> None:
-    """Run (from a cleared folder) or resume one stage, recording it in stage.json."""
+def execute(stage: PlannedStage, quiet: bool, consumed: dict[str, str | None] | None = None) -> None:
+    """Run (from a cleared folder) or resume one stage, recording it in stage.json: `consumed` is the
+    run id of each upstream stage it reads."""
     from .cli import STAGES
 
     if stage.action == "run" and stage.dir.exists():
         shutil.rmtree(stage.dir)
     stage.dir.mkdir(parents=True, exist_ok=True)
     before = float((stage.previous or {}).get("wall_s") or 0.0) if stage.action == "resume" else 0.0
-    record = {"name": stage.name, "kind": stage.kind, "hash": stage.hash, "status": "running", "started": now(),
-              "finished": None, "wall_s": before, "outputs": {"dir": str(stage.dir)}, "inputs": stage.inputs,
+    if stage.action != "resume" or not stage.run_id:
+        stage.run_id = uuid.uuid4().hex[:16]
+    record = {"name": stage.name, "kind": stage.kind, "hash": stage.hash, "run_id": stage.run_id,
+              "alignkit": __version__, "status": "running", "started": now(), "finished": None,
+              "wall_s": before,
+              "outputs": {"dir": "."}, "inputs": stage.inputs, "consumed": dict(consumed or {}),
               "config": config_lib.to_dict(stage.config), "upstream": stage.upstream, "files": stage.files}
     write_record(stage.dir, record)
     cfg = dataclasses.replace(stage.config)
@@ -534,7 +659,8 @@ def execute(stage: PlannedStage, quiet: bool) -> None:
         write_record(stage.dir, record)  # still running: the next run resumes it
         raise
     record.update(status="done", finished=now(), wall_s=round(before + time.perf_counter() - t0, 3))
-    record["outputs"] = {k: p for k, p in stage.outputs.items() if Path(p).exists()}
+    record["outputs"] = {k: os.path.relpath(p, stage.dir) for k, p in stage.outputs.items()
+                         if Path(p).exists()}
     record.pop("error", None)
     write_record(stage.dir, record)
 
@@ -550,15 +676,17 @@ def run_pipeline(cfg: RunConfig) -> Path | None:
     print(render_plan(pipe), flush=True)
     if cfg.dry_run:
         return None
+    by_name = {s.name: s for s in pipe.stages}
     for stage in pipe.stages:
         if stage.action == "skip":
             continue
         print(f"[run] {stage.name} ({stage.kind}): {stage.action}: {stage.why}", flush=True)
-        execute(stage, cfg.quiet)
+        execute(stage, cfg.quiet, {u: by_name[u].run_id for u in stage.inputs})
     ran = sum(s.action != "skip" for s in pipe.stages)
-    if ran or not (Path(pipe.run_dir) / "report" / "report.md").is_file():
-        from .report import write_report
+    from .report import report_is_current, write_report
 
-        write_report(pipe.run_dir)  # a rerun that skipped everything leaves the report as it was
+    names = [s.name for s in pipe.stages]
+    if ran or not report_is_current(pipe.run_dir, names):  # else the report on disk is this one already
+        write_report(pipe.run_dir, stages=names)
     print(f"[run] {ran} of {len(pipe.stages)} stages ran, {len(pipe.stages) - ran} skipped", flush=True)
     return pipe.run_dir

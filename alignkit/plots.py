@@ -44,11 +44,17 @@ def new_figure(width: float, height: float):
 
 
 def save(fig, path: str | Path) -> Path:
+    """Write the figure as a PNG through a temporary file and os.replace (never through a link at `path`)."""
+    import io
+
+    from .files import write_atomic
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, format="png")
-    return path
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return write_atomic(path, buffer.getvalue())
 
 
 def series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:

@@ -7,7 +7,11 @@ sweep.json. The report goes to RUN_DIR/report/report.md with its plots in the sa
 folder can be copied into a PR or paper as is. It shows the stages (key settings, status, wall
 time); training curves per stage; every win rate with both tie rules, intervals, the sign test and
 a plain verdict; win-rate matrices; per-category rates; best-of-N sweeps; and a few prompts with
-each model's answer. Model text only ever appears inside fenced code blocks (see `markdown`).
+each model's answer. Model text only ever appears inside fenced code blocks (see `markdown`); every
+other value from a stage's files is escaped or checked to be a number. Given a pipeline's stage
+names, only those are reported; a stage whose upstream folder now holds another run is marked
+stale. report.json beside report.md records what the report was written from (alignkit version,
+run ids), so that `alignkit run` knows when to rewrite it.
 
 Simplifications: a stage's kind, when stage.json does not say it, is guessed from its config keys;
 stages without stage.json are ordered by when their config.yaml was written; a partial stage (still
@@ -26,14 +30,18 @@ from pathlib import Path
 
 import yaml
 
-from . import plots
+from . import __version__, plots
 from .config import ConfigError
+from .files import refuse_links, write_atomic
 from .evaluate.run import ci_text, lc_text, matrix_tables
 from .evaluate.winrate import relation, sign_test
 from .markdown import fenced, md_cell
 
 log = logging.getLogger(__name__)
 
+STAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+"""A pipeline stage's name (its folder in the run directory); a record naming anything else as an
+upstream is not followed."""
 MARKERS = ("stage.json", "config.yaml", "metrics.jsonl", "winrate.json", "matrix.json", "sweep.json")
 """Files by which a directory is recognised as a stage's output."""
 
@@ -42,7 +50,8 @@ PANELS = {
             ("reward accuracy", ["reward_accuracy", "eval_reward_accuracy"])],
     "rm": [("accuracy", ["accuracy", "eval_accuracy"]),
            ("reward margin", ["reward_margin", "eval_reward_margin"])],
-    "rl": [("reward", ["reward", "eval_reward"]), ("KL to the reference", ["kl", "kl_k3"]),
+    "rl": [("reward", ["reward", "eval_reward"]), ("KL to the reference, per sequence", ["kl"]),
+           ("KL to the reference, per token (k3)", ["kl_k3"]),
            ("completion length (tokens)", ["completion_length", "eval_completion_length"]),
            ("entropy", ["entropy"])],
 }
@@ -76,6 +85,8 @@ class StageRun:
     config: dict
     record: dict = field(default_factory=dict)
     metrics: list[dict] = field(default_factory=list)
+    stale: list[str] = field(default_factory=list)
+    """Why the stage's outputs no longer match its upstream stages on disk (empty when they do)."""
 
     def title(self) -> str:
         return self.name if self.name == self.kind else f"{self.name} ({self.kind})"
@@ -137,7 +148,10 @@ def guess_kind(path: Path, config: dict) -> str:
     return "stage"
 
 
-def load_stage(path: Path, name: str) -> StageRun:
+def load_stage(path: Path, name: str | None = None) -> StageRun:
+    """A stage folder as the report sees it; `name` (default: the record's, else the folder's) is
+    what the report calls it: in a run directory always the folder's name, so a copied `sft-old`
+    is not a second `sft`."""
     record = read_json(path / "stage.json")
     record = record if isinstance(record, dict) else {}
     config = record["config"] if isinstance(record.get("config"), dict) else read_config(path / "config.yaml")
@@ -149,7 +163,7 @@ def load_stage(path: Path, name: str) -> StageRun:
     else:
         status = "incomplete"
     metrics = read_jsonl(path / "metrics.jsonl")
-    return StageRun(str(record.get("name") or name), path, kind, status, config, record, metrics)
+    return StageRun(str(name or record.get("name") or path.name), path, kind, status, config, record, metrics)
 
 
 def stage_order(path: Path) -> tuple:
@@ -159,13 +173,39 @@ def stage_order(path: Path) -> tuple:
     return (str(started) if started is not None else "", min(written), path.name)
 
 
-def find_stages(run_dir: Path) -> list[StageRun]:
-    """The stages of a run directory in the order they ran, or the directory itself when it is one stage."""
-    children = sorted((p for p in run_dir.iterdir() if is_stage_dir(p)), key=stage_order)
-    pipeline = any((p / "stage.json").is_file() for p in children)
-    if is_stage_dir(run_dir) and not pipeline:
-        return [load_stage(run_dir, run_dir.name)]
-    return [load_stage(p, p.name) for p in children]
+def find_stages(run_dir: Path, names: list[str] | None = None) -> list[StageRun]:
+    """The stages of a run directory in the order they ran, or the directory itself when it is one stage.
+    With `names` (a pipeline run: its file's stages, in file order) only those folders, so that folders
+    of stages removed from the file, or copies such as `sft-old`, are not reported."""
+    if names is not None:
+        stages = [load_stage(run_dir / n, n) for n in names if is_stage_dir(run_dir / n)]
+    else:
+        children = sorted((p for p in run_dir.iterdir() if is_stage_dir(p)), key=stage_order)
+        pipeline = any((p / "stage.json").is_file() for p in children)
+        if is_stage_dir(run_dir) and not pipeline:
+            return [load_stage(run_dir)]
+        stages = [load_stage(p, p.name) for p in children]
+    for s in stages:
+        s.stale = stale_reasons(s, run_dir)
+    return stages
+
+
+def stale_reasons(stage: StageRun, run_dir: Path) -> list[str]:
+    """Upstream stages (a pipeline record's inputs) whose folder no longer holds the run, or the hash,
+    that this stage used: its outputs were made from files that are not there any more."""
+    why = []
+    consumed, hashes = stage.record.get("consumed"), stage.record.get("upstream") or {}
+    for u in stage.record.get("inputs") or []:
+        up = read_json(run_dir / u / "stage.json") if isinstance(u, str) and STAGE_NAME.fullmatch(u) else None
+        if not isinstance(up, dict):
+            why.append(f"upstream {u} is gone")
+        elif up.get("status") != "done":
+            why.append(f"upstream {u} is {up.get('status') or 'incomplete'}")
+        elif isinstance(consumed, dict) and consumed.get(u) != up.get("run_id"):
+            why.append(f"upstream {u} ran again since")
+        elif isinstance(hashes, dict) and u in hashes and hashes[u] != up.get("hash"):
+            why.append(f"upstream {u} changed since")
+    return why
 
 
 # --------------------------------------------------------------------------- small formatting helpers
@@ -197,8 +237,28 @@ def duration(seconds) -> str:
     return f"{minutes} min {s:02d} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
 
 
+def is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def number(v) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
+    """A number as text; anything else (a string in a JSON field that should hold a number) escaped."""
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v) if is_number(v) else md_cell(v)
+
+
+def malformed(data: dict, keys: tuple[str, ...], pairs: tuple[str, ...] = ()) -> str | None:
+    """The first of `keys` whose value is not a number (a missing one included; for `pairs`, not two
+    numbers), else None: what the report cannot show of a hand-edited or foreign JSON file."""
+    for k in keys:
+        if not is_number(data.get(k)):
+            return k
+    for k in pairs:
+        v = data.get(k)
+        if not (isinstance(v, list) and len(v) == 2 and all(is_number(x) for x in v)):
+            return k
+    return None
 
 
 def file_stem(name: str) -> str:
@@ -209,8 +269,14 @@ def file_stem(name: str) -> str:
 def reward_text(reward) -> str | None:
     if not isinstance(reward, dict) or not reward.get("kind"):
         return None
-    detail = reward.get("rule") or reward.get("model") or reward.get("base_url")
-    return f"{reward['kind']} {detail}" if detail else str(reward["kind"])
+    kind = reward["kind"]
+    if kind == "rule":
+        detail = reward.get("rule")
+    elif kind == "remote":
+        detail = " at ".join(str(x) for x in (reward.get("model"), reward.get("base_url")) if x)
+    else:  # hf: the reward model (the rule field keeps its default and means nothing here)
+        detail = reward.get("model")
+    return f"{kind} {detail}" if detail else str(kind)
 
 
 def key_settings(stage: StageRun, run_dir: Path) -> list[tuple[str, str]]:
@@ -271,6 +337,17 @@ class Report:
         self.run_dir, self.out, self.draw = run_dir, out, draw
         self.lines: list[str] = []
         self.plots: list[Path] = []
+        self.stems: set[str] = set()
+
+    def plot_path(self, prefix: str, stage: StageRun) -> Path:
+        """A PNG path named by the stage's folder, distinct from every other one of this report."""
+        stem = f"{prefix}-{file_stem(stage.path.name)}"
+        k, unique = 1, stem
+        while unique in self.stems:
+            k += 1
+            unique = f"{stem}-{k}"
+        self.stems.add(unique)
+        return self.out / f"{unique}.png"
 
     def add(self, *lines: str) -> None:
         self.lines.extend(lines)
@@ -285,11 +362,17 @@ def stages_section(rep: Report, stages: list[StageRun]) -> None:
     rep.add("", "## Stages", "", "| stage | kind | status | key settings | wall time |", "|---|---|---|---|---|")
     for s in stages:
         settings = "; ".join(f"{k} {v}" for k, v in key_settings(s, rep.run_dir)) or "-"
-        rep.add(f"| {md_cell(s.name)} | {md_cell(s.kind)} | {md_cell(s.status)} | {md_cell(settings)} "
+        status = f"{s.status}, stale" if s.stale else s.status
+        rep.add(f"| {md_cell(s.name)} | {md_cell(s.kind)} | {md_cell(status)} | {md_cell(settings)} "
                 f"| {duration(s.record.get('wall_s'))} |")
-    total = sum(s.record.get("wall_s") or 0 for s in stages if isinstance(s.record.get("wall_s"), (int, float)))
+    total = sum(s.record.get("wall_s") for s in stages if is_number(s.record.get("wall_s")))
     if total:
         rep.add("", f"Total wall time of the stages: {duration(total)}.")
+    stale = [s for s in stages if s.stale]
+    if stale:
+        listed = "; ".join(f"{md_cell(s.name)} ({md_cell(', '.join(s.stale))})" for s in stale)
+        rep.add("", "**Stale:** these stages' results were made from upstream outputs that are no longer in "
+                f"the run directory; `alignkit run` reruns them: {listed}.")
 
 
 def panels_for(stage: StageRun) -> list[tuple[str, list[str]]]:
@@ -317,16 +400,15 @@ def curves_section(rep: Report, stages: list[StageRun]) -> None:
                 logged = [r for r in s.metrics if isinstance(r.get(key), (int, float))]
                 if logged:
                     first, last = logged[0], logged[-1]
-                    rows.append(f"| {md_cell(key)} | {number(first[key])} (step {first.get('step')}) "
-                                f"| {number(last[key])} (step {last.get('step')}) |")
+                    rows.append(f"| {md_cell(key)} | {number(first[key])} (step {number(first.get('step'))}) "
+                                f"| {number(last[key])} (step {number(last.get('step'))}) |")
         rep.add("", f"### {md_cell(s.title())}", "")
         if rows:
             rep.add("| metric | first | last |", "|---|---|---|", *rows)
         else:
             rep.add("No metrics logged yet.")
         if rep.draw:
-            path = plots.training_curves(s.metrics, panels, rep.out / f"curves-{file_stem(s.name)}.png",
-                                         s.title())
+            path = plots.training_curves(s.metrics, panels, rep.plot_path("curves", s), s.title())
             rep.image(path, f"training curves of {s.name}")
 
 
@@ -346,14 +428,67 @@ def winrate_row(name: str, r: dict, run_dir: Path) -> str:
             f"| A is {relation(wins, losses)} B |")
 
 
+WINRATE_NUMBERS = ("wins", "losses", "ties", "n", "win_rate")
+PAIR_NUMBERS = WINRATE_NUMBERS + ("win_rate_ties_half", "sign_test_p")
+
+
+def comparison_problem(r: dict, required: tuple[str, ...], intervals: tuple[str, ...] = ("ci95",)
+                       ) -> str | None:
+    """The first field of a comparison (winrate.json, a matrix pair) that the report would have to
+    print but is not a number (`intervals`: not two numbers); optional fields are checked when present."""
+    if "ci95_ties_half" in r and "ci95_ties_half" not in intervals:
+        intervals += ("ci95_ties_half",)
+        required += ("win_rate_ties_half",)
+    optional = tuple(k for k in ("win_rate_ties_half", "sign_test_p", "tie_value")
+                     if k in r and k not in required)
+    bad = malformed(r, required + optional, intervals)
+    lc = r.get("length_controlled_win_rate")
+    if bad is None and lc is not None and not is_number(lc):
+        bad = "length_controlled_win_rate"
+    return bad
+
+
+def matrix_problem(m: dict) -> str | None:
+    labels = m.get("labels")
+    if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+        return "labels"
+    bad = malformed(m, ("n",) + (("tie_value",) if "tie_value" in m else ()))
+    if bad:
+        return bad
+    table = m.get("win_rate")
+    if not (isinstance(table, list) and len(table) == len(labels)
+            and all(isinstance(row, list) and all(v is None or is_number(v) for v in row) for row in table)):
+        return "win_rate"
+    for key in ("mean_reward", "prompts_per_entry", "dropped_per_entry"):
+        values = m.get(key)
+        if not (isinstance(values, list) and len(values) == len(labels)
+                and all(is_number(v) for v in values)):
+            return key
+    for k, pair in enumerate(m.get("pairs") or []):
+        if not (isinstance(pair, dict) and isinstance(pair.get("a"), str) and isinstance(pair.get("b"), str)):
+            return f"pairs[{k}]"
+        bad = comparison_problem(pair, PAIR_NUMBERS, ("ci95", "ci95_ties_half"))
+        if bad:
+            return f"pairs[{k}].{bad}"
+    return None
+
+
 def evals_section(rep: Report, stages: list[StageRun]) -> None:
     pairwise = [(s, s.read("winrate.json")) for s in stages]
     pairwise = [(s, r) for s, r in pairwise if isinstance(r, dict) and "wins" in r]
     matrices = [(s, s.read("matrix.json")) for s in stages]
     matrices = [(s, m) for s, m in matrices if isinstance(m, dict) and "labels" in m]
-    if not pairwise and not matrices:
+    skipped = [(s, "winrate.json", comparison_problem(r, WINRATE_NUMBERS)) for s, r in pairwise]
+    skipped += [(s, "matrix.json", matrix_problem(m)) for s, m in matrices]
+    skipped = [x for x in skipped if x[2]]
+    pairwise = [(s, r) for s, r in pairwise if not comparison_problem(r, WINRATE_NUMBERS)]
+    matrices = [(s, m) for s, m in matrices if not matrix_problem(m)]
+    if not pairwise and not matrices and not skipped:
         return
     rep.add("", "## Win rates", "")
+    for s, name, bad in skipped:
+        rep.add(f"Not shown: {md_cell(s.name)}/{name}: field {md_cell(bad)} is not what an eval writes "
+                "(a number).", "")
     if pairwise:
         rep.add("Each comparison: A's reward against B's on the same prompts. **Ties count 0** is the course protocol "
                 "(the reference results are stated in it; a model against itself scores below 0.5). "
@@ -373,7 +508,7 @@ def evals_section(rep: Report, stages: list[StageRun]) -> None:
         if not m.get("pairs"):
             rep.add("", "This matrix.json predates the pairwise statistics; rerun the eval for intervals and sign tests.")
         if rep.draw:
-            path = plots.matrix_heatmap(m["labels"], m["win_rate"], rep.out / f"matrix-{file_stem(s.name)}.png",
+            path = plots.matrix_heatmap(m["labels"], m["win_rate"], rep.plot_path("matrix", s),
                                         f"{s.name}: win rate of row against column")
             rep.image(path, f"win-rate matrix of {s.name}")
 
@@ -419,11 +554,19 @@ def categories_subsection(rep: Report, pairwise: list[tuple[StageRun, dict]]) ->
 
 def bon_section(rep: Report, stages: list[StageRun]) -> None:
     sweeps = [(s, s.read("sweep.json")) for s in stages]
-    sweeps = [(s, m) for s, m in sweeps if isinstance(m, dict) and m.get("rows")]
+    sweeps = [(s, m) for s, m in sweeps
+              if isinstance(m, dict) and isinstance(m.get("rows"), list) and m["rows"]]
     if not sweeps:
         return
     rep.add("", "## Best-of-N", "")
     for s, sw in sweeps:
+        good = [r for r in sw["rows"] if isinstance(r, dict) and not bon_row_problem(r)]
+        if len(good) < len(sw["rows"]):
+            rep.add(f"Not shown: {len(sw['rows']) - len(good)} row(s) of {md_cell(s.name)}/sweep.json whose "
+                    "fields are not what best-of-N writes (numbers).", "")
+        if not good:
+            continue
+        sw = {**sw, "rows": good}
         reference = md_cell(short(sw.get("reference", "-"), rep.run_dir))
         rep.add(f"### {md_cell(s.name)}: best of N samples against {reference}, judge {md_cell(sw.get('judge', '-'))}", "",
                 "Win rate with ties counting 0 (course protocol) and 0.5, 95% intervals; the share of non-tied comparisons "
@@ -435,12 +578,25 @@ def bon_section(rep: Report, stages: list[StageRun]) -> None:
             half = (ci_text(r["win_rate_ties_half"], r["ci95_ties_half"]) if r.get("ci95_ties_half")
                     else number(r.get("win_rate_ties_half", "-")))
             share = r.get("non_tied_win_share")
-            rep.add(f"| {number(r.get('temperature'))} | {r.get('n')} | {zero} | {half} "
-                    f"| {r.get('wins')} / {r.get('losses')} / {r.get('ties')} | {number(r.get('sign_test_p', '-'))} "
+            rep.add(f"| {number(r.get('temperature'))} | {number(r.get('n'))} | {zero} | {half} "
+                    f"| {number(r.get('wins'))} / {number(r.get('losses'))} / {number(r.get('ties'))} "
+                    f"| {number(r.get('sign_test_p', '-'))} "
                     f"| {'-' if share is None else f'{share:.3f}'} | {number(r.get('ceiling', '-'))} "
                     f"| {number(r.get('mean_reward', '-'))} |")
         if rep.draw:
-            rep.image(plots.bon_sweep(sw, rep.out / f"bon-{file_stem(s.name)}.png"), f"best-of-N sweep of {s.name}")
+            rep.image(plots.bon_sweep(sw, rep.plot_path("bon", s)), f"best-of-N sweep of {s.name}")
+
+
+def bon_row_problem(r: dict) -> str | None:
+    """The first field of a sweep row that is not a number (temperature, N, the win rate: required)."""
+    bad = malformed(r, ("temperature", "n", "win_rate"))
+    optional = ("win_rate_ties_half", "wins", "losses", "ties", "sign_test_p", "non_tied_win_share",
+                "ceiling", "mean_reward")
+    bad = bad or next((k for k in optional if r.get(k) is not None and not is_number(r[k])), None)
+    for k in ("ci95", "ci95_ties_half"):
+        if not bad and r.get(k) and malformed(r, (), (k,)):
+            bad = k
+    return bad
 
 
 SAMPLE_CHARS = 2000
@@ -495,7 +651,8 @@ def render(run_dir: Path, out: Path, stages: list[StageRun], samples: int, draw:
     rep = Report(run_dir, out, draw)
     rep.add(f"# alignkit report: {md_cell(run_dir.resolve().name)}", "",
             f"{len(stages)} stage{'s' if len(stages) != 1 else ''} in {md_cell(run_dir.resolve())}. "
-            "Written by `alignkit report`; the plots are PNG files beside this one.")
+            f"Written by `alignkit report` (alignkit {md_cell(__version__)}); the plots are PNG files beside "
+            "this one.")
     if note:
         rep.add("", note)
     if not stages:
@@ -509,22 +666,42 @@ def render(run_dir: Path, out: Path, stages: list[StageRun], samples: int, draw:
     return rep
 
 
+def report_state(run_dir: Path, names: list[str] | None) -> dict:
+    """What a report of `run_dir` depends on besides the files it reads: the alignkit that writes it,
+    and each reported stage's run id. Saved as report.json beside report.md."""
+    stages = find_stages(run_dir, names) if run_dir.is_dir() else []
+    return {"alignkit": __version__, "stages": {s.name: s.record.get("run_id") for s in stages},
+            "stale": {s.name: s.stale for s in stages if s.stale}}
+
+
+def report_is_current(run_dir: str | Path, names: list[str] | None = None) -> bool:
+    """Whether RUN_DIR/report holds the report this alignkit would write of these stages (after an
+    upgrade, or with another set of stages, it does not)."""
+    run_dir = Path(run_dir)
+    out = run_dir / "report"
+    return ((out / "report.md").is_file() and not (out / "report.md").is_symlink()
+            and read_json(out / "report.json") == report_state(run_dir, names))
+
+
 def write_report(run_dir: str | Path, output_dir: str | Path | None = None, samples: int = 3,
-                 draw: bool = True) -> Path:
-    """Write <output_dir or RUN_DIR/report>/report.md with its PNG plots beside it; returns its path."""
+                 draw: bool = True, stages: list[str] | None = None) -> Path:
+    """Write <output_dir or RUN_DIR/report>/report.md with its PNG plots beside it; returns its path.
+    `stages`: the stage folders to report, in order (a pipeline's file); default every stage folder."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"report: run directory not found: {run_dir}")
     out = Path(output_dir) if output_dir else run_dir / "report"
+    if not output_dir:  # inside a run folder that may have come from elsewhere: never write through a link
+        refuse_links(out, "report")
     out.mkdir(parents=True, exist_ok=True)
     note = None
     if draw and not plots.available():
         draw, note = False, "Plots: not drawn, matplotlib is not installed (`pip install 'alignkit[plots]'`)."
     elif not draw:
         note = "Plots: not drawn (plots: false)."
-    rep = render(run_dir, out, find_stages(run_dir), samples, draw, note)
-    path = out / "report.md"
-    path.write_text("\n".join(rep.lines) + "\n")
+    rep = render(run_dir, out, find_stages(run_dir, stages), samples, draw, note)
+    path = write_atomic(out / "report.md", "\n".join(rep.lines) + "\n")
+    write_atomic(out / "report.json", json.dumps(report_state(run_dir, stages), indent=1))
     log.info("report: %s (%d plots)", path, len(rep.plots))
     return path
 

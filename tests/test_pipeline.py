@@ -128,8 +128,8 @@ def test_first_run_records_each_stage(done_run):
         assert {"name", "kind", "hash", "status", "started", "finished", "wall_s", "outputs", "inputs", "config"} <= set(r)
         assert (r["name"], r["kind"], r["status"]) == (name, kind, "done") and r["wall_s"] > 0 and len(r["hash"]) == 64
         assert r["config"]["output_dir"] == str(run_dir / name)
-    assert sft["outputs"] == {"dir": str(run_dir / "sft"), "final": str(run_dir / "sft" / "final")}
-    assert ev["outputs"]["winrate"] == str(run_dir / "eval-dpo" / "winrate.json")
+    assert sft["outputs"] == {"dir": ".", "final": "final"}  # relative to the stage folder (#18.9)
+    assert ev["outputs"]["winrate"] == "winrate.json"
     assert (sft["inputs"], dpo["inputs"], ev["inputs"]) == ([], ["sft"], ["dpo", "sft"])
     assert dpo["config"]["model"]["name_or_path"] == str(run_dir / "sft" / "final")
     assert dpo["config"]["train"]["learning_rate"] == 1e-4  # ${vars.dpo_lr}, typed by the stage's config

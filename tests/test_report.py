@@ -252,3 +252,78 @@ def check_demo_report(out):
     assert "| eval-rloo-vs-sft | rloo/final | sft/final |" in report and "## Best-of-N" in report
     assert "| reward_margin |" in report and "| eval_loss |" in report
     code_blocks(report)
+
+
+def test_pipeline_report_lists_the_files_stages_flags_stale_ones_and_names_plots_by_folder(tmp_path):
+    """#18.6: `sft-old` (a copy of an older sft, its stage.json says "sft") is reported as sft-old with its
+    own curve file, not as a second "sft"; given the pipeline's stages only those are reported, in file order; a
+    record whose upstream ran again since (another run id) or is gone is flagged stale."""
+    run = tmp_path / "run"
+    stage_json(run / "sft", "sft", "sft", train_config("base"))
+    write_jsonl(run / "sft" / "metrics.jsonl", metrics([], []))
+    stage_json(run / "sft-old", "sft", "sft", train_config("base"))
+    write_jsonl(run / "sft-old" / "metrics.jsonl", [{"step": 1, "loss": 9.0}, {"step": 2, "loss": 8.0}])
+    stage_json(run / "dpo", "dpo", "dpo", train_config(str(run / "sft" / "final")))
+    stage_json(run / "removed", "removed", "sft", train_config("base"))
+    extras = {"sft": {"run_id": "new"}, "dpo": {"run_id": "d", "inputs": ["sft"], "consumed": {"sft": "old"}},
+              "removed": {"run_id": "r", "inputs": ["gone"], "consumed": {"gone": "g"}}}
+    for name, extra in extras.items():
+        rec = json.loads((run / name / "stage.json").read_text())
+        (run / name / "stage.json").write_text(json.dumps(rec | extra))
+    report = write_report(run).read_text()
+    assert [s.name for s in find_stages(run)] == ["sft", "sft-old", "dpo", "removed"]
+    assert {"curves-sft.png", "curves-sft-old.png"} <= set(referenced_images(report))
+    assert "### sft-old (sft)" in report and "| loss | 9 (step 1) | 8 (step 2) |" in report
+    assert "| removed | sft | done, stale |" in report and "removed (upstream gone is gone)" in report
+    report = write_report(run, stages=["dpo", "sft"]).read_text()
+    table = report.split("## Stages")[1].split("##")[0]
+    rows = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")]
+    assert rows == ["stage", "dpo", "sft"]
+    assert "sft-old" not in report and "removed" not in report
+    assert "| dpo | dpo | done, stale |" in report and "dpo (upstream sft ran again since)" in report
+
+
+def test_judge_label_names_the_model_for_hf_and_remote_judges():
+    """#18.10: an hf or remote judge is labelled by its model (and host), not by the rule field's default."""
+    from alignkit.report import reward_text
+
+    assert reward_text({"kind": "hf", "rule": "toy", "model": "runs/rm/final"}) == "hf runs/rm/final"
+    assert reward_text({"kind": "remote", "rule": "toy", "model": "judge-1", "base_url": "https://h/v1"}) \
+        == "remote judge-1 at https://h/v1"
+    assert reward_text({"kind": "rule", "rule": "countdown", "model": None}) == "rule countdown"
+
+
+def test_grpo_kl_per_sequence_and_per_token_have_their_own_panels(tmp_path):
+    """#18.13: GRPO logs `kl` (per sequence) and `kl_k3` (per token): two scales, two panels."""
+    from alignkit.report import StageRun, panels_for
+
+    panels = panels_for(StageRun("rl", tmp_path, "rl", "done", {}))
+    holding = [keys for _, keys in panels if "kl" in keys or "kl_k3" in keys]
+    assert holding == [["kl"], ["kl_k3"]]
+
+
+def test_values_that_should_be_numbers_never_reach_the_report_raw(tmp_path):
+    """#17.13: a step, counts, matrix and best-of-N fields holding HTML are escaped, or not shown."""
+    run = tmp_path / "run"
+    img, link = "<img src=x onerror=alert(1)>", "<a href=javascript:x>y</a>"
+    stage_json(run / "sft", "sft", "sft", train_config("base"), wall_s=img)
+    write_jsonl(run / "sft" / "metrics.jsonl", [{"step": img, "loss": 1.0}, {"step": link, "loss": 0.5}])
+    pairwise(run / "eval", "m", "r", [1, 0], [0, 0], ["a", "b"], ["c", "d"], ["x", "y"])
+    r = json.loads((run / "eval" / "winrate.json").read_text())
+    (run / "eval" / "winrate.json").write_text(json.dumps(r | {"wins": img, "n": link}))
+    stage_json(run / "eval", "eval", "eval", {"model": "m"})
+    (run / "bon").mkdir()
+    rows = [{"temperature": 1.0, "n": n, "win_rate": 0.5, "wins": w, "losses": 1, "ties": 0}
+            for n, w in ((1, 3), (2, img))]
+    (run / "bon" / "sweep.json").write_text(json.dumps({"reference": link, "judge": img, "rows": rows}))
+    (run / "m").mkdir()
+    matrix = {"labels": ["a", "b"], "n": img, "win_rate": [[None, 0.5], [0.5, None]], "mean_reward": [1, 1],
+              "prompts_per_entry": [2, 2], "dropped_per_entry": [0, 0]}
+    (run / "m" / "matrix.json").write_text(json.dumps(matrix))
+    report = write_report(run, draw=False).read_text()
+    _, outside = code_blocks(report)
+    assert "<img" not in outside and "<a href" not in outside
+    assert "(step &lt;img src=x onerror=alert(1)&gt;)" in report
+    assert "Not shown: eval/winrate.json: field wins" in report
+    assert "Not shown: m/matrix.json: field n" in report
+    assert "Not shown: 1 row(s) of bon/sweep.json" in report and "| 1 | 1 | 0.5 |" in report
