@@ -90,7 +90,7 @@ def test_sweep_rows_match_counts_from_the_candidates(sweep):
     result = json.loads((sweep / "sweep.json").read_text())
     assert set(result) == {"reference", "judge", "temperatures", "n_values", "rows"}
     assert result["temperatures"] == [0.7, 1.5] and result["n_values"] == [1, 2, 4]
-    assert result["judge"] == "rule:tests.test_bon:prefix_match"
+    assert result["judge"].startswith("rule:tests.test_bon:prefix_match:src=")  # #18.2: the source digest
     ref = {json.dumps(r["prompt"]): prefix_match(r["prompt"][-1]["content"], r["response"])
            for r in read_jsonl(sweep / "reference" / "responses.jsonl")}
     cands = read_jsonl(sweep / "candidates.jsonl")
