@@ -69,14 +69,14 @@ def test_verifier_source_is_in_the_cache_identity(tmp_path, monkeypatch):
 
 def test_failures_are_never_cached_and_are_counted(tmp_path):
     """#18.2: a verifier crash scores 0.0 for that answer but is not stored; a rerun tries it again."""
-    cfg = RewardConfig(kind="rule", rule="tests.test_stale_scores:explode_on_b", allow_python_verifier=True,
-                       max_failure_share=1.0)
+    cfg = RewardConfig(kind="rule", rule="tests.test_stale_scores:explode_on_b", allow_python_verifier=True)
+    answers = ["b"] + [f"a{i}" for i in range(10)]  # 1 failure in 11: under the default share 0.1
     backend = build_backend(cfg, tmp_path / "scores.sqlite")
-    assert backend.score([ASK, ASK], ["a", "b"]) == [1.0, 0.0]
-    assert (backend.backend.failures, backend.backend.calls) == (1, 2)
+    assert backend.score([ASK] * 11, answers) == [0.0] + [1.0] * 10
     rerun = build_backend(cfg, tmp_path / "scores.sqlite")
-    assert rerun.score([ASK, ASK], ["a", "b"]) == [1.0, 0.0] and rerun.misses == 1  # only the failure again
-    assert (rerun.backend.failures, rerun.backend.calls) == (1, 2)  # the hit counts as a successful call
+    assert rerun.score([ASK] * 11, answers) == [0.0] + [1.0] * 10 and rerun.misses == 1  # only the failure again
+    assert (backend.backend.failures, backend.backend.calls) == (1, 11)
+    assert (rerun.backend.failures, rerun.backend.calls) == (1, 11)  # the hits count as successful calls
 
 
 def test_too_many_failures_stop_the_stage(tmp_path):
@@ -95,17 +95,16 @@ def test_too_many_failures_stop_the_stage(tmp_path):
 def test_eval_counts_failures_and_stops_on_too_many(tmp_path):
     """#18.2: winrate.json and the report count the verifier's failures; a crashing verifier is an error,
     not 0/0/3 with exit 0. #18.10: the failed run leaves no earlier winrate.json beside its config."""
-    a = responses_file(tmp_path / "a.jsonl", ["a1", "b2", "a3"])
-    b = responses_file(tmp_path / "b.jsonl", ["a", "a", "a"])
+    a = responses_file(tmp_path / "a.jsonl", ["b0"] + [f"a{i}" for i in range(1, 6)])
+    b = responses_file(tmp_path / "b.jsonl", ["a"] * 6)
     out = tmp_path / "eval"
-    reward = RewardConfig(kind="rule", rule="tests.test_stale_scores:explode_on_b", allow_python_verifier=True,
-                          max_failure_share=0.5)
+    reward = RewardConfig(kind="rule", rule="tests.test_stale_scores:explode_on_b", allow_python_verifier=True)
     run_eval(EvalConfig(output_dir=str(out), model=a, reference=b, reward=reward, bootstrap=50))
     result = json.loads((out / "winrate.json").read_text())
-    assert result["reward_failures"] == {"failed": 1, "calls": 4}  # 4 distinct answers, "b2" failed
-    assert "Verifier failures" in (out / "report.md").read_text() and "1 of 4" in (out / "report.md").read_text()
+    assert result["reward_failures"] == {"failed": 1, "calls": 12}  # 12 distinct (prompt, answer), "b0" failed
+    assert "Verifier failures" in (out / "report.md").read_text() and "1 of 12" in (out / "report.md").read_text()
     crash = RewardConfig(kind="rule", rule="tests.test_stale_scores:explode", allow_python_verifier=True)
-    with pytest.raises(RewardFailed, match="failed on 4 of 4"):
+    with pytest.raises(RewardFailed, match="failed on 12 of 12"):
         run_eval(EvalConfig(output_dir=str(out), model=a, reference=b, reward=crash, bootstrap=50))
     assert not (out / "winrate.json").exists() and not (out / "report.md").exists()  # #18.10: no stale result
     assert "explode" in (out / "config.yaml").read_text()
