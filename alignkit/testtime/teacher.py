@@ -223,14 +223,17 @@ class CachedTeacher:
     A streaming teacher (ChatTeacher) has each reply committed as it arrives, others after every
     chunk; after a failure the replies already received stay cached and the error is raised. Round
     r > 1 of a refinement with a sampling teacher (temperature > 0) draws with its own seed (salted
-    with r) and is cached under its own key, so it writes a new revision each round. An unusable reply (no text, or only
-    whitespace) is never cached: a rerun asks again."""
+    with r) and is cached under its own key, so it writes a new revision each round. An endpoint's
+    unusable reply (no text, or only whitespace; maybe a passing fault) is never stored, only
+    remembered for the run: a rerun asks again. A local model's is stored (it would write it again)."""
 
     def __init__(self, teacher, path: str | Path | None, chunk: int = 64):
         self.teacher, self.identity, self.chunk = teacher, teacher.identity, chunk
         self.cache = SQLiteCache(path, "replies", "reply", "TEXT") if path is not None else None
         self.sampling = asdict(teacher.sampling)
         self.misses = 0
+        self.unusable: dict[str, dict] = {}  # an endpoint's unusable replies: not asked twice in a run, never stored
+        self.store_unusable = not isinstance(teacher, ChatTeacher)
 
     def key(self, messages: list[dict], round_: int = 1) -> str:
         sampled = round_ > 1 and self.sampling.get("temperature", 0) > 0  # greedy: the same reply every round
@@ -239,7 +242,9 @@ class CachedTeacher:
     def complete(self, conversations: list[list[dict]], round_: int = 1) -> list[Reply]:
         keys = [self.key(m, round_) for m in conversations]
         found = {k: json.loads(v) for k, v in (self.cache.lookup(keys) if self.cache else {}).items()}
-        found = {k: v for k, v in found.items() if isinstance(v, dict) and usable_text(v.get("text"))}
+        found = {k: v for k, v in found.items()
+                 if isinstance(v, dict) and (self.store_unusable or usable_text(v.get("text")))}
+        found.update({k: self.unusable[k] for k in keys if k in self.unusable and k not in found})
         todo: dict[str, list[dict]] = {}
         for k, m in zip(keys, conversations):
             if k not in found:
@@ -258,7 +263,9 @@ class CachedTeacher:
                 for j, reply in pairs:
                     value = {"text": reply.text, "problem": reply.problem}
                     found[chunk[j]] = value
-                    if self.cache is not None and usable_text(reply.text):
+                    if not (usable_text(reply.text) or self.store_unusable):
+                        self.unusable[chunk[j]] = value
+                    elif self.cache is not None:
                         self.cache.store([(chunk[j], json.dumps(value))])
         finally:
             self.teacher.sampling = base
