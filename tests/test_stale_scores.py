@@ -103,6 +103,9 @@ def test_eval_counts_failures_and_stops_on_too_many(tmp_path):
     result = json.loads((out / "winrate.json").read_text())
     assert result["reward_failures"] == {"failed": 1, "calls": 12}  # 12 distinct (prompt, answer), "b0" failed
     assert "Verifier failures" in (out / "report.md").read_text() and "1 of 12" in (out / "report.md").read_text()
+    from alignkit.report import write_report
+
+    assert "the verifier failed on 1 of 12 answers" in write_report(tmp_path, draw=False).read_text()
     crash = RewardConfig(kind="rule", rule="tests.test_stale_scores:explode", allow_python_verifier=True)
     with pytest.raises(RewardFailed, match="failed on 12 of 12"):
         run_eval(EvalConfig(output_dir=str(out), model=a, reference=b, reward=crash, bootstrap=50))
