@@ -219,9 +219,10 @@ class SQLiteCache:
         self.db = sqlite3.connect(str(path), check_same_thread=False, timeout=self.BUSY_TIMEOUT_S)
         try:
             self.retry(lambda: self.db.execute("PRAGMA journal_mode=WAL").fetchall())
-        except sqlite3.OperationalError:  # a read-only folder or a file system without WAL: the default journal
+        except sqlite3.OperationalError:  # read-only, or a file system without WAL: the default journal
             pass
-        self.retry(lambda: self.db.execute(f"CREATE TABLE IF NOT EXISTS {table} (key TEXT PRIMARY KEY, {column} {sql_type} NOT NULL)"))
+        create = f"CREATE TABLE IF NOT EXISTS {table} (key TEXT PRIMARY KEY, {column} {sql_type} NOT NULL)"
+        self.retry(lambda: self.db.execute(create))
         self.lock = threading.Lock()
 
     def lookup(self, keys: list[str]) -> dict:

@@ -140,7 +140,8 @@ def test_serve_chat_end_to_end_and_a_rerun_pays_nothing(tmp_path, serve, tiny_mo
 
     def counted(messages, params):
         calls.append(params)
-        return completer(messages, params)
+        text, *rest = completer(messages, params)
+        return (text if text.strip() else "no answer", *rest)  # an empty reply would be asked again (#18.13)
 
     fingerprint = chat_fingerprint(ServeChatConfig(model=model, precision="fp32"))
     url = serve(make_chat_server(counted, "tiny", fingerprint, SamplingParams(max_new_tokens=8), port=0))
@@ -448,7 +449,7 @@ def test_self_teacher_must_be_the_model_that_wrote_the_answers(tmp_path, tiny_mo
 
 
 def test_unusable_teacher_replies_are_not_cached_a_rerun_asks_again(tmp_path, serve):
-    """#18.13: an empty teacher reply was cached forever; now a rerun asks for it again (good ones stay cached)."""
+    """#18.13: an empty teacher reply was cached forever; a rerun now asks again (good ones stay cached)."""
     answers = write_answers(tmp_path / "student.jsonl", [("What is 1 plus 1?", "3"), ("What is 2 plus 2?", "5")])
     calls = []
     replies = {"What is 1 plus 1?": "2", "What is 2 plus 2?": "   "}
@@ -460,12 +461,13 @@ def test_unusable_teacher_replies_are_not_cached_a_rerun_asks_again(tmp_path, se
     assert json.loads((out / "refine.json").read_text())["unusable_teacher_replies"] == 1
 
 
-def test_the_chat_template_and_the_round_are_in_the_teacher_cache_key_and_seed(tmp_path, tiny_model_dir, toy_chat):
+def test_chat_template_and_round_are_in_the_teacher_key_and_seed(tmp_path, tiny_model_dir, toy_chat):
     """#18.7: a rerun with another chat template made 0 teacher calls; rounds: 3 at temperature 1 gave the
     same revision in every round (same key and seed)."""
     answers = write_answers(tmp_path / "student.jsonl", [("What is 1 plus 1?", "3"), ("What is 2 plus 1?", "5")])
-    values = {"output_dir": str(tmp_path / "out"), "responses": answers, "model.name_or_path": str(tiny_model_dir),
-              "teacher.kind": "self", "teacher.sampling.max_new_tokens": 6, "teacher.sampling.temperature": 1.0,
+    values = {"output_dir": str(tmp_path / "out"), "responses": answers,
+              "model.name_or_path": str(tiny_model_dir), "teacher.kind": "self",
+              "teacher.sampling.max_new_tokens": 6, "teacher.sampling.temperature": 1.0,
               "reward.kind": "rule", "reward.rule": "toy", "bootstrap": 20, "quiet": True, "rounds": 3}
     out = run_refine(C.load(RefineConfig, None, values))
     records = read(out / "refinements.jsonl")

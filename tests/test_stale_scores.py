@@ -16,7 +16,7 @@ from alignkit.config import ModelConfig
 from alignkit.evaluate.run import EvalConfig, run_eval
 from alignkit.generation import PromptSource, SamplingParams
 from alignkit.remote import SQLiteCache
-from alignkit.rewards.backends import CachedReward, HFRewardModel, RewardConfig, RewardFailed, RuleReward, build_backend
+from alignkit.rewards.backends import HFRewardModel, RewardConfig, RewardFailed, RuleReward, build_backend
 
 from .conftest import read_jsonl
 
@@ -46,7 +46,8 @@ def write(path, rows):
 
 
 def responses_file(path, answers):
-    return write(path, [{"prompt": [{"role": "user", "content": f"q{i}"}], "response": a} for i, a in enumerate(answers)])
+    rows = [{"prompt": [{"role": "user", "content": f"q{i}"}], "response": a} for i, a in enumerate(answers)]
+    return write(path, rows)
 
 
 # --------------------------------------------------------------------------- the cache
@@ -74,7 +75,8 @@ def test_failures_are_never_cached_and_are_counted(tmp_path):
     backend = build_backend(cfg, tmp_path / "scores.sqlite")
     assert backend.score([ASK] * 11, answers) == [0.0] + [1.0] * 10
     rerun = build_backend(cfg, tmp_path / "scores.sqlite")
-    assert rerun.score([ASK] * 11, answers) == [0.0] + [1.0] * 10 and rerun.misses == 1  # only the failure again
+    assert rerun.score([ASK] * 11, answers) == [0.0] + [1.0] * 10
+    assert rerun.misses == 1  # only the failure again
     assert (backend.backend.failures, backend.backend.calls) == (1, 11)
     assert (rerun.backend.failures, rerun.backend.calls) == (1, 11)  # the hits count as successful calls
 
@@ -98,11 +100,12 @@ def test_eval_counts_failures_and_stops_on_too_many(tmp_path):
     a = responses_file(tmp_path / "a.jsonl", ["b0"] + [f"a{i}" for i in range(1, 6)])
     b = responses_file(tmp_path / "b.jsonl", ["a"] * 6)
     out = tmp_path / "eval"
-    reward = RewardConfig(kind="rule", rule="tests.test_stale_scores:explode_on_b", allow_python_verifier=True)
+    reward = RewardConfig(kind="rule", rule=f"{__name__}:explode_on_b", allow_python_verifier=True)
     run_eval(EvalConfig(output_dir=str(out), model=a, reference=b, reward=reward, bootstrap=50))
     result = json.loads((out / "winrate.json").read_text())
-    assert result["reward_failures"] == {"failed": 1, "calls": 12}  # 12 distinct (prompt, answer), "b0" failed
-    assert "Verifier failures" in (out / "report.md").read_text() and "1 of 12" in (out / "report.md").read_text()
+    assert result["reward_failures"] == {"failed": 1, "calls": 12}  # 12 distinct (prompt, answer); b0 failed
+    report = (out / "report.md").read_text()
+    assert "Verifier failures" in report and "1 of 12" in report
     from alignkit.report import write_report
 
     assert "the verifier failed on 1 of 12 answers" in write_report(tmp_path, draw=False).read_text()
@@ -114,29 +117,31 @@ def test_eval_counts_failures_and_stops_on_too_many(tmp_path):
 
 
 def test_a_verifier_taking_prompt_and_columns_gets_the_rows_own_prompt_column_once():
-    """#18.2b: the demo's RL rows {"prompt": ..., "category": ...} and a verifier (prompt, response, **columns)
-    raised TypeError (multiple values for 'prompt') on every call, every reward 0."""
+    """#18.2b: the demo's RL rows {"prompt": ..., "category": ...} and a verifier (prompt, response,
+    **columns) raised TypeError (multiple values for 'prompt') on every call, every reward 0."""
     SEEN.clear()
     rule = RuleReward("tests.test_stale_scores:takes_columns", allow_python=True)
-    rows = [{"prompt": "What is 2 plus 3?", "category": "add"}, {"prompt": "x", "response": "y", "category": "add"}]
+    rows = [{"prompt": "What is 2 plus 3?", "category": "add"},
+            {"prompt": "x", "response": "y", "category": "add"}]
     assert rule.score([ASK, ASK], ["5", "555"], rows) == [1.0, 3.0]
     assert rule.failures == 0 and SEEN == [["category"], ["category"]]
 
 
-def test_rl_with_the_demo_row_shape_trains_on_rewards_and_stops_on_a_crashing_verifier(tmp_path, tiny_model_dir):
-    """#18.2b: rl with (prompt, response, **columns) on {"prompt", "category"} rows scores, and an always-failing
-    verifier stops rl with an error (it trained on zeros and exited 0)."""
+def test_rl_on_the_demo_row_shape_scores_and_stops_on_a_crashing_verifier(tmp_path, tiny_model_dir):
+    """#18.2b: rl with (prompt, response, **columns) on {"prompt", "category"} rows scores, and an
+    always-failing verifier stops rl with an error (it trained on zeros and exited 0)."""
     from alignkit.train import rl
     from alignkit.train.loop import StepFailed
 
     from .test_rl import rl_cfg
 
-    write(tmp_path / "prompts.jsonl", [{"prompt": f"What is {i} plus 1?", "category": "add"} for i in range(4)])
+    write(tmp_path / "prompts.jsonl", [{"prompt": f"What is {i} plus 1?", "category": "add"}
+                                       for i in range(4)])
     SEEN.clear()
     cfg = rl_cfg(tmp_path / "ok", tiny_model_dir, tmp_path / "prompts.jsonl", rl=dict(k=2),
                  train=dict(max_steps=1, batch_size=2, metric_for_best=None))
     cfg.prompts = PromptSource(dataset=str(tmp_path / "prompts.jsonl"), split="train")
-    cfg.reward = RewardConfig(kind="rule", rule="tests.test_stale_scores:takes_columns", allow_python_verifier=True)
+    cfg.reward = RewardConfig(kind="rule", rule=f"{__name__}:takes_columns", allow_python_verifier=True)
     rl.run_rl(cfg)
     assert SEEN and all(s == ["category"] for s in SEEN)
     cfg.output_dir = str(tmp_path / "crash")
@@ -150,13 +155,15 @@ def test_cached_values_must_be_finite_numbers(tmp_path):
     backend = build_backend(RewardConfig(kind="rule", rule="toy"), tmp_path / "scores.sqlite")
     keys = [backend.key(ASK, r) for r in ("5", "6", "7")]
     db = sqlite3.connect(tmp_path / "scores.sqlite")
-    db.executemany("INSERT OR REPLACE INTO scores VALUES (?, ?)", [(keys[0], 9e999), (keys[1], "oops"), (keys[2], 0.5)])
+    rows = [(keys[0], 9e999), (keys[1], "oops"), (keys[2], 0.5)]
+    db.executemany("INSERT OR REPLACE INTO scores VALUES (?, ?)", rows)
     db.commit()
     db.close()
     scores = backend.score([ASK] * 3, ["5", "6", "7"])
     assert scores == [1.0, 0.0, 0.5] and backend.misses == 2
     again = build_backend(RewardConfig(kind="rule", rule="toy"), tmp_path / "scores.sqlite")
-    assert again.score([ASK] * 3, ["5", "6", "7"]) == scores and again.misses == 0  # the rescored rows replaced them
+    assert again.score([ASK] * 3, ["5", "6", "7"]) == scores
+    assert again.misses == 0  # the rescored rows replaced the bad ones
 
 
 class NaNModel(torch.nn.Module):
@@ -171,7 +178,7 @@ def test_a_local_reward_model_returning_nan_stops_even_without_a_cache(toy_chat)
     model = HFRewardModel.__new__(HFRewardModel)
     model.tokenizer, model.causal, model.device, model.model = toy_chat.tokenizer, False, "cpu", NaNModel()
     model.batch_size, model.max_length, model.identity = 4, 64, "hf:test-nan"
-    with pytest.raises(RewardFailed, match=r"hf:test-nan returned a non-finite score \(nan\) for pair 2 of 2"):
+    with pytest.raises(RewardFailed, match=r"hf:test-nan returned a non-finite score \(nan\) for pair 2"):
         model.score([ASK, [{"role": "user", "content": "Say hi."}]], ["5", "hi there"])
 
 
@@ -214,9 +221,10 @@ def test_concurrent_writers_and_a_reader_share_one_cache(tmp_path):
 def test_eval_sides_of_one_model_sample_independently(tmp_path, tiny_model_dir, toy_data_dir):
     """#18.8: A and B the same model at temperature 1 gave identical answer pairs (shared noise)."""
     out = tmp_path / "eval"
-    run_eval(EvalConfig(output_dir=str(out), model=str(tiny_model_dir), reference=str(tiny_model_dir), quiet=True,
-                        prompts=PromptSource(dataset=str(toy_data_dir), split="test", max_prompts=6), bootstrap=20,
-                        sampling=SamplingParams(temperature=1.0, max_new_tokens=8), reward=RewardConfig(kind="rule", rule="toy")))
+    run_eval(EvalConfig(output_dir=str(out), model=str(tiny_model_dir), reference=str(tiny_model_dir),
+                        prompts=PromptSource(dataset=str(toy_data_dir), split="test", max_prompts=6),
+                        sampling=SamplingParams(temperature=1.0, max_new_tokens=8), bootstrap=20, quiet=True,
+                        reward=RewardConfig(kind="rule", rule="toy")))
     rows = read_jsonl(out / "per_prompt.jsonl")
     assert len(rows) == 6 and sum(r["response_a"] != r["response_b"] for r in rows) >= 3
 
@@ -226,10 +234,12 @@ def test_bon_reference_of_the_same_model_is_not_sample_zero(tmp_path, tiny_model
     from alignkit.testtime.bon import BonConfig, BonParams, run_bon
 
     out = tmp_path / "bon"
-    run_bon(BonConfig(output_dir=str(out), model=ModelConfig(name_or_path=str(tiny_model_dir)), bootstrap=20, quiet=True,
+    run_bon(BonConfig(output_dir=str(out), model=ModelConfig(name_or_path=str(tiny_model_dir)), bootstrap=20,
+                      quiet=True,
                       prompts=PromptSource(dataset=str(toy_data_dir), split="test", max_prompts=6),
                       sampling=SamplingParams(temperature=1.0, max_new_tokens=8),
-                      bon=BonParams([1.0], [2], str(tiny_model_dir)), reward=RewardConfig(kind="rule", rule="toy")))
+                      bon=BonParams([1.0], [2], str(tiny_model_dir)),
+                      reward=RewardConfig(kind="rule", rule="toy")))
     sample0 = {c["id"]: c["response"] for c in read_jsonl(out / "candidates.jsonl") if c["sample"] == 0}
     reference = {r["id"]: r["response"] for r in read_jsonl(out / "reference" / "responses.jsonl")}
     assert len(reference) == 6 and sum(reference[i] != sample0[i] for i in reference) >= 3

@@ -74,8 +74,9 @@ def responses_for(spec: str, name: str, cfg: EvalConfig) -> list[dict]:
                 raise DataError(f"{spec}, line {i + 1}: expected a prompt (or instruction) and a response (or output)")
             rows.append({"messages": messages, "response": response, "category": r.get("category", r.get("dataset"))})
         return rows
+    sampling = side_sampling(replace(cfg.sampling, n=1), spec, name)
     gen = GenerateConfig(output_dir=str(Path(cfg.output_dir) / name), model=ModelConfig(name_or_path=spec), prompts=cfg.prompts,
-                         sampling=side_sampling(replace(cfg.sampling, n=1), spec, name), engine=cfg.engine, vllm=cfg.vllm, batch_size=cfg.batch_size,
+                         sampling=sampling, engine=cfg.engine, vllm=cfg.vllm, batch_size=cfg.batch_size,
                          overwrite=cfg.overwrite, quiet=cfg.quiet)
     path = run_generate(gen)
     return [{"messages": r["prompt"], "response": r["response"], "category": r["category"]} for r in sorted(read_jsonl(path), key=lambda r: r["id"])]
@@ -91,7 +92,8 @@ def side_sampling(sampling: SamplingParams, spec: str, side: str) -> SamplingPar
 
 
 RESULTS = ("winrate.json", "per_prompt.jsonl", "report.md", "matrix.json")
-"""What a run writes after scoring; removed when a run starts, so a failed run leaves none of an earlier one."""
+"""What a run writes after scoring; removed when a run starts, so a failed run leaves none of an
+earlier one."""
 
 
 def remove_stale_results(out: Path, names=RESULTS) -> None:
@@ -107,7 +109,8 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def reward_failures(backend) -> dict | None:
-    """A rule verifier's failures so far (raised or non-finite: scored 0.0), as {failed, calls}; None for models."""
+    """A rule verifier's failures so far (raised or non-finite: scored 0.0) as {failed, calls}; None
+    for a model."""
     rule = getattr(backend, "backend", backend)
     if not hasattr(rule, "failures") or not hasattr(rule, "calls"):
         return None
@@ -202,14 +205,14 @@ def run_eval(cfg: EvalConfig) -> Path:
     lines = []
     for (a, b), ra, rb, la, lb in zip(pairs, rewards_a, rewards_b, len_a, len_b):
         outcome = "win" if ra > rb else "loss" if ra < rb else "tie"
-        row = {"prompt": last_user_text(a[0]["messages"]), "response_a": a[0]["response"], "response_b": b[0]["response"],
-               "n_a": len(a), "n_b": len(b), "reward_a": ra, "reward_b": rb, "length_a": la, "length_b": lb,
-               "outcome": outcome, "category": a[0].get("category")}
+        row = {"prompt": last_user_text(a[0]["messages"]), "response_a": a[0]["response"],
+               "response_b": b[0]["response"], "n_a": len(a), "n_b": len(b), "reward_a": ra, "reward_b": rb,
+               "length_a": la, "length_b": lb, "outcome": outcome, "category": a[0].get("category")}
         lines.append(json.dumps(row) + "\n")
     write_atomic(out / "per_prompt.jsonl", "".join(lines))
     report = render_report(result)
     write_atomic(out / "report.md", report)
-    write_atomic(out / "winrate.json", json.dumps(result, indent=1))  # last: its presence means a complete run
+    write_atomic(out / "winrate.json", json.dumps(result, indent=1))  # last: there means complete
     print(terminal_safe(report))
     return out
 
@@ -318,8 +321,8 @@ def failure_lines(f: dict | None) -> list[str]:
     """The verifier's failures, when there were any (each scored 0.0)."""
     if not f or not f.get("failed"):
         return []
-    return ["", f"Verifier failures (raised or returned NaN/inf, scored 0.0): {int(f['failed'])} of {int(f['calls'])} "
-            "answers scored."]
+    return ["", f"Verifier failures (raised or returned NaN/inf, scored 0.0): {int(f['failed'])} of "
+            f"{int(f['calls'])} answers scored."]
 
 
 def render_report(r: dict) -> str:

@@ -76,8 +76,8 @@ class RewardConfig:
     cache: str = "auto"
     """Score cache: auto (<output_dir>/scores.sqlite; serve-reward: none), none/off (no cache), or a SQLite file."""
     max_failure_share: float = 0.1
-    """rule: stop when more than this share of the verifier's calls so far raised (or returned NaN/inf; each
-    scores 0.0 and is counted), 0 to 1; 1: never stop. A verifier should return 0.0 for an answer it cannot read."""
+    """rule: stop when more than this share of the verifier's calls so far raised (or returned NaN/inf;
+    each scores 0.0 and is counted), 0 to 1; 1: never stop. Return 0.0 for an answer you cannot read."""
 
     def cache_path(self, output_dir: str | Path | None) -> Path | None:
         """The SQLite file `cache` names for a run writing to output_dir (None: no cache); see cache_path."""
@@ -112,7 +112,7 @@ def check_reward_config(cfg: RewardConfig, build_rule: bool = True) -> None:
         raise ConfigError("reward.model is required for kind 'hf'")
     share = cfg.max_failure_share
     if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
-        raise ConfigError(f"reward.max_failure_share: {share!r} is not allowed; expected a number from 0 to 1")
+        raise ConfigError(f"reward.max_failure_share: {share!r} is not allowed; expected a number, 0 to 1")
     if cfg.kind == "remote":
         if not (cfg.base_url and cfg.model):
             raise ConfigError("reward.base_url and reward.model are required for kind 'remote'")
@@ -153,7 +153,8 @@ class RuleReward:
         self.fn = get_verifier(name, allow_python)
         params = inspect.signature(self.fn).parameters
         self.takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-        named = [p for p in params.values() if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
+        variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+        named = [p for p in params.values() if p.kind not in variadic]
         self.positional = {p.name for p in named[:2]}
         named = named[2:]
         self.accepts = {p.name for p in named}
@@ -188,8 +189,9 @@ class RuleReward:
     def score_checked(self, prompts, responses, columns=None) -> tuple[list[float], list[bool]]:
         """(scores, which are failures) without the failure-share check (`account` does it)."""
         columns = columns or [{}] * len(prompts)
-        results = [self.try_one(last_user_text(p), r, c or {}) for p, r, c in zip(prompts, responses, columns)]
-        return [0.0 if problem else value for value, problem in results], [problem is not None for _, problem in results]
+        results = [self.try_one(last_user_text(p), r, c or {})
+                   for p, r, c in zip(prompts, responses, columns)]
+        return [0.0 if bad else value for value, bad in results], [bad is not None for _, bad in results]
 
     def account(self, calls: int, failures: int) -> None:
         """Count calls and failures; raise RewardFailed when failures pass max_failure_share of the calls."""
@@ -197,10 +199,10 @@ class RuleReward:
         self.failures += failures
         if self.failures > self.max_failure_share * self.calls:
             raise RewardFailed(
-                f"verifier {self.identity} failed on {self.failures} of {self.calls} answers scored so far (more than "
-                f"reward.max_failure_share {self.max_failure_share:g}); the first: {self.first_problem}. Fix the verifier "
-                "(it should return 0.0 for an answer it cannot read), or raise reward.max_failure_share to accept the "
-                "failures as 0.0")
+                f"verifier {self.identity} failed on {self.failures} of {self.calls} answers scored so far "
+                f"(more than reward.max_failure_share {self.max_failure_share:g}); the first: "
+                f"{self.first_problem}. Fix the verifier (it should return 0.0 for an answer it cannot "
+                "read), or raise reward.max_failure_share to accept the failures as 0.0")
 
     def score_one(self, prompt: str, response: str, columns: dict | None = None) -> float:
         value, problem = self.try_one(prompt, response, columns)
@@ -209,19 +211,21 @@ class RuleReward:
 
     def try_one(self, prompt: str, response: str, columns: dict | None = None) -> tuple[float, str | None]:
         """(score, None) or (0.0, what went wrong)."""
+        skip = self.positional | set(self.options)
         kwargs = {k: v for k, v in (columns or {}).items()
-                  if (self.takes_all or k in self.accepts) and k not in self.positional and k not in self.options}
+                  if (self.takes_all or k in self.accepts) and k not in skip}
         try:
             value = float(self.fn(prompt, response, **kwargs, **self.options))
             if math.isfinite(value):
                 return value, None
             problem = f"returned {value}"
-        except Exception as e:  # noqa: BLE001 - whatever a verifier does with hostile text, it is counted, not raised
+        except Exception as e:  # noqa: BLE001 - whatever a verifier does with hostile text is counted
             problem = f"raised {type(e).__name__}: {str(e)[:200]!r}"
         self.first_problem = self.first_problem or problem
         self.seen_failures += 1
         if self.seen_failures <= 5:
-            log.warning("verifier %s %s; scored 0.0 (%d failures so far)", self.identity, problem, self.seen_failures)
+            log.warning("verifier %s %s; scored 0.0 (%d failures so far)", self.identity, problem,
+                        self.seen_failures)
         return 0.0, problem
 
 
@@ -240,7 +244,8 @@ def verifier_digest(fn) -> str:
         module = sys.modules.get(getattr(target, "__module__", "") or "")
         file = getattr(module, "__file__", None)
         data = Path(file).read_bytes() if file and Path(file).is_file() else repr(target).encode()
-    return hashlib.sha256(data + f"|{getattr(target, '__qualname__', '')}|{__version__}".encode()).hexdigest()[:12]
+    tail = f"|{getattr(target, '__qualname__', '')}|{__version__}".encode()
+    return hashlib.sha256(data + tail).hexdigest()[:12]
 
 
 def check_finite(identity: str, scores: list[float], prompts: list[list[dict]]) -> list[float]:
@@ -248,8 +253,8 @@ def check_finite(identity: str, scores: list[float], prompts: list[list[dict]]) 
     for i, s in enumerate(scores):
         if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
             text = last_user_text(prompts[i]) if i < len(prompts) else ""
-            raise RewardFailed(f"reward backend {identity} returned a non-finite score ({s!r}) for pair {i + 1} of "
-                               f"{len(scores)} (prompt {text[:60]!r}); refusing to score with it")
+            raise RewardFailed(f"reward backend {identity} returned a non-finite score ({s!r}) for pair "
+                               f"{i + 1} of {len(scores)} (prompt {text[:60]!r}); refusing to score with it")
     return scores
 
 
@@ -433,7 +438,8 @@ class CachedReward:
         bad = [s for _, s in rows if not usable_score(s)]
         self.cache.store([(k, float(s)) for k, s in rows if usable_score(s)])
         if bad:
-            raise RewardFailed(f"reward backend {self.identity} returned a non-finite score ({bad[0]}); not cached")
+            raise RewardFailed(f"reward backend {self.identity} returned a non-finite score ({bad[0]}); "
+                               "not cached")
 
     def score(self, prompts, responses, columns=None):
         # Columns change a rule's score, never a model's: only rules see (and are keyed by) them.
@@ -457,7 +463,8 @@ class CachedReward:
                 if checked is not None:
                     new, failed = checked(batch_prompts, batch_responses, **extra)
                 else:
-                    new, failed = self.backend.score(batch_prompts, batch_responses, **extra), [False] * len(idx)
+                    new = self.backend.score(batch_prompts, batch_responses, **extra)
+                    failed = [False] * len(idx)
                 failures += sum(failed)
                 self.store([(keys[i], s) for i, s, f in zip(idx, new, failed) if not f])
                 found.update({keys[i]: s for i, s in zip(idx, new)})

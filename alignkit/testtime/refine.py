@@ -256,12 +256,12 @@ class Refiner:
         for round_ in range(1, self.cfg.rounds + 1):
             critiques: list[Reply | None] = [None] * len(rows)
             if self.cfg.critique:
-                critiques = self.ask([self.critique.format(instruction=i, answer=a) for i, a in zip(instructions, answers)],
-                                     round_)
+                asked = [self.critique.format(instruction=i, answer=a) for i, a in zip(instructions, answers)]
+                critiques = self.ask(asked, round_)
             todo = [k for k in range(len(rows)) if critiques[k] is None or critiques[k].text is not None]
-            asked = self.ask([self.revise.format(instruction=instructions[k], answer=answers[k],
-                                                 critique=critiques[k].text if critiques[k] else "") for k in todo],
-                             round_)
+            prompts = [self.revise.format(instruction=instructions[k], answer=answers[k],
+                                          critique=critiques[k].text if critiques[k] else "") for k in todo]
+            asked = self.ask(prompts, round_)
             # an unusable critique stands for the revision (no second call)
             revisions = [Reply(None, f"critique: {c.problem}") if c is not None else None for c in critiques]
             for k, reply in zip(todo, asked):

@@ -194,8 +194,9 @@ class LocalTeacher:
 
         self.model_cfg, self.sampling, self.batch_size = model, replace(sampling, n=1), batch_size
         self.dtype = generation_dtype(precision)
-        self.chat = load_tokenizer(model)  # the tokenizer only: its chat template decides what the teacher reads
-        template = hashlib.sha256(json.dumps([self.chat.tokenizer.chat_template, self.chat.stop_ids()]).encode())
+        self.chat = load_tokenizer(model)  # the tokenizer only: its chat template shapes the teacher's input
+        chat_template = json.dumps([self.chat.tokenizer.chat_template, self.chat.stop_ids()])
+        template = hashlib.sha256(chat_template.encode())
         self.identity = (f"local:{json.dumps(model_fingerprint(model), sort_keys=True)}:{str(self.dtype)}"
                          f":template={template.hexdigest()[:12]}")
         self.loaded = None
@@ -232,7 +233,7 @@ class CachedTeacher:
         self.cache = SQLiteCache(path, "replies", "reply", "TEXT") if path is not None else None
         self.sampling = asdict(teacher.sampling)
         self.misses = 0
-        self.unusable: dict[str, dict] = {}  # an endpoint's unusable replies: not asked twice in a run, never stored
+        self.unusable: dict[str, dict] = {}  # an endpoint's unusable replies: asked once a run, never stored
         self.store_unusable = not isinstance(teacher, ChatTeacher)
 
     def key(self, messages: list[dict], round_: int = 1) -> str:
@@ -254,7 +255,8 @@ class CachedTeacher:
         stream = getattr(self.teacher, "complete_stream", None)
         base = self.teacher.sampling
         if round_ > 1 and base.seed is not None and base.temperature > 0:
-            self.teacher.sampling = replace(base, seed=zlib.crc32(json.dumps([base.seed, "round", round_]).encode()))
+            seed = zlib.crc32(json.dumps([base.seed, "round", round_]).encode())
+            self.teacher.sampling = replace(base, seed=seed)
         try:
             for start in range(0, len(todo_keys), self.chunk):
                 chunk = todo_keys[start : start + self.chunk]
@@ -273,7 +275,7 @@ class CachedTeacher:
 
 
 def usable_text(text) -> bool:
-    """A reply worth caching: text with something in it (`clean_reply` turns the rest into an unusable Reply)."""
+    """A reply worth caching: text with something in it (`clean_reply` makes the rest unusable)."""
     return isinstance(text, str) and bool(text.strip())
 
 
