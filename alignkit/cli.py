@@ -3,6 +3,10 @@
 Thin: every stage is a config dataclass plus a `run_<stage>(config)` function. Options are
 generated from the dataclass, so `--help` always lists every field with its default.
 
+Powers only the command line grants (`--allow-python-verifier`, `--trust-remote-code`,
+`--allow-insecure-http`, `--allow-key NAME=HOST`) are accepted by every stage, `alignkit run` included
+(its stages get them); a recipe, a pipeline file or a --var cannot grant them (config.enforce_trust).
+
 Exit status: 0 done; 2 a user error (bad option, config value, data file, missing path), printed as
 one message without a traceback (`--debug` adds it); 130 interrupted; anything unexpected raises
 with its traceback (status 1).
@@ -14,12 +18,14 @@ import argparse
 import logging
 import os
 import sys
+import textwrap
 import typing
 from dataclasses import dataclass, field
 from typing import Callable
 
 from . import config as config_lib
-from .config import ConfigError, leaf_fields, suggest
+from .config import ConfigError, Grants, leaf_fields, suggest
+from .markdown import terminal_safe
 from .evaluate.run import EvalConfig, run_eval
 from .evaluate.text_metrics import TextMetricsConfig, run_text_metrics
 from .generation import GenerateConfig, run_generate
@@ -109,7 +115,7 @@ class Stage:
 STAGES = {
     "demo": Stage(DemoConfig, run_demo, "offline toy pipeline on CPU: tokenizer, tiny model, data, SFT, DPO, win rate, report"),
     "sft": Stage(SFTConfig, run_sft, "supervised fine-tuning on chat data (loss on assistant tokens only)"),
-    "dpo": Stage(DPOConfig, run_dpo, "direct preference optimisation (sigmoid, IPO, DPO-Positive, KL, length-normalised) on preference pairs"),
+    "dpo": Stage(DPOConfig, run_dpo, "direct preference optimisation (sigmoid, IPO, DPO-Positive, KL, length-normalised, SimPO, ORPO) on preference pairs; KTO on unpaired rows"),
     "rm": Stage(RMConfig, run_rm, "train a Bradley-Terry reward model on preference pairs (causal LM or encoder)"),
     "rl": Stage(RLConfig, run_rl, "online RL (RLOO, GRPO) against any reward: sample, score, update, in the one training loop"),
     "generate": Stage(GenerateConfig, run_generate, "generate responses for a prompt set (resumable JSONL)"),
@@ -139,6 +145,35 @@ def type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp)).upper()
 
 
+GRANT_FLAGS = {
+    "allow_python_verifier": "let reward.rule name a Python function ('module:function'), imported and run",
+    "trust_remote_code": "run the code shipped with a model or tokenizer (every model the command loads)",
+    "allow_insecure_http": "let an API key go over plain http beyond loopback (and through an http_proxy)",
+}
+"""Switches of the trust boundary: each turns on every config field of that name (config.POWERS)."""
+
+
+def add_grant_flags(parser: argparse.ArgumentParser) -> None:
+    hosts = "; ".join(f"{k} -> {', '.join(v)}" for k, v in config_lib.KEY_HOSTS.items())
+    group = parser.add_argument_group("powers only the command line grants", textwrap.fill(
+        "A recipe, a pipeline file or a --var cannot set these; `alignkit run` passes them to every stage. "
+        f"A key goes without --allow-key only to its own service over https: {hosts}.", 78))
+    for key, doc in GRANT_FLAGS.items():
+        group.add_argument("--" + key.replace("_", "-"), dest="grant." + key, nargs="?", const="true",
+                           default=argparse.SUPPRESS, metavar="BOOL", help=doc)
+    group.add_argument("--allow-key", dest="grant.keys", action="append", default=argparse.SUPPRESS,
+                       metavar="NAME=HOST[:PORT]", help="let the key in environment variable NAME go to HOST "
+                       "(exact host name; any port unless given); repeat for more keys or hosts")
+
+
+def pop_grants(values: dict) -> Grants:
+    """The grant flags out of parsed values (as a Grants)."""
+    flags = {k.split(".", 1)[1]: values.pop(k) for k in list(values) if k.startswith("grant.")}
+    keys = tuple(config_lib.parse_key_grant(item) for item in flags.pop("keys", ()))
+    switches = {k: config_lib.coerce(v, bool, "--" + k.replace("_", "-")) for k, v in flags.items()}
+    return Grants(**switches, keys=keys)
+
+
 def build_parser(name: str, stage: Stage) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=f"alignkit {name}",
@@ -149,6 +184,8 @@ def build_parser(name: str, stage: Stage) -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", help="YAML recipe", metavar="RECIPE.yaml")
     for key, (tp, default, doc) in leaf_fields(stage.config).items():
+        if key in GRANT_FLAGS:
+            continue  # a top-level power (init-model's trust_remote_code) is the grant flag itself
         flag = key[:-1] if key.endswith("_") else key  # from_ (a Python keyword) is --from
         flags = ["--" + flag.replace("_", "-")] + (["--" + flag] if "_" in flag else [])
         kwargs = dict(dest=key, default=argparse.SUPPRESS, help=f"{doc} (default: {default})".lstrip())
@@ -159,6 +196,7 @@ def build_parser(name: str, stage: Stage) -> argparse.ArgumentParser:
         else:
             kwargs.update(metavar=type_name(tp))
         parser.add_argument(*flags, **kwargs)
+    add_grant_flags(parser)
     return parser
 
 
@@ -170,6 +208,7 @@ def positional_after_switch(stage: Stage, argv: list[str]) -> tuple[dict, list[s
     argument after it would be read as that value; a word that is not a bool is the positional one."""
     switches = {"--" + k.rstrip("_").replace("_", "-") for k, (tp, _, _) in leaf_fields(stage.config).items() if tp is bool}
     switches |= {"--" + k.rstrip("_") for k, (tp, _, _) in leaf_fields(stage.config).items() if tp is bool}
+    switches |= {"--" + k.replace("_", "-") for k in GRANT_FLAGS}
     for i, item in enumerate(argv[1:], 1):
         if argv[i - 1] in switches and not item.startswith("-") and item.lower() not in BOOL_WORDS:
             return {stage.positional: item}, argv[:i] + argv[i + 1:]
@@ -177,6 +216,12 @@ def positional_after_switch(stage: Stage, argv: list[str]) -> tuple[dict, list[s
 
 
 def parse(name: str, argv: list[str]):
+    """The stage's config from the command line (with its grants applied)."""
+    return parse_with_grants(name, argv)[0]
+
+
+def parse_with_grants(name: str, argv: list[str]):
+    """(config, Grants): the grants are in force while the config is built and must be while it runs."""
     stage = STAGES[name]
     first = {}
     if stage.positional and argv and not argv[0].startswith("-"):
@@ -186,6 +231,7 @@ def parse(name: str, argv: list[str]):
     parser = build_parser(name, stage)
     args, unknown = parser.parse_known_args(argv)
     values = vars(args) | first
+    grants = pop_grants(values)
     path = values.pop("config", None)
     extra_overrides = []
     for item in unknown:
@@ -198,11 +244,13 @@ def parse(name: str, argv: list[str]):
             values[stage.positional] = item  # e.g. alignkit run --dry-run true PIPELINE.yaml
         else:
             raise ConfigError(f"unexpected argument '{item}'")
-    if extra_overrides:
-        # Trailing key=value pairs add to the recipe's (or --overrides') list; later ones win on a key.
-        base = values["overrides"] if "overrides" in values else config_lib.load(stage.config, path, values).overrides
-        values["overrides"] = list(base) + extra_overrides
-    return config_lib.load(stage.config, path, values)
+    with config_lib.granted(grants):
+        if extra_overrides:
+            # Trailing key=value pairs add to the recipe's (or --overrides') list; later ones win on a key.
+            base = values["overrides"] if "overrides" in values else \
+                config_lib.load(stage.config, path, values).overrides
+            values["overrides"] = list(base) + extra_overrides
+        return config_lib.load(stage.config, path, values), grants
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -233,8 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     quiet_third_party()
     try:
         check_launch(os.environ)
-        cfg = parse(name, rest)
-        result = STAGES[name].run(cfg)
+        cfg, grants = parse_with_grants(name, rest)
+        with config_lib.granted(grants):  # `alignkit run` reads its stages' files under them
+            result = STAGES[name].run(cfg)
     except KeyboardInterrupt:
         again = "run the same command again" if name == "run" else "run again with --resume"
         print(f"alignkit: interrupted; {again} to continue from the last checkpoint", file=sys.stderr)
@@ -246,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
             import traceback
 
             traceback.print_exc()
-        print(f"alignkit {name}: error: {e}", file=sys.stderr)
+        print(terminal_safe(f"alignkit {name}: error: {e}"), file=sys.stderr)  # messages may quote a server
         return 2
     if result is not None and int(os.environ.get("RANK", "0")) == 0:
         print(result)

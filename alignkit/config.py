@@ -7,6 +7,13 @@ data or model is loaded: ranges, combinations that cannot work, and local paths 
 The rules live here, keyed by section class name, so that sections defined in the stage modules
 (SamplingParams, DPOParams, RewardConfig, ...) need no import; a section may add its own
 `validate(prefix)` method.
+
+The trust boundary (`enforce_trust`): settings that grant power (running a Python verifier, running
+a checkpoint's own code, sending a key over plain http, which key goes to which host) are honoured
+only from the command line (overrides, and the grants in GRANTS that `alignkit` sets from
+--allow-python-verifier, --trust-remote-code, --allow-insecure-http, --allow-key NAME=HOST), never
+from a recipe, a pipeline file or a pipeline --var: a file that grants one is refused, naming the
+flag. Their safe values (false, no key) stay allowed in files, so a saved config.yaml loads again.
 """
 
 from __future__ import annotations
@@ -17,8 +24,10 @@ import difflib
 import functools
 import math
 import os
+import re
 import types
 import typing
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -313,7 +322,8 @@ def _apply(obj, nested: dict):
 
 
 def load(cls: type, path: str | Path | None = None, overrides: dict[str, Any] | None = None):
-    """Defaults <- YAML file at `path` <- `overrides` (dotted keys)."""
+    """Defaults <- YAML file at `path` <- `overrides` (dotted keys, the command line's). The file may
+    not grant power (see `enforce_trust`); the overrides and GRANTS may."""
     values: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -330,8 +340,151 @@ def load(cls: type, path: str | Path | None = None, overrides: dict[str, Any] | 
             build(cls, values)
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
-    values.update({k.replace("-", "_"): v for k, v in (overrides or {}).items()})
-    return validate(build(cls, values))
+    from_file = dict(values)
+    command_line = {k.replace("-", "_"): v for k, v in (overrides or {}).items()}
+    values.update(command_line)
+    cfg = enforce_trust(build(cls, values), from_file, command_line, f"{path}: " if path is not None else "")
+    return validate(cfg)
+
+
+# --------------------------------------------------------------------------- the trust boundary
+#
+# A recipe, a pipeline file and a pipeline --var are data anyone may hand you; they may not grant
+# themselves power. Only the command line (and Python code calling these functions) can.
+
+POWERS: dict[str, tuple[str, str]] = {
+    "allow_python_verifier": (
+        "--allow-python-verifier", "imports and runs the Python function reward.rule names"
+    ),
+    "trust_remote_code": ("--trust-remote-code", "runs the Python code shipped with a model or tokenizer"),
+    "allow_insecure_http": ("--allow-insecure-http", "sends an API key unencrypted over plain http"),
+}
+"""Config leaves (in any section) that grant power -> (the command-line flag that grants it, what it does)."""
+
+KEY_HOSTS: dict[str, tuple[str, ...]] = {
+    "NVIDIA_API_KEY": ("integrate.api.nvidia.com",),
+    "OPENAI_API_KEY": ("api.openai.com",),
+}
+"""The hosts a key may go to (over https, exact host name) without --allow-key: its own service's."""
+
+
+@dataclass(frozen=True)
+class Grants:
+    """What the command line grants: every field of that name in a stage's config is turned on."""
+
+    allow_python_verifier: bool = False
+    trust_remote_code: bool = False
+    allow_insecure_http: bool = False
+    keys: tuple[tuple[str, str], ...] = ()
+    """(NAME, host or host:port): the key in environment variable NAME may go to that host."""
+
+
+GRANTS = Grants()
+"""The grants in force (set by the CLI for one command, see `granted`)."""
+
+
+@contextlib.contextmanager
+def granted(grants: Grants):
+    global GRANTS
+    saved, GRANTS = GRANTS, grants
+    try:
+        yield grants
+    finally:
+        GRANTS = saved
+
+
+def url_host(url: str, key: str) -> tuple[str, str, int]:
+    """(scheme, host, port) of an http(s) URL that a key may be sent to, or ConfigError. URLs that
+    parsers read differently (user info, backslashes, spaces or control characters) are refused."""
+    text = str(url)
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{key}: {text!r} is not an http(s) URL")
+    if "@" in parts.netloc or "\\" in text or any(not 33 <= ord(ch) < 127 for ch in text):
+        raise ConfigError(f"{key}: {text!r}: write the URL as scheme://host[:port]/path in ASCII "
+                          "(no user info, spaces, backslashes or control characters)")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise ConfigError(f"{key}: {text!r}: the port is not a number in [0, 65535]") from None
+    return parts.scheme, parts.hostname.lower(), port
+
+
+def parse_key_grant(item: str) -> tuple[str, str]:
+    """--allow-key NAME=HOST, NAME=HOST:PORT or NAME=URL -> (NAME, host or host:port)."""
+    name, eq, host = str(item).partition("=")
+    name, host = name.strip(), host.strip().lower()
+    if "://" in host:
+        url_host(host, f"--allow-key {item}")
+        host = urllib.parse.urlsplit(host).netloc
+    host_port = r"([a-z0-9.-]+|\[[0-9a-f:.]+\])(:[0-9]{1,5})?"
+    if eq and re.fullmatch(r"[A-Z][A-Z0-9_]*", name) and re.fullmatch(host_port, host):
+        parts = urllib.parse.urlsplit("//" + host)
+        with contextlib.suppress(ValueError):
+            return name, parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
+    raise ConfigError(f"--allow-key {item!r}: expected NAME=HOST or NAME=HOST:PORT (e.g. --allow-key "
+                      "MY_API_KEY=api.example.com, --allow-key MY_API_KEY=127.0.0.1:8000)")
+
+
+def key_allowed(name: str, url: str, key: str = "base_url") -> bool:
+    """May the key in variable `name` go to `url`? Its own service (KEY_HOSTS, https) or a grant."""
+    scheme, host, port = url_host(url, key)
+    if scheme == "https" and host in KEY_HOSTS.get(name, ()):
+        return True
+    return any(n == name and h in (host, f"{host}:{port}") for n, h in GRANTS.keys)
+
+
+def truthy(value) -> bool:
+    try:
+        return coerce(value, bool, "") is True
+    except ConfigError:
+        return False  # not a boolean: build() reports it
+
+
+def enforce_trust(cfg, from_file: dict[str, Any], command_line: dict[str, Any] | None = None,
+                  where: str = ""):
+    """The trust boundary, applied to a config built from a file's values and the command line's:
+    a power the file grants itself is refused (naming the flag), GRANTS are applied, and every key
+    the config would send goes to its own service's host, a host named with --allow-key, or a host
+    that the command line named together with the key (both base_url and api_key_env)."""
+    single = command_line is not None  # None: a pipeline, whose stages have no command-line keys
+    command_line = command_line or {}
+    for key, value in from_file.items():
+        leaf = key.rsplit(".", 1)[-1]
+        if leaf in POWERS and key not in command_line and truthy(value) and not getattr(GRANTS, leaf):
+            flag, what = POWERS[leaf]
+            raise ConfigError(f"{where}{key}: {value!r} is not honoured from a file (it {what}); a recipe, "
+                              f"pipeline file or --var cannot grant it. If you trust it, pass {flag} on the "
+                              "command line")
+    for section, prefix in sections(cfg):
+        for f in dataclasses.fields(section):
+            if f.name in POWERS and getattr(GRANTS, f.name):
+                setattr(section, f.name, True)
+        name, url = getattr(section, "api_key_env", None), getattr(section, "base_url", None)
+        if not (name and url):
+            continue
+        named = prefix + "base_url" in command_line and prefix + "api_key_env" in command_line
+        if not named and not key_allowed(name, url, f"{where}{prefix}base_url"):
+            _, host, port = url_host(url, prefix + "base_url")
+            grant = f"{host}:{port}" if urllib.parse.urlsplit(url).port is not None else host
+            known = "; ".join(f"{k} -> {', '.join(v)}" for k, v in KEY_HOSTS.items())
+            flag = "--" + prefix.replace("_", "-")
+            both = f" (or give {flag}base-url and {flag}api-key-env on the command line)" if single else ""
+            raise ConfigError(
+                f"{where}{prefix}api_key_env: {name} would be sent to {host}, a host the command line did "
+                f"not name. A key goes only to its own service over https ({known}) or to a host you name: "
+                f"pass --allow-key {name}={grant}{both}"
+            )
+    return cfg
+
+
+def sections(cfg, prefix: str = ""):
+    """(section, dotted prefix) for a config and every nested config section in it."""
+    yield cfg, prefix
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            yield from sections(value, f"{prefix}{f.name}.")
 
 
 # --------------------------------------------------------------------------- validation
@@ -381,6 +534,7 @@ RANGES: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
     "DPOParams": {
         "beta": POSITIVE, "label_smoothing": between(0, 0.5, high_open=True), "dpop_lambda": NON_NEGATIVE,
         "kl_lambda": NON_NEGATIVE, "clamp_margin": POSITIVE, "beta_warmup_steps": at_least(0),
+        "simpo_gamma": NON_NEGATIVE, "desirable_weight": POSITIVE, "undesirable_weight": POSITIVE,
     },
     "RewardConfig": {"concurrency": COUNT, "timeout_s": POSITIVE, "max_retries": at_least(0), "batch_size": COUNT, "max_length": COUNT},
     "ServeRewardConfig": {
@@ -499,8 +653,20 @@ def check_sampling(cfg, prefix: str) -> None:
 
 
 def check_dpo(cfg, prefix: str) -> None:
-    if cfg.label_smoothing and cfg.loss_type != "sigmoid":
-        raise ConfigError(f"{prefix}label_smoothing: {cfg.label_smoothing} applies to loss_type sigmoid only, not {cfg.loss_type!r}")
+    if cfg.label_smoothing and cfg.loss_type not in ("sigmoid", "simpo"):
+        raise ConfigError(f"{prefix}label_smoothing: {cfg.label_smoothing} applies to loss_type sigmoid and "
+                          f"simpo only, not {cfg.loss_type!r}")
+    # Options of the DPO losses that SimPO, ORPO and KTO do not have; KTO's weights only KTO has.
+    dpo = ("sigmoid", "ipo")
+    only = {"dpop_lambda": dpo, "kl_lambda": dpo, "length_normalize": dpo, "clamp_margin": dpo,
+            "ref_model": dpo + ("kto",), "desirable_weight": ("kto",), "undesirable_weight": ("kto",)}
+    for key, types in only.items():
+        value = getattr(cfg, key)
+        default = 1.0 if key.endswith("able_weight") else None
+        if value not in (None, False, 0, default) and cfg.loss_type not in types:
+            why = " (it needs no reference model)" if cfg.loss_type in ("simpo", "orpo") else ""
+            raise ConfigError(f"{prefix}{key}: {value!r} applies to loss_type {' and '.join(types)}, "
+                              f"not {cfg.loss_type!r}{why}")
     must_exist(prefix + "ref_model", cfg.ref_model, "model folder")
 
 

@@ -23,6 +23,8 @@ there are no cycles.
 The whole file is checked before any stage starts: keys, kinds, references, vars, then every stage's
 resolved config through config.validate, with paths inside the stage folders deferred (an upstream
 stage makes them; they are checked when their stage starts). Errors name the stage and the key.
+Nothing in the file or a --var grants power (config.enforce_trust); the grants of the command line
+(--trust-remote-code, --allow-key NAME=HOST, ...) apply to every stage.
 
 Each stage folder holds stage.json (written atomically): name, kind, hash, status (running or
 done), started, finished, wall_s, outputs (name -> path), inputs (the upstream stages it refers
@@ -310,6 +312,7 @@ def read_pipeline(path: str | Path, var_overrides: list[str] = (), run_dir: str 
         resolved["output_dir"] = str(root / name)
         try:
             cfg = config_lib.build(kinds[kind], resolved)
+            config_lib.enforce_trust(cfg, resolved)  # no power from the file or a --var; the CLI grants
             with config_lib.deferred([root / n for n in names]):
                 config_lib.validate(cfg)
         except ConfigError as e:

@@ -1,24 +1,37 @@
 """What every client of a remote OpenAI-compatible API shares: the reward judge and the chat teacher.
 
   check_api_key_env      a key's variable must end in API_KEY and name no well-known credential
-  check_key_destination  a key goes only over https or to a loopback host (unless allowed)
-  JSONClient             JSON requests with a timeout, retry with exponential backoff and jitter,
-                         no redirects, a 1 MiB reply cap, errors that name the status, never a body or key
+  check_key_destination  a key goes only over https or to a loopback host (unless allowed); which
+                         host may receive which key is the trust boundary's (config.enforce_trust)
+  JSONClient             JSON requests with a wall-clock deadline per attempt, retry with exponential
+                         backoff and jitter, no redirects, no proxy for loopback, a 1 MiB reply cap,
+                         errors that name the status (terminal-safe), never a body or key
   stream_map             a function over items on a thread pool, results as they arrive
   SQLiteCache            a persistent key -> value table committed row by row, so a cut run keeps
                          what it paid for
 
-Simplified: plain urllib (no connection pooling, no HTTP/2); one retry policy for every call.
+Proxies: a loopback URL never goes through one. Other hosts use the environment's http_proxy /
+https_proxy (and no_proxy) as urllib reads them: an https request goes through an https_proxy as a
+CONNECT tunnel, so the proxy sees the host name and the traffic's size, never the key or the content;
+a plain-http request (beyond loopback only with --allow-insecure-http) goes to an http_proxy whole,
+key included.
+
+Simplified: plain urllib (no connection pooling, no HTTP/2); one retry policy for every call; the
+deadline closes the connection from a timer thread (one per attempt).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
+import http.client
 import ipaddress
 import json
 import logging
 import random
 import re
+import socket
 import sqlite3
 import threading
 import time
@@ -29,7 +42,8 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .config import ConfigError
+from .config import ConfigError, url_host
+from .markdown import terminal_safe
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +53,10 @@ SECRET_PREFIXES = ("AWS_", "AZURE_", "GCP_", "GITHUB_", "GH_", "GITLAB_", "HF_",
 
 
 class RemoteError(RuntimeError):
-    pass
+    """A remote call that failed; its message is terminal-safe (a server's reason phrase is untrusted)."""
+
+    def __init__(self, message: str = ""):
+        super().__init__(terminal_safe(str(message)))
 
 
 class MalformedReply(RemoteError):
@@ -67,16 +84,15 @@ def is_loopback(host: str | None) -> bool:
 
 def check_key_destination(base_url: str, allow_insecure_http: bool, key: str = "reward.base_url") -> str:
     """The host a key goes to; refuses anything but https, or http to loopback, unless allowed."""
-    url = urllib.parse.urlsplit(base_url)
-    if url.scheme not in ("http", "https") or not url.hostname:
-        raise ConfigError(f"{key}: {base_url!r} is not an http(s) URL")
-    if url.scheme == "http" and not is_loopback(url.hostname) and not allow_insecure_http:
+    scheme, host, _ = url_host(base_url, key)
+    if scheme == "http" and not is_loopback(host) and not allow_insecure_http:
         section = key.rsplit(".", 1)[0] + "." if "." in key else ""
         raise ConfigError(
-            f"{key}: the API key would go unencrypted to {url.hostname} over http; "
-            f"use https, a loopback host, or set {section}allow_insecure_http: true"
+            f"{key}: the API key would go unencrypted to {host} over http; use https or a loopback host, "
+            f"or pass --allow-insecure-http on the command line ({section}allow_insecure_http; "
+            "not from a file)"
         )
-    return url.hostname
+    return host
 
 
 class NoRedirects(urllib.request.HTTPRedirectHandler):
@@ -86,11 +102,103 @@ class NoRedirects(urllib.request.HTTPRedirectHandler):
         return None
 
 
+class Deadline:
+    """A wall-clock limit for one attempt: when it passes, the attempt's socket is shut down, so a
+    server that trickles bytes (each read within the socket timeout) cannot hold a call forever."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.expired, self.sockets = seconds, False, []
+        self.lock = threading.Lock()
+        self.timer = threading.Timer(seconds, self.expire)
+        self.timer.daemon = True
+
+    def __enter__(self):
+        self.timer.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.timer.cancel()
+
+    def expire(self) -> None:
+        with self.lock:
+            self.expired = True
+            for sock in self.sockets:
+                self.shut(sock)
+
+    def watch(self, sock) -> None:
+        """Shut `sock` down at the deadline (at once if it has passed)."""
+        with self.lock:
+            self.sockets.append(sock)
+            if self.expired:
+                self.shut(sock)
+
+    @staticmethod
+    def shut(sock) -> None:
+        # the plain socket's shutdown, also for a TLS socket: a blocked read returns at once; a
+        # socket already closed has no descriptor (-1), so this never touches another connection's
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+    def check(self) -> None:
+        if self.expired:
+            raise TimeoutError(f"no complete reply within {self.seconds:g} s")
+
+
+class Watched:
+    """An http.client connection whose sockets its Deadline shuts down."""
+
+    def __init__(self, *args, deadline: Deadline, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.deadline = deadline
+        self._create_connection = self.create_watched_connection
+
+    def create_watched_connection(self, *args, **kwargs):
+        sock = socket.create_connection(*args, **kwargs)
+        self.deadline.watch(sock)
+        return sock
+
+
+class WatchedHTTPConnection(Watched, http.client.HTTPConnection):
+    pass
+
+
+class WatchedHTTPSConnection(Watched, http.client.HTTPSConnection):
+    def connect(self):
+        """HTTPSConnection.connect with the TLS socket watched before its handshake (which a server
+        could trickle too)."""
+        http.client.HTTPConnection.connect(self)  # TCP (and a proxy's CONNECT tunnel)
+        self.sock = self._context.wrap_socket(self.sock, server_hostname=self._tunnel_host or self.host,
+                                              do_handshake_on_connect=False)
+        self.deadline.watch(self.sock)
+        self.sock.do_handshake()
+
+
+class WatchedHTTPHandler(urllib.request.HTTPHandler):
+    def http_open(self, req):
+        return self.do_open(functools.partial(WatchedHTTPConnection, deadline=req.deadline), req)
+
+
+class WatchedHTTPSHandler(urllib.request.HTTPSHandler):
+    def https_open(self, req):
+        connection = functools.partial(WatchedHTTPSConnection, deadline=req.deadline)
+        return self.do_open(connection, req, context=self._context)
+
+
+def build_opener(host: str) -> urllib.request.OpenerDirector:
+    """No redirects, a deadline per attempt, and no proxy for a loopback host (a proxy would see a
+    plain-http key); other hosts use the environment's proxies."""
+    handlers = [NoRedirects, WatchedHTTPHandler, WatchedHTTPSHandler]
+    if is_loopback(host):
+        handlers.append(urllib.request.ProxyHandler({}))
+    return urllib.request.build_opener(*handlers)
+
+
 class JSONClient:
     """JSON over http(s) to `base_url` with an optional bearer key, retries and no redirects.
 
-    Retries 408/409/425/429/5xx, network errors and (unless retry_malformed is off) malformed
-    replies with exponential backoff and jitter; the last failure raises RemoteError."""
+    Retries 408/409/425/429/5xx, network errors, attempts past the `timeout_s` deadline (connect,
+    headers and body together) and (unless retry_malformed is off) malformed replies with exponential
+    backoff and jitter; the last failure raises RemoteError."""
 
     RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 
@@ -100,10 +208,11 @@ class JSONClient:
         self.base_url = base_url.rstrip("/")
         host = check_key_destination(self.base_url, allow_insecure_http or not api_key, url_key)
         if api_key:
-            logger.info("%s: the API key from %s is sent to %s", what, key_name or "the environment", host)
+            name = terminal_safe(key_name or "the environment")
+            logger.info("%s: the API key from %s is sent to %s", what, name, host)
         self.api_key = api_key
         self.timeout_s, self.max_retries, self.backoff_s = timeout_s, max_retries, backoff_s
-        self.opener = urllib.request.build_opener(NoRedirects)
+        self.opener = build_opener(host)
 
     def headers(self) -> dict:
         headers = {"Content-Type": "application/json"}
@@ -135,8 +244,15 @@ class JSONClient:
         for attempt in range(self.max_retries + 1):
             try:
                 req = urllib.request.Request(url, data=body, headers=self.headers(), method=method)
-                with self.opener.open(req, timeout=self.timeout_s) as res:
-                    raw = res.read(MAX_REPLY_BYTES + 1)
+                with Deadline(self.timeout_s) as deadline:
+                    req.deadline = deadline
+                    try:
+                        with self.opener.open(req, timeout=self.timeout_s) as res:
+                            raw = res.read(MAX_REPLY_BYTES + 1)
+                    except Exception:
+                        deadline.check()  # whatever a socket shut by the deadline raised, say so
+                        raise
+                    deadline.check()  # a reply cut short by the deadline is no reply
                 if len(raw) > MAX_REPLY_BYTES:
                     raise MalformedReply("reply larger than 1 MiB")
                 try:
@@ -146,7 +262,7 @@ class JSONClient:
                 return parse(payload)
             except urllib.error.HTTPError as e:
                 e.close()
-                last = self.redact(f"HTTP {e.code} {str(e.reason)[:100]}".strip())
+                last = self.redact(f"HTTP {e.code} {terminal_safe(str(e.reason))[:100]}".strip())
                 if e.code not in self.RETRY_STATUS:
                     hint = " (redirects are not followed)" if 300 <= e.code < 400 else ""
                     raise RemoteError(f"{url}: {last}{hint}") from e
@@ -154,8 +270,8 @@ class JSONClient:
                 if not retry_malformed:
                     raise
                 last = f"malformed reply: {e}"
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as e:
-                last = self.redact(f"{type(e).__name__}: {getattr(e, 'reason', e)}")
+            except (OSError, http.client.HTTPException) as e:  # URLError, ConnectionError, TimeoutError too
+                last = self.redact(terminal_safe(f"{type(e).__name__}: {getattr(e, 'reason', e)}")[:200])
             if attempt < self.max_retries:
                 delay = self.backoff_s * 2**attempt
                 time.sleep(delay + random.uniform(0, delay))  # jitter spreads out retries of many workers

@@ -202,3 +202,34 @@ def test_bad_preference_rows_stop_before_training(tmp_path, tiny_model_dir):
     with pytest.raises(DataError, match="line 2: field 'chosen': identical to rejected"):
         run_dpo(cfg)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def dropout_model_dir(tmp_path_factory, tiny_model_dir):
+    """The tiny model with attention_dropout 0.1 in its config (as some checkpoints ship)."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("dropout") / "model"
+    shutil.copytree(tiny_model_dir, out)
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps(config | {"attention_dropout": 0.1}))
+    return out
+
+
+@pytest.mark.parametrize("precompute_ref", [True, False])
+def test_dropout_is_off_so_the_policy_starts_as_the_reference(tmp_path, dropout_model_dir, toy_prefs,
+                                                               precompute_ref):
+    """#19.1: with dropout in the checkpoint, step 0's policy log-probs equal the reference's (loss log 2)."""
+    cfg = dpo_cfg(tmp_path / "run", dropout_model_dir, toy_prefs, precompute_ref=precompute_ref,
+                  train={"max_steps": 1, "logging_steps": 1, "eval_steps": None})
+    cfg.data.eval_split = None
+    run_dpo(cfg)
+    first = read_metrics(tmp_path / "run")[0]
+    assert first["loss"] == pytest.approx(math.log(2), rel=1e-6)
+    assert first["reward_margin"] == pytest.approx(0.0, abs=1e-6)
+    # The option keeps the checkpoint's dropout: the policy then disagrees with the reference.
+    cfg.output_dir, cfg.dpo.disable_dropout = str(tmp_path / "kept"), False
+    run_dpo(cfg)
+    assert abs(read_metrics(tmp_path / "kept")[0]["loss"] - math.log(2)) > 1e-4
+    saved = json.loads((tmp_path / "run" / "final" / "config.json").read_text())
+    assert saved["attention_dropout"] == 0.1  # the checkpoint keeps the dropout it was given

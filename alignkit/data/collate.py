@@ -47,3 +47,23 @@ def collate_pairs(examples: list[dict], pad_token_id: int) -> dict[str, torch.Te
         batch["ref_chosen_logps"] = torch.tensor([e["ref_chosen_logps"] for e in examples], dtype=torch.float32)
         batch["ref_rejected_logps"] = torch.tensor([e["ref_rejected_logps"] for e in examples], dtype=torch.float32)
     return batch
+
+
+def collate_unpaired(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """KTO rows: prompt+completion (input_ids / attention_mask / labels), the boolean `label`, and the
+    mismatched prompt+kl_completion (kl_input_ids / kl_attention_mask / kl_labels) for KTO's KL estimate.
+
+    Carried reference log-probabilities (ref_logps, ref_kl_logps) become tensors.
+    """
+    batch = {}
+    for prefix, side in (("", "completion_ids"), ("kl_", "kl_completion_ids")):
+        seqs = [e["prompt_ids"] + e[side] for e in examples]
+        batch[f"{prefix}input_ids"] = pad(seqs, pad_token_id)
+        batch[f"{prefix}attention_mask"] = pad([[1] * len(s) for s in seqs], 0)
+        labels = [[IGNORE_INDEX] * len(e["prompt_ids"]) + e[side] for e in examples]
+        batch[f"{prefix}labels"] = pad(labels, IGNORE_INDEX)
+    batch["label"] = torch.tensor([bool(e["label"]) for e in examples], dtype=torch.bool)
+    for key in ("ref_logps", "ref_kl_logps"):
+        if key in examples[0]:
+            batch[key] = torch.tensor([e[key] for e in examples], dtype=torch.float32)
+    return batch

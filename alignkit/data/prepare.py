@@ -192,6 +192,32 @@ def tokenize_pairs(rows: list[dict], chat, cfg: DataConfig, desc: str = "tokenis
     return keep_undropped(ds, len(rows), desc)
 
 
+def tokenize_unpaired(rows: list[dict], chat, cfg: DataConfig, desc: str = "tokenise unpaired rows"):
+    """KTO rows -> a Dataset of prompt_ids / completion_ids / label, with the limits of preference pairs."""
+
+    def one(row: dict) -> dict:
+        out = {"prompt_ids": [], "completion_ids": [], "truncated": False, "drop": ""}
+        if cfg.min_response_chars and len(row["completion"].strip()) < cfg.min_response_chars:
+            out["drop"] = f"response shorter than {cfg.min_response_chars} characters"
+        elif cfg.first_turn_only and sum(m["role"] == "user" for m in row["prompt"]) > 1:
+            out["drop"] = "prompt has more than one user turn (first_turn_only)"
+        if out["drop"]:
+            return out
+        prompt_ids, reply_ids = tokenize_reply(chat.tokenizer, row["prompt"], row["completion"],
+                                               chat.end_of_turn)
+        if cfg.max_response_tokens is not None and len(reply_ids) > cfg.max_response_tokens:
+            reply_ids, out["truncated"] = reply_ids[: cfg.max_response_tokens], True
+        if cfg.max_prompt_tokens is not None and len(prompt_ids) > cfg.max_prompt_tokens:
+            out["drop"] = f"prompt longer than {cfg.max_prompt_tokens} tokens"
+        out["prompt_ids"], out["completion_ids"] = prompt_ids, reply_ids
+        return out
+
+    ds = datasets.Dataset.from_list([{k: r[k] for k in ("prompt", "completion", "label")} for r in rows])
+    ds = ds.map(one, remove_columns=["prompt", "completion"], num_proc=cfg.num_proc, desc=desc,
+                new_fingerprint=uuid.uuid4().hex)
+    return keep_undropped(ds, len(rows), desc)
+
+
 def pair_drop_reason(row: dict, cfg: DataConfig) -> str:
     """The filters on a preference pair that need no tokenizer (shared by DPO and reward models); '' keeps it.
 

@@ -4,6 +4,7 @@ Shapes used by the rest of the toolkit:
   conversation: {"messages": [{"role", "content"}, ...]}               (SFT)
   text:         {"text": str}                                          (SFT on plain text, all tokens)
   preference:   {"prompt": [messages], "chosen": str, "rejected": str}  (DPO, reward models)
+  unpaired:     {"prompt": [messages], "completion": str, "label": bool}  (KTO)
 
 Schemas understood (TRL's standard and conversational formats, and the raw forms of common sets):
   chat                `messages` (smol-smoltalk)
@@ -17,7 +18,9 @@ Schemas understood (TRL's standard and conversational formats, and the raw forms
                       whose shared part is the prompt, raw Anthropic/hh-rlhf transcripts split at the final
                       "Assistant:" reply, or strings whose common prefix is the prompt (as TRL's extract_prompt)
   prompt_only         `prompt`: prompts for generate / eval, not training rows (a clear error there)
-  unpaired_preference `prompt` + `completion` + `label` (KTO): no stage trains on it (a clear error)
+  unpaired_preference `prompt` + `completion` + `label` (KTO): `label` true for a desirable completion,
+                      false for an undesirable one; `alignkit dpo` with dpo.loss_type kto trains on it
+                      (and on preference pairs, each read as two unpaired rows)
 
 Simplification: standard (string) prompts are wrapped as one user turn and go through the chat
 template like conversational ones; TRL applies no template to standard rows.
@@ -71,12 +74,20 @@ UNUSABLE = {
     "(prompts.dataset of generate, eval or rl), or add a 'completion' column",
     "unpaired_preference": "unpaired preference rows ('prompt', 'completion', 'label': KTO's format) cannot be "
     "trained on here: DPO and reward models need 'chosen' and 'rejected' replies to one prompt, and SFT a "
-    "'completion' without a label (drop the 'label' column to fine-tune on every completion)",
+    "'completion' without a label (drop the 'label' column to fine-tune on every completion); "
+    "alignkit dpo trains on them with dpo.loss_type: kto",
 }
 
 
 def check_usable(schema: str, shape: str) -> None:
     """Raise DataError when rows of `schema` cannot give examples of `shape`, saying what can."""
+    if shape == "unpaired":
+        if schema not in ("unpaired_preference", "preference"):
+            raise DataError(
+                "KTO (dpo.loss_type: kto) trains on unpaired rows with 'prompt', 'completion' and a "
+                f"true/false 'label' column, or on preference pairs; this dataset is {schema}"
+            )
+        return
     if schema in UNUSABLE:
         raise DataError(UNUSABLE[schema])
     if schema == "language_modeling" and shape != "text":
@@ -276,18 +287,46 @@ def to_preference(row: dict, schema: str) -> dict:
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
+def to_unpaired(row: dict, schema: str) -> dict | list[dict]:
+    """A KTO row: the prompt as messages, the completion's text, and whether it is desirable.
+
+    A preference pair gives two rows, chosen desirable and rejected not (TRL's unpair_preference_dataset).
+    """
+    if schema == "preference":
+        pair = to_preference(row, schema)
+        return [{"prompt": list(pair["prompt"]), "completion": pair[side], "label": side == "chosen"}
+                for side in ("chosen", "rejected")]
+    if schema != "unpaired_preference":
+        raise DataError(f"unpaired rows need 'prompt', 'completion' and 'label' columns; this dataset is "
+                        f"{schema}")
+    if row.get("prompt") is None:
+        raise RowError("prompt", "missing")
+    prompt = prompt_messages(row["prompt"], "prompt")
+    if row.get("completion") is None:
+        raise RowError("completion", "missing")
+    completion, _ = response_of(row["completion"], "completion")
+    label = row.get("label")
+    if label is None:
+        raise RowError("label", "missing")
+    if not isinstance(label, bool):
+        raise RowError("label", f"expected true (desirable) or false (undesirable), got {label!r}")
+    return {"prompt": prompt, "completion": completion, "label": label}
+
+
 # --------------------------------------------------------------------------- whole datasets
 
 
 def normalise(rows, source: Source, shape: str, skip_invalid: bool = False, row_ids: list[int] | None = None) -> list[dict]:
     """Validate and convert every row; raise DataError listing problems unless skip_invalid.
 
-    shape: 'conversation', 'preference', or 'text' (conversations, or {"text"} for language-modelling rows).
+    shape: 'conversation', 'preference', 'unpaired' (KTO), or 'text' (conversations, or {"text"} for
+    language-modelling rows).
     row_ids: each row's index in the source, when `rows` is a selection of it (errors name the source's line).
     """
     schema = detect_schema(rows.column_names)
     check_usable(schema, shape)
-    convert = {"conversation": to_conversation, "text": to_text, "preference": to_preference}[shape]
+    convert = {"conversation": to_conversation, "text": to_text, "preference": to_preference,
+               "unpaired": to_unpaired}[shape]
     keep_columns = [c for c in ("category", "source", "prompt_id") if c in rows.column_names]
     out, problems = [], []
     reasons: Counter = Counter()
@@ -298,9 +337,10 @@ def normalise(rows, source: Source, shape: str, skip_invalid: bool = False, row_
             problems.append(f"{source.where(row_ids[i] if row_ids is not None else i)}: {e}")
             reasons[e.message] += 1
             continue
-        for c in keep_columns:
-            item[c] = row[c]
-        out.append(item)
+        for one in item if isinstance(item, list) else [item]:
+            for c in keep_columns:
+                one[c] = row[c]
+            out.append(one)
     if problems:
         if not skip_invalid:
             shown = "\n  ".join(problems[:20])
@@ -313,6 +353,9 @@ def normalise(rows, source: Source, shape: str, skip_invalid: bool = False, row_
             "skipped %d invalid row(s) of %d in %s: %s",
             len(problems), len(rows), source.name, dict(reasons),
         )
+    if shape == "unpaired" and schema == "preference":
+        log.info("KTO: %s: %d preference pairs read as %d unpaired rows (chosen desirable, rejected not)",
+                 source.name, len(out) // 2, len(out))
     if not out:
         why = "; ".join(f"{n} x {reason}" for reason, n in reasons.most_common(5))
         raise DataError(f"{source.name}: no valid rows: read {len(rows)} row(s), all invalid ({why or 'no rows'})")

@@ -68,6 +68,7 @@ class RewardConfig:
     """remote: allow sending the API key over plain http to a host other than loopback."""
     concurrency: int = 8
     timeout_s: float = 60.0
+    """remote: wall-clock limit of one attempt (connect, headers and body together), then a retry."""
     max_retries: int = 5
     batch_size: int = 16
     max_length: int = 2048

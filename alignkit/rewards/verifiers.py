@@ -7,7 +7,8 @@ calls, attributes, ...) is rejected. Nothing a model writes reaches `eval` or `e
 Model output is attacker-controlled text, so the built-in verifiers read it in linear time:
 regular expressions without nested quantifiers, `str.rfind` for the answer tags, and length
 caps on prompts and responses. A `module:function` verifier runs arbitrary Python from your
-environment and is loaded only with `reward.allow_python_verifier: true`.
+environment and is loaded only with `reward.allow_python_verifier`, which only the command line can
+set (`--allow-python-verifier`; a recipe or pipeline file cannot, see config.enforce_trust).
 """
 
 from __future__ import annotations
@@ -144,7 +145,7 @@ def get_verifier(name: str, allow_python: bool = False) -> Verifier:
     """A registered name, or 'package.module:function' for your own Python function.
 
     The latter imports and runs code named by the recipe, so it needs `allow_python=True`
-    (`reward.allow_python_verifier: true`): a downloaded recipe cannot run `os:system`.
+    (`--allow-python-verifier` on the command line): a downloaded recipe cannot run `os:system`.
     """
     if name in VERIFIERS:
         return VERIFIERS[name]
@@ -153,7 +154,8 @@ def get_verifier(name: str, allow_python: bool = False) -> Verifier:
     if not allow_python:
         raise ConfigError(
             f"reward.rule: {name!r} names a Python function, which runs code from your environment; "
-            "set reward.allow_python_verifier: true to allow it (only for functions you trust)"
+            "pass --allow-python-verifier on the command line to allow it (reward.allow_python_verifier; "
+            "only for functions you trust, and never from a recipe or pipeline file)"
         )
     module, func = name.split(":", 1)
     fn = getattr(importlib.import_module(module), func, None)

@@ -58,7 +58,7 @@ class TeacherConfig:
     concurrency: int = 8
     """openai: requests in flight at once."""
     timeout_s: float = 120.0
-    """openai: limit for one request."""
+    """openai: wall-clock limit of one attempt (connect, headers and body together), then a retry."""
     max_retries: int = 5
     """openai: retries of 429/5xx/network errors, with exponential backoff and jitter."""
     batch_size: int = 8

@@ -1,7 +1,18 @@
-"""Direct preference optimisation (DPO) and its variants.
+"""Direct preference optimisation (DPO) and its variants, reference-free SimPO and ORPO, and KTO.
 
 Read top to bottom: the pure loss functions, the reference log-probabilities (computed once,
-cached on disk, then the reference model is released), and the stage itself.
+cached on disk, then the reference model is released), KTO's per-step KL reference point, and the
+stage itself. SimPO and ORPO load no reference model and run no reference pass. KTO trains on
+unpaired rows (prompt, completion, desirable or not) through the same loop: its data source adds,
+at each optimizer step, the KL reference point of the whole step.
+
+Simplifications: KTO's KL reference point is estimated from mismatched (prompt, completion) pairs
+fixed once per dataset (each row's prompt with another row's completion, a seeded derangement), so
+the reference log-probabilities of those pairs can be cached too, and it is the mean over the whole
+optimizer step (all micro-batches and processes), so it does not depend on grad_accum; TRL pairs
+rows within each micro-batch and averages there. At evaluation it is the mean over the whole eval set.
+ORPO's NLL term is the mean over the chosen reply's tokens of each pair (TRL's also covers the
+prompt tokens, averaged over the batch's tokens).
 """
 
 from __future__ import annotations
@@ -10,6 +21,7 @@ import gc
 import hashlib
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from functools import partial
@@ -23,12 +35,13 @@ from transformers import set_seed
 
 from ..config import DataConfig, ModelConfig, TrainConfig
 from ..data.chat import IGNORE_INDEX
-from ..data.collate import collate_pairs
-from ..data.prepare import load_examples, tokenize_pairs
-from ..models import load_causal_lm, load_tokenizer
+from ..data.collate import collate_pairs, collate_unpaired
+from ..data.loading import DataError
+from ..data.prepare import load_examples, tokenize_pairs, tokenize_unpaired
+from ..models import disable_dropout, load_causal_lm, load_tokenizer
 from ..evaluate.callback import WinRateDuringTraining, win_rate_callbacks
 from .logprobs import label_logps, per_sequence
-from .loop import LossOutput, RunOptions, distributed_state, to_device, train
+from .loop import ExampleSource, LossOutput, RunOptions, StepPlan, distributed_state, to_device, train
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +68,35 @@ def batch_sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor
     return per_sequence(*label_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"]))
 
 
+REFERENCE_FREE = ("simpo", "orpo")
+"""Losses that need no reference model: none is loaded and no reference pass runs."""
+UNPAIRED = ("kto",)
+"""Losses trained on unpaired rows (prompt, completion, label) instead of preference pairs."""
+
+
 @dataclass
 class DPOParams:
     beta: float = 0.1
-    """Strength of the implicit KL constraint (IPO: its tau)."""
-    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
-    """sigmoid: the DPO loss; ipo: the IPO squared loss on per-token log-ratios."""
+    """Strength of the implicit KL constraint (IPO: its tau; SimPO: the reward scale, which its paper
+    tunes per model in 2 to 10; ORPO: the weight lambda of the odds-ratio term, TRL's default 0.1;
+    KTO: its beta)."""
+    loss_type: Literal["sigmoid", "ipo", "simpo", "orpo", "kto"] = "sigmoid"
+    """sigmoid: the DPO loss; ipo: the IPO squared loss on per-token log-ratios; simpo: SimPO's
+    length-normalised margin with target margin simpo_gamma (no reference model); orpo: SFT loss on
+    chosen plus beta x ORPO's odds-ratio loss (no reference model); kto: KTO on unpaired rows
+    ('prompt', 'completion', boolean 'label')."""
     label_smoothing: float = 0.0
-    """Probability that a preference label is flipped (conservative DPO); sigmoid only."""
+    """Probability that a preference label is flipped (conservative DPO); sigmoid and simpo only."""
+    simpo_gamma: float = 0.5
+    """SimPO's target reward margin gamma (its paper tunes gamma / beta per model, below 1); simpo only."""
+    desirable_weight: float = 1.0
+    """KTO: weight of the desirable rows' losses (raise it when they are the fewer)."""
+    undesirable_weight: float = 1.0
+    """KTO: weight of the undesirable rows' losses. KTO's paper keeps (desirable_weight x desirable rows) /
+    (undesirable_weight x undesirable rows) in [1, 4/3]; the run logs a warning outside it."""
+    disable_dropout: bool = True
+    """Set every dropout probability of the policy and the reference to 0 (TRL's default), so the policy
+    at step 0 gives the reference's log-probabilities; false keeps the checkpoint's dropout."""
     dpop_lambda: float = 0.0
     """DPO-Positive: adds lambda * max(0, log pi_ref(y_w) - log pi(y_w))."""
     kl_lambda: float = 0.0
@@ -129,21 +163,114 @@ def dpo_losses(
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 
+def simpo_losses(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    chosen_tokens: torch.Tensor,
+    rejected_tokens: torch.Tensor,
+    beta: float,
+    gamma: float,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SimPO (Meng et al. 2024): -log sigmoid(beta * (mean log pi(y_w) - mean log pi(y_l)) - gamma).
+
+    Reference-free: the implicit reward is beta times the log-probability averaged over the response's
+    tokens. Returns per-pair losses and the rewards of chosen and rejected. label_smoothing as in DPO.
+    """
+    chosen = policy_chosen / chosen_tokens
+    rejected = policy_rejected / rejected_tokens
+    z = beta * (chosen - rejected) - gamma
+    losses = -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+    return losses, beta * chosen.detach(), beta * rejected.detach()
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, without cancellation on either side of -log 2."""
+    return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def orpo_losses(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    chosen_tokens: torch.Tensor,
+    rejected_tokens: torch.Tensor,
+    lam: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ORPO (Hong et al. 2024): NLL of the chosen reply plus lam * -log sigmoid(log odds ratio).
+
+    With p = exp(mean log pi(y)) per response (the token-averaged likelihood, as the paper and TRL),
+    odds(y) = p / (1 - p) and the log odds ratio is log odds(y_w) - log odds(y_l). The NLL is the mean
+    over the chosen reply's tokens. Returns per-pair losses, the rewards lam * mean log pi(y) of chosen
+    and rejected (TRL's), and the log odds ratios.
+    """
+    chosen = policy_chosen.float() / chosen_tokens
+    rejected = policy_rejected.float() / rejected_tokens
+    log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
+    losses = -chosen - lam * F.logsigmoid(log_odds)
+    return losses, lam * chosen.detach(), lam * rejected.detach(), log_odds.detach()
+
+
+def kto_losses(
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    desirable: torch.Tensor,
+    kl: torch.Tensor | float,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """KTO (Ethayarajh et al. 2024, eq. 7): per-row losses and implicit rewards beta * r.
+
+    r = log pi(y|x) - log pi_ref(y|x) (summed over the completion); z0 = `kl`, the reference point
+    (a detached, non-negative KL estimate, `kto_reference_point`). Desirable rows lose
+    w_d * (1 - sigmoid(beta (r - z0))), undesirable ones w_u * (1 - sigmoid(beta (z0 - r))).
+    """
+    ratio = policy_logps - ref_logps
+    kl = torch.as_tensor(kl, dtype=ratio.dtype, device=ratio.device).detach()
+    losses = torch.where(
+        desirable,
+        desirable_weight * (1 - torch.sigmoid(beta * (ratio - kl))),
+        undesirable_weight * (1 - torch.sigmoid(beta * (kl - ratio))),
+    )
+    return losses, beta * ratio.detach()
+
+
+def kto_reference_point(kl_sum: float, kl_count: float) -> float:
+    """KTO's z0 from the summed log-ratios log pi(y'|x) - log pi_ref(y'|x) of `kl_count` mismatched
+    pairs: their mean, floored at 0 (a KL divergence is not negative), as TRL does."""
+    return max(0.0, kl_sum / kl_count) if kl_count else 0.0
+
+
 def dpo_loss_fn(params: DPOParams, ref_model=None):
     """loss_fn(model, batch) for the training loop: one forward pass for chosen and rejected."""
+    if params.loss_type in UNPAIRED:
+        return kto_loss_fn(params, ref_model)
 
     def loss_fn(model, batch) -> LossOutput:
         logps, tokens = batch_sequence_logps(model, batch)
         policy_chosen, policy_rejected = logps.chunk(2)
         chosen_tokens, rejected_tokens = tokens.chunk(2)
-        if "ref_chosen_logps" in batch:
-            ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        beta = beta_at(params, batch.get("step"))
+        metrics = {}
+        policy = (policy_chosen, policy_rejected, chosen_tokens, rejected_tokens)
+        if params.loss_type == "simpo":
+            losses, chosen_rewards, rejected_rewards = simpo_losses(
+                *policy, beta, params.simpo_gamma, params.label_smoothing
+            )
+        elif params.loss_type == "orpo":
+            losses, chosen_rewards, rejected_rewards, log_odds = orpo_losses(*policy, beta)
+            nll = -(policy_chosen / chosen_tokens).detach()
+            metrics = {"log_odds_ratio": log_odds.sum(), "nll_chosen": nll.sum()}
         else:
-            with torch.no_grad():
-                ref_chosen, ref_rejected = batch_sequence_logps(ref_model, batch)[0].chunk(2)
-        losses, chosen_rewards, rejected_rewards = dpo_losses(
-            policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_tokens, rejected_tokens, params, beta_at(params, batch.get("step"))
-        )
+            if "ref_chosen_logps" in batch:
+                ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+            else:
+                with torch.no_grad():
+                    ref_chosen, ref_rejected = batch_sequence_logps(ref_model, batch)[0].chunk(2)
+            losses, chosen_rewards, rejected_rewards = dpo_losses(
+                policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_tokens, rejected_tokens,
+                params, beta,
+            )
         margin = chosen_rewards - rejected_rewards
         metrics = {
             "rewards_chosen": chosen_rewards.sum(),
@@ -152,18 +279,184 @@ def dpo_loss_fn(params: DPOParams, ref_model=None):
             "reward_accuracy": (margin > 0).float().sum(),
             "logps_chosen": policy_chosen.detach().sum(),
             "logps_rejected": policy_rejected.detach().sum(),
+            **metrics,
         }
         return LossOutput(losses.sum(), len(losses), metrics, tokens=int(batch["attention_mask"].sum()))
 
     return loss_fn
 
 
-# --------------------------------------------------------------------------- reference log-probabilities
+def kl_view(batch: dict) -> dict:
+    """The mismatched (prompt, completion) rows of a KTO batch, as a batch of their own."""
+    return {key: batch[f"kl_{key}"] for key in ("input_ids", "attention_mask", "labels")}
 
 
 @torch.no_grad()
-def reference_logps(ref_model, pairs, collate, batch_size: int, progress: bool = True) -> tuple[list[float], list[float]]:
-    """Sequence log-probabilities of chosen and rejected under the reference, sharded over processes."""
+def kl_log_ratios(model, ref_model, batch: dict) -> torch.Tensor:
+    """log pi(y'|x) - log pi_ref(y'|x) of the batch's mismatched pairs (reference from the cache if there)."""
+    policy = batch_sequence_logps(model, kl_view(batch))[0]
+    if "ref_kl_logps" in batch:
+        ref = batch["ref_kl_logps"]
+    else:
+        ref = batch_sequence_logps(ref_model, kl_view(batch))[0]
+    return policy - ref
+
+
+def kto_loss_fn(params: DPOParams, ref_model=None, eval_point: "KTOEvalPoint | None" = None):
+    """loss_fn(model, batch) for KTO. In training the batch carries the step's KL reference point
+    (`kto_kl`, from KTOSource); at evaluation `eval_point` gives the eval set's (without one: the batch's)."""
+
+    def loss_fn(model, batch) -> LossOutput:
+        logps, _ = batch_sequence_logps(model, batch)
+        if "ref_logps" in batch:
+            ref = batch["ref_logps"]
+        else:
+            with torch.no_grad():
+                ref = batch_sequence_logps(ref_model, batch)[0]
+        if "kto_kl" in batch:
+            kl = batch["kto_kl"]
+        elif eval_point is not None:
+            kl = torch.tensor(eval_point(model))
+        else:
+            ratios = kl_log_ratios(model, ref_model, batch)
+            kl = torch.tensor(kto_reference_point(float(ratios.sum()), len(ratios)))
+        desirable = batch["label"]
+        beta = beta_at(params, batch.get("step"))
+        weights = (params.desirable_weight, params.undesirable_weight)
+        losses, rewards = kto_losses(logps, ref, desirable, kl, beta, *weights)
+        d = desirable.to(rewards.dtype)
+        u = 1 - d
+        metrics = {  # per label: [sum, count], averaged over the rows of that label
+            "rewards_chosen": torch.stack([(rewards * d).sum(), d.sum()]),
+            "rewards_rejected": torch.stack([(rewards * u).sum(), u.sum()]),
+            "logps_chosen": torch.stack([(logps.detach() * d).sum(), d.sum()]),
+            "logps_rejected": torch.stack([(logps.detach() * u).sum(), u.sum()]),
+            "kl": torch.as_tensor(kl, dtype=torch.float64) * len(losses),
+        }
+        return LossOutput(losses.sum(), len(losses), metrics, tokens=int(batch["attention_mask"].sum()))
+
+    return loss_fn
+
+
+def reference_point(model, ref_model, batches: list[dict]) -> float:
+    """KTO's z0 over the mismatched pairs of `batches` on every process (a collective when distributed)."""
+    device = next(model.parameters()).device
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for b in batches:
+        ratios = kl_log_ratios(model, ref_model, to_device(b, device)).double()
+        total[0] += ratios.sum()
+        total[1] += len(ratios)
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        torch.distributed.all_reduce(total)
+    return kto_reference_point(*total.tolist())
+
+
+class KTOEvalPoint:
+    """KTO's z0 at evaluation: over the whole eval set (sharded over processes), once per evaluation,
+    so eval metrics do not depend on the eval batch size or the number of processes."""
+
+    def __init__(self, data, collate, batch_size: int, ref_model=None):
+        self.data, self.collate, self.batch_size, self.ref_model = data, collate, batch_size, ref_model
+        self.step: int | None = None
+        """The optimizer step the weights are at (set by KTOSource)."""
+        self._at: tuple | None = None
+
+    def __call__(self, model) -> float:
+        if self._at is None or self._at[0] != self.step:
+            state = distributed_state()
+            mine = list(range(state.process_index, len(self.data), state.num_processes))
+            bs = self.batch_size
+            batches = [self.collate([self.data[i] for i in mine[s : s + bs]])
+                       for s in range(0, len(mine), bs)]
+            self._at = (self.step, reference_point(model, self.ref_model, batches))
+        return self._at[1]
+
+
+class KTOSource(ExampleSource):
+    """KTO's examples in the loop's order, each micro-batch carrying the step's KL reference point.
+
+    z0 is estimated once per optimizer step, before its loss passes, from the mismatched pairs of every
+    micro-batch on every process (a no-grad pass of the current policy), so it is the same at any
+    grad_accum or number of processes.
+    """
+
+    def __init__(self, data, collate, plan: StepPlan, ref_model=None, eval_point: KTOEvalPoint | None = None):
+        super().__init__(data, collate, plan)
+        self.ref_model, self.eval_point = ref_model, eval_point
+
+    def micro_batches(self, step: int, model) -> list[dict]:
+        batches = super().micro_batches(step, model)
+        kl = torch.tensor(reference_point(model, self.ref_model, batches), dtype=torch.float32)
+        for b in batches:
+            b["kto_kl"] = kl
+        if self.eval_point is not None:
+            self.eval_point.step = step + 1  # an evaluation after this step sees its updated weights
+        return batches
+
+
+def check_kto_balance(labels: list[bool], params: DPOParams) -> None:
+    """Log the label counts; warn where the weighted ratio is outside the KTO paper's [1, 4/3] (as TRL)."""
+    n_d = sum(labels)
+    n_u = len(labels) - n_d
+    log.info("KTO: %d desirable and %d undesirable training rows", n_d, n_u)
+    if not n_d or not n_u:
+        missing = "desirable" if not n_d else "undesirable"
+        log.warning("KTO: no %s training rows; the loss then only pushes one way", missing)
+        return
+    ratio = params.desirable_weight * n_d / (params.undesirable_weight * n_u)
+    if not 1 <= ratio <= 4 / 3:
+        low, high = n_u * params.undesirable_weight / n_d, 4 / 3 * n_u * params.undesirable_weight / n_d
+        log.warning("KTO: desirable_weight x %d / (undesirable_weight x %d) = %.2f is outside the paper's "
+                    "[1, 4/3]; a dpo.desirable_weight in [%.2f, %.2f] brings it inside",
+                    n_d, n_u, ratio, low, high)
+
+
+def mismatched_partners(n: int, seed: int) -> list[int]:
+    """For each of n rows another row (n >= 2): consecutive rows of a seeded shuffle, as a cycle."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    partner = [0] * n
+    for j, i in enumerate(order):
+        partner[i] = order[(j + 1) % n]
+    return partner
+
+
+def add_kl_completions(rows, seed: int, what: str):
+    """Each KTO row gets kl_completion_ids: another row's completion, for the KL reference point."""
+    if len(rows) < 2:
+        raise DataError(f"KTO needs at least 2 {what} rows (its KL estimate pairs each prompt with another "
+                        f"row's completion); got {len(rows)}")
+    completions = rows["completion_ids"]
+    partner = mismatched_partners(len(rows), seed)
+    return rows.add_column("kl_completion_ids", [completions[partner[i]] for i in range(len(rows))])
+
+
+# --------------------------------------------------------------------------- reference log-probabilities
+
+
+def pair_scores(ref_model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference log-probabilities of a pair batch's chosen and rejected."""
+    return batch_sequence_logps(ref_model, batch)[0].chunk(2)
+
+
+def unpaired_scores(ref_model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference log-probabilities of a KTO batch's completions and of its mismatched pairs."""
+    return batch_sequence_logps(ref_model, batch)[0], batch_sequence_logps(ref_model, kl_view(batch))[0]
+
+
+PAIRS = (("prompt_ids", "chosen_ids", "rejected_ids"), ("chosen", "rejected"),
+         ("ref_chosen_logps", "ref_rejected_logps"), pair_scores)
+UNPAIRED_ROWS = (("prompt_ids", "completion_ids", "kl_completion_ids"), ("completion", "kl"),
+                 ("ref_logps", "ref_kl_logps"), unpaired_scores)
+"""(columns that key the cache, the cache file's fields, the columns added, the scoring function)."""
+
+
+@torch.no_grad()
+def reference_logps(
+    ref_model, pairs, collate, batch_size: int, progress: bool = True, score=pair_scores
+) -> tuple[list[float], list[float]]:
+    """Sequence log-probabilities of chosen and rejected (or of what `score` returns) under the
+    reference, sharded over processes."""
     from accelerate.utils import gather_object
 
     state = distributed_state()
@@ -173,7 +466,7 @@ def reference_logps(ref_model, pairs, collate, batch_size: int, progress: bool =
     for start in tqdm(range(0, len(mine), batch_size), desc="reference log-probs", disable=not (progress and state.is_main_process)):
         idx = mine[start : start + batch_size]
         batch = to_device(collate([pairs[i] for i in idx]), state.device)
-        chosen, rejected = batch_sequence_logps(ref_model, batch)[0].chunk(2)
+        chosen, rejected = score(ref_model, batch)
         out += zip(idx, chosen.tolist(), rejected.tolist())
     if state.num_processes > 1:
         out = gather_object(out)
@@ -191,31 +484,36 @@ def weights_digest(model, source: str) -> str:
     return h.hexdigest()
 
 
-def cache_key(ref_digest: str, pairs) -> str:
+def cache_key(ref_digest: str, pairs, columns=PAIRS[0]) -> str:
     """Identity of (reference weights, tokenised data): a change in either invalidates the cache."""
     h = hashlib.blake2b(digest_size=16)
     h.update(ref_digest.encode())
-    for column in ("prompt_ids", "chosen_ids", "rejected_ids"):
+    for column in columns:
         h.update(json.dumps(list(pairs[column])).encode())
     return h.hexdigest()
 
 
-def add_reference_logps(pairs, ref_model, ref_digest: str, source: str, cache_dir: Path, collate, batch_size: int, progress: bool = True):
-    """Attach ref_chosen_logps / ref_rejected_logps columns, from the cache when it has them."""
-    key = cache_key(ref_digest, pairs)
+def add_reference_logps(
+    pairs, ref_model, ref_digest: str, source: str, cache_dir: Path, collate, batch_size: int,
+    progress: bool = True, kind=PAIRS,
+):
+    """Attach ref_chosen_logps / ref_rejected_logps columns (KTO rows: ref_logps / ref_kl_logps, kind
+    UNPAIRED_ROWS), from the cache when it has them."""
+    key_columns, (first, second), (first_col, second_col), score = kind
+    key = cache_key(ref_digest, pairs, key_columns)
     path = cache_dir / f"{key}.json"
     if path.is_file():
         cached = json.loads(path.read_text())
         log.info("reference log-probs: cache hit %s", path)
     else:
-        chosen, rejected = reference_logps(ref_model, pairs, collate, batch_size, progress)
-        cached = {"chosen": chosen, "rejected": rejected, "source": source}
+        chosen, rejected = reference_logps(ref_model, pairs, collate, batch_size, progress, score)
+        cached = {first: chosen, second: rejected, "source": source}
         if distributed_state().is_main_process:
             cache_dir.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
             tmp.write_text(json.dumps(cached))
             os.replace(tmp, path)
-    return pairs.add_column("ref_chosen_logps", cached["chosen"]).add_column("ref_rejected_logps", cached["rejected"])
+    return pairs.add_column(first_col, cached[first]).add_column(second_col, cached[second])
 
 
 # --------------------------------------------------------------------------- the stage
@@ -247,32 +545,71 @@ class DPOConfig:
 def run_dpo(cfg: DPOConfig, callbacks=()) -> Path:
     out = Path(cfg.output_dir)
     set_seed(cfg.seed)  # before any model is built
+    params = cfg.dpo
+    kto = params.loss_type in UNPAIRED
     chat = load_tokenizer(cfg.model)
-    train_rows, eval_rows = load_examples(cfg.data, "preference", cfg.seed, dpo_data_defaults().eval_split)
-    train_pairs = tokenize_pairs(train_rows, chat, cfg.data, "tokenise train pairs")
-    eval_pairs = tokenize_pairs(eval_rows, chat, cfg.data, "tokenise eval pairs") if eval_rows else None
-    collate = partial(collate_pairs, pad_token_id=chat.pad_id)
-    ref_source = cfg.dpo.ref_model or cfg.model.name_or_path
-    ref_model = load_causal_lm(cfg.model, chat, path=ref_source)
-    ref_model.requires_grad_(False)
-    model = None
-    if cfg.dpo.precompute_ref:
-        cache_dir = Path(cfg.dpo.ref_cache_dir) if cfg.dpo.ref_cache_dir else out / "ref_logps"
+    shape = "unpaired" if kto else "preference"
+    train_rows, eval_rows = load_examples(cfg.data, shape, cfg.seed, dpo_data_defaults().eval_split)
+    if kto:
+        train_data = tokenize_unpaired(train_rows, chat, cfg.data, "tokenise train rows")
+        train_data = add_kl_completions(train_data, cfg.seed, "training")
+        eval_data = None
+        if eval_rows:
+            eval_data = tokenize_unpaired(eval_rows, chat, cfg.data, "tokenise eval rows")
+            eval_data = add_kl_completions(eval_data, cfg.seed, "eval")
+        collate, kind = partial(collate_unpaired, pad_token_id=chat.pad_id), UNPAIRED_ROWS
+    else:
+        train_data = tokenize_pairs(train_rows, chat, cfg.data, "tokenise train pairs")
+        eval_data = tokenize_pairs(eval_rows, chat, cfg.data, "tokenise eval pairs") if eval_rows else None
+        collate, kind = partial(collate_pairs, pad_token_id=chat.pad_id), PAIRS
+    if kto:
+        check_kto_balance(train_data["label"], params)
+    model = ref_model = None
+    if params.loss_type not in REFERENCE_FREE:
+        ref_source = params.ref_model or cfg.model.name_or_path
+        ref_model = load_causal_lm(cfg.model, chat, path=ref_source)
+        ref_model.requires_grad_(False)
+        if params.disable_dropout:
+            disable_dropout(ref_model)
+    if ref_model is not None and params.precompute_ref:
+        cache_dir = Path(params.ref_cache_dir) if params.ref_cache_dir else out / "ref_logps"
         digest = weights_digest(ref_model, ref_source)
-        train_pairs = add_reference_logps(train_pairs, ref_model, digest, ref_source, cache_dir, collate, cfg.train.batch_size, not cfg.quiet)
-        if eval_pairs is not None:
-            eval_pairs = add_reference_logps(eval_pairs, ref_model, digest, ref_source, cache_dir, collate, cfg.train.batch_size, not cfg.quiet)
+        add = partial(add_reference_logps, ref_model=ref_model, ref_digest=digest, source=ref_source,
+                      cache_dir=cache_dir, collate=collate, batch_size=cfg.train.batch_size,
+                      progress=not cfg.quiet, kind=kind)
+        train_data = add(train_data)
+        if eval_data is not None:
+            eval_data = add(eval_data)
         if ref_source == cfg.model.name_or_path:
             model = ref_model.requires_grad_(True)  # same checkpoint: the policy starts as the reference, no second load
         ref_model = None  # training holds one model from here on
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    else:
+    elif ref_model is not None:
         ref_model.to(distributed_state().device).eval()
-    log.info("DPO: %d training pairs, %d eval pairs", len(train_pairs), len(eval_pairs) if eval_pairs else 0)
+    what = "rows" if kto else "pairs"
+    n_eval = len(eval_data) if eval_data else 0
+    log.info("DPO (%s): %d training %s, %d eval %s", params.loss_type, len(train_data), what, n_eval, what)
     if model is None:
         model = load_causal_lm(cfg.model, chat)
+    if params.disable_dropout:
+        disable_dropout(model)
+    source_fn, loss_fn = None, dpo_loss_fn(params, ref_model)
+    if kto:
+        world = distributed_state().num_processes
+        if eval_data is not None and len(eval_data) < world:
+            raise DataError(f"KTO: {len(eval_data)} eval rows for {world} processes; each process needs one")
+        eval_point = None
+        if eval_data is not None:
+            eval_point = KTOEvalPoint(eval_data, collate, cfg.train.batch_size, ref_model)
+        loss_fn = kto_loss_fn(params, ref_model, eval_point)
+
+        def source_fn(world: int, rank: int) -> KTOSource:
+            plan = StepPlan(len(train_data), cfg.train, world, rank, cfg.seed)
+            return KTOSource(train_data, collate, plan, ref_model, eval_point)
+
     callbacks = list(callbacks) + win_rate_callbacks(cfg.win_rate, chat, out)
-    train(model, chat, train_pairs, eval_pairs, collate, dpo_loss_fn(cfg.dpo, ref_model), cfg.train, RunOptions(out, cfg.seed, cfg.resume, cfg.quiet, config=cfg), callbacks)
+    train(model, chat, train_data, eval_data, collate, loss_fn, cfg.train,
+          RunOptions(out, cfg.seed, cfg.resume, cfg.quiet, config=cfg), callbacks, source_fn=source_fn)
     return out
