@@ -77,8 +77,8 @@ def test_failures_are_never_cached_and_are_counted(tmp_path):
     rerun = build_backend(cfg, tmp_path / "scores.sqlite")
     assert rerun.score([ASK] * 11, answers) == [0.0] + [1.0] * 10
     assert rerun.misses == 1  # only the failure again
-    assert (backend.backend.failures, backend.backend.calls) == (1, 11)
-    assert (rerun.backend.failures, rerun.backend.calls) == (1, 11)  # the hits count as successful calls
+    assert (backend.backend.failures, backend.backend.scored) == (1, 11)
+    assert (rerun.backend.failures, rerun.backend.scored) == (1, 11)  # the hits count as successful calls
 
 
 def test_too_many_failures_stop_the_stage(tmp_path):

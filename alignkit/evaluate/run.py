@@ -112,9 +112,9 @@ def reward_failures(backend) -> dict | None:
     """A rule verifier's failures so far (raised or non-finite: scored 0.0) as {failed, calls}; None
     for a model."""
     rule = getattr(backend, "backend", backend)
-    if not hasattr(rule, "failures") or not hasattr(rule, "calls"):
+    if not hasattr(rule, "failures") or not hasattr(rule, "scored"):
         return None
-    return {"failed": rule.failures, "calls": rule.calls}
+    return {"failed": rule.failures, "calls": rule.scored}
 
 
 def prompt_key(messages: list[dict]) -> str:

@@ -137,7 +137,7 @@ def cache_path(cfg: RewardConfig, output_dir: str | Path | None) -> Path | None:
 class RuleReward:
     """A verifier per (prompt, response). A verifier that raises (or returns a non-finite number)
     scores 0.0 for that response, with a warning, and is a failure: never cached (`score_checked`
-    says which), counted in `failures` of `calls`, and when more than `max_failure_share` of the
+    says which), counted in `failures` of `scored`, and when more than `max_failure_share` of the
     calls so far failed, `score` raises RewardFailed (a crashing verifier must not turn into a
     silent reward of 0 for everything).
 
@@ -166,7 +166,7 @@ class RuleReward:
         self.identity = (f"rule:{name}" + (f":tolerance={tolerance}" if self.options else "")
                          + f":src={verifier_digest(self.fn)}")
         self.max_failure_share = max_failure_share
-        self.calls = self.failures = self.seen_failures = 0
+        self.scored = self.failures = self.seen_failures = 0
         self.first_problem: str | None = None
 
     def check_rows(self, prompts: list[list[dict]], columns: list[dict] | None, where=lambda i: f"row {i}") -> None:
@@ -196,11 +196,11 @@ class RuleReward:
 
     def account(self, calls: int, failures: int) -> None:
         """Count calls and failures; raise RewardFailed when failures pass max_failure_share of the calls."""
-        self.calls += calls
+        self.scored += calls
         self.failures += failures
-        if self.failures > self.max_failure_share * self.calls:
+        if self.failures > self.max_failure_share * self.scored:
             raise RewardFailed(
-                f"verifier {self.identity} failed on {self.failures} of {self.calls} answers scored so far "
+                f"verifier {self.identity} failed on {self.failures} of {self.scored} answers scored so far "
                 f"(more than reward.max_failure_share {self.max_failure_share:g}); the first: "
                 f"{self.first_problem}. Fix the verifier (it should return 0.0 for an answer it cannot "
                 "read), or raise reward.max_failure_share to accept the failures as 0.0")
