@@ -320,15 +320,25 @@ def cache_key(*parts) -> str:
 
 class SQLiteCache:
     """A persistent `key -> value` table (value REAL or TEXT), safe to share between threads; every
-    store is committed, so what a cut run paid for is kept."""
+    store is committed, so what a cut run paid for is kept. Safe to share between processes too:
+    write-ahead logging (readers never block the writer), a 30 s busy timeout, and a few retries of
+    a store that still finds the file locked."""
+
+    BUSY_TIMEOUT_S = 30.0
+    RETRIES = 5
 
     def __init__(self, path: str | Path, table: str = "scores", column: str = "score", sql_type: str = "REAL"):
         if not (table.isidentifier() and column.isidentifier() and sql_type in ("REAL", "TEXT")):
             raise ValueError(f"bad cache table {table!r}/{column!r}/{sql_type!r}")
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.path, self.table, self.column = Path(path), table, column
-        self.db = sqlite3.connect(str(path), check_same_thread=False)
-        self.db.execute(f"CREATE TABLE IF NOT EXISTS {table} (key TEXT PRIMARY KEY, {column} {sql_type} NOT NULL)")
+        self.db = sqlite3.connect(str(path), check_same_thread=False, timeout=self.BUSY_TIMEOUT_S)
+        try:
+            self.retry(lambda: self.db.execute("PRAGMA journal_mode=WAL").fetchall())
+        except sqlite3.OperationalError:  # read-only, or a file system without WAL: the default journal
+            pass
+        create = f"CREATE TABLE IF NOT EXISTS {table} (key TEXT PRIMARY KEY, {column} {sql_type} NOT NULL)"
+        self.retry(lambda: self.db.execute(create))
         self.lock = threading.Lock()
 
     def lookup(self, keys: list[str]) -> dict:
@@ -337,11 +347,28 @@ class SQLiteCache:
             for start in range(0, len(keys), 500):
                 chunk = keys[start : start + 500]
                 marks = ",".join("?" * len(chunk))
-                rows = self.db.execute(f"SELECT key, {self.column} FROM {self.table} WHERE key IN ({marks})", chunk)
-                found.update(rows.fetchall())
+                sql = f"SELECT key, {self.column} FROM {self.table} WHERE key IN ({marks})"
+                found.update(self.retry(lambda: self.db.execute(sql, chunk).fetchall()))
         return found
 
     def store(self, rows: list[tuple[str, object]]) -> None:
+        def write():
+            try:
+                self.db.executemany(f"INSERT OR REPLACE INTO {self.table} VALUES (?, ?)", rows)
+                self.db.commit()
+            except sqlite3.OperationalError:
+                self.db.rollback()
+                raise
+
         with self.lock:
-            self.db.executemany(f"INSERT OR REPLACE INTO {self.table} VALUES (?, ?)", rows)
-            self.db.commit()
+            self.retry(write)
+
+    def retry(self, action):
+        """action(), tried again (after 0.1, 0.2, 0.4 ... s) while another process holds the file locked."""
+        for attempt in range(self.RETRIES + 1):
+            try:
+                return action()
+            except sqlite3.OperationalError as e:
+                if attempt == self.RETRIES or not any(w in str(e) for w in ("locked", "busy")):
+                    raise
+                time.sleep(0.1 * 2**attempt * (1 + random.random()))

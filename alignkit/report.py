@@ -501,6 +501,11 @@ def evals_section(rep: Report, stages: list[StageRun]) -> None:
                 "|---" * 11 + "|")
         for s, r in pairwise:
             rep.add(winrate_row(s.name, r, rep.run_dir))
+        for s, r in pairwise:  # a verifier's failures, each scored 0.0 (evaluate.run counts them)
+            f = r.get("reward_failures") or {}
+            if isinstance(f.get("failed"), int) and f["failed"] > 0 and isinstance(f.get("calls"), int):
+                rep.add("", f"{md_cell(s.name)}: the verifier failed on {f['failed']} of {f['calls']} "
+                        "answers (each scored 0.0).")
         categories_subsection(rep, pairwise)
     for s, m in matrices:
         rep.add("", f"### Matrix {md_cell(s.name)}: row against column, judge {md_cell(m.get('judge', '-'))}", "")

@@ -88,9 +88,10 @@ def test_chosen_is_the_argmax_with_the_lowest_index_on_ties(sweep):
 def test_sweep_rows_match_counts_from_the_candidates(sweep):
     """#10: sweep.json (its exact schema) holds the wins/losses/ties computed by hand from candidates.jsonl."""
     result = json.loads((sweep / "sweep.json").read_text())
-    assert set(result) == {"reference", "judge", "temperatures", "n_values", "rows"}
+    assert set(result) == {"reference", "judge", "temperatures", "n_values", "rows", "reward_failures"}
+    assert result["reward_failures"] == {"failed": 0, "calls": result["reward_failures"]["calls"]}  # #18.2
     assert result["temperatures"] == [0.7, 1.5] and result["n_values"] == [1, 2, 4]
-    assert result["judge"] == "rule:tests.test_bon:prefix_match"
+    assert result["judge"].startswith("rule:tests.test_bon:prefix_match:src=")  # #18.2: the source digest
     ref = {json.dumps(r["prompt"]): prefix_match(r["prompt"][-1]["content"], r["response"])
            for r in read_jsonl(sweep / "reference" / "responses.jsonl")}
     cands = read_jsonl(sweep / "candidates.jsonl")

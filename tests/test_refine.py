@@ -140,7 +140,8 @@ def test_serve_chat_end_to_end_and_a_rerun_pays_nothing(tmp_path, serve, tiny_mo
 
     def counted(messages, params):
         calls.append(params)
-        return completer(messages, params)
+        text, *rest = completer(messages, params)
+        return (text if text.strip() else "no answer", *rest)  # an empty reply would be asked again (#18.13)
 
     fingerprint = chat_fingerprint(ServeChatConfig(model=model, precision="fp32"))
     url = serve(make_chat_server(counted, "tiny", fingerprint, SamplingParams(max_new_tokens=8), port=0))
@@ -445,3 +446,36 @@ def test_self_teacher_must_be_the_model_that_wrote_the_answers(tmp_path, tiny_mo
         run_refine(C.load(RefineConfig, None, values | {"responses": str(unlabelled)}))
     out = run_refine(C.load(RefineConfig, None, values | {"model.name_or_path": str(tiny_model_dir) + "/"}))
     assert json.loads((out / "refine.json").read_text())["n"] == 1
+
+
+def test_unusable_teacher_replies_are_not_cached_a_rerun_asks_again(tmp_path, serve):
+    """#18.13: an empty teacher reply was cached forever; a rerun now asks again (good ones stay cached)."""
+    answers = write_answers(tmp_path / "student.jsonl", [("What is 1 plus 1?", "3"), ("What is 2 plus 2?", "5")])
+    calls = []
+    replies = {"What is 1 plus 1?": "2", "What is 2 plus 2?": "   "}
+    url = serve(make_chat_server(scripted(replies, calls), "teacher", "ef" * 16, SamplingParams(), port=0))
+    run_refine(refine_cfg(tmp_path, answers, url))
+    assert len(calls) == 2
+    out = run_refine(refine_cfg(tmp_path, answers, url))
+    assert [c.split("\n")[0] for c in calls[2:]] == ["What is 2 plus 2?"]  # only the unusable one again
+    assert json.loads((out / "refine.json").read_text())["unusable_teacher_replies"] == 1
+
+
+def test_chat_template_and_round_are_in_the_teacher_key_and_seed(tmp_path, tiny_model_dir, toy_chat):
+    """#18.7: a rerun with another chat template made 0 teacher calls; rounds: 3 at temperature 1 gave the
+    same revision in every round (same key and seed)."""
+    answers = write_answers(tmp_path / "student.jsonl", [("What is 1 plus 1?", "3"), ("What is 2 plus 1?", "5")])
+    values = {"output_dir": str(tmp_path / "out"), "responses": answers,
+              "model.name_or_path": str(tiny_model_dir), "teacher.kind": "self",
+              "teacher.sampling.max_new_tokens": 6, "teacher.sampling.temperature": 1.0,
+              "reward.kind": "rule", "reward.rule": "toy", "bootstrap": 20, "quiet": True, "rounds": 3}
+    out = run_refine(C.load(RefineConfig, None, values))
+    records = read(out / "refinements.jsonl")
+    assert json.loads((out / "refine.json").read_text())["teacher_calls_this_run"] == 6
+    per_answer = [[r["revision"] for r in records if r["id"] == i] for i in (0, 1)]
+    assert all(len(revs) == 3 for revs in per_answer) and any(len(set(revs)) > 1 for revs in per_answer)
+    other = {**values, "model.chat_template": "{{- 'Q ' }}" + toy_chat.tokenizer.chat_template}
+    out = run_refine(C.load(RefineConfig, None, other))
+    assert json.loads((out / "refine.json").read_text())["teacher_calls_this_run"] == 6
+    out = run_refine(C.load(RefineConfig, None, values))  # the first template again: all cached
+    assert json.loads((out / "refine.json").read_text())["teacher_calls_this_run"] == 0

@@ -77,8 +77,9 @@ def test_huge_numbers_and_verifier_errors_score_zero():
     assert toy_reward("What is " + "9" * 5000 + " plus 1?", "1" + "0" * 5000) == 0.0
     assert countdown_reward("Using the numbers [3, 5], create an equation that equals " + "7" * 5000, "<answer>3+5</answer>") == 0.0
     assert countdown_reward("Using the numbers [" + "3" * 5000 + ", 5], make one that equals 8", "<answer>3+5</answer>") == 0.0
-    rule = RuleReward("tests.test_reward_security:explode", allow_python=True)
+    rule = RuleReward("tests.test_reward_security:explode", allow_python=True, max_failure_share=1.0)
     assert rule.score([ASK, ASK], ["a", "b"]) == [0.0, 0.0] and rule.failures == 2
+    # #18.2: by default, that many failures stop the stage instead (test_stale_scores.py).
 
 
 def test_unicode_operators_are_arithmetic():

@@ -4,13 +4,19 @@ A and B are each a model (responses are generated, resumably, into the run direc
 responses file (JSONL with prompt/instruction and response/output, e.g. AlpacaEval outputs).
 Writes winrate.json, per_prompt.jsonl and report.md. Comparisons are per prompt: a side with several
 responses to a prompt (n samples) gets the mean reward over them. Each distinct (prompt, response)
-is scored once, so identical responses tie.
+is scored once, so identical responses tie. Sampled (temperature > 0) answers of each side have their
+own seed stream, salted with the side and its model, so A and B never share sampling noise, even when
+they are one model. A run first removes the results of an earlier one in its folder, so a failed run
+never leaves old results beside its new config.yaml; results are written through a temporary file.
+A rule verifier's failures (scored 0.0) are counted in winrate.json and the report.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -68,11 +74,47 @@ def responses_for(spec: str, name: str, cfg: EvalConfig) -> list[dict]:
                 raise DataError(f"{spec}, line {i + 1}: expected a prompt (or instruction) and a response (or output)")
             rows.append({"messages": messages, "response": response, "category": r.get("category", r.get("dataset"))})
         return rows
+    sampling = side_sampling(replace(cfg.sampling, n=1), spec, name)
     gen = GenerateConfig(output_dir=str(Path(cfg.output_dir) / name), model=ModelConfig(name_or_path=spec), prompts=cfg.prompts,
-                         sampling=replace(cfg.sampling, n=1), engine=cfg.engine, vllm=cfg.vllm, batch_size=cfg.batch_size,
+                         sampling=sampling, engine=cfg.engine, vllm=cfg.vllm, batch_size=cfg.batch_size,
                          overwrite=cfg.overwrite, quiet=cfg.quiet)
     path = run_generate(gen)
     return [{"messages": r["prompt"], "response": r["response"], "category": r["category"]} for r in sorted(read_jsonl(path), key=lambda r: r["id"])]
+
+
+def side_sampling(sampling: SamplingParams, spec: str, side: str) -> SamplingParams:
+    """A side's decoding with its own seed stream when it samples: the seed salted with the side's name
+    and model, so that two sides (A and B, or best-of-N's candidates and its reference) never draw the
+    same noise, even when they are one model. Greedy decoding (which uses no seed) is left as it is."""
+    if sampling.temperature <= 0 or sampling.seed is None:
+        return sampling
+    return replace(sampling, seed=zlib.crc32(json.dumps([sampling.seed, side, spec]).encode()))
+
+
+RESULTS = ("winrate.json", "per_prompt.jsonl", "report.md", "matrix.json")
+"""What a run writes after scoring; removed when a run starts, so a failed run leaves none of an
+earlier one."""
+
+
+def remove_stale_results(out: Path, names=RESULTS) -> None:
+    for name in names:
+        (out / name).unlink(missing_ok=True)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write through a temporary file and os.replace (a reader never sees half a file)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def reward_failures(backend) -> dict | None:
+    """A rule verifier's failures so far (raised or non-finite: scored 0.0) as {failed, calls}; None
+    for a model."""
+    rule = getattr(backend, "backend", backend)
+    if not hasattr(rule, "failures") or not hasattr(rule, "scored"):
+        return None
+    return {"failed": rule.failures, "calls": rule.scored}
 
 
 def prompt_key(messages: list[dict]) -> str:
@@ -140,6 +182,7 @@ def run_eval(cfg: EvalConfig) -> Path:
         return run_matrix(cfg, out)
     pairs = pair_up(responses_for(cfg.model, "model", cfg), responses_for(cfg.reference, "reference", cfg))
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_results(out)
     config_lib.save(cfg, out / "config.yaml")
     backend = reward_backend(cfg, out)
     scores = score_groups(backend, [[a for a, _ in pairs], [b for _, b in pairs]])
@@ -148,6 +191,7 @@ def run_eval(cfg: EvalConfig) -> Path:
     tie_value = 0.5 if cfg.ties == "half" else 0.0
     result = {"model": cfg.model, "reference": cfg.reference, "judge": backend.identity,
               "responses_per_prompt": {"A": max(len(a) for a, _ in pairs), "B": max(len(b) for _, b in pairs)},
+              "reward_failures": reward_failures(backend),
               **summarize(rewards_a, rewards_b, len_a, len_b, tie_value, cfg.bootstrap, cfg.seed)}
     by_cat: dict[str, list[int]] = defaultdict(list)
     for k, (a, _) in enumerate(pairs):
@@ -158,16 +202,17 @@ def run_eval(cfg: EvalConfig) -> Path:
             c: summarize([rewards_a[k] for k in ks], [rewards_b[k] for k in ks], [len_a[k] for k in ks], [len_b[k] for k in ks], tie_value, 200, cfg.seed)["win_rate"]
             for c, ks in sorted(by_cat.items())
         }
-    (out / "winrate.json").write_text(json.dumps(result, indent=1))
-    with (out / "per_prompt.jsonl").open("w") as f:
-        for (a, b), ra, rb, la, lb in zip(pairs, rewards_a, rewards_b, len_a, len_b):
-            outcome = "win" if ra > rb else "loss" if ra < rb else "tie"
-            row = {"prompt": last_user_text(a[0]["messages"]), "response_a": a[0]["response"], "response_b": b[0]["response"],
-                   "n_a": len(a), "n_b": len(b), "reward_a": ra, "reward_b": rb, "length_a": la, "length_b": lb,
-                   "outcome": outcome, "category": a[0].get("category")}
-            f.write(json.dumps(row) + "\n")
+    lines = []
+    for (a, b), ra, rb, la, lb in zip(pairs, rewards_a, rewards_b, len_a, len_b):
+        outcome = "win" if ra > rb else "loss" if ra < rb else "tie"
+        row = {"prompt": last_user_text(a[0]["messages"]), "response_a": a[0]["response"],
+               "response_b": b[0]["response"], "n_a": len(a), "n_b": len(b), "reward_a": ra, "reward_b": rb,
+               "length_a": la, "length_b": lb, "outcome": outcome, "category": a[0].get("category")}
+        lines.append(json.dumps(row) + "\n")
+    write_atomic(out / "per_prompt.jsonl", "".join(lines))
     report = render_report(result)
-    (out / "report.md").write_text(report)
+    write_atomic(out / "report.md", report)
+    write_atomic(out / "winrate.json", json.dumps(result, indent=1))  # last: there means complete
     print(terminal_safe(report))
     return out
 
@@ -208,6 +253,7 @@ def run_matrix(cfg: EvalConfig, out: Path) -> Path:
         log.warning("matrix: comparing the %d prompts every entry answered; dropped per entry: %s",
                     len(common), ", ".join(f"{n} {d}" for n, d in zip(names, dropped)))
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_results(out)
     config_lib.save(cfg, out / "config.yaml")
     backend = reward_backend(cfg, out)
     groups = [[s[k] for k in common] for s in sides]
@@ -224,12 +270,13 @@ def run_matrix(cfg: EvalConfig, out: Path) -> Path:
             pairs.append({"a": names[i], "b": names[j], "row": i, "column": j, **stats})
     result = {"entries": cfg.matrix, "labels": names, "n": len(common), "prompts_per_entry": [len(s) for s in sides],
               "dropped_per_entry": dropped, "judge": backend.identity, "tie_value": tie_value, "win_rate": table,
-              "mean_reward": [sum(r) / len(r) for r in rewards], "pairs": pairs}
-    (out / "matrix.json").write_text(json.dumps(result, indent=1))
+              "mean_reward": [sum(r) / len(r) for r in rewards], "pairs": pairs,
+              "reward_failures": reward_failures(backend)}
     lines = [f"# Win-rate matrix (row beats column), {len(common)} prompts, judge {md_cell(backend.identity)}", "",
-             *matrix_tables(result)]
+             *matrix_tables(result), *failure_lines(result.get("reward_failures"))]
     report = "\n".join(lines) + "\n"
-    (out / "report.md").write_text(report)
+    write_atomic(out / "report.md", report)
+    write_atomic(out / "matrix.json", json.dumps(result, indent=1))
     print(terminal_safe(report))
     return out
 
@@ -270,6 +317,14 @@ def matrix_tables(m: dict) -> list[str]:
     return lines
 
 
+def failure_lines(f: dict | None) -> list[str]:
+    """The verifier's failures, when there were any (each scored 0.0)."""
+    if not f or not f.get("failed"):
+        return []
+    return ["", f"Verifier failures (raised or returned NaN/inf, scored 0.0): {int(f['failed'])} of "
+            f"{int(f['calls'])} answers scored."]
+
+
 def render_report(r: dict) -> str:
     def pct(lo_hi) -> str:
         return f"95% CI {lo_hi[0]:.3f} to {lo_hi[1]:.3f}"
@@ -296,6 +351,7 @@ def render_report(r: dict) -> str:
         f"| mean reward A / B (diff) | {r['mean_reward_a']:.3f} / {r['mean_reward_b']:.3f} ({r['mean_reward_diff']:+.3f}) |",
         f"| mean length A / B (characters) | {r['mean_length_a']:.0f} / {r['mean_length_b']:.0f} |",
     ]
+    lines += failure_lines(r.get("reward_failures"))
     per = r.get("responses_per_prompt") or {}
     if per.get("A", 1) > 1 or per.get("B", 1) > 1:
         lines += ["", f"Several responses per prompt (up to {per.get('A')} for A, {per.get('B')} for B): each prompt counts "

@@ -5,9 +5,15 @@
   RuleReward      a verifier function by name
   CachedReward    any of these behind a persistent SQLite cache keyed by (identity, prompt, response)
 
-An identity names everything that changes a backend's scores (weights fingerprint, Hub commit,
-max_length, dtype; for a remote model the fingerprint its alignkit server reports), so cached
-scores are never served for a different judge. An API key is read from an environment variable
+An identity names what changes a backend's scores (a local model folder by its files' names,
+sizes and modification times, a Hub model by its commit, max_length, dtype; a remote model by the
+fingerprint its alignkit server reports; a rule by the digest of its verifier's source file and
+alignkit's version), so cached scores are never served for a different judge. Only finite numbers
+are scores: a backend that returns NaN or inf stops the stage naming itself and the pair, a cached
+value that is not a finite number is a miss. A verifier that raises (or returns a non-finite
+number) scores 0.0 for that answer, is never cached, and is counted; when more than
+`reward.max_failure_share` of a backend's calls have failed, the stage scoring with it (rl, eval,
+bon, refine, serve-reward) stops with `RewardFailed`. An API key is read from an environment variable
 whose name ends in API_KEY, is sent only over https or to a loopback host (unless
 `allow_insecure_http`), never follows a redirect, and never appears in an error message (the
 HTTP, retry and SQLite machinery is `alignkit.remote`'s, shared with the chat teacher of `refine`).
@@ -70,10 +76,18 @@ class RewardConfig:
     """rule: numeric tolerance for verifiers that compare numbers (countdown); unset: exact. 1e-5 is the course's grader."""
     cache: str = "auto"
     """Score cache: auto (<output_dir>/scores.sqlite; serve-reward: none), none/off (no cache), or a SQLite file."""
+    max_failure_share: float = 0.1
+    """rule: stop when more than this share of the verifier's calls so far raised (or returned NaN/inf;
+    each scores 0.0 and is counted), 0 to 1; 1: never stop. Return 0.0 for an answer you cannot read."""
 
     def cache_path(self, output_dir: str | Path | None) -> Path | None:
         """The SQLite file `cache` names for a run writing to output_dir (None: no cache); see cache_path."""
         return cache_path(self, output_dir)
+
+
+class RewardFailed(ConfigError):
+    """The scores of a reward backend cannot be used: a non-finite score, or more than
+    reward.max_failure_share of a verifier's calls failed. The message names the backend and what failed."""
 
 
 def build_backend(cfg: RewardConfig, cache_path: Path | None) -> RewardBackend:
@@ -85,7 +99,7 @@ def build_backend(cfg: RewardConfig, cache_path: Path | None) -> RewardBackend:
         backend = RemoteReward(cfg.base_url, cfg.model, key, cfg.concurrency, cfg.timeout_s, cfg.max_retries,
                                allow_insecure_http=cfg.allow_insecure_http, key_name=cfg.api_key_env)
     else:
-        backend = RuleReward(cfg.rule, cfg.allow_python_verifier, cfg.tolerance)
+        backend = RuleReward(cfg.rule, cfg.allow_python_verifier, cfg.tolerance, cfg.max_failure_share)
     if cache_path is not None:
         backend = CachedReward(backend, cache_path)
     return backend
@@ -97,6 +111,9 @@ def check_reward_config(cfg: RewardConfig, build_rule: bool = True) -> None:
     which checks its name and options)."""
     if cfg.kind == "hf" and not cfg.model:
         raise ConfigError("reward.model is required for kind 'hf'")
+    share = cfg.max_failure_share
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
+        raise ConfigError(f"reward.max_failure_share: {share!r} is not allowed; expected a number, 0 to 1")
     if cfg.kind == "remote":
         if not (cfg.base_url and cfg.model):
             raise ConfigError("reward.base_url and reward.model are required for kind 'remote'")
@@ -119,9 +136,17 @@ def cache_path(cfg: RewardConfig, output_dir: str | Path | None) -> Path | None:
 
 class RuleReward:
     """A verifier per (prompt, response). A verifier that raises (or returns a non-finite number)
-    scores 0.0 for that response, with a warning: model output must never stop a run."""
+    scores 0.0 for that response, with a warning, and is a failure: never cached (`score_checked`
+    says which), counted in `failures` of `scored`, and when more than `max_failure_share` of the
+    calls so far failed, `score` raises RewardFailed (a crashing verifier must not turn into a
+    silent reward of 0 for everything).
 
-    def __init__(self, name: str, allow_python: bool = False, tolerance: float | None = None):
+    A row's columns are passed by name (all of them to a verifier with **columns, else those it
+    names), except a column named like one of the two parameters that receive the prompt text and
+    the response (the demo's RL rows have a `prompt` column), or like an option (tolerance)."""
+
+    def __init__(self, name: str, allow_python: bool = False, tolerance: float | None = None,
+                 max_failure_share: float = 0.1):
         import inspect
 
         from .verifiers import get_verifier
@@ -129,14 +154,20 @@ class RuleReward:
         self.fn = get_verifier(name, allow_python)
         params = inspect.signature(self.fn).parameters
         self.takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-        named = [p for p in params.values() if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)][2:]
+        variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+        named = [p for p in params.values() if p.kind not in variadic]
+        self.positional = {p.name for p in named[:2]}
+        named = named[2:]
         self.accepts = {p.name for p in named}
         self.required = sorted(p.name for p in named if p.default is inspect.Parameter.empty and p.name != "tolerance")
         self.options = {"tolerance": tolerance} if tolerance is not None and ("tolerance" in self.accepts or self.takes_all) else {}
         if tolerance is not None and not self.options:
             raise ConfigError(f"reward.tolerance: verifier {name!r} takes no tolerance")
-        self.identity = f"rule:{name}" + (f":tolerance={tolerance}" if self.options else "")
-        self.failures = 0
+        self.identity = (f"rule:{name}" + (f":tolerance={tolerance}" if self.options else "")
+                         + f":src={verifier_digest(self.fn)}")
+        self.max_failure_share = max_failure_share
+        self.scored = self.failures = self.seen_failures = 0
+        self.first_problem: str | None = None
 
     def check_rows(self, prompts: list[list[dict]], columns: list[dict] | None, where=lambda i: f"row {i}") -> None:
         """Refuse, before any work, prompt rows that lack a column the verifier needs (naming row and column)."""
@@ -152,22 +183,85 @@ class RuleReward:
                 raise ConfigError(f"{where(i)}: verifier {self.identity} cannot score it: {problem}")
 
     def score(self, prompts, responses, columns=None):
+        scores, failed = self.score_checked(prompts, responses, columns)
+        self.account(len(scores), sum(failed))
+        return scores
+
+    def score_checked(self, prompts, responses, columns=None) -> tuple[list[float], list[bool]]:
+        """(scores, which are failures) without the failure-share check (`account` does it)."""
         columns = columns or [{}] * len(prompts)
-        return [self.score_one(last_user_text(p), r, c or {}) for p, r, c in zip(prompts, responses, columns)]
+        results = [self.try_one(last_user_text(p), r, c or {})
+                   for p, r, c in zip(prompts, responses, columns)]
+        return [0.0 if bad else value for value, bad in results], [bad is not None for _, bad in results]
+
+    def account(self, calls: int, failures: int) -> None:
+        """Count calls and failures; raise RewardFailed when failures pass max_failure_share of the calls."""
+        self.scored += calls
+        self.failures += failures
+        if self.failures > self.max_failure_share * self.scored:
+            raise RewardFailed(
+                f"verifier {self.identity} failed on {self.failures} of {self.scored} answers scored so far "
+                f"(more than reward.max_failure_share {self.max_failure_share:g}); the first: "
+                f"{self.first_problem}. Fix the verifier (it should return 0.0 for an answer it cannot "
+                "read), or raise reward.max_failure_share to accept the failures as 0.0")
 
     def score_one(self, prompt: str, response: str, columns: dict | None = None) -> float:
-        kwargs = dict(columns or {}) if self.takes_all else {k: v for k, v in (columns or {}).items() if k in self.accepts}
+        value, problem = self.try_one(prompt, response, columns)
+        self.account(1, problem is not None)
+        return 0.0 if problem else value
+
+    def try_one(self, prompt: str, response: str, columns: dict | None = None) -> tuple[float, str | None]:
+        """(score, None) or (0.0, what went wrong)."""
+        skip = self.positional | set(self.options)
+        kwargs = {k: v for k, v in (columns or {}).items()
+                  if (self.takes_all or k in self.accepts) and k not in skip}
         try:
             value = float(self.fn(prompt, response, **kwargs, **self.options))
             if math.isfinite(value):
-                return value
+                return value, None
             problem = f"returned {value}"
-        except Exception as e:  # noqa: BLE001 - whatever a verifier does with hostile text, the run goes on
+        except Exception as e:  # noqa: BLE001 - whatever a verifier does with hostile text is counted
             problem = f"raised {type(e).__name__}: {str(e)[:200]!r}"
-        self.failures += 1
-        if self.failures <= 5:
-            log.warning("verifier %s %s; scored 0.0 (%d so far)", self.identity, problem, self.failures)
-        return 0.0
+        self.first_problem = self.first_problem or problem
+        self.seen_failures += 1
+        if self.seen_failures <= 5:
+            log.warning("verifier %s %s; scored 0.0 (%d failures so far)", self.identity, problem,
+                        self.seen_failures)
+        return 0.0, problem
+
+
+def verifier_digest(fn) -> str:
+    """Changes when the verifier's code does: sha256 of the source file of the function's module, and
+    alignkit's version (helpers it imports from other files are not covered)."""
+    import inspect
+    import sys
+
+    from .. import __version__
+
+    target = inspect.unwrap(fn)
+    try:
+        data = Path(inspect.getsourcefile(target) or inspect.getfile(target)).read_bytes()
+    except (TypeError, OSError):  # a C function (math:sqrt): the module's file, else its name
+        module = sys.modules.get(getattr(target, "__module__", "") or "")
+        file = getattr(module, "__file__", None)
+        data = Path(file).read_bytes() if file and Path(file).is_file() else repr(target).encode()
+    tail = f"|{getattr(target, '__qualname__', '')}|{__version__}".encode()
+    return hashlib.sha256(data + tail).hexdigest()[:12]
+
+
+def check_finite(identity: str, scores: list[float], prompts: list[list[dict]]) -> list[float]:
+    """The scores, if every one is a finite number; else RewardFailed naming the backend and the pair."""
+    for i, s in enumerate(scores):
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
+            text = last_user_text(prompts[i]) if i < len(prompts) else ""
+            raise RewardFailed(f"reward backend {identity} returned a non-finite score ({s!r}) for pair "
+                               f"{i + 1} of {len(scores)} (prompt {text[:60]!r}); refusing to score with it")
+    return scores
+
+
+def usable_score(value) -> bool:
+    """A cached value to trust: a finite number (a bad row of a shipped cache is a miss, rescored)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def last_user_text(messages: list[dict]) -> str:
@@ -209,7 +303,7 @@ class HFRewardModel:
             out = self.model(input_ids=batch, attention_mask=mask).logits[:, 0].float().tolist()
             for i, s in zip(idx, out):
                 scores[i] = s
-        return scores
+        return check_finite(self.identity, scores, prompts)
 
 
 def weights_fingerprint(path: Path, commit: str | None = None) -> str:
@@ -327,7 +421,9 @@ class CachedReward:
 
     A backend that streams its scores (RemoteReward.score_stream) has each committed as it arrives;
     others after every batch. An interrupted evaluation resumes where it stopped, and a failure
-    mid-batch keeps the scores already paid for. Non-finite scores are refused, never stored.
+    mid-batch keeps the scores already paid for. Non-finite scores are refused, never stored; a
+    verifier's failures are never stored (a rerun tries them again); a stored value that is not a
+    finite number is a miss. A rule's cache hits count as successful calls in its failure share.
     """
 
     def __init__(self, backend: RewardBackend, path: str | Path, batch: int = 64):
@@ -340,19 +436,22 @@ class CachedReward:
         return cache_key(self.identity, prompt, response, *([columns] if columns else []))
 
     def store(self, rows: list[tuple[str, float]]) -> None:
-        bad = [s for _, s in rows if not math.isfinite(s)]
-        self.cache.store([(k, s) for k, s in rows if math.isfinite(s)])
+        bad = [s for _, s in rows if not usable_score(s)]
+        self.cache.store([(k, float(s)) for k, s in rows if usable_score(s)])
         if bad:
-            raise ValueError(f"reward backend {self.identity} returned a non-finite score ({bad[0]}); not cached")
+            raise RewardFailed(f"reward backend {self.identity} returned a non-finite score ({bad[0]}); "
+                               "not cached")
 
     def score(self, prompts, responses, columns=None):
         # Columns change a rule's score, never a model's: only rules see (and are keyed by) them.
         columns = columns if isinstance(self.backend, RuleReward) and columns else None
         keys = [self.key(p, r, columns[i] if columns else None) for i, (p, r) in enumerate(zip(prompts, responses))]
-        found = self.cache.lookup(keys)
+        found = {k: float(v) for k, v in self.cache.lookup(keys).items() if usable_score(v)}
         todo = [i for i, k in enumerate(keys) if k not in found]
         self.misses += len(todo)
         stream = getattr(self.backend, "score_stream", None)
+        checked = getattr(self.backend, "score_checked", None)
+        failures = 0
         for start in range(0, len(todo), self.batch):
             idx = todo[start : start + self.batch]
             batch_prompts, batch_responses = [prompts[i] for i in idx], [responses[i] for i in idx]
@@ -362,7 +461,15 @@ class CachedReward:
                     found[keys[idx[j]]] = s
             else:
                 extra = {"columns": [columns[i] for i in idx]} if columns else {}
-                new = self.backend.score(batch_prompts, batch_responses, **extra)
-                self.store([(keys[i], s) for i, s in zip(idx, new)])
+                if checked is not None:
+                    new, failed = checked(batch_prompts, batch_responses, **extra)
+                else:
+                    new = self.backend.score(batch_prompts, batch_responses, **extra)
+                    failed = [False] * len(idx)
+                failures += sum(failed)
+                self.store([(keys[i], s) for i, s, f in zip(idx, new, failed) if not f])
                 found.update({keys[i]: s for i, s in zip(idx, new)})
+        account = getattr(self.backend, "account", None)
+        if account is not None:
+            account(len(keys), failures)
         return [found[k] for k in keys]

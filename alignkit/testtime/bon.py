@@ -12,7 +12,10 @@ Writes candidates.jsonl (every sample with its temperature, index and score), be
 per setting (the chosen answers in generate's schema, so `alignkit eval` takes one as `model:`) and,
 for a single setting, the same as responses.jsonl. With bon.reference, each setting is compared
 with the reference by the eval stage's statistics: sweep.json, sweep.md, and a table next to the
-judge's ceiling N/(N+1). The plot is drawn from sweep.json by the report module.
+judge's ceiling N/(N+1). The plot is drawn from sweep.json by the report module. A reference model
+that samples (sampling.temperature > 0) has its own seed stream (eval's `side_sampling`), so the
+same model at the same temperature is an independent sample, never candidate 0 again. An earlier
+run's results are removed before scoring, so a failed run leaves none beside its new config.yaml.
 
 Simplified: one process scores and compares (generation may still use either engine); a rule
 verifier that requires a prompt row's columns is refused, as eval does not pass them (countdown
@@ -31,8 +34,8 @@ from typing import Literal
 
 from .. import config as config_lib
 from ..config import ConfigError, ModelConfig, must_exist
-from ..evaluate.run import (EvalConfig, md_cell, pair_up, per_prompt_means, prompt_key, responses_for,
-                            score_groups, terminal_safe)
+from ..evaluate.run import (EvalConfig, md_cell, pair_up, per_prompt_means, prompt_key, remove_stale_results,
+                            responses_for, reward_failures, score_groups, terminal_safe)
 from ..evaluate.winrate import summarize
 from ..generation import GenerateConfig, PromptSource, SamplingParams, VLLMOptions, read_jsonl, run_generate
 from ..rewards.backends import RewardConfig, RuleReward, build_backend, check_reward_config
@@ -239,6 +242,9 @@ def run_bon(cfg: BonConfig) -> Path:
     # A reference file is read (and checked) before the sampling; a reference model answers into reference/.
     reference = responses_for(cfg.bon.reference, "reference", eval_cfg) if cfg.bon.reference else []
     candidates = [c for t in temps for c in sample_pass(cfg, out, t, max(n_values))]
+    best = out / "best"
+    remove_stale_results(out, ["candidates.jsonl", "responses.jsonl", "sweep.json", "sweep.md",
+                               *(str(p.relative_to(out)) for p in best.glob("*.jsonl"))])
     config_lib.save(cfg, out / "config.yaml")
     backend = build_backend(cfg.reward, cfg.reward.cache_path(out))
     scores = score_groups(backend, [[as_eval_rows(candidates), reference]])
@@ -246,10 +252,7 @@ def run_bon(cfg: BonConfig) -> Path:
         c["score"] = scores[(prompt_key(c["prompt"]), c["response"])]
     write_jsonl_atomic(out / "candidates.jsonl", candidates)
 
-    best = out / "best"
     best.mkdir(exist_ok=True)
-    for stale in [*best.glob("*.jsonl"), out / "responses.jsonl", out / "sweep.json", out / "sweep.md"]:
-        stale.unlink(missing_ok=True)  # an earlier run's other settings would mislead
     rows = []
     for t in temps:
         for n in n_values:
@@ -265,7 +268,7 @@ def run_bon(cfg: BonConfig) -> Path:
                             f"{len(chosen)} prompts (judge {backend.identity}); in {out / 'responses.jsonl'}"))
     if reference:
         sweep = {"reference": cfg.bon.reference, "judge": backend.identity, "temperatures": temps,
-                 "n_values": n_values, "rows": rows}
+                 "n_values": n_values, "rows": rows, "reward_failures": reward_failures(backend)}
         (out / "sweep.json").write_text(json.dumps(sweep, indent=1))
         table = render_sweep(sweep, cfg.model.name_or_path)
         (out / "sweep.md").write_text(table)

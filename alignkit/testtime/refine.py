@@ -8,8 +8,10 @@ and, in critique mode, {critique} (and {delimiter}, a tag the default templates 
 with as data: `teacher.fill_template`): the teacher first writes a critique of the answer (one call),
 then the revision using it (a second call). The reward backend scores the current answer and the
 revision; the revision is kept only if it scores higher (ties keep the answer). `rounds` repeats
-this on the kept answers. An unusable teacher reply (empty, not text, ...) keeps the answer and is
-counted; one longer than teacher.max_chars is cut there.
+this on the kept answers; with a sampling teacher each round draws with its own seed (and cache key),
+so a kept answer gets a new revision. An unusable teacher reply (empty, not text, ...) keeps the
+answer, is counted and is not cached (a rerun asks again); one longer than teacher.max_chars is cut
+there. A local or self teacher's cache key holds its chat template's digest.
 
 Writes responses.jsonl (generate's schema, usable as `model:` in `alignkit eval`), refinements.jsonl
 (per answer and round: answer, critique, revision, both scores, which was kept), refine.json and
@@ -33,7 +35,8 @@ from typing import Literal
 from .. import config as config_lib
 from ..config import ConfigError, ModelConfig, must_exist
 from ..data.loading import DataError
-from ..evaluate.run import EvalConfig, md_cell, pair_up, per_prompt_means, prompt_key, responses_for, terminal_safe
+from ..evaluate.run import (EvalConfig, md_cell, pair_up, per_prompt_means, prompt_key, remove_stale_results,
+                            responses_for, reward_failures, terminal_safe)
 from ..evaluate.winrate import summarize
 from ..generation import (GenerateConfig, PromptSource, SamplingParams, VLLMOptions, load_prompts, prompt_messages_of,
                           read_jsonl, run_generate)
@@ -247,11 +250,12 @@ class Refiner:
         self.problems: Counter = Counter()
         self.truncated = 0
 
-    def ask(self, prompts: list[str]) -> list[Reply]:
-        """Cleaned teacher replies; a failing endpoint stops the run saying how to resume."""
+    def ask(self, prompts: list[str], round_: int = 1) -> list[Reply]:
+        """Cleaned teacher replies (round r > 1 of a sampling teacher draws anew); a failing endpoint stops
+        the run saying how to resume."""
         messages = [teacher_messages(p, self.cfg.teacher.system_prompt) for p in prompts]
         try:
-            replies = self.teacher.complete(messages)
+            replies = self.teacher.complete(messages, round_)
         except RemoteError as e:
             raise RemoteError(f"teacher failed: {e}. The replies received so far are kept in {self.cache_where}; "
                               "run the same command again to resume") from e
@@ -273,11 +277,11 @@ class Refiner:
             critiques: list[Reply | None] = [None] * len(rows)
             if self.cfg.critique:
                 critiques = self.ask([fill_template(self.critique, instruction=i, answer=a)
-                                      for i, a in zip(instructions, answers)])
+                                      for i, a in zip(instructions, answers)], round_)
             todo = [k for k in range(len(rows)) if critiques[k] is None or critiques[k].text is not None]
             asked = self.ask([fill_template(self.revise, instruction=instructions[k], answer=answers[k],
                                             critique=critiques[k].text if critiques[k] else "")
-                              for k in todo])
+                              for k in todo], round_)
             # an unusable critique stands for the revision (no second call)
             revisions = [Reply(None, f"critique: {c.problem}") if c is not None else None for c in critiques]
             for k, reply in zip(todo, asked):
@@ -310,6 +314,7 @@ def run_refine(cfg: RefineConfig) -> Path:
     rows, source = student_rows(cfg, out)
     check_self_teacher(cfg, rows)
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_results(out, ["refinements.jsonl", "responses.jsonl", "refine.json", "report.md"])
     config_lib.save(cfg, out / "config.yaml")
     backend = build_backend(cfg.reward, cfg.reward.cache_path(out))
     rule = backend.backend if isinstance(backend, CachedReward) else backend
@@ -382,6 +387,7 @@ def summary(cfg, rows, refined_rows, original, scores, refiner, teacher, backend
         result["reference"] = cfg.reference
         result["vs_reference"] = compare(as_eval_rows(refined_rows), reference, table, cfg)
         result["original_vs_reference"] = compare(as_eval_rows(rows), reference, table, cfg)
+    result["reward_failures"] = reward_failures(backend)
     return result
 
 

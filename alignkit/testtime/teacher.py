@@ -30,6 +30,7 @@ import hashlib
 import json
 import logging
 import os
+import zlib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -211,9 +212,15 @@ class LocalTeacher:
     """A local model on the transformers engine (loaded on first use, so a fully cached rerun loads nothing)."""
 
     def __init__(self, model: ModelConfig, sampling: SamplingParams, batch_size: int = 8, precision: str = "auto"):
+        from ..models import load_tokenizer
+
         self.model_cfg, self.sampling, self.batch_size = model, replace(sampling, n=1), batch_size
         self.dtype = generation_dtype(precision)
-        self.identity = f"local:{json.dumps(model_fingerprint(model), sort_keys=True)}:{str(self.dtype)}"
+        self.chat = load_tokenizer(model)  # the tokenizer only: its chat template shapes the teacher's input
+        chat_template = json.dumps([self.chat.tokenizer.chat_template, self.chat.stop_ids()])
+        template = hashlib.sha256(chat_template.encode())
+        self.identity = (f"local:{json.dumps(model_fingerprint(model), sort_keys=True)}:{str(self.dtype)}"
+                         f":template={template.hexdigest()[:12]}")
         self.loaded = None
         self.calls = 0
 
@@ -221,10 +228,10 @@ class LocalTeacher:
         import torch
 
         from ..generation import generate
-        from ..models import load_causal_lm, load_tokenizer
+        from ..models import load_causal_lm
 
         if self.loaded is None:
-            chat = load_tokenizer(self.model_cfg)
+            chat = self.chat
             device = "cuda" if torch.cuda.is_available() else "cpu"
             self.loaded = (load_causal_lm(self.model_cfg, chat, dtype=self.dtype).to(device), chat)
         model, chat = self.loaded
@@ -234,23 +241,33 @@ class LocalTeacher:
 
 
 class CachedTeacher:
-    """Replies are pure functions of (teacher identity, messages, sampling): each is paid for once.
+    """Replies are pure functions of (teacher identity, messages, sampling, round): each is paid for once.
 
     A streaming teacher (ChatTeacher) has each reply committed as it arrives, others after every
-    chunk; after a failure the replies already received stay cached and the error is raised."""
+    chunk; after a failure the replies already received stay cached and the error is raised. Round
+    r > 1 of a refinement with a sampling teacher (temperature > 0) draws with its own seed (salted
+    with r) and is cached under its own key, so it writes a new revision each round. An endpoint's
+    unusable reply (no text, or only whitespace; maybe a passing fault) is never stored, only
+    remembered for the run: a rerun asks again. A local model's is stored (it would write it again)."""
 
     def __init__(self, teacher, path: str | Path | None, chunk: int = 64):
         self.teacher, self.identity, self.chunk = teacher, teacher.identity, chunk
         self.cache = SQLiteCache(path, "replies", "reply", "TEXT") if path is not None else None
         self.sampling = asdict(teacher.sampling)
         self.misses = 0
+        self.unusable: dict[str, dict] = {}  # an endpoint's unusable replies: asked once a run, never stored
+        self.store_unusable = not isinstance(teacher, ChatTeacher)
 
-    def key(self, messages: list[dict]) -> str:
-        return cache_key(self.identity, messages, self.sampling)
+    def key(self, messages: list[dict], round_: int = 1) -> str:
+        sampled = round_ > 1 and self.sampling.get("temperature", 0) > 0  # greedy: the same reply every round
+        return cache_key(self.identity, messages, self.sampling, *([{"round": round_}] if sampled else []))
 
-    def complete(self, conversations: list[list[dict]]) -> list[Reply]:
-        keys = [self.key(m) for m in conversations]
+    def complete(self, conversations: list[list[dict]], round_: int = 1) -> list[Reply]:
+        keys = [self.key(m, round_) for m in conversations]
         found = {k: json.loads(v) for k, v in (self.cache.lookup(keys) if self.cache else {}).items()}
+        found = {k: v for k, v in found.items()
+                 if isinstance(v, dict) and (self.store_unusable or usable_text(v.get("text")))}
+        found.update({k: self.unusable[k] for k in keys if k in self.unusable and k not in found})
         todo: dict[str, list[dict]] = {}
         for k, m in zip(keys, conversations):
             if k not in found:
@@ -258,16 +275,30 @@ class CachedTeacher:
         self.misses += len(todo)
         todo_keys = list(todo)
         stream = getattr(self.teacher, "complete_stream", None)
-        for start in range(0, len(todo_keys), self.chunk):
-            chunk = todo_keys[start : start + self.chunk]
-            messages = [todo[k] for k in chunk]
-            pairs = stream(messages) if stream else enumerate(self.teacher.complete(messages))
-            for j, reply in pairs:
-                value = {"text": reply.text, "problem": reply.problem}
-                found[chunk[j]] = value
-                if self.cache is not None:
-                    self.cache.store([(chunk[j], json.dumps(value))])
+        base = self.teacher.sampling
+        if round_ > 1 and base.seed is not None and base.temperature > 0:
+            seed = zlib.crc32(json.dumps([base.seed, "round", round_]).encode())
+            self.teacher.sampling = replace(base, seed=seed)
+        try:
+            for start in range(0, len(todo_keys), self.chunk):
+                chunk = todo_keys[start : start + self.chunk]
+                messages = [todo[k] for k in chunk]
+                pairs = stream(messages) if stream else enumerate(self.teacher.complete(messages))
+                for j, reply in pairs:
+                    value = {"text": reply.text, "problem": reply.problem}
+                    found[chunk[j]] = value
+                    if not (usable_text(reply.text) or self.store_unusable):
+                        self.unusable[chunk[j]] = value
+                    elif self.cache is not None:
+                        self.cache.store([(chunk[j], json.dumps(value))])
+        finally:
+            self.teacher.sampling = base
         return [Reply(found[k]["text"], found[k]["problem"]) for k in keys]
+
+
+def usable_text(text) -> bool:
+    """A reply worth caching: text with something in it (`clean_reply` makes the rest unusable)."""
+    return isinstance(text, str) and bool(text.strip())
 
 
 def build_teacher(cfg: TeacherConfig, student: ModelConfig | None, output_dir: str | Path | None,
