@@ -1,6 +1,8 @@
 """The manual stays true: the options page is generated and current, and every `alignkit ...` command
 line in README.md and docs/ names a real stage and real options (parsed with the CLI's own parser,
-without running anything), and every recipe it names exists and loads."""
+without running anything), every recipe a page names (`recipes/<name>.yaml`, in a command, a link
+or prose) exists and loads, and every relative Markdown link (and its #anchor) points to an existing
+file (and heading)."""
 
 import re
 import shlex
@@ -90,3 +92,89 @@ def test_every_documented_command_parses():
 ])
 def test_the_checker_catches_a_stale_command(line, problem):
     assert any(problem in p for p in check_command(line))
+
+
+RECIPE = re.compile(r"recipes/([\w.+-]+\.ya?ml)")
+
+
+def recipe_problems(text: str) -> list[str]:
+    """Each `recipes/<name>.yaml` the text names exists; a stage recipe loads with its stage's config
+    (the stage from the name's first word, as tests/test_config.py reads it), a pipeline file reads."""
+    from alignkit.pipeline import read_pipeline
+
+    problems = []
+    for name in sorted(set(RECIPE.findall(text))):
+        path = ROOT / "recipes" / name
+        if not path.exists():
+            problems.append(f"recipes/{name} does not exist")
+            continue
+        stage = name.split("-", 1)[0]
+        try:
+            if stage == "pipeline":
+                read_pipeline(path)
+            else:
+                C.load(STAGES[{"rloo": "rl", "grpo": "rl"}.get(stage, stage)].config, path)
+        except (KeyError, C.ConfigError) as e:
+            problems.append(f"recipes/{name} does not load: {e}")
+    return problems
+
+
+def test_every_named_recipe_exists_and_loads():
+    problems, named = [], set()
+    for page in PAGES:
+        text = page.read_text()
+        named |= set(RECIPE.findall(text))
+        problems += [f"{page.relative_to(ROOT)}: {p}" for p in recipe_problems(text)]
+    assert len(named) >= 5  # the extraction found the recipes the pages name
+    assert not problems, "\n".join(problems)
+
+
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation other than '-' and '_' dropped, spaces as '-'."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def anchors(path: Path) -> set[str]:
+    text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
+    return {slug(m) for m in re.findall(r"^#+\s+(.*)$", text, flags=re.M)}
+
+
+def link_problems(page: Path, text: str) -> list[str]:
+    """Relative links (and images) of a Markdown text on `page` whose file, or whose #anchor in a
+    Markdown file, does not exist. Links in code blocks are not links; web links are not checked."""
+    problems = []
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)
+    for target in LINK.findall(prose):
+        if re.match(r"[a-z]+:", target):
+            continue  # https:, mailto:
+        file, _, anchor = target.partition("#")
+        path = (page.parent / file).resolve() if file else page
+        if not path.exists():
+            problems.append(f"link {target}: no file {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
+        elif anchor and path.suffix == ".md" and anchor not in anchors(path):
+            problems.append(f"link {target}: no heading #{anchor} in {path.relative_to(ROOT)}")
+    return problems
+
+
+def test_every_relative_link_points_to_a_file():
+    problems, count = [], 0
+    for page in PAGES:
+        text = page.read_text()
+        count += len(LINK.findall(text))
+        problems += [f"{page.relative_to(ROOT)}: {p}" for p in link_problems(page, text)]
+    assert count > 20  # the extraction found the pages' links
+    assert not problems, "\n".join(problems)
+
+
+def test_the_checkers_catch_a_missing_recipe_file_and_heading():
+    assert any("does not exist" in p for p in recipe_problems("see recipes/dpo-missing.yaml"))
+    assert not recipe_problems("see recipes/sft-qwen2.5-0.5b-smoltalk.yaml")
+    page = ROOT / "docs" / "README.md"
+    assert any("no file" in p for p in link_problems(page, "[x](nowhere.md)"))
+    assert any("no heading" in p for p in link_problems(page, "[x](sft.md#no-such-heading)"))
+    assert any("no file" in p for p in link_problems(page, "![plot](docs/demo-best-of-n.png)"))
+    assert not link_problems(page, "[x](sft.md) ![p](demo-best-of-n.png) [w](https://example.com/a)")
+    assert not link_problems(page, "```\n[x](nowhere.md)\n```")
