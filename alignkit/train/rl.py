@@ -80,7 +80,7 @@ from ..evaluate.callback import WinRateDuringTraining, win_rate_callbacks
 from ..generation import (
     ColocatedVLLM, PromptSource, SamplingParams, VLLMOptions, generate, load_prompts, sleep_mode_available, vllm_engine,
 )
-from ..models import load_causal_lm, load_tokenizer
+from ..models import disable_dropout, load_causal_lm, load_tokenizer
 from ..rewards.backends import RewardConfig, build_backend, last_user_text
 from .logprobs import label_logps, label_logps_entropy
 from .loop import LossOutput, RunOptions, SourceFailed, StepPlan, StepSource, TrainingDiverged, distributed_state, to_device, train
@@ -275,6 +275,10 @@ class RLParams:
     """engine vllm: truncated importance sampling (Yao et al. 2025) with this cap C (e.g. 2): each token's
     policy-gradient term is weighted by min(pi_trainer / pi_sampler, C). Unset: no correction (the
     mismatch is still logged, as vllm_mismatch_kl)."""
+    disable_dropout: bool = True
+    """Turn every dropout of the policy and the reference off (TRL's default): the sampling-time and the
+    loss-time log-probs then come from the same function, so the on-policy ratio is 1. false keeps the
+    checkpoint's dropout (its config is left as it is either way)."""
     log_samples_steps: int = 10
     """Write a few completions with their rewards to samples.jsonl every N steps (0: never)."""
     samples_per_log: int = 4
@@ -695,6 +699,10 @@ def run_rl(cfg: RLConfig, callbacks=()) -> Path:
     if cfg.rl.beta > 0:
         ref_model = load_causal_lm(cfg.model, chat, path=cfg.rl.ref_model)
         ref_model.requires_grad_(False).to(state.device).eval()
+    if cfg.rl.disable_dropout:
+        off = sum(disable_dropout(m) for m in (model, ref_model) if m is not None)
+        if off:
+            log.info("rl.disable_dropout: %d dropout setting(s) turned off in the policy and reference", off)
     log.info("RL (%s): %d prompts, k=%d samples each, beta=%g, loss aggregation %s", cfg.rl.algo, len(prompts), cfg.rl.k, cfg.rl.beta, cfg.rl.agg())
 
     callbacks = list(callbacks) + win_rate_callbacks(cfg.win_rate, chat, out)
