@@ -38,3 +38,54 @@ def test_dropout_is_off_so_the_first_ratio_of_a_batch_is_one(tmp_path, trained_t
     kw["rl"]["disable_dropout"] = False
     rl.run_rl(rl_cfg(tmp_path / "on", model, toy_data_dir, **kw))
     assert read_metrics(tmp_path / "on")[0]["clip_fraction"] > 0.05
+
+
+# --------------------------------------------------------------------------- 19.2 normalisers with masked sequences
+
+
+def trl_grpo_loss(loss_type, level, lp, old, ref, adv, mask, max_len, beta=0.04, eps=0.2, eps_high=0.28):
+    """TRL's GRPOTrainer._compute_loss on given per-token log-probs (a stand-in trainer object)."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    trl_grpo = pytest.importorskip("trl.trainer.grpo_trainer", reason="TRL is a dev dependency")
+    B, T = lp.shape
+    fake = SimpleNamespace(
+        top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level=level, beta=beta,
+        args=SimpleNamespace(use_bias_correction_kl=False, delta=None), loss_type=loss_type, epsilon_low=eps,
+        epsilon_high=eps_high, use_vllm=False, model=SimpleNamespace(training=True), current_gradient_accumulation_steps=1,
+        max_completion_length=max_len, _entropy_bonus_enabled=False, aux_loss_enabled=False,
+        _metrics={"train": defaultdict(list)},
+        accelerator=SimpleNamespace(reduce=lambda x, reduction="sum": x, gather=lambda x: x, gather_for_metrics=lambda x: x),
+        _get_per_token_logps_and_entropies=lambda *a, **k: (lp, torch.zeros(B, T), None),
+    )
+    inputs = {"prompt_ids": torch.zeros(B, 1, dtype=torch.long), "prompt_mask": torch.ones(B, 1, dtype=torch.long),
+              "completion_ids": torch.zeros(B, T, dtype=torch.long), "completion_mask": mask, "advantages": adv,
+              "old_per_token_logps": old, "ref_per_token_logps": ref}
+    return trl_grpo.GRPOTrainer._compute_loss(fake, None, inputs)
+
+
+@pytest.mark.parametrize("trl_loss, ours", [("grpo", "sequence_mean"), ("dr_grpo", "constant"), ("bnpo", "token_mean")])
+def test_masked_truncated_sequences_still_count_in_the_normaliser_as_in_trl(trl_loss, ours):
+    """3 of 6 sequences masked (mask_truncated): TRL zeroes their completion mask and keeps dividing by all
+    6 sequences (x max_completion_length for dr_grpo); so do we (before: a ratio of 2.000)."""
+    g = torch.Generator().manual_seed(1)
+    B, T, max_len = 6, 5, 7
+    lengths = [5, 3, 1, 4, 5, 2]
+    truncated = torch.tensor([1.0, 0, 1, 0, 1, 0])
+    mask = torch.zeros(B, T, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+    lp0 = -torch.rand(B, T, generator=g) * 3
+    old = lp0 + 0.3 * torch.randn(B, T, generator=g)
+    ref = lp0 + 0.5 * torch.randn(B, T, generator=g)
+    adv = torch.randn(B, generator=g)
+    trl_mask = mask * (1 - truncated.long()).unsqueeze(1)
+    theirs = trl_grpo_loss(trl_loss, "token", lp0, old, ref, adv, trl_mask, max_len)
+
+    m = mask.bool()
+    rows, n_tokens = m.nonzero()[:, 0], m.sum(-1)
+    token_losses, _ = rl.policy_token_losses(lp0[m], old[m], adv, rows, n_tokens, "grpo", 0.2, 0.28)
+    token_losses = token_losses + 0.04 * rl.k3_kl(lp0[m], ref[m])
+    total, count = rl.aggregate(token_losses, rows, n_tokens, 1 - truncated, ours, max_len)
+    assert (total / count).item() == pytest.approx(theirs.item(), rel=1e-5)

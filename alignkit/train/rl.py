@@ -193,7 +193,10 @@ def aggregate(token_losses: torch.Tensor, rows: torch.Tensor, n_tokens: torch.Te
               max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum over units, number of units) of a micro-batch; the loop divides by the step's units.
 
-    weights: per sequence (0 masks a sequence out, e.g. a truncated completion).
+    weights: per sequence (0 masks a sequence out, e.g. a truncated completion). A masked sequence
+    adds nothing to the sum; its tokens leave token_mean's count, but it still counts as a sequence in
+    the others (as TRL: constant divides by all sequences x max_new_tokens, sequence_mean by all
+    sequences), so the step size does not grow with the share masked.
     """
     w = weights[rows]
     if how == "token_mean":
@@ -205,7 +208,7 @@ def aggregate(token_losses: torch.Tensor, rows: torch.Tensor, n_tokens: torch.Te
         per_seq = per_seq / max_new_tokens
     elif how != "sequence_sum":
         raise ValueError(f"unknown loss aggregation {how!r}")
-    return (per_seq * weights).sum(), weights.sum()
+    return (per_seq * weights).sum(), torch.ones_like(weights).sum()
 
 
 # --------------------------------------------------------------------------- config
