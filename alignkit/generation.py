@@ -94,9 +94,10 @@ def decoding_config(params: SamplingParams, stop: list[int], pad_id: int) -> Gen
                             repetition_penalty=params.repetition_penalty, **knobs)
 
 
-def prompt_seed(seed: int, ids: list[int]) -> int:
-    """A prompt's sampling seed, from the run's seed and the prompt's tokens (both engines)."""
-    return zlib.crc32(json.dumps([seed, ids]).encode())
+def prompt_seed(seed: int, ids: list[int], salt=None) -> int:
+    """A prompt's sampling seed, from the run's seed and the prompt's tokens (both engines), and a
+    salt when given (e.g. the prompt's row, so that two copies of one prompt sample differently)."""
+    return zlib.crc32(json.dumps([seed, ids] if salt is None else [seed, ids, salt]).encode())
 
 
 class SeededSampler(LogitsProcessor):
@@ -131,14 +132,16 @@ def sampling_processors(params: SamplingParams, seeds: list[int], device) -> Log
 
 
 @torch.no_grad()
-def generate(model, chat, prompts: list[list[dict]], params: SamplingParams, batch_size: int = 16, progress: bool = False) -> list[list[Completion]]:
+def generate(model, chat, prompts: list[list[dict]], params: SamplingParams, batch_size: int = 16, progress: bool = False,
+             salts: list | None = None) -> list[list[Completion]]:
     """`params.n` completions per prompt, in prompt order.
 
     Prompts are batched longest first (left padding, KV cache). The global torch RNG (CPU and CUDA)
     is left as it was, so a training run that evaluates keeps its random stream. Seeded sampling
     gives sample j of each prompt its own seed from (seed, prompt tokens, j) (`SeededSampler`): its
     samples do not depend on batching, chunking, sharding or resuming (as with vLLM). `batch_size`
-    counts sequences (a prompt with n samples takes n rows).
+    counts sequences (a prompt with n samples takes n rows). `salts`: one JSON value per prompt mixed
+    into its seeds (RL passes each prompt's row, so a prompt that appears twice is sampled twice).
     """
     tok = chat.tokenizer
     encoded = [tokenize_prompt(tok, p) for p in prompts]
@@ -171,10 +174,11 @@ def generate(model, chat, prompts: list[list[dict]], params: SamplingParams, bat
                 idx = [i for i, _ in batch]
                 extra = {}
                 if seeded:
-                    seeds = [zlib.crc32(json.dumps([params.seed, encoded[i], j]).encode()) for i, j in batch]
+                    seeds = [zlib.crc32(json.dumps([params.seed, encoded[i], j] + ([] if salts is None else [salts[i]])).encode())
+                             for i, j in batch]
                     extra["logits_processor"] = sampling_processors(params, seeds, device)
                 elif beam_sample:  # beam sampling keeps transformers' sampler: one prompt per call, seeded
-                    torch.manual_seed(prompt_seed(params.seed, encoded[idx[0]]))
+                    torch.manual_seed(prompt_seed(params.seed, encoded[idx[0]], None if salts is None else salts[idx[0]]))
                 ids = pad([encoded[i] for i in idx], chat.pad_id, side="left").to(device)
                 mask = pad([[1] * len(encoded[i]) for i in idx], 0, side="left").to(device)
                 out = model.generate(input_ids=ids, attention_mask=mask, generation_config=decoding, **extra)
@@ -245,7 +249,8 @@ def vllm_engine(model: ModelConfig, precision: str = "auto", options: VLLMOption
             torch.cuda.empty_cache()
 
 
-def generate_vllm(llm, chat, prompts: list[list[dict]], params: SamplingParams, logprobs: bool = False) -> list[list[Completion]]:
+def generate_vllm(llm, chat, prompts: list[list[dict]], params: SamplingParams, logprobs: bool = False,
+                  salts: list | None = None) -> list[list[Completion]]:
     """The same interface on a vLLM engine. We tokenize and decode, so text and stop tokens match
     the transformers engine; each prompt's seed is derived from its tokens, so samples do not
     depend on batching, sharding or resuming. `logprobs`: each Completion carries the sampler's
@@ -262,15 +267,16 @@ def generate_vllm(llm, chat, prompts: list[list[dict]], params: SamplingParams, 
     stop, tok = chat.stop_ids(), chat.tokenizer
     encoded = [tokenize_prompt(tok, p) for p in prompts]
 
-    def request(ids: list[int]) -> VLLMSampling:
-        seed = None if params.seed is None else prompt_seed(params.seed, ids)
+    def request(ids: list[int], salt=None) -> VLLMSampling:
+        seed = None if params.seed is None else prompt_seed(params.seed, ids, salt)
         return VLLMSampling(
             n=params.n, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, min_p=params.min_p,
             repetition_penalty=params.repetition_penalty, max_tokens=params.max_new_tokens, stop_token_ids=stop,
             seed=seed, detokenize=False, logprobs=0 if logprobs else None,
         )
 
-    outs = llm.generate([{"prompt_token_ids": ids} for ids in encoded], [request(ids) for ids in encoded], use_tqdm=False)
+    requests = [request(ids, None if salts is None else salts[i]) for i, ids in enumerate(encoded)]
+    outs = llm.generate([{"prompt_token_ids": ids} for ids in encoded], requests, use_tqdm=False)
     results = []
     for req in outs:
         completions = []
@@ -343,10 +349,10 @@ class ColocatedVLLM:
             self.llm.wake_up()
             self.asleep = False
 
-    def generate(self, chat, prompts: list[list[dict]], params: SamplingParams) -> list[list[Completion]]:
+    def generate(self, chat, prompts: list[list[dict]], params: SamplingParams, salts: list | None = None) -> list[list[Completion]]:
         """`generate_vllm` with the sampler's log-probs."""
         self.wake()
-        return generate_vllm(self.llm, chat, prompts, params, logprobs=True)
+        return generate_vllm(self.llm, chat, prompts, params, logprobs=True, salts=salts)
 
     def rest(self) -> None:
         """After a rollout's sampling: sleep (if asked) so training gets the memory."""

@@ -89,3 +89,28 @@ def test_masked_truncated_sequences_still_count_in_the_normaliser_as_in_trl(trl_
     token_losses = token_losses + 0.04 * rl.k3_kl(lp0[m], ref[m])
     total, count = rl.aggregate(token_losses, rows, n_tokens, 1 - truncated, ours, max_len)
     assert (total / count).item() == pytest.approx(theirs.item(), rel=1e-5)
+
+
+# --------------------------------------------------------------------------- 19.3 a prompt twice in one step
+
+
+def rollout_source(cfg, chat, prompts, ref_model=None, engine=None):
+    from alignkit.rewards.backends import build_backend
+
+    return rl.RolloutSource(cfg, chat, prompts, build_backend(cfg.reward, None), ref_model, 1, 0, None,
+                            False, engine)
+
+
+def test_two_copies_of_a_prompt_in_one_step_get_different_samples(toy_chat, trained_toy_model, toy_data_dir):
+    from alignkit.models import load_causal_lm
+
+    cfg = rl_cfg("/unused", trained_toy_model, toy_data_dir, rl=dict(k=3, temperature=1.5, max_new_tokens=12))
+    model = load_causal_lm(cfg.model, toy_chat)
+    same = [{"role": "user", "content": "Spell moon backwards."}]
+    prompts = [{"id": i, "messages": m} for i, m in enumerate([same, same, [{"role": "user", "content": "What is 1 plus 2?"}],
+                                                                 [{"role": "user", "content": "Spell cat backwards."}]])]
+    buffer = rollout_source(cfg, toy_chat, prompts).rollout(0, model)
+    by_prompt = {}
+    for s in (s for mb in buffer["micro"] for s in mb):
+        by_prompt.setdefault(s["prompt"], []).append(s["completion_ids"])
+    assert by_prompt[0] != by_prompt[1]

@@ -504,7 +504,7 @@ class RolloutSource(StepSource):
         messages = [self.prompts[i]["messages"] for i in flat]
         t0 = time.perf_counter()
         try:
-            completions = self.sample(model, messages, generation)  # [prompt][k]
+            completions = self.sample(model, messages, generation, salts=flat)  # [prompt][k]
         finally:
             if self.engine is not None:
                 self.engine.rest()
@@ -590,8 +590,9 @@ class RolloutSource(StepSource):
             start += len(g) * p.k
         return {"generation": generation, "micro": micro, "metrics": {k: list(v) for k, v in metrics.items()}}
 
-    def sample(self, model, messages: list[list[dict]], generation: int):
-        """k completions per prompt; sample indices that share a temperature are drawn in one call."""
+    def sample(self, model, messages: list[list[dict]], generation: int, salts: list | None = None):
+        """k completions per prompt; sample indices that share a temperature are drawn in one call.
+        salts: each prompt's row in the prompt list, in its seeds (two copies of a prompt differ)."""
         p = self.p
         temps = p.sample_temperatures()
         out = [[None] * p.k for _ in messages]
@@ -600,9 +601,9 @@ class RolloutSource(StepSource):
             params = SamplingParams(max_new_tokens=p.max_new_tokens, temperature=t, top_p=p.top_p, top_k=p.top_k, n=len(idx),
                                     seed=sampling_seed(self.cfg.seed, generation, group))
             if self.engine is not None:
-                results = self.engine.generate(self.chat, messages, params)
+                results = self.engine.generate(self.chat, messages, params, salts=salts)
             else:
-                results = generate(model, self.chat, messages, params, p.generation_batch_size)
+                results = generate(model, self.chat, messages, params, p.generation_batch_size, salts=salts)
             for i, cs in enumerate(results):
                 for j, c in zip(idx, cs):
                     out[i][j] = c
