@@ -187,7 +187,9 @@ def generate(model, chat, prompts: list[list[dict]], params: SamplingParams, bat
                     new = out[row, ids.shape[1] :].tolist()
                     cut = next((k for k, t in enumerate(new) if t in stop), None)
                     stop_id = new[cut] if cut is not None else None
-                    new = new[:cut] if cut is not None else [t for t in new if t != chat.pad_id]
+                    # Padding follows a row's stop token; a row that never stopped ran to the end: no padding to cut
+                    # (its tokens equal to pad_id, when pad is not a stop token, were sampled and stay).
+                    new = new[:cut] if cut is not None else new
                     results[idx[row // per_row]].append(
                         Completion(tok.decode(new, skip_special_tokens=True), new, "stop" if cut is not None else "length", stop_id))
     finally:

@@ -114,3 +114,26 @@ def test_two_copies_of_a_prompt_in_one_step_get_different_samples(toy_chat, trai
     for s in (s for mb in buffer["micro"] for s in mb):
         by_prompt.setdefault(s["prompt"], []).append(s["completion_ids"])
     assert by_prompt[0] != by_prompt[1]
+
+
+# --------------------------------------------------------------------------- 19.4 pad tokens inside a truncated sample
+
+
+def test_a_truncated_completion_keeps_its_tokens_equal_to_pad(toy_chat, tiny_model_dir):
+    """Qwen-Instruct style: the end of turn stops, the pad token does not. A completion that ran to
+    max_new_tokens keeps every sampled token, those equal to pad_id too; a stopped one is cut at its stop."""
+    import copy
+
+    from alignkit.generation import SamplingParams, generate
+    from alignkit.models import ChatTokenizer, load_causal_lm
+
+    tok = copy.deepcopy(toy_chat.tokenizer)
+    tok.eos_token = toy_chat.end_of_turn
+    chat = ChatTokenizer(tok, toy_chat.end_of_turn, [])
+    pad, stop = chat.pad_id, chat.stop_ids()
+    assert pad not in stop
+    model = load_causal_lm(rl_cfg("/unused", tiny_model_dir, "/unused").model, chat)
+    for tail, want, reason in [([5, pad, 7, pad], [5, pad, 7, pad], "length"), ([5, stop[0], pad, pad], [5], "stop")]:
+        model.generate = lambda input_ids, tail=tail, **kw: torch.cat([input_ids, torch.tensor([tail])], 1)
+        out = generate(model, chat, [[{"role": "user", "content": "Spell cat backwards."}]], SamplingParams(max_new_tokens=4))
+        assert out[0][0].token_ids == want and out[0][0].finish_reason == reason
