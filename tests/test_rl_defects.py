@@ -137,3 +137,23 @@ def test_a_truncated_completion_keeps_its_tokens_equal_to_pad(toy_chat, tiny_mod
         model.generate = lambda input_ids, tail=tail, **kw: torch.cat([input_ids, torch.tensor([tail])], 1)
         out = generate(model, chat, [[{"role": "user", "content": "Spell cat backwards."}]], SamplingParams(max_new_tokens=4))
         assert out[0][0].token_ids == want and out[0][0].finish_reason == reason
+
+
+# --------------------------------------------------------------------------- 19.5 tied groups
+
+
+def test_groups_all_equal_counts_ties_of_the_shaped_total(toy_chat, trained_toy_model, toy_data_dir):
+    """A length penalty breaks the ties of a reward that is 0 everywhere: groups_all_equal is the share
+    of groups whose advantages are all 0 (before: 1.0 while advantage_abs > 0)."""
+    from alignkit.models import load_causal_lm
+
+    cfg = rl_cfg("/unused", trained_toy_model, toy_data_dir, rl=dict(k=4, temperature=1.5, max_new_tokens=8,
+                                                                     length_penalty=rl.LengthPenalty("linear", 0.1)))
+    model = load_causal_lm(cfg.model, toy_chat)
+    prompts = [{"id": i, "messages": [{"role": "user", "content": f"Spell {w} backwards."}]}
+               for i, w in enumerate(["cat", "moon", "bird", "king"])]
+    buffer = rollout_source(cfg, toy_chat, prompts).rollout(0, model)
+    adv = torch.tensor([s["advantage"] for mb in buffer["micro"] for s in mb]).view(4, 4)
+    tied = float((adv.abs().max(-1).values < 1e-9).sum())
+    got, n = buffer["metrics"]["groups_all_equal"]
+    assert n == 4 and got == tied and tied < 4

@@ -560,7 +560,8 @@ class RolloutSource(StepSource):
 
         n = float(len(samples))
         tokens = float(lengths.sum())
-        equal_groups = float((rewards.max(-1).values - rewards.min(-1).values).abs().le(1e-12).sum())
+        # Tied on what the advantages are computed from (the shaped total), so 1.0 means no signal at all.
+        equal_groups = float((total.max(-1).values - total.min(-1).values).abs().le(1e-12).sum())
         metrics = {
             "reward": (float(rewards.sum()), n),
             "reward_std": (float(rewards.std(-1, unbiased=False).sum()), float(len(flat))),
