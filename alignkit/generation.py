@@ -79,7 +79,8 @@ class Completion:
     """The stop token that ended it (not in token_ids), for training on the sample (RL)."""
     logprobs: list[float] | None = None
     """vLLM with `logprobs=True`: the sampler's log-prob of each sampled token (token_ids, then stop_id
-    if any), from the raw logits (temperature 1, before top-k/top-p), as the trainer computes them."""
+    if any), as the engine's `logprobs_mode` gives them (RL's colocated engine: processed_logprobs, at
+    the sampling temperature as the trainer computes them; top-k/top-p also renormalise them there)."""
 
 
 def decoding_config(params: SamplingParams, stop: list[int], pad_id: int) -> GenerationConfig:
@@ -217,13 +218,14 @@ def environment(name: str, value: str):
 
 @contextmanager
 def vllm_engine(model: ModelConfig, precision: str = "auto", options: VLLMOptions | None = None, seed: int = 0,
-                in_process: bool = False, sleep_mode: bool = False):
+                in_process: bool = False, sleep_mode: bool = False, logprobs_mode: str | None = None):
     """A vLLM `LLM` for a checkpoint, shut down on exit so the next one gets the memory back.
 
     in_process: the engine core and its model run in this process (not a child process), so
     weights can be pushed into the model directly (`ColocatedVLLM`). (vLLM caches its environment
     settings once an in-process engine starts: later engines of the process run in-process too.) sleep_mode: enable vLLM's
-    sleep/wake_up (the caller checks `sleep_mode_available()` first).
+    sleep/wake_up (the caller checks `sleep_mode_available()` first). logprobs_mode: vLLM's (unset: its
+    default, raw_logprobs; RL asks for processed_logprobs, after temperature).
     """
     try:
         from vllm import LLM
@@ -232,6 +234,8 @@ def vllm_engine(model: ModelConfig, precision: str = "auto", options: VLLMOption
     options = options or VLLMOptions()
     dtype = str(generation_dtype(precision)).removeprefix("torch.")
     extra = {"enable_sleep_mode": True} if sleep_mode else {}
+    if logprobs_mode:
+        extra["logprobs_mode"] = logprobs_mode
     with environment("VLLM_ENABLE_V1_MULTIPROCESSING", "0") if in_process else nullcontext():
         llm = LLM(
             model=check_source(model.name_or_path, "model"), tokenizer=model.tokenizer, revision=model.revision,
@@ -256,7 +260,7 @@ def generate_vllm(llm, chat, prompts: list[list[dict]], params: SamplingParams, 
     """The same interface on a vLLM engine. We tokenize and decode, so text and stop tokens match
     the transformers engine; each prompt's seed is derived from its tokens, so samples do not
     depend on batching, sharding or resuming. `logprobs`: each Completion carries the sampler's
-    log-probs of its tokens (vLLM's default raw_logprobs: before temperature and top-k/top-p)."""
+    log-probs of its tokens (as the engine's logprobs_mode gives them)."""
     from vllm import SamplingParams as VLLMSampling
 
     if params.num_beams > 1:

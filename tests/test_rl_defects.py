@@ -157,3 +157,67 @@ def test_groups_all_equal_counts_ties_of_the_shaped_total(toy_chat, trained_toy_
     tied = float((adv.abs().max(-1).values < 1e-9).sum())
     got, n = buffer["metrics"]["groups_all_equal"]
     assert n == 4 and got == tied and tied < 4
+
+
+# --------------------------------------------------------------------------- 19.6 log-probs at the sampling temperature
+
+
+def hand_logps(model, prompt_ids, completion_ids, t):
+    """log softmax(logits / t) of the completion's tokens, on full logits."""
+    ids = torch.tensor([prompt_ids + completion_ids])
+    logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1].float() / t
+    return logits.log_softmax(-1).gather(-1, torch.tensor(completion_ids).unsqueeze(-1)).squeeze(-1)
+
+
+def test_label_logps_divide_each_rows_logits_by_its_temperature(toy_chat, tiny_model_dir):
+    from alignkit.models import load_causal_lm
+    from alignkit.train.logprobs import label_logps, label_logps_entropy
+
+    from .test_rl import rollout_batch
+
+    model = load_causal_lm(rl_cfg("/unused", tiny_model_dir, "/unused").model, toy_chat)
+    samples, collate = rollout_batch(toy_chat, [[1.0, 0.0], [0.0, 2.0]])
+    temps = [0.2, 1.0, 0.7, 2.5]
+    batch = collate([s | {"advantage": 0.0, "temperature": t} for s, t in zip(samples, temps)], toy_chat.pad_id)
+    logps, mask = label_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"], batch["temperatures"])
+    want = torch.cat([hand_logps(model, s["prompt_ids"], s["completion_ids"], t) for s, t in zip(samples, temps)])
+    torch.testing.assert_close(logps, want, rtol=1e-5, atol=1e-6)
+    logps.sum().backward()  # the gradient flows through the scaled logits too
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    want = sum(hand_logps(model, s["prompt_ids"], s["completion_ids"], t).sum() for s, t in zip(samples, temps))
+    want.backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():
+        _, ent, _ = label_logps_entropy(model, batch["input_ids"], batch["attention_mask"], batch["labels"], batch["temperatures"])
+        s, t = samples[0], temps[0]
+        ids = torch.tensor([s["prompt_ids"] + s["completion_ids"]])
+        lp = (model(input_ids=ids).logits[0, len(s["prompt_ids"]) - 1 : -1] / t).log_softmax(-1)
+        torch.testing.assert_close(ent[: len(s["completion_ids"])], -(lp.exp() * lp).sum(-1), rtol=1e-5, atol=1e-6)
+
+
+def test_rollout_log_probs_and_kl_are_at_each_samples_temperature(toy_chat, trained_toy_model, tiny_model_dir, toy_data_dir):
+    """Old and reference log-probs of each sample at its own temperature (mixed rl.temperatures); the
+    logged kl is the mean over samples of sum_t log pi_T - log pi_ref_T."""
+    from alignkit.models import load_causal_lm
+
+    cfg = rl_cfg("/unused", trained_toy_model, toy_data_dir,
+                 rl=dict(algo="grpo", k=4, temperatures=[0.3, 0.3, 1.0, 2.0], beta=0.1, num_iterations=2, max_new_tokens=6))
+    model = load_causal_lm(cfg.model, toy_chat)
+    ref = load_causal_lm(rl_cfg("/unused", tiny_model_dir, "/unused").model, toy_chat).eval()
+    prompts = [{"id": i, "messages": [{"role": "user", "content": f"Spell {w} backwards."}]}
+               for i, w in enumerate(["cat", "moon", "bird", "king"])]
+    buffer = rollout_source(cfg, toy_chat, prompts, ref_model=ref).rollout(0, model)
+    samples = [s for mb in buffer["micro"] for s in mb]
+    kl = 0.0
+    with torch.no_grad():
+        for s in samples:
+            t = [0.3, 0.3, 1.0, 2.0][s["index"]]
+            old = hand_logps(model, s["prompt_ids"], s["completion_ids"], t)
+            r = hand_logps(ref, s["prompt_ids"], s["completion_ids"], t)
+            assert s["old_logps"] == pytest.approx(old.tolist(), abs=1e-5)
+            assert s["ref_logps"] == pytest.approx(r.tolist(), abs=1e-5)
+            kl += float((old - r).sum())
+    got, n = buffer["metrics"]["kl"]
+    assert got / n == pytest.approx(kl / len(samples), rel=1e-4)

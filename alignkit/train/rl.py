@@ -9,7 +9,11 @@ Each optimizer step (read top to bottom):
    logged one by one (length penalty, penalty or masking for completions cut at max_new_tokens);
 4. log-probs of the samples under the policy at sampling time ("old", with its entropy) and
    under the reference, in batched no-grad passes, at the completion tokens only (with vLLM: and
-   the sampler/trainer mismatch, with the truncated importance weights if asked);
+   the sampler/trainer mismatch, with the truncated importance weights if asked). Every log-prob
+   (old, current, reference) is of the distribution the sample was drawn from: the logits divided
+   by that sample's temperature (as TRL; a greedy sample's at temperature 1), so the logged kl is
+   the KL between the policy and the reference at the sampling temperatures, and the entropy is
+   that of the sampled distribution;
 5. advantages within each prompt's group, then the policy loss:
    - RLOO (Ahmadian et al. 2024, "Back to Basics"): the KL to the reference is folded into the
      reward, r - beta * sum_t (log pi - log pi_ref); advantage = r_i - mean of the other k-1;
@@ -46,9 +50,10 @@ samples are slightly off-policy; `rl.vllm_is_threshold: C` corrects that by trun
 sampling (Yao et al. 2025, "Your efficient RL framework secretly brings you off-policy RL training"):
 each token's policy-gradient term is multiplied by min(exp(logp_trainer - logp_sampler), C), a
 constant (no gradient flows through it); vllm_is_weight and vllm_is_clipped (the share of tokens
-whose weight hit C) are logged. Both log-probs are at temperature 1 (vLLM's raw_logprobs, before
-temperature and top-k/top-p), so the mismatch measures the engines, not the sampling settings; the
-k3 estimate is unbiased only for samples drawn at temperature 1. Sampling on vLLM is seeded per
+whose weight hit C) are logged. Both log-probs are at the sample's temperature (vLLM's
+processed_logprobs; the trainer divides its logits by T), so the mismatch measures the engines, not
+the sampling settings (with top-k/top-p, vLLM's are renormalised over the kept tokens and the
+trainer's are not). Sampling on vLLM is seeded per
 request from (seed, step, temperature group, prompt tokens), so a resumed run samples what the
 uninterrupted one did on the same machine and vLLM version (vLLM's batching may still change
 floats); vLLM's kernels are not the transformers engine's, so its samples are not bit-identical to
@@ -382,6 +387,8 @@ def collate_rollout(samples: list[dict], pad_id: int) -> dict:
         "labels": pad([[IGNORE_INDEX] * len(s["prompt_ids"]) + s["completion_ids"] for s in samples], IGNORE_INDEX),
         "advantages": torch.tensor([s["advantage"] for s in samples], dtype=torch.float32),
         "weights": torch.tensor([s["weight"] for s in samples], dtype=torch.float32),
+        # the temperature each completion was sampled at (1 for a greedy one): log-probs are taken there
+        "temperatures": torch.tensor([s.get("temperature", 1.0) for s in samples], dtype=torch.float32),
     }
     for key in ("old_logps", "ref_logps", "is_weights"):
         if samples[0].get(key) is not None:
@@ -402,9 +409,9 @@ def sample_logps(model, samples: list[dict], pad_id: int, batch_size: int, entro
             plain = {"advantage": 0.0, "weight": 1.0, "old_logps": None, "ref_logps": None, "is_weights": None}
             b = to_device(collate_rollout([s | plain for s in chunk], pad_id), device)
             if entropy:
-                logps, ent, mask = label_logps_entropy(model, b["input_ids"], b["attention_mask"], b["labels"])
+                logps, ent, mask = label_logps_entropy(model, b["input_ids"], b["attention_mask"], b["labels"], b["temperatures"])
             else:
-                logps, mask = label_logps(model, b["input_ids"], b["attention_mask"], b["labels"])
+                logps, mask = label_logps(model, b["input_ids"], b["attention_mask"], b["labels"], b["temperatures"])
                 ent = None
             counts = mask.sum(-1).tolist()
             pieces = logps.float().cpu().split(counts)
@@ -522,12 +529,13 @@ class RolloutSource(StepSource):
                                    "stopped before updating the weights")
         t2 = time.perf_counter()
         samples = []
+        temps = [t if t > 0 else 1.0 for t in p.sample_temperatures()]  # log-probs of a greedy sample: at temperature 1
         for i, cs in zip(flat, completions):
             prompt_ids = self.prompt_ids(i)
             for j, c in enumerate(cs):
                 ids = list(c.token_ids) + ([c.stop_id] if c.stop_id is not None else [])
                 samples.append({"prompt_ids": prompt_ids, "completion_ids": ids, "truncated": c.stop_id is None, "prompt": i, "index": j,
-                                "sampler_logps": c.logprobs})
+                                "sampler_logps": c.logprobs, "temperature": temps[j]})
         bs = max(1, self.cfg.train.batch_size * p.k)
         old, entropy = sample_logps(model, samples, chat.pad_id, bs, entropy=True)
         ref = sample_logps(self.ref_model, samples, chat.pad_id, bs, entropy=False)[0] if self.ref_model is not None else None
@@ -628,7 +636,7 @@ def rl_loss_fn(p: RLParams):
     how = p.agg()
 
     def loss_fn(model, batch) -> LossOutput:
-        logps, mask = label_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        logps, mask = label_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"], batch.get("temperatures"))
         rows = mask.nonzero()[:, 0]
         n_tokens = mask.sum(-1)
         old = batch.get("old_logps")
@@ -741,5 +749,7 @@ def colocated_engine(cfg: RLConfig, chat, state):
         sleep, why = sleep_mode_available()
         if not sleep:
             log.warning("rl.vllm.sleep: skipped, %s; the engine keeps its memory between rollouts", why)
-    with vllm_engine(cfg.model, cfg.train.precision, options, cfg.seed, in_process=True, sleep_mode=sleep) as llm:
+    # processed_logprobs: the sampler's log-probs after temperature, as the trainer takes its own
+    with vllm_engine(cfg.model, cfg.train.precision, options, cfg.seed, in_process=True, sleep_mode=sleep,
+                     logprobs_mode="processed_logprobs") as llm:
         yield ColocatedVLLM(llm, sleep=sleep)
