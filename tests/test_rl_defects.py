@@ -94,10 +94,10 @@ def test_masked_truncated_sequences_still_count_in_the_normaliser_as_in_trl(trl_
 # --------------------------------------------------------------------------- 19.3 a prompt twice in one step
 
 
-def rollout_source(cfg, chat, prompts, ref_model=None, engine=None):
+def rollout_source(cfg, chat, prompts, ref_model=None, engine=None, backend=None):
     from alignkit.rewards.backends import build_backend
 
-    return rl.RolloutSource(cfg, chat, prompts, build_backend(cfg.reward, None), ref_model, 1, 0, None,
+    return rl.RolloutSource(cfg, chat, prompts, backend or build_backend(cfg.reward, None), ref_model, 1, 0, None,
                             False, engine)
 
 
@@ -221,3 +221,46 @@ def test_rollout_log_probs_and_kl_are_at_each_samples_temperature(toy_chat, trai
             kl += float((old - r).sum())
     got, n = buffer["metrics"]["kl"]
     assert got / n == pytest.approx(kl / len(samples), rel=1e-4)
+
+
+# --------------------------------------------------------------------------- 19.7 metrics
+
+
+class IndexReward:
+    """Reward = the sample's index within its group (0, 1, 2, 3, 0, 1, ...)."""
+
+    identity = "index"
+
+    def __init__(self, k):
+        self.k = k
+
+    def score(self, prompts, responses, columns=None):
+        return [float(i % self.k) for i in range(len(responses))]
+
+
+def test_reward_std_entropy_per_token_and_timings_once_per_batch(tmp_path, toy_chat, trained_toy_model, toy_data_dir):
+    from alignkit.models import load_causal_lm
+
+    cfg = rl_cfg("/unused", trained_toy_model, toy_data_dir, rl=dict(k=4, temperatures=[0.5, 0.5, 1.5, 1.5], max_new_tokens=6))
+    model = load_causal_lm(cfg.model, toy_chat)
+    prompts = [{"id": i, "messages": [{"role": "user", "content": f"Spell {w} backwards."}]}
+               for i, w in enumerate(["cat", "moon", "bird", "king"])]
+    buffer = rollout_source(cfg, toy_chat, prompts, backend=IndexReward(4)).rollout(0, model)
+    got, n = buffer["metrics"]["reward_std"]
+    assert got / n == pytest.approx(math.sqrt(5 / 3))  # std of 0, 1, 2, 3 with ddof 1
+    ent, tokens = 0.0, 0
+    with torch.no_grad():
+        for s in (s for mb in buffer["micro"] for s in mb):
+            ids = torch.tensor([s["prompt_ids"] + s["completion_ids"]])
+            t = [0.5, 0.5, 1.5, 1.5][s["index"]]
+            lp = (model(input_ids=ids).logits[0, len(s["prompt_ids"]) - 1 : -1] / t).log_softmax(-1)
+            ent += float(-(lp.exp() * lp).sum())
+            tokens += len(s["completion_ids"])
+    got, n = buffer["metrics"]["entropy"]
+    assert n == tokens and got / n == pytest.approx(ent / tokens, rel=1e-4)
+
+    rl.run_rl(rl_cfg(tmp_path / "run", trained_toy_model, toy_data_dir, rl=dict(algo="grpo", num_iterations=2),
+                     train=dict(max_steps=4)))
+    rows = read_metrics(tmp_path / "run")
+    for name in rl.ROLLOUT_TIMINGS:
+        assert [name in r for r in rows] == [True, False, True, False], name
