@@ -264,3 +264,12 @@ def test_reward_std_entropy_per_token_and_timings_once_per_batch(tmp_path, toy_c
     rows = read_metrics(tmp_path / "run")
     for name in rl.ROLLOUT_TIMINGS:
         assert [name in r for r in rows] == [True, False, True, False], name
+
+
+# --------------------------------------------------------------------------- 19.8 GSPO's aggregation
+
+
+def test_gspo_auto_aggregation_is_the_papers_per_sequence_mean():
+    assert rl.RLParams(algo="grpo", importance_level="sequence").agg() == "sequence_mean"
+    assert rl.RLParams(algo="grpo").agg() == "token_mean" and rl.RLParams(algo="rloo").agg() == "sequence_sum"
+    assert rl.RLParams(algo="grpo", importance_level="sequence", loss_agg="token_mean").agg() == "token_mean"

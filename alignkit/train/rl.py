@@ -265,7 +265,8 @@ class RLParams:
     scale_rewards: bool = True
     """GRPO: divide advantages by the group's standard deviation (false: Dr. GRPO)."""
     loss_agg: Literal["auto", "token_mean", "sequence_mean", "sequence_sum", "constant"] = "auto"
-    """auto: sequence_sum for RLOO (the paper's estimator), token_mean for GRPO (DAPO)."""
+    """auto: sequence_sum for RLOO (the paper's estimator), token_mean for GRPO (DAPO), sequence_mean for
+    GSPO (importance_level sequence: the paper's mean over sequences of each one's mean)."""
     length_penalty: LengthPenalty = field(default_factory=LengthPenalty)
     truncation_penalty: float = 0.0
     """Subtracted from the reward of a completion cut at max_new_tokens."""
@@ -294,7 +295,9 @@ class RLParams:
     def agg(self) -> str:
         if self.loss_agg != "auto":
             return self.loss_agg
-        return "sequence_sum" if self.algo == "rloo" else "token_mean"
+        if self.algo == "rloo":
+            return "sequence_sum"
+        return "sequence_mean" if self.importance_level == "sequence" else "token_mean"
 
     def sample_temperatures(self) -> list[float]:
         return list(self.temperatures) if self.temperatures else [self.temperature] * self.k
