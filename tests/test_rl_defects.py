@@ -469,3 +469,21 @@ def test_completion_length_and_eval_completion_length_both_count_the_stop_token(
     total, n = buffer["metrics"]["completion_length"]
     assert total == sum(len(s["completion_ids"]) for s in samples) and n == len(samples)
     assert all(s["truncated"] or s["completion_ids"][-1] in toy_chat.stop_ids() for s in samples)
+
+
+def test_the_changed_losses_and_metrics_ignore_how_a_step_is_split(tmp_path, trained_toy_model, toy_data_dir):
+    """Dr. GRPO's constant with masked truncated completions, temperatures per sample, and the entropy and kl
+    taken from the loss pass: the same at 1x4, 2x2 and 4x1 micro-batches."""
+    runs = {}
+    for bs, accum in [(4, 1), (2, 2), (1, 4)]:
+        out = tmp_path / f"b{bs}"
+        rl.run_rl(rl_cfg(out, trained_toy_model, toy_data_dir,
+                         rl=dict(algo="grpo", beta=0.1, loss_agg="constant", mask_truncated=True, max_new_tokens=5,
+                                 temperatures=[0.5, 1.0, 1.0, 1.5], length_penalty=rl.LengthPenalty("linear", 0.1)),
+                         train=dict(max_steps=2, batch_size=bs, grad_accum=accum)))
+        runs[bs] = read_metrics(out)
+    assert 0 < runs[4][0]["truncated"] < 1
+    for bs in (2, 1):
+        for a, b in zip(runs[4], runs[bs]):
+            for key in ("loss", "entropy", "kl", "kl_k3", "grad_norm"):
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (bs, key)
