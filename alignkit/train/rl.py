@@ -3,13 +3,19 @@
 Each optimizer step (read top to bottom):
 1. the next prompts (order a pure function of seed and step, as for every stage);
 2. k completions per prompt from the current policy (or a vLLM engine holding its weights, see
-   below), each sample index at its own temperature if asked (`rl.temperatures`), each prompt's
-   sampling seeded from (seed, step), so a resumed run samples exactly what the uninterrupted one did;
+   below), each sample index at its own temperature if asked (`rl.temperatures`; all in one decoding
+   call), each prompt's sampling seeded from (seed, step, its row), so a resumed run samples exactly
+   what the uninterrupted one did and a prompt listed twice is sampled twice;
 3. rewards from any backend (reward model, remote API, rule verifier), plus shaping terms
    logged one by one (length penalty, penalty or masking for completions cut at max_new_tokens);
-4. log-probs of the samples under the policy at sampling time ("old", with its entropy) and
-   under the reference, in batched no-grad passes, at the completion tokens only (with vLLM: and
-   the sampler/trainer mismatch, with the truncated importance weights if asked);
+4. log-probs of the samples under the policy at sampling time ("old", with its entropy; only where
+   something needs them, see `old_pass_needed`) and under the reference, in batched no-grad passes,
+   at the completion tokens only (with vLLM: and the sampler/trainer mismatch, with the truncated
+   importance weights if asked). Every log-prob
+   (old, current, reference) is of the distribution the sample was drawn from: the logits divided
+   by that sample's temperature (as TRL; a greedy sample's at temperature 1), so the logged kl is
+   the KL between the policy and the reference at the sampling temperatures, and the entropy is
+   that of the sampled distribution;
 5. advantages within each prompt's group, then the policy loss:
    - RLOO (Ahmadian et al. 2024, "Back to Basics"): the KL to the reference is folded into the
      reward, r - beta * sum_t (log pi - log pi_ref); advantage = r_i - mean of the other k-1;
@@ -46,9 +52,10 @@ samples are slightly off-policy; `rl.vllm_is_threshold: C` corrects that by trun
 sampling (Yao et al. 2025, "Your efficient RL framework secretly brings you off-policy RL training"):
 each token's policy-gradient term is multiplied by min(exp(logp_trainer - logp_sampler), C), a
 constant (no gradient flows through it); vllm_is_weight and vllm_is_clipped (the share of tokens
-whose weight hit C) are logged. Both log-probs are at temperature 1 (vLLM's raw_logprobs, before
-temperature and top-k/top-p), so the mismatch measures the engines, not the sampling settings; the
-k3 estimate is unbiased only for samples drawn at temperature 1. Sampling on vLLM is seeded per
+whose weight hit C) are logged. Both log-probs are at the sample's temperature (vLLM's
+processed_logprobs; the trainer divides its logits by T), so the mismatch measures the engines, not
+the sampling settings (with top-k/top-p, vLLM's are renormalised over the kept tokens and the
+trainer's are not). Sampling on vLLM is seeded per
 request from (seed, step, temperature group, prompt tokens), so a resumed run samples what the
 uninterrupted one did on the same machine and vLLM version (vLLM's batching may still change
 floats); vLLM's kernels are not the transformers engine's, so its samples are not bit-identical to
@@ -80,7 +87,7 @@ from ..evaluate.callback import WinRateDuringTraining, win_rate_callbacks
 from ..generation import (
     ColocatedVLLM, PromptSource, SamplingParams, VLLMOptions, generate, load_prompts, sleep_mode_available, vllm_engine,
 )
-from ..models import load_causal_lm, load_tokenizer
+from ..models import disable_dropout, load_causal_lm, load_tokenizer
 from ..rewards.backends import RewardConfig, build_backend, last_user_text
 from .logprobs import label_logps, label_logps_entropy
 from .loop import LossOutput, RunOptions, SourceFailed, StepPlan, StepSource, TrainingDiverged, distributed_state, to_device, train
@@ -193,7 +200,10 @@ def aggregate(token_losses: torch.Tensor, rows: torch.Tensor, n_tokens: torch.Te
               max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum over units, number of units) of a micro-batch; the loop divides by the step's units.
 
-    weights: per sequence (0 masks a sequence out, e.g. a truncated completion).
+    weights: per sequence (0 masks a sequence out, e.g. a truncated completion). A masked sequence
+    adds nothing to the sum; its tokens leave token_mean's count, but it still counts as a sequence in
+    the others (as TRL: constant divides by all sequences x max_new_tokens, sequence_mean by all
+    sequences), so the step size does not grow with the share masked.
     """
     w = weights[rows]
     if how == "token_mean":
@@ -205,7 +215,7 @@ def aggregate(token_losses: torch.Tensor, rows: torch.Tensor, n_tokens: torch.Te
         per_seq = per_seq / max_new_tokens
     elif how != "sequence_sum":
         raise ValueError(f"unknown loss aggregation {how!r}")
-    return (per_seq * weights).sum(), weights.sum()
+    return (per_seq * weights).sum(), torch.ones_like(weights).sum()
 
 
 # --------------------------------------------------------------------------- config
@@ -257,7 +267,8 @@ class RLParams:
     scale_rewards: bool = True
     """GRPO: divide advantages by the group's standard deviation (false: Dr. GRPO)."""
     loss_agg: Literal["auto", "token_mean", "sequence_mean", "sequence_sum", "constant"] = "auto"
-    """auto: sequence_sum for RLOO (the paper's estimator), token_mean for GRPO (DAPO)."""
+    """auto: sequence_sum for RLOO (the paper's estimator), token_mean for GRPO (DAPO), sequence_mean for
+    GSPO (importance_level sequence: the paper's mean over sequences of each one's mean)."""
     length_penalty: LengthPenalty = field(default_factory=LengthPenalty)
     truncation_penalty: float = 0.0
     """Subtracted from the reward of a completion cut at max_new_tokens."""
@@ -275,6 +286,19 @@ class RLParams:
     """engine vllm: truncated importance sampling (Yao et al. 2025) with this cap C (e.g. 2): each token's
     policy-gradient term is weighted by min(pi_trainer / pi_sampler, C). Unset: no correction (the
     mismatch is still logged, as vllm_mismatch_kl)."""
+    disable_dropout: bool = True
+    """Turn every dropout of the policy and the reference off (TRL's default): the sampling-time and the
+    loss-time log-probs then come from the same function, so the on-policy ratio is 1. false keeps the
+    checkpoint's dropout (its config is left as it is either way)."""
+    stall_rollouts: int = 5
+    """Guard-rail: after this many rollouts in a row in which at least stall_share of the completions
+    were cut at max_new_tokens, or of the groups were tied (all k shaped rewards equal: no signal), a
+    loud warning naming the fix (0: never)."""
+    stall_share: float = 0.9
+    """The share of truncated completions or tied groups that counts as a stalled rollout (0 < share <= 1)."""
+    stop_on_stall: bool = False
+    """Stop at the warning instead of training on (the last completed step is checkpointed; --resume
+    continues)."""
     log_samples_steps: int = 10
     """Write a few completions with their rewards to samples.jsonl every N steps (0: never)."""
     samples_per_log: int = 4
@@ -282,7 +306,9 @@ class RLParams:
     def agg(self) -> str:
         if self.loss_agg != "auto":
             return self.loss_agg
-        return "sequence_sum" if self.algo == "rloo" else "token_mean"
+        if self.algo == "rloo":
+            return "sequence_sum"
+        return "sequence_mean" if self.importance_level == "sequence" else "token_mean"
 
     def sample_temperatures(self) -> list[float]:
         return list(self.temperatures) if self.temperatures else [self.temperature] * self.k
@@ -341,6 +367,9 @@ def check_rl_config(cfg: RLConfig) -> None:
         raise ConfigError("rl.num_iterations and rl.importance_level are GRPO options (RLOO updates once per batch of samples)")
     if p.max_new_tokens < 1:
         raise ConfigError("rl.max_new_tokens must be >= 1")
+    if p.stall_rollouts < 0 or not 0 < p.stall_share <= 1:
+        raise ConfigError(f"rl.stall_rollouts must be >= 0 (got {p.stall_rollouts}) and rl.stall_share in "
+                          f"(0, 1] (got {p.stall_share})")
     if p.vllm_is_threshold is not None:
         if p.engine != "vllm":
             raise ConfigError(f"rl.vllm_is_threshold: {p.vllm_is_threshold} corrects the vLLM sampler's mismatch with the trainer; "
@@ -375,6 +404,8 @@ def collate_rollout(samples: list[dict], pad_id: int) -> dict:
         "labels": pad([[IGNORE_INDEX] * len(s["prompt_ids"]) + s["completion_ids"] for s in samples], IGNORE_INDEX),
         "advantages": torch.tensor([s["advantage"] for s in samples], dtype=torch.float32),
         "weights": torch.tensor([s["weight"] for s in samples], dtype=torch.float32),
+        # the temperature each completion was sampled at (1 for a greedy one): log-probs are taken there
+        "temperatures": torch.tensor([s.get("temperature", 1.0) for s in samples], dtype=torch.float32),
     }
     for key in ("old_logps", "ref_logps", "is_weights"):
         if samples[0].get(key) is not None:
@@ -384,7 +415,8 @@ def collate_rollout(samples: list[dict], pad_id: int) -> dict:
 
 @torch.no_grad()
 def sample_logps(model, samples: list[dict], pad_id: int, batch_size: int, entropy: bool):
-    """Per-sample lists of completion-token log-probs (and the mean entropy per sample)."""
+    """Per-sample lists of completion-token log-probs (and each sample's sum of per-token entropies), each
+    at the sample's temperature."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -395,15 +427,17 @@ def sample_logps(model, samples: list[dict], pad_id: int, batch_size: int, entro
             plain = {"advantage": 0.0, "weight": 1.0, "old_logps": None, "ref_logps": None, "is_weights": None}
             b = to_device(collate_rollout([s | plain for s in chunk], pad_id), device)
             if entropy:
-                logps, ent, mask = label_logps_entropy(model, b["input_ids"], b["attention_mask"], b["labels"])
+                logps, ent, mask = label_logps_entropy(model, b["input_ids"], b["attention_mask"], b["labels"],
+                                                       b["temperatures"])
             else:
-                logps, mask = label_logps(model, b["input_ids"], b["attention_mask"], b["labels"])
+                logps, mask = label_logps(model, b["input_ids"], b["attention_mask"], b["labels"],
+                                          b["temperatures"])
                 ent = None
             counts = mask.sum(-1).tolist()
             pieces = logps.float().cpu().split(counts)
             out_logps += [p.tolist() for p in pieces]
             if ent is not None:
-                out_entropy += [float(e.mean()) if len(e) else 0.0 for e in ent.float().cpu().split(counts)]
+                out_entropy += [float(e.sum()) for e in ent.float().cpu().split(counts)]
     finally:
         model.train(was_training)
     return out_logps, out_entropy
@@ -436,6 +470,10 @@ def sampler_correction(samples: list[dict], old: list[list[float]], threshold: f
     return metrics
 
 
+ROLLOUT_TIMINGS = ("time_sample_s", "time_score_s", "time_logprobs_s", "sampled_tokens_per_s")
+"""Metrics of the work of a rollout, logged on the step that made it only (count 0 on the others)."""
+
+
 class RolloutSource(StepSource):
     """Each step's micro-batches made from the current policy: prompts -> samples -> rewards -> advantages."""
 
@@ -453,6 +491,8 @@ class RolloutSource(StepSource):
         self.metrics: dict[str, tuple[float, float]] = {}
         self.samples_path = out / "samples.jsonl" if is_main else None
         self._prompt_ids: dict[int, list[int]] = {}
+        self.stalled: dict[str, int] = {}
+        """Rollouts in a row with nearly every completion truncated / group tied (check_stall)."""
 
     def prompt_ids(self, i: int) -> list[int]:
         """Prompt i's tokens through the chat template, computed once per run."""
@@ -468,6 +508,9 @@ class RolloutSource(StepSource):
                 self.engine.sync(model, version=step)  # `step` optimizer updates so far: a push when they changed the weights
             self.buffer = self.rollout(generation, model)
         self.metrics = {k: tuple(v) for k, v in self.buffer["metrics"].items()}
+        if self.buffer.get("used"):  # a step reusing a batch (num_iterations > 1) did no sampling: no timings
+            self.metrics.update({k: (0.0, 0.0) for k in ROLLOUT_TIMINGS})
+        self.buffer["used"] = True
         if self.engine is not None:
             self.metrics["vllm_weight_pushes"] = (float(self.engine.pushes), 1.0)
         return [collate_rollout(mb, self.chat.pad_id) for mb in self.buffer["micro"]]
@@ -497,7 +540,7 @@ class RolloutSource(StepSource):
         messages = [self.prompts[i]["messages"] for i in flat]
         t0 = time.perf_counter()
         try:
-            completions = self.sample(model, messages, generation)  # [prompt][k]
+            completions = self.sample(model, messages, generation, salts=flat)  # [prompt][k]
         finally:
             if self.engine is not None:
                 self.engine.rest()
@@ -508,6 +551,10 @@ class RolloutSource(StepSource):
             scores = self.backend.score([m for m in messages for _ in range(p.k)], texts, columns=columns)
         except Exception as e:  # an API down after its retries, a server gone: stop at a clean step
             raise SourceFailed(f"the reward backend failed ({type(e).__name__}: {e})") from e
+        if len(scores) != len(texts):
+            raise ConfigError(f"reward ({self.cfg.reward.kind}): the backend returned {len(scores)} values for "
+                              f"{len(texts)} completions ({len(flat)} prompts x rl.k {p.k}); a reward must return "
+                              "one number per completion, in order. Stopped before any update")
         rewards = torch.tensor(scores, dtype=torch.float64)
         if not torch.isfinite(rewards).all():
             bad = int((~torch.isfinite(rewards)).sum())
@@ -515,14 +562,17 @@ class RolloutSource(StepSource):
                                    "stopped before updating the weights")
         t2 = time.perf_counter()
         samples = []
+        temps = [t if t > 0 else 1.0 for t in p.sample_temperatures()]  # a greedy sample's log-probs: at T = 1
         for i, cs in zip(flat, completions):
             prompt_ids = self.prompt_ids(i)
             for j, c in enumerate(cs):
                 ids = list(c.token_ids) + ([c.stop_id] if c.stop_id is not None else [])
                 samples.append({"prompt_ids": prompt_ids, "completion_ids": ids, "truncated": c.stop_id is None, "prompt": i, "index": j,
-                                "sampler_logps": c.logprobs})
+                                "sampler_logps": c.logprobs, "temperature": temps[j]})
         bs = max(1, self.cfg.train.batch_size * p.k)
-        old, entropy = sample_logps(model, samples, chat.pad_id, bs, entropy=True)
+        old, entropy = None, None
+        if old_pass_needed(p):
+            old, entropy = sample_logps(model, samples, chat.pad_id, bs, entropy=True)
         ref = sample_logps(self.ref_model, samples, chat.pad_id, bs, entropy=False)[0] if self.ref_model is not None else None
         t3 = time.perf_counter()
 
@@ -533,9 +583,9 @@ class RolloutSource(StepSource):
         len_pen = length_penalty(lengths, p.length_penalty.kind, p.length_penalty.coef, p.length_penalty.target, p.max_new_tokens).double()
         trunc_pen = p.truncation_penalty * truncated
         total = rewards - len_pen - trunc_pen
-        seq_old = torch.tensor([sum(x) for x in old], dtype=torch.float64).view(shape)
         kl_seq = None
-        if ref is not None:
+        if ref is not None and old is not None:  # else the loss pass logs kl (GRPO, one iteration)
+            seq_old = torch.tensor([sum(x) for x in old], dtype=torch.float64).view(shape)
             seq_ref = torch.tensor([sum(x) for x in ref], dtype=torch.float64).view(shape)
             kl_seq = seq_old - seq_ref
         if p.algo == "rloo":
@@ -547,34 +597,39 @@ class RolloutSource(StepSource):
         weights = (1 - truncated) if p.mask_truncated else torch.ones_like(truncated)
         if not torch.isfinite(adv).all():
             raise TrainingDiverged(f"non-finite advantages at generation {generation + 1}; stopped before updating the weights")
-        for s, a, w, o, r in zip(samples, adv.flatten().tolist(), weights.flatten().tolist(), old, ref or [None] * len(samples)):
+        nothing = [None] * len(samples)
+        for s, a, w, o, r in zip(samples, adv.flatten().tolist(), weights.flatten().tolist(), old or nothing,
+                                 ref or nothing):
             s.update(advantage=a, weight=w, old_logps=o if (p.algo == "grpo") else None, ref_logps=r if p.algo == "grpo" and p.beta > 0 else None)
         mismatch = sampler_correction(samples, old, p.vllm_is_threshold) if self.engine is not None else {}
 
         n = float(len(samples))
         tokens = float(lengths.sum())
-        equal_groups = float((rewards.max(-1).values - rewards.min(-1).values).abs().le(1e-12).sum())
+        # Tied on what the advantages are computed from (the shaped total), so 1.0 means no signal at all.
+        equal_groups = float((total.max(-1).values - total.min(-1).values).abs().le(1e-12).sum())
         metrics = {
             "reward": (float(rewards.sum()), n),
-            "reward_std": (float(rewards.std(-1, unbiased=False).sum()), float(len(flat))),
+            "reward_std": (float(rewards.std(-1).sum()), float(len(flat))),  # per group, ddof 1 as the advantages
             "reward_total": (float(total.sum()), n),
             "reward_length_penalty": (float(-len_pen.sum()), n),
             "reward_truncation_penalty": (float(-trunc_pen.sum()), n),
             "advantage": (float(adv.sum()), n),
             "advantage_abs": (float(adv.abs().sum()), n),
-            "completion_length": (tokens, n),
+            "completion_length": (tokens, n),  # sampled tokens, the stop token included
             "completion_length_max": (float(lengths.max()), 1.0),
             "truncated": (float(truncated.sum()), n),
-            "entropy": (sum(entropy), n),
             "groups_all_equal": (equal_groups, float(len(flat))),
             "time_sample_s": (t1 - t0, 1.0),
             "time_score_s": (t2 - t1, 1.0),
             "time_logprobs_s": (t3 - t2, 1.0),
             "sampled_tokens_per_s": (tokens, max(t1 - t0, 1e-9)),
         }
+        if entropy is not None:  # per token, of the distribution sampled (at its T); else from the loss pass
+            metrics["entropy"] = (sum(entropy), tokens)
         if kl_seq is not None:
             metrics["kl"] = (float(kl_seq.sum()), n)  # sum over a completion's tokens of log pi - log pi_ref, mean over samples
         metrics.update(mismatch)
+        self.check_stall(generation, metrics, next(model.parameters()).device)
         self.write_samples(generation, samples, texts, rewards.flatten().tolist(), total.flatten().tolist())
         micro = []
         start = 0
@@ -583,23 +638,67 @@ class RolloutSource(StepSource):
             start += len(g) * p.k
         return {"generation": generation, "micro": micro, "metrics": {k: list(v) for k, v in metrics.items()}}
 
-    def sample(self, model, messages: list[list[dict]], generation: int):
-        """k completions per prompt; sample indices that share a temperature are drawn in one call."""
+    one_sampling_call = True
+    """All k samples of every prompt in one decoding call, each row at its temperature (False: one call
+    per distinct temperature, as before; kept for bench/rl_step.py's before/after)."""
+
+    def sample(self, model, messages: list[list[dict]], generation: int, salts: list | None = None):
+        """k completions per prompt, each sample index at its temperature, in one decoding call.
+        salts: each prompt's row in the prompt list, in its seeds (two copies of a prompt differ)."""
         p = self.p
         temps = p.sample_temperatures()
+        if self.one_sampling_call:
+            params = SamplingParams(max_new_tokens=p.max_new_tokens, temperature=max(temps), top_p=p.top_p,
+                                    top_k=p.top_k, n=p.k, seed=sampling_seed(self.cfg.seed, generation, 0))
+            per_row = None if len(set(temps)) == 1 else temps
+            if self.engine is not None:
+                return self.engine.generate(self.chat, messages, params, salts=salts, temperatures=per_row)
+            return generate(model, self.chat, messages, params, p.generation_batch_size, salts=salts,
+                            temperatures=per_row)
         out = [[None] * p.k for _ in messages]
         for group, t in enumerate(sorted(set(temps))):
             idx = [j for j, x in enumerate(temps) if x == t]
             params = SamplingParams(max_new_tokens=p.max_new_tokens, temperature=t, top_p=p.top_p, top_k=p.top_k, n=len(idx),
                                     seed=sampling_seed(self.cfg.seed, generation, group))
             if self.engine is not None:
-                results = self.engine.generate(self.chat, messages, params)
+                results = self.engine.generate(self.chat, messages, params, salts=salts)
             else:
-                results = generate(model, self.chat, messages, params, p.generation_batch_size)
+                results = generate(model, self.chat, messages, params, p.generation_batch_size, salts=salts)
             for i, cs in enumerate(results):
                 for j, c in zip(idx, cs):
                     out[i][j] = c
         return out
+
+    def check_stall(self, generation: int, metrics: dict, device) -> None:
+        """Guard-rail: nearly every completion truncated, or nearly every group tied, for rl.stall_rollouts
+        rollouts in a row: a loud warning with the fix (and with rl.stop_on_stall, a stop at the last step).
+        Shares are over all processes, so every process decides alike."""
+        p = self.p
+        if not p.stall_rollouts:
+            return
+        sums = torch.tensor([metrics["truncated"][0], metrics["truncated"][1], metrics["groups_all_equal"][0],
+                             metrics["groups_all_equal"][1]], dtype=torch.float64)
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and self.plan.world > 1:
+            sums = sums.to(device)
+            torch.distributed.all_reduce(sums)
+        trunc, n, tied, groups = sums.cpu().tolist()
+        masked = " and mask_truncated leaves them out of the loss" if p.mask_truncated else ""
+        fixes = {
+            "truncated": (trunc / max(n, 1), f"of the completions were cut at rl.max_new_tokens ({p.max_new_tokens}): "
+                          f"their rewards judge unfinished replies{masked}. Raise rl.max_new_tokens, or start from a "
+                          "model that ends its replies with the end-of-turn token (SFT), or add rl.truncation_penalty"),
+            "tied": (tied / max(groups, 1), f"of the groups had all {p.k} shaped rewards equal: their advantages are 0 "
+                     "and nothing is learnt from them. Check that the reward can tell the samples apart "
+                     "(samples.jsonl), make the prompts easier or raise rl.k or the temperature"),
+        }
+        for name, (share, why) in fixes.items():
+            self.stalled[name] = self.stalled.get(name, 0) + 1 if share >= p.stall_share else 0
+            if self.stalled[name] and self.stalled[name] % p.stall_rollouts == 0:  # again after each further streak
+                message = (f"{share:.0%} {why} (the last {self.stalled[name]} rollouts in a row, up to generation "
+                           f"{generation + 1})")
+                if p.stop_on_stall:
+                    raise SourceFailed(f"rl.stop_on_stall: {message}")
+                log.warning("!!! RL IS NOT LEARNING: %s. Set rl.stop_on_stall: true to stop here instead.", message)
 
     def write_samples(self, generation: int, samples, texts, rewards, totals) -> None:
         every = self.p.log_samples_steps
@@ -615,11 +714,29 @@ class RolloutSource(StepSource):
 # --------------------------------------------------------------------------- the loss
 
 
+ALWAYS_OLD_PASS = False
+"""Run the no-grad policy pass even where nothing needs it (the behaviour before; bench/rl_step.py)."""
+
+
+def old_pass_needed(p: RLParams) -> bool:
+    """Whether a rollout needs the policy's no-grad log-probs at sampling time: the old log-probs of GRPO's
+    later iterations on a batch, the sampler/trainer comparison of vLLM, RLOO's KL in the reward. Else
+    (GRPO with one iteration, RLOO with beta 0) the loss pass is at the sampling weights: its log-probs
+    are the old ones (ratio 1), and it logs the entropy (and GRPO's kl)."""
+    return (ALWAYS_OLD_PASS or p.engine == "vllm" or (p.algo == "grpo" and p.num_iterations > 1)
+            or (p.algo == "rloo" and p.beta > 0))
+
+
 def rl_loss_fn(p: RLParams):
     how = p.agg()
 
     def loss_fn(model, batch) -> LossOutput:
-        logps, mask = label_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        stats_here = not old_pass_needed(p)
+        args = (model, batch["input_ids"], batch["attention_mask"], batch["labels"], batch.get("temperatures"))
+        if stats_here:
+            logps, entropy, mask = label_logps_entropy(*args)
+        else:
+            logps, mask = label_logps(*args)
         rows = mask.nonzero()[:, 0]
         n_tokens = mask.sum(-1)
         old = batch.get("old_logps")
@@ -627,6 +744,13 @@ def rl_loss_fn(p: RLParams):
         token_losses, clipped = policy_token_losses(logps, old, batch["advantages"], rows, n_tokens, p.algo, p.epsilon, p.epsilon_high,
                                                     p.importance_level, batch.get("is_weights"))
         metrics = {}
+        if stats_here:  # what the skipped no-grad pass would have logged, from this pass at the same weights
+            count = torch.tensor(float(len(entropy)), device=entropy.device)
+            metrics["entropy"] = torch.stack([entropy.sum(), count]).double()
+            if batch.get("ref_logps") is not None:
+                kl_sum = (logps.detach() - batch["ref_logps"]).sum()
+                seqs = torch.tensor(float(len(n_tokens)), device=kl_sum.device)
+                metrics["kl"] = torch.stack([kl_sum, seqs]).double()
         if p.algo == "grpo" and p.beta > 0:
             kl = k3_kl(logps, batch["ref_logps"])
             token_losses = token_losses + p.beta * kl
@@ -657,8 +781,10 @@ def make_eval_fn(cfg: RLConfig, chat, backend):
         prompts = [r["messages"] for r in mine]
         outs = [c[0] for c in generate(model, chat, prompts, params, cfg.rl.generation_batch_size)] if mine else []
         rewards = backend.score(prompts, [o.text for o in outs], columns=[r["columns"] for r in mine]) if mine else []
-        sums = torch.tensor([sum(rewards), len(rewards), sum(len(o.token_ids) for o in outs), sum(o.finish_reason == "length" for o in outs)],
-                            dtype=torch.float64)
+        # lengths count every sampled token, the stop token included, as completion_length and max_new_tokens do
+        lengths = sum(len(o.token_ids) + (o.stop_id is not None) for o in outs)
+        cut = sum(o.finish_reason == "length" for o in outs)
+        sums = torch.tensor([sum(rewards), len(rewards), lengths, cut], dtype=torch.float64)
         if state.num_processes > 1:
             sums = sums.to(state.device)
             torch.distributed.all_reduce(sums)
@@ -695,6 +821,10 @@ def run_rl(cfg: RLConfig, callbacks=()) -> Path:
     if cfg.rl.beta > 0:
         ref_model = load_causal_lm(cfg.model, chat, path=cfg.rl.ref_model)
         ref_model.requires_grad_(False).to(state.device).eval()
+    if cfg.rl.disable_dropout:
+        off = sum(disable_dropout(m) for m in (model, ref_model) if m is not None)
+        if off:
+            log.info("rl.disable_dropout: %d dropout setting(s) turned off in the policy and reference", off)
     log.info("RL (%s): %d prompts, k=%d samples each, beta=%g, loss aggregation %s", cfg.rl.algo, len(prompts), cfg.rl.k, cfg.rl.beta, cfg.rl.agg())
 
     callbacks = list(callbacks) + win_rate_callbacks(cfg.win_rate, chat, out)
@@ -728,5 +858,7 @@ def colocated_engine(cfg: RLConfig, chat, state):
         sleep, why = sleep_mode_available()
         if not sleep:
             log.warning("rl.vllm.sleep: skipped, %s; the engine keeps its memory between rollouts", why)
-    with vllm_engine(cfg.model, cfg.train.precision, options, cfg.seed, in_process=True, sleep_mode=sleep) as llm:
+    # processed_logprobs: the sampler's log-probs after temperature, as the trainer takes its own
+    with vllm_engine(cfg.model, cfg.train.precision, options, cfg.seed, in_process=True, sleep_mode=sleep,
+                     logprobs_mode="processed_logprobs") as llm:
         yield ColocatedVLLM(llm, sleep=sleep)
