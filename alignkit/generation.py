@@ -211,13 +211,14 @@ def environment(name: str, value: str):
 
 @contextmanager
 def vllm_engine(model: ModelConfig, precision: str = "auto", options: VLLMOptions | None = None, seed: int = 0,
-                in_process: bool = False, sleep_mode: bool = False):
+                in_process: bool = False, sleep_mode: bool = False, logprobs_mode: str | None = None):
     """A vLLM `LLM` for a checkpoint, shut down on exit so the next one gets the memory back.
 
     in_process: the engine core and its model run in this process (not a child process), so
     weights can be pushed into the model directly (`ColocatedVLLM`). (vLLM caches its environment
     settings once an in-process engine starts: later engines of the process run in-process too.) sleep_mode: enable vLLM's
-    sleep/wake_up (the caller checks `sleep_mode_available()` first).
+    sleep/wake_up (the caller checks `sleep_mode_available()` first). logprobs_mode: vLLM's, e.g.
+    "processed_logprobs" (the sampled distribution: after temperature, top-k and top-p); unset: vLLM's default.
     """
     try:
         from vllm import LLM
@@ -226,6 +227,8 @@ def vllm_engine(model: ModelConfig, precision: str = "auto", options: VLLMOption
     options = options or VLLMOptions()
     dtype = str(generation_dtype(precision)).removeprefix("torch.")
     extra = {"enable_sleep_mode": True} if sleep_mode else {}
+    if logprobs_mode:
+        extra["logprobs_mode"] = logprobs_mode
     with environment("VLLM_ENABLE_V1_MULTIPROCESSING", "0") if in_process else nullcontext():
         llm = LLM(
             model=check_source(model.name_or_path, "model"), tokenizer=model.tokenizer, revision=model.revision,
