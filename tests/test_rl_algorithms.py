@@ -258,8 +258,9 @@ NEW = dict(algo="grpo", beta=0.1, loss="cispo", epsilon_high=0.5, advantage="rei
            temperature=1.2)
 
 
-def test_new_losses_ignore_how_a_step_is_split(tmp_path, trained_toy_model, toy_data_dir):
+def test_new_losses_ignore_how_a_step_is_split(tmp_path, trained_toy_model, toy_data_dir, monkeypatch):
     """CISPO with REINFORCE++-baseline advantages and dynamic sampling, 4 prompts x 4 samples as 1x4 and 4x1 micro-batches."""
+    monkeypatch.setattr(rl, "build_backend", lambda cfg, cache: AddsTie())
     runs = {}
     for bs, accum in [(4, 1), (1, 4)]:
         out = tmp_path / f"b{bs}"
@@ -270,9 +271,11 @@ def test_new_losses_ignore_how_a_step_is_split(tmp_path, trained_toy_model, toy_
         for key in ("reward", "advantage_abs", "dynamic_groups_drawn", "dynamic_extra_draws", "clip_fraction"):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
     assert "kl_k3" not in runs[4][0]  # REINFORCE++: the KL is in the reward, not the loss
+    assert sum(r["dynamic_extra_draws"] for r in runs[4]) > 0
 
 
-def test_dynamic_sampling_resumes_exactly(tmp_path, trained_toy_model, toy_data_dir):
+def test_dynamic_sampling_resumes_exactly(tmp_path, trained_toy_model, toy_data_dir, monkeypatch):
+    monkeypatch.setattr(rl, "build_backend", lambda cfg, cache: AddsTie())
     kw = dict(rl=dict(NEW, loss="clip", advantage="reinforce_pp"), train=dict(max_steps=4, save_steps=2))
     rl.run_rl(rl_cfg(tmp_path / "straight", trained_toy_model, toy_data_dir, **kw))
     cfg = rl_cfg(tmp_path / "broken", trained_toy_model, toy_data_dir, **kw)
