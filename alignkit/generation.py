@@ -79,7 +79,8 @@ class Completion:
     """The stop token that ended it (not in token_ids), for training on the sample (RL)."""
     logprobs: list[float] | None = None
     """vLLM with `logprobs=True`: the sampler's log-prob of each sampled token (token_ids, then stop_id
-    if any), from the raw logits (temperature 1, before top-k/top-p), as the trainer computes them."""
+    if any), as the engine's `logprobs_mode` gives them (RL's colocated engine: processed_logprobs, at
+    the sampling temperature as the trainer computes them; top-k/top-p also renormalise them there)."""
 
 
 def decoding_config(params: SamplingParams, stop: list[int], pad_id: int) -> GenerationConfig:
@@ -94,9 +95,10 @@ def decoding_config(params: SamplingParams, stop: list[int], pad_id: int) -> Gen
                             repetition_penalty=params.repetition_penalty, **knobs)
 
 
-def prompt_seed(seed: int, ids: list[int]) -> int:
-    """A prompt's sampling seed, from the run's seed and the prompt's tokens (both engines)."""
-    return zlib.crc32(json.dumps([seed, ids]).encode())
+def prompt_seed(seed: int, ids: list[int], salt=None) -> int:
+    """A prompt's sampling seed, from the run's seed and the prompt's tokens (both engines), and a
+    salt when given (e.g. the prompt's row, so that two copies of one prompt sample differently)."""
+    return zlib.crc32(json.dumps([seed, ids] if salt is None else [seed, ids, salt]).encode())
 
 
 class SeededSampler(LogitsProcessor):
@@ -131,14 +133,16 @@ def sampling_processors(params: SamplingParams, seeds: list[int], device) -> Log
 
 
 @torch.no_grad()
-def generate(model, chat, prompts: list[list[dict]], params: SamplingParams, batch_size: int = 16, progress: bool = False) -> list[list[Completion]]:
+def generate(model, chat, prompts: list[list[dict]], params: SamplingParams, batch_size: int = 16, progress: bool = False,
+             salts: list | None = None) -> list[list[Completion]]:
     """`params.n` completions per prompt, in prompt order.
 
     Prompts are batched longest first (left padding, KV cache). The global torch RNG (CPU and CUDA)
     is left as it was, so a training run that evaluates keeps its random stream. Seeded sampling
     gives sample j of each prompt its own seed from (seed, prompt tokens, j) (`SeededSampler`): its
     samples do not depend on batching, chunking, sharding or resuming (as with vLLM). `batch_size`
-    counts sequences (a prompt with n samples takes n rows).
+    counts sequences (a prompt with n samples takes n rows). `salts`: one JSON value per prompt mixed
+    into its seeds (RL passes each prompt's row, so a prompt that appears twice is sampled twice).
     """
     tok = chat.tokenizer
     encoded = [tokenize_prompt(tok, p) for p in prompts]
@@ -171,10 +175,11 @@ def generate(model, chat, prompts: list[list[dict]], params: SamplingParams, bat
                 idx = [i for i, _ in batch]
                 extra = {}
                 if seeded:
-                    seeds = [zlib.crc32(json.dumps([params.seed, encoded[i], j]).encode()) for i, j in batch]
+                    seeds = [zlib.crc32(json.dumps([params.seed, encoded[i], j] + ([] if salts is None else [salts[i]])).encode())
+                             for i, j in batch]
                     extra["logits_processor"] = sampling_processors(params, seeds, device)
                 elif beam_sample:  # beam sampling keeps transformers' sampler: one prompt per call, seeded
-                    torch.manual_seed(prompt_seed(params.seed, encoded[idx[0]]))
+                    torch.manual_seed(prompt_seed(params.seed, encoded[idx[0]], None if salts is None else salts[idx[0]]))
                 ids = pad([encoded[i] for i in idx], chat.pad_id, side="left").to(device)
                 mask = pad([[1] * len(encoded[i]) for i in idx], 0, side="left").to(device)
                 out = model.generate(input_ids=ids, attention_mask=mask, generation_config=decoding, **extra)
@@ -183,7 +188,9 @@ def generate(model, chat, prompts: list[list[dict]], params: SamplingParams, bat
                     new = out[row, ids.shape[1] :].tolist()
                     cut = next((k for k, t in enumerate(new) if t in stop), None)
                     stop_id = new[cut] if cut is not None else None
-                    new = new[:cut] if cut is not None else [t for t in new if t != chat.pad_id]
+                    # Padding follows a row's stop token; a row that never stopped ran to the end: no padding to cut
+                    # (its tokens equal to pad_id, when pad is not a stop token, were sampled and stay).
+                    new = new[:cut] if cut is not None else new
                     results[idx[row // per_row]].append(
                         Completion(tok.decode(new, skip_special_tokens=True), new, "stop" if cut is not None else "length", stop_id))
     finally:
@@ -217,8 +224,8 @@ def vllm_engine(model: ModelConfig, precision: str = "auto", options: VLLMOption
     in_process: the engine core and its model run in this process (not a child process), so
     weights can be pushed into the model directly (`ColocatedVLLM`). (vLLM caches its environment
     settings once an in-process engine starts: later engines of the process run in-process too.) sleep_mode: enable vLLM's
-    sleep/wake_up (the caller checks `sleep_mode_available()` first). logprobs_mode: vLLM's, e.g.
-    "processed_logprobs" (the sampled distribution: after temperature, top-k and top-p); unset: vLLM's default.
+    sleep/wake_up (the caller checks `sleep_mode_available()` first). logprobs_mode: vLLM's (unset: its
+    default, raw_logprobs; RL asks for processed_logprobs, after temperature, top-k and top-p).
     """
     try:
         from vllm import LLM
@@ -248,11 +255,12 @@ def vllm_engine(model: ModelConfig, precision: str = "auto", options: VLLMOption
             torch.cuda.empty_cache()
 
 
-def generate_vllm(llm, chat, prompts: list[list[dict]], params: SamplingParams, logprobs: bool = False) -> list[list[Completion]]:
+def generate_vllm(llm, chat, prompts: list[list[dict]], params: SamplingParams, logprobs: bool = False,
+                  salts: list | None = None) -> list[list[Completion]]:
     """The same interface on a vLLM engine. We tokenize and decode, so text and stop tokens match
     the transformers engine; each prompt's seed is derived from its tokens, so samples do not
     depend on batching, sharding or resuming. `logprobs`: each Completion carries the sampler's
-    log-probs of its tokens (vLLM's default raw_logprobs: before temperature and top-k/top-p)."""
+    log-probs of its tokens (as the engine's logprobs_mode gives them)."""
     from vllm import SamplingParams as VLLMSampling
 
     if params.num_beams > 1:
@@ -265,15 +273,16 @@ def generate_vllm(llm, chat, prompts: list[list[dict]], params: SamplingParams, 
     stop, tok = chat.stop_ids(), chat.tokenizer
     encoded = [tokenize_prompt(tok, p) for p in prompts]
 
-    def request(ids: list[int]) -> VLLMSampling:
-        seed = None if params.seed is None else prompt_seed(params.seed, ids)
+    def request(ids: list[int], salt=None) -> VLLMSampling:
+        seed = None if params.seed is None else prompt_seed(params.seed, ids, salt)
         return VLLMSampling(
             n=params.n, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, min_p=params.min_p,
             repetition_penalty=params.repetition_penalty, max_tokens=params.max_new_tokens, stop_token_ids=stop,
             seed=seed, detokenize=False, logprobs=0 if logprobs else None,
         )
 
-    outs = llm.generate([{"prompt_token_ids": ids} for ids in encoded], [request(ids) for ids in encoded], use_tqdm=False)
+    requests = [request(ids, None if salts is None else salts[i]) for i, ids in enumerate(encoded)]
+    outs = llm.generate([{"prompt_token_ids": ids} for ids in encoded], requests, use_tqdm=False)
     results = []
     for req in outs:
         completions = []
@@ -346,10 +355,10 @@ class ColocatedVLLM:
             self.llm.wake_up()
             self.asleep = False
 
-    def generate(self, chat, prompts: list[list[dict]], params: SamplingParams) -> list[list[Completion]]:
+    def generate(self, chat, prompts: list[list[dict]], params: SamplingParams, salts: list | None = None) -> list[list[Completion]]:
         """`generate_vllm` with the sampler's log-probs."""
         self.wake()
-        return generate_vllm(self.llm, chat, prompts, params, logprobs=True)
+        return generate_vllm(self.llm, chat, prompts, params, logprobs=True, salts=salts)
 
     def rest(self) -> None:
         """After a rollout's sampling: sleep (if asked) so training gets the memory."""

@@ -310,8 +310,8 @@ def test_sampler_correction_under_top_p_compares_like_with_like(tmp_path, traine
             pass
 
         @torch.no_grad()
-        def generate(self, chat, prompts, params):
-            outs = generate(self.model, chat, prompts, params)
+        def generate(self, chat, prompts, params, salts=None):
+            outs = generate(self.model, chat, prompts, params, salts=salts)
             for msgs, cs in zip(prompts, outs):
                 pid = tokenize_prompt(chat.tokenizer, msgs)
                 for c in cs:

@@ -9,7 +9,11 @@ Each optimizer step (read top to bottom):
    logged one by one (length penalty, penalty or masking for completions cut at max_new_tokens);
 4. log-probs of the samples under the policy at sampling time ("old", with its entropy) and
    under the reference, in batched no-grad passes, at the completion tokens only (with vLLM: and
-   the sampler/trainer mismatch, with the truncated importance weights if asked);
+   the sampler/trainer mismatch, with the truncated importance weights if asked). Every log-prob
+   (old, current, reference) is of the distribution the sample was drawn from: the logits divided
+   by that sample's temperature (as TRL; a greedy sample's at temperature 1), so the logged kl is
+   the KL between the policy and the reference at the sampling temperatures, and the entropy is
+   that of the sampled distribution;
 5. advantages within each prompt's group, then the policy loss:
    - RLOO (Ahmadian et al. 2024, "Back to Basics"): the KL to the reference is folded into the
      reward, r - beta * sum_t (log pi - log pi_ref); advantage = r_i - mean of the other k-1;
@@ -46,9 +50,10 @@ samples are slightly off-policy; `rl.vllm_is_threshold: C` corrects that by trun
 sampling (Yao et al. 2025, "Your efficient RL framework secretly brings you off-policy RL training"):
 each token's policy-gradient term is multiplied by min(exp(logp_trainer - logp_sampler), C), a
 constant (no gradient flows through it); vllm_is_weight and vllm_is_clipped (the share of tokens
-whose weight hit C) are logged. Both log-probs are at temperature 1 (vLLM's raw_logprobs, before
-temperature and top-k/top-p), so the mismatch measures the engines, not the sampling settings; the
-k3 estimate is unbiased only for samples drawn at temperature 1. Sampling on vLLM is seeded per
+whose weight hit C) are logged. Both log-probs are at the sample's temperature (vLLM's
+processed_logprobs; the trainer divides its logits by T), so the mismatch measures the engines, not
+the sampling settings (with top-k/top-p, vLLM's are renormalised over the kept tokens and the
+trainer's are not). Sampling on vLLM is seeded per
 request from (seed, step, temperature group, prompt tokens), so a resumed run samples what the
 uninterrupted one did on the same machine and vLLM version (vLLM's batching may still change
 floats); vLLM's kernels are not the transformers engine's, so its samples are not bit-identical to
@@ -80,7 +85,7 @@ from ..evaluate.callback import WinRateDuringTraining, win_rate_callbacks
 from ..generation import (
     ColocatedVLLM, PromptSource, SamplingParams, VLLMOptions, generate, load_prompts, sleep_mode_available, vllm_engine,
 )
-from ..models import load_causal_lm, load_tokenizer
+from ..models import disable_dropout, load_causal_lm, load_tokenizer
 from ..rewards.backends import RewardConfig, build_backend, last_user_text
 from .logprobs import label_logps, label_logps_entropy
 from .loop import LossOutput, RunOptions, SourceFailed, StepPlan, StepSource, TrainingDiverged, distributed_state, to_device, train
@@ -199,7 +204,10 @@ def aggregate(token_losses: torch.Tensor, rows: torch.Tensor, n_tokens: torch.Te
               max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum over units, number of units) of a micro-batch; the loop divides by the step's units.
 
-    weights: per sequence (0 masks a sequence out, e.g. a truncated completion).
+    weights: per sequence (0 masks a sequence out, e.g. a truncated completion). A masked sequence
+    adds nothing to the sum; its tokens leave token_mean's count, but it still counts as a sequence in
+    the others (as TRL: constant divides by all sequences x max_new_tokens, sequence_mean by all
+    sequences), so the step size does not grow with the share masked.
     """
     w = weights[rows]
     if how == "token_mean":
@@ -211,7 +219,7 @@ def aggregate(token_losses: torch.Tensor, rows: torch.Tensor, n_tokens: torch.Te
         per_seq = per_seq / max_new_tokens
     elif how != "sequence_sum":
         raise ValueError(f"unknown loss aggregation {how!r}")
-    return (per_seq * weights).sum(), weights.sum()
+    return (per_seq * weights).sum(), torch.ones_like(weights).sum()
 
 
 # --------------------------------------------------------------------------- newer algorithms (pure)
@@ -404,6 +412,10 @@ class RLParams:
     """engine vllm: truncated importance sampling (Yao et al. 2025) with this cap C (e.g. 2): each token's
     policy-gradient term is weighted by min(pi_trainer / pi_sampler, C). Unset: no correction (the
     mismatch is still logged, as vllm_mismatch_kl)."""
+    disable_dropout: bool = True
+    """Turn every dropout of the policy and the reference off (TRL's default): the sampling-time and the
+    loss-time log-probs then come from the same function, so the on-policy ratio is 1. false keeps the
+    checkpoint's dropout (its config is left as it is either way)."""
     log_samples_steps: int = 10
     """Write a few completions with their rewards to samples.jsonl every N steps (0: never)."""
     samples_per_log: int = 4
@@ -518,6 +530,8 @@ def collate_rollout(samples: list[dict], pad_id: int) -> dict:
         "labels": pad([[IGNORE_INDEX] * len(s["prompt_ids"]) + s["completion_ids"] for s in samples], IGNORE_INDEX),
         "advantages": torch.tensor([s["advantage"] for s in samples], dtype=torch.float32),
         "weights": torch.tensor([s["weight"] for s in samples], dtype=torch.float32),
+        # the temperature each completion was sampled at (1 for a greedy one): log-probs are taken there
+        "temperatures": torch.tensor([s.get("temperature", 1.0) for s in samples], dtype=torch.float32),
     }
     for key in ("old_logps", "ref_logps", "is_weights", "token_advantages"):
         if samples[0].get(key) is not None:
@@ -538,9 +552,9 @@ def sample_logps(model, samples: list[dict], pad_id: int, batch_size: int, entro
             plain = {"advantage": 0.0, "weight": 1.0, "old_logps": None, "ref_logps": None, "is_weights": None, "token_advantages": None}
             b = to_device(collate_rollout([s | plain for s in chunk], pad_id), device)
             if entropy:
-                logps, ent, mask = label_logps_entropy(model, b["input_ids"], b["attention_mask"], b["labels"])
+                logps, ent, mask = label_logps_entropy(model, b["input_ids"], b["attention_mask"], b["labels"], b["temperatures"])
             else:
-                logps, mask = label_logps(model, b["input_ids"], b["attention_mask"], b["labels"])
+                logps, mask = label_logps(model, b["input_ids"], b["attention_mask"], b["labels"], b["temperatures"])
                 ent = None
             counts = mask.sum(-1).tolist()
             pieces = logps.float().cpu().split(counts)
@@ -686,7 +700,7 @@ class RolloutSource(StepSource):
         messages = [self.prompts[i]["messages"] for i in flat]
         t0 = time.perf_counter()
         try:
-            completions = self.sample(model, messages, generation)  # [prompt][k]
+            completions = self.sample(model, messages, generation, salts=flat)  # [prompt][k]
         finally:
             if self.engine is not None:
                 self.engine.rest()
@@ -708,12 +722,13 @@ class RolloutSource(StepSource):
             texts = [c.text for cs in completions for c in cs]
         t2 = time.perf_counter()
         samples = []
+        temps = [t if t > 0 else 1.0 for t in p.sample_temperatures()]  # log-probs of a greedy sample: at temperature 1
         for i, cs in zip(flat, completions):
             prompt_ids = self.prompt_ids(i)
             for j, c in enumerate(cs):
                 ids = list(c.token_ids) + ([c.stop_id] if c.stop_id is not None else [])
                 samples.append({"prompt_ids": prompt_ids, "completion_ids": ids, "truncated": c.stop_id is None, "prompt": i, "index": j,
-                                "sampler_logps": c.logprobs})
+                                "sampler_logps": c.logprobs, "temperature": temps[j]})
         bs = max(1, self.cfg.train.batch_size * p.k)
         old, entropy = sample_logps(model, samples, chat.pad_id, bs, entropy=True)
         ref = sample_logps(self.ref_model, samples, chat.pad_id, bs, entropy=False)[0] if self.ref_model is not None else None
@@ -753,7 +768,8 @@ class RolloutSource(StepSource):
 
         n = float(len(samples))
         tokens = float(lengths.sum())
-        equal_groups = float((rewards.max(-1).values - rewards.min(-1).values).abs().le(1e-12).sum())
+        # Tied on what the advantages are computed from (the shaped total), so 1.0 means no signal at all.
+        equal_groups = float((total.max(-1).values - total.min(-1).values).abs().le(1e-12).sum())
         metrics = {
             "reward": (float(rewards.sum()), n),
             "reward_std": (float(rewards.std(-1, unbiased=False).sum()), float(len(flat))),
@@ -802,7 +818,7 @@ class RolloutSource(StepSource):
                     break
                 rounds = draw
                 picks = replacement_prompts(self.cfg.seed, generation, draw, [offset + j for j in missing], len(self.prompts))
-                new = self.sample(model, [self.prompts[i]["messages"] for i in picks], [generation, "dynamic", draw])
+                new = self.sample(model, [self.prompts[i]["messages"] for i in picks], [generation, "dynamic", draw], salts=picks)
                 scores = self.score_groups(picks, new, generation)
                 ok = informative_groups(self.decision_rewards(new, scores)).tolist()
                 drawn, dropped = drawn + len(picks), dropped + ok.count(False)
@@ -868,16 +884,16 @@ class RolloutSource(StepSource):
     def sampler_view_logps(self, model, samples: list[dict], old: list[list[float]]) -> list[list[float]]:
         """The trainer's log-probs of the sampled tokens under the distribution the sampler drew from (each
         sample's temperature, rl.top_k, rl.top_p; `sampling_logprobs`), for the sampler correction: vLLM's
-        processed log-probs are of that distribution. `old` when it is the same (temperature 1, no truncation)."""
+        processed log-probs are of that distribution. Without truncation that is `old` (at each sample's temperature)."""
         p = self.p
-        temps = p.sample_temperatures()
-        if p.top_p >= 1.0 and p.top_k <= 0 and all(t in (0.0, 1.0) for t in temps):
+        if p.top_p >= 1.0 and p.top_k <= 0:
             return old
         return sampling_sample_logps(model, samples, self.chat.pad_id, max(1, self.cfg.train.batch_size * p.k),
-                                     [temps[s["index"]] for s in samples], p.top_k, p.top_p)
+                                     [p.sample_temperatures()[s["index"]] for s in samples], p.top_k, p.top_p)
 
-    def sample(self, model, messages: list[list[dict]], generation: int):
-        """k completions per prompt; sample indices that share a temperature are drawn in one call."""
+    def sample(self, model, messages: list[list[dict]], generation: int, salts: list | None = None):
+        """k completions per prompt; sample indices that share a temperature are drawn in one call.
+        salts: each prompt's row in the prompt list, in its seeds (two copies of a prompt differ)."""
         p = self.p
         temps = p.sample_temperatures()
         out = [[None] * p.k for _ in messages]
@@ -886,9 +902,9 @@ class RolloutSource(StepSource):
             params = SamplingParams(max_new_tokens=p.max_new_tokens, temperature=t, top_p=p.top_p, top_k=p.top_k, n=len(idx),
                                     seed=sampling_seed(self.cfg.seed, generation, group))
             if self.engine is not None:
-                results = self.engine.generate(self.chat, messages, params)
+                results = self.engine.generate(self.chat, messages, params, salts=salts)
             else:
-                results = generate(model, self.chat, messages, params, p.generation_batch_size)
+                results = generate(model, self.chat, messages, params, p.generation_batch_size, salts=salts)
             for i, cs in enumerate(results):
                 for j, c in zip(idx, cs):
                     out[i][j] = c
@@ -912,7 +928,7 @@ def rl_loss_fn(p: RLParams):
     how = p.agg()
 
     def loss_fn(model, batch) -> LossOutput:
-        logps, mask = label_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        logps, mask = label_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"], batch.get("temperatures"))
         rows = mask.nonzero()[:, 0]
         n_tokens = mask.sum(-1)
         old = batch.get("old_logps")
@@ -988,6 +1004,10 @@ def run_rl(cfg: RLConfig, callbacks=()) -> Path:
     if cfg.rl.beta > 0:
         ref_model = load_causal_lm(cfg.model, chat, path=cfg.rl.ref_model)
         ref_model.requires_grad_(False).to(state.device).eval()
+    if cfg.rl.disable_dropout:
+        off = sum(disable_dropout(m) for m in (model, ref_model) if m is not None)
+        if off:
+            log.info("rl.disable_dropout: %d dropout setting(s) turned off in the policy and reference", off)
     log.info("RL (%s): %d prompts, k=%d samples each, beta=%g, loss aggregation %s", cfg.rl.algo, len(prompts), cfg.rl.k, cfg.rl.beta, cfg.rl.agg())
 
     callbacks = list(callbacks) + win_rate_callbacks(cfg.win_rate, chat, out)
@@ -1021,8 +1041,8 @@ def colocated_engine(cfg: RLConfig, chat, state):
         sleep, why = sleep_mode_available()
         if not sleep:
             log.warning("rl.vllm.sleep: skipped, %s; the engine keeps its memory between rollouts", why)
-    # processed_logprobs: the sampler's log-probs are of the distribution it drew from (temperature, top-k, top-p),
-    # which the trainer's side of the correction reproduces (`RolloutSource.sampler_view_logps`).
+    # processed_logprobs: the sampler's log-probs of the distribution it drew from (temperature, top-k, top-p), which
+    # the trainer's side reproduces: its log-probs at each sample's temperature, `sampler_view_logps` under truncation
     with vllm_engine(cfg.model, cfg.train.precision, options, cfg.seed, in_process=True, sleep_mode=sleep,
                      logprobs_mode="processed_logprobs") as llm:
         yield ColocatedVLLM(llm, sleep=sleep)

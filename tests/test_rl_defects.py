@@ -1,0 +1,223 @@
+"""Issue 19's defects in RL's learning signal, each with a test that failed before its fix
+(dropout, normalisers, seeds of repeated prompts, padding of truncated samples, tied groups,
+temperature of the log-probs, metrics, GSPO's aggregation, stop ids across engines)."""
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from alignkit.train import rl
+from alignkit.train.loop import read_metrics
+
+from .test_rl import rl_cfg
+
+
+def model_with(src, dst, **config):
+    """A copy of a checkpoint with some config.json values changed."""
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg.update(config)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+# --------------------------------------------------------------------------- 19.1 dropout
+
+
+def test_dropout_is_off_so_the_first_ratio_of_a_batch_is_one(tmp_path, trained_toy_model, toy_data_dir):
+    """With attention_dropout 0.1 the first optimizer step on a batch of samples (no update yet since
+    sampling) has ratio 1: no clipping. rl.disable_dropout false keeps dropout (and the clipping)."""
+    model = model_with(trained_toy_model, tmp_path / "dropout", attention_dropout=0.5)
+    signal = rl.LengthPenalty("linear", 0.1)  # the toy reward may tie; lengths differ
+    kw = dict(rl=dict(algo="grpo", num_iterations=2, epsilon=0.02, length_penalty=signal), train=dict(max_steps=1))
+    rl.run_rl(rl_cfg(tmp_path / "off", model, toy_data_dir, **kw))
+    assert read_metrics(tmp_path / "off")[0]["clip_fraction"] == 0
+    kw["rl"]["disable_dropout"] = False
+    rl.run_rl(rl_cfg(tmp_path / "on", model, toy_data_dir, **kw))
+    assert read_metrics(tmp_path / "on")[0]["clip_fraction"] > 0.05
+
+
+# --------------------------------------------------------------------------- 19.2 normalisers with masked sequences
+
+
+def trl_grpo_loss(loss_type, level, lp, old, ref, adv, mask, max_len, beta=0.04, eps=0.2, eps_high=0.28):
+    """TRL's GRPOTrainer._compute_loss on given per-token log-probs (a stand-in trainer object)."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    trl_grpo = pytest.importorskip("trl.trainer.grpo_trainer", reason="TRL is a dev dependency")
+    B, T = lp.shape
+    fake = SimpleNamespace(
+        top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level=level, beta=beta,
+        args=SimpleNamespace(use_bias_correction_kl=False, delta=None), loss_type=loss_type, epsilon_low=eps,
+        epsilon_high=eps_high, use_vllm=False, model=SimpleNamespace(training=True), current_gradient_accumulation_steps=1,
+        max_completion_length=max_len, _entropy_bonus_enabled=False, aux_loss_enabled=False,
+        _metrics={"train": defaultdict(list)},
+        accelerator=SimpleNamespace(reduce=lambda x, reduction="sum": x, gather=lambda x: x, gather_for_metrics=lambda x: x),
+        _get_per_token_logps_and_entropies=lambda *a, **k: (lp, torch.zeros(B, T), None),
+    )
+    inputs = {"prompt_ids": torch.zeros(B, 1, dtype=torch.long), "prompt_mask": torch.ones(B, 1, dtype=torch.long),
+              "completion_ids": torch.zeros(B, T, dtype=torch.long), "completion_mask": mask, "advantages": adv,
+              "old_per_token_logps": old, "ref_per_token_logps": ref}
+    return trl_grpo.GRPOTrainer._compute_loss(fake, None, inputs)
+
+
+@pytest.mark.parametrize("trl_loss, ours", [("grpo", "sequence_mean"), ("dr_grpo", "constant"), ("bnpo", "token_mean")])
+def test_masked_truncated_sequences_still_count_in_the_normaliser_as_in_trl(trl_loss, ours):
+    """3 of 6 sequences masked (mask_truncated): TRL zeroes their completion mask and keeps dividing by all
+    6 sequences (x max_completion_length for dr_grpo); so do we (before: a ratio of 2.000)."""
+    g = torch.Generator().manual_seed(1)
+    B, T, max_len = 6, 5, 7
+    lengths = [5, 3, 1, 4, 5, 2]
+    truncated = torch.tensor([1.0, 0, 1, 0, 1, 0])
+    mask = torch.zeros(B, T, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+    lp0 = -torch.rand(B, T, generator=g) * 3
+    old = lp0 + 0.3 * torch.randn(B, T, generator=g)
+    ref = lp0 + 0.5 * torch.randn(B, T, generator=g)
+    adv = torch.randn(B, generator=g)
+    trl_mask = mask * (1 - truncated.long()).unsqueeze(1)
+    theirs = trl_grpo_loss(trl_loss, "token", lp0, old, ref, adv, trl_mask, max_len)
+
+    m = mask.bool()
+    rows, n_tokens = m.nonzero()[:, 0], m.sum(-1)
+    token_losses, _ = rl.policy_token_losses(lp0[m], old[m], adv, rows, n_tokens, "grpo", 0.2, 0.28)
+    token_losses = token_losses + 0.04 * rl.k3_kl(lp0[m], ref[m])
+    total, count = rl.aggregate(token_losses, rows, n_tokens, 1 - truncated, ours, max_len)
+    assert (total / count).item() == pytest.approx(theirs.item(), rel=1e-5)
+
+
+# --------------------------------------------------------------------------- 19.3 a prompt twice in one step
+
+
+def rollout_source(cfg, chat, prompts, ref_model=None, engine=None):
+    from alignkit.rewards.backends import build_backend
+
+    return rl.RolloutSource(cfg, chat, prompts, build_backend(cfg.reward, None), ref_model, 1, 0, None,
+                            False, engine)
+
+
+def test_two_copies_of_a_prompt_in_one_step_get_different_samples(toy_chat, trained_toy_model, toy_data_dir):
+    from alignkit.models import load_causal_lm
+
+    cfg = rl_cfg("/unused", trained_toy_model, toy_data_dir, rl=dict(k=3, temperature=1.5, max_new_tokens=12))
+    model = load_causal_lm(cfg.model, toy_chat)
+    same = [{"role": "user", "content": "Spell moon backwards."}]
+    prompts = [{"id": i, "messages": m} for i, m in enumerate([same, same, [{"role": "user", "content": "What is 1 plus 2?"}],
+                                                                 [{"role": "user", "content": "Spell cat backwards."}]])]
+    buffer = rollout_source(cfg, toy_chat, prompts).rollout(0, model)
+    by_prompt = {}
+    for s in (s for mb in buffer["micro"] for s in mb):
+        by_prompt.setdefault(s["prompt"], []).append(s["completion_ids"])
+    assert by_prompt[0] != by_prompt[1]
+
+
+# --------------------------------------------------------------------------- 19.4 pad tokens inside a truncated sample
+
+
+def test_a_truncated_completion_keeps_its_tokens_equal_to_pad(toy_chat, tiny_model_dir):
+    """Qwen-Instruct style: the end of turn stops, the pad token does not. A completion that ran to
+    max_new_tokens keeps every sampled token, those equal to pad_id too; a stopped one is cut at its stop."""
+    import copy
+
+    from alignkit.generation import SamplingParams, generate
+    from alignkit.models import ChatTokenizer, load_causal_lm
+
+    tok = copy.deepcopy(toy_chat.tokenizer)
+    tok.eos_token = toy_chat.end_of_turn
+    chat = ChatTokenizer(tok, toy_chat.end_of_turn, [])
+    pad, stop = chat.pad_id, chat.stop_ids()
+    assert pad not in stop
+    model = load_causal_lm(rl_cfg("/unused", tiny_model_dir, "/unused").model, chat)
+    for tail, want, reason in [([5, pad, 7, pad], [5, pad, 7, pad], "length"), ([5, stop[0], pad, pad], [5], "stop")]:
+        model.generate = lambda input_ids, tail=tail, **kw: torch.cat([input_ids, torch.tensor([tail])], 1)
+        out = generate(model, chat, [[{"role": "user", "content": "Spell cat backwards."}]], SamplingParams(max_new_tokens=4))
+        assert out[0][0].token_ids == want and out[0][0].finish_reason == reason
+
+
+# --------------------------------------------------------------------------- 19.5 tied groups
+
+
+def test_groups_all_equal_counts_ties_of_the_shaped_total(toy_chat, trained_toy_model, toy_data_dir):
+    """A length penalty breaks the ties of a reward that is 0 everywhere: groups_all_equal is the share
+    of groups whose advantages are all 0 (before: 1.0 while advantage_abs > 0)."""
+    from alignkit.models import load_causal_lm
+
+    cfg = rl_cfg("/unused", trained_toy_model, toy_data_dir, rl=dict(k=4, temperature=1.5, max_new_tokens=8,
+                                                                     length_penalty=rl.LengthPenalty("linear", 0.1)))
+    model = load_causal_lm(cfg.model, toy_chat)
+    prompts = [{"id": i, "messages": [{"role": "user", "content": f"Spell {w} backwards."}]}
+               for i, w in enumerate(["cat", "moon", "bird", "king"])]
+    buffer = rollout_source(cfg, toy_chat, prompts).rollout(0, model)
+    adv = torch.tensor([s["advantage"] for mb in buffer["micro"] for s in mb]).view(4, 4)
+    tied = float((adv.abs().max(-1).values < 1e-9).sum())
+    got, n = buffer["metrics"]["groups_all_equal"]
+    assert n == 4 and got == tied and tied < 4
+
+
+# --------------------------------------------------------------------------- 19.6 log-probs at the sampling temperature
+
+
+def hand_logps(model, prompt_ids, completion_ids, t):
+    """log softmax(logits / t) of the completion's tokens, on full logits."""
+    ids = torch.tensor([prompt_ids + completion_ids])
+    logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1].float() / t
+    return logits.log_softmax(-1).gather(-1, torch.tensor(completion_ids).unsqueeze(-1)).squeeze(-1)
+
+
+def test_label_logps_divide_each_rows_logits_by_its_temperature(toy_chat, tiny_model_dir):
+    from alignkit.models import load_causal_lm
+    from alignkit.train.logprobs import label_logps, label_logps_entropy
+
+    from .test_rl import rollout_batch
+
+    model = load_causal_lm(rl_cfg("/unused", tiny_model_dir, "/unused").model, toy_chat)
+    samples, collate = rollout_batch(toy_chat, [[1.0, 0.0], [0.0, 2.0]])
+    temps = [0.2, 1.0, 0.7, 2.5]
+    batch = collate([s | {"advantage": 0.0, "temperature": t} for s, t in zip(samples, temps)], toy_chat.pad_id)
+    logps, mask = label_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"], batch["temperatures"])
+    want = torch.cat([hand_logps(model, s["prompt_ids"], s["completion_ids"], t) for s, t in zip(samples, temps)])
+    torch.testing.assert_close(logps, want, rtol=1e-5, atol=1e-6)
+    logps.sum().backward()  # the gradient flows through the scaled logits too
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    want = sum(hand_logps(model, s["prompt_ids"], s["completion_ids"], t).sum() for s, t in zip(samples, temps))
+    want.backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():
+        _, ent, _ = label_logps_entropy(model, batch["input_ids"], batch["attention_mask"], batch["labels"], batch["temperatures"])
+        s, t = samples[0], temps[0]
+        ids = torch.tensor([s["prompt_ids"] + s["completion_ids"]])
+        lp = (model(input_ids=ids).logits[0, len(s["prompt_ids"]) - 1 : -1] / t).log_softmax(-1)
+        torch.testing.assert_close(ent[: len(s["completion_ids"])], -(lp.exp() * lp).sum(-1), rtol=1e-5, atol=1e-6)
+
+
+def test_rollout_log_probs_and_kl_are_at_each_samples_temperature(toy_chat, trained_toy_model, tiny_model_dir, toy_data_dir):
+    """Old and reference log-probs of each sample at its own temperature (mixed rl.temperatures); the
+    logged kl is the mean over samples of sum_t log pi_T - log pi_ref_T."""
+    from alignkit.models import load_causal_lm
+
+    cfg = rl_cfg("/unused", trained_toy_model, toy_data_dir,
+                 rl=dict(algo="grpo", k=4, temperatures=[0.3, 0.3, 1.0, 2.0], beta=0.1, num_iterations=2, max_new_tokens=6))
+    model = load_causal_lm(cfg.model, toy_chat)
+    ref = load_causal_lm(rl_cfg("/unused", tiny_model_dir, "/unused").model, toy_chat).eval()
+    prompts = [{"id": i, "messages": [{"role": "user", "content": f"Spell {w} backwards."}]}
+               for i, w in enumerate(["cat", "moon", "bird", "king"])]
+    buffer = rollout_source(cfg, toy_chat, prompts, ref_model=ref).rollout(0, model)
+    samples = [s for mb in buffer["micro"] for s in mb]
+    kl = 0.0
+    with torch.no_grad():
+        for s in samples:
+            t = [0.3, 0.3, 1.0, 2.0][s["index"]]
+            old = hand_logps(model, s["prompt_ids"], s["completion_ids"], t)
+            r = hand_logps(ref, s["prompt_ids"], s["completion_ids"], t)
+            assert s["old_logps"] == pytest.approx(old.tolist(), abs=1e-5)
+            assert s["ref_logps"] == pytest.approx(r.tolist(), abs=1e-5)
+            kl += float((old - r).sum())
+    got, n = buffer["metrics"]["kl"]
+    assert got / n == pytest.approx(kl / len(samples), rel=1e-4)
