@@ -182,12 +182,14 @@ def test_informative_groups_and_replacement_draws():
 
 
 def test_new_options_are_checked_and_documented():
-    from alignkit.config import leaf_fields
+    from alignkit.config import leaf_fields, validate
 
     for bad, match in [(dict(algo="rloo", loss="cispo"), "GRPO options"), (dict(algo="rloo", advantage="reinforce_pp"), "GRPO options"),
                        (dict(dynamic_sampling_rounds=-1), "dynamic_sampling_rounds")]:
         with pytest.raises(ConfigError, match=match):
             rl.check_rl_config(RLConfig(rl=RLParams(k=2, **bad)))
+    with pytest.raises(ConfigError, match=r"rl.dynamic_sampling_rounds: -1 is not allowed"):
+        validate(RLConfig(rl=RLParams(dynamic_sampling_rounds=-1)))
     fields = leaf_fields(RLConfig)  # what `alignkit rl --help` lists
     assert "MiniMax-M1" in fields["rl.loss"][2] and "REINFORCE++" in fields["rl.advantage"][2]
     assert "DAPO" in fields["rl.dynamic_sampling"][2] and fields["rl.dynamic_sampling_rounds"][1] == 3

@@ -59,6 +59,16 @@ uninterrupted one did on the same machine and vLLM version (vLLM's batching may 
 floats); vLLM's kernels are not the transformers engine's, so its samples are not bit-identical to
 `rl.engine: transformers` with the same seed. Held-out evaluation still decodes with transformers.
 
+Newer options (GRPO unless said): `loss: cispo` (CISPO, MiniMax-M1 2025) clips the importance weight
+and detaches it, -sg(min(ratio, 1 + epsilon_high)) * A * log pi, so tokens past the cap keep a gradient;
+`advantage: reinforce_pp` (REINFORCE++, Hu et al. 2025) puts the KL in the reward per token, takes each
+token's return to the end and normalises the returns over the whole step (all processes), with
+`reinforce_pp_baseline` subtracting the group mean first; `dynamic_sampling` (DAPO, Yu et al. 2025,
+RLOO too) replaces each prompt whose k shaped rewards tie with a prompt drawn for its place in the step
+(a seeded permutation per step and round: split- and resume-independent, nothing to checkpoint), for
+at most `dynamic_sampling_rounds` rounds; with vLLM and top_p < 1 or top_k > 0 the trainer's side of the
+sampler correction is the truncated, renormalised distribution the sampler drew from (`sampling_logprobs`).
+
 Deliberate simplifications: one policy update pass per step for RLOO; no value model; the
 reference is a frozen copy held in memory when beta > 0; the vLLM engine runs in one process only
 (no tensor parallelism, no multi-process training).
