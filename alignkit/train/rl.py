@@ -237,7 +237,8 @@ def aggregate(token_losses: torch.Tensor, rows: torch.Tensor, n_tokens: torch.Te
 # small function with its own test (tests/test_rl_algorithms.py).
 
 
-def cispo_token_losses(ratio: torch.Tensor, logps: torch.Tensor, adv: torch.Tensor, cap: float) -> tuple[torch.Tensor, torch.Tensor]:
+def cispo_token_losses(ratio: torch.Tensor, logps: torch.Tensor, adv: torch.Tensor,
+                       cap: float) -> tuple[torch.Tensor, torch.Tensor]:
     """CISPO (MiniMax-M1, MiniMax 2025, "Scaling test-time compute efficiently with lightning attention"):
     -sg(min(ratio, cap)) * A * log pi per token, and where the cap bit.
 
@@ -249,8 +250,8 @@ def cispo_token_losses(ratio: torch.Tensor, logps: torch.Tensor, adv: torch.Tens
     return -weight * adv * logps, (ratio > cap).detach()
 
 
-def reinforce_pp_token_returns(rewards: torch.Tensor, kl: torch.Tensor, rows: torch.Tensor, n_tokens: torch.Tensor,
-                               beta: float) -> torch.Tensor:
+def reinforce_pp_token_returns(rewards: torch.Tensor, kl: torch.Tensor, rows: torch.Tensor,
+                               n_tokens: torch.Tensor, beta: float) -> torch.Tensor:
     """REINFORCE++ (Hu et al. 2025, "REINFORCE++: a simple and efficient approach for aligning large
     language models"): the KL to the reference is a per-token reward, -beta * kl_t, and the sequence's
     reward R arrives at its last token; each token's return is the sum of the rewards from it on
@@ -406,7 +407,8 @@ class RLParams:
     """DAPO's dynamic sampling (Yu et al. 2025): a prompt whose k shaped rewards (after length and truncation
     penalties, before RLOO's KL term) are all equal carries no signal; it is replaced by another prompt,
     drawn for its place in the step, until the step has its batch or dynamic_sampling_rounds run out.
-    Logged: dynamic_groups_drawn, dynamic_groups_dropped, dynamic_extra_draws, dynamic_unfilled, dynamic_short."""
+    Logged: dynamic_groups_drawn, dynamic_groups_dropped, dynamic_extra_draws, dynamic_unfilled,
+    dynamic_short."""
     dynamic_sampling_rounds: int = 3
     """Rounds of extra draws per step at most (each draws one prompt per place still without signal); places
     still without signal then stay out of the loss (weight 0) and the step's batch is short."""
@@ -514,10 +516,11 @@ def check_rl_config(cfg: RLConfig) -> None:
 def check_rl_algorithms(p: RLParams) -> None:
     """The newer options' combinations (CISPO, REINFORCE++, dynamic sampling)."""
     if p.algo != "grpo" and (p.loss != "clip" or p.advantage != "group"):
-        raise ConfigError(f"rl.loss: {p.loss} / rl.advantage: {p.advantage} are GRPO options (rl.algo: grpo); "
-                          "RLOO has its own loss and advantages")
+        raise ConfigError(f"rl.loss: {p.loss} / rl.advantage: {p.advantage} are GRPO options "
+                          "(rl.algo: grpo); RLOO has its own loss and advantages")
     if p.dynamic_sampling_rounds < 0:
-        raise ConfigError(f"rl.dynamic_sampling_rounds: {p.dynamic_sampling_rounds} is not allowed; expected an integer >= 0")
+        raise ConfigError(f"rl.dynamic_sampling_rounds: {p.dynamic_sampling_rounds} is not allowed; "
+                          "expected an integer >= 0")
 
 
 # --------------------------------------------------------------------------- rollouts
@@ -559,8 +562,7 @@ def sample_logps(model, samples: list[dict], pad_id: int, batch_size: int, entro
     try:
         for start in range(0, len(samples), batch_size):
             chunk = samples[start : start + batch_size]
-            plain = {"advantage": 0.0, "weight": 1.0, "old_logps": None, "ref_logps": None, "is_weights": None, "token_advantages": None}
-            b = to_device(collate_rollout([s | plain for s in chunk], pad_id), device)
+            b = to_device(collate_rollout([s | PLAIN for s in chunk], pad_id), device)
             if entropy:
                 logps, ent, mask = label_logps_entropy(model, b["input_ids"], b["attention_mask"], b["labels"], b["temperatures"])
             else:
@@ -576,13 +578,16 @@ def sample_logps(model, samples: list[dict], pad_id: int, batch_size: int, entro
     return out_logps, out_entropy
 
 
+PLAIN = {"advantage": 0.0, "weight": 1.0, "old_logps": None, "ref_logps": None, "is_weights": None,
+         "token_advantages": None}
+"""What a no-grad pass collates a sample with: no RL tensors."""
 SAMPLING_CHUNK_TOKENS = 256
 """Positions per chunk in `sampling_sample_logps` (top-p sorts the vocabulary: 256 x 152k x 12 bytes)."""
 
 
 @torch.no_grad()
-def sampling_sample_logps(model, samples: list[dict], pad_id: int, batch_size: int, temperatures: list[float], top_k: int,
-                          top_p: float) -> list[list[float]]:
+def sampling_sample_logps(model, samples: list[dict], pad_id: int, batch_size: int, temperatures: list[float],
+                          top_k: int, top_p: float) -> list[list[float]]:
     """Per-sample lists of the completion tokens' log-probs under the sampling distribution
     (`sampling_logprobs`: temperature, top-k, top-p, renormalised), one temperature per sample."""
     from accelerate.utils import extract_model_from_parallel
@@ -599,16 +604,17 @@ def sampling_sample_logps(model, samples: list[dict], pad_id: int, batch_size: i
     try:
         for start in range(0, len(samples), batch_size):
             chunk = samples[start : start + batch_size]
-            plain = {"advantage": 0.0, "weight": 1.0, "old_logps": None, "ref_logps": None, "is_weights": None, "token_advantages": None}
-            b = to_device(collate_rollout([s | plain for s in chunk], pad_id), device)
+            b = to_device(collate_rollout([s | PLAIN for s in chunk], pad_id), device)
             targets = b["labels"][:, 1:]
             mask = targets != IGNORE_INDEX
-            temps = torch.tensor(temperatures[start : start + batch_size], device=device)[mask.nonzero()[:, 0]]
+            temps = torch.tensor(temperatures[start : start + batch_size], device=device)
+            temps = temps[mask.nonzero()[:, 0]]
+            inputs = dict(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
             if full:
-                states = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1][mask]
+                states = model(**inputs).logits[:, :-1][mask]
             else:
-                states = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True,
-                               logits_to_keep=1).hidden_states[-1][:, :-1][mask]
+                out_ = model(**inputs, output_hidden_states=True, logits_to_keep=1)
+                states = out_.hidden_states[-1][:, :-1][mask]
             wanted = targets[mask]
             pieces = []
             for i in range(0, len(wanted), SAMPLING_CHUNK_TOKENS):
@@ -726,8 +732,9 @@ class RolloutSource(StepSource):
             bad = int((~torch.isfinite(rewards)).sum())
             raise TrainingDiverged(f"the reward backend returned {bad} non-finite reward(s) at generation {generation + 1}; "
                                    "stopped before updating the weights")
-        dynamic = self.dynamic_refill(model, flat, completions, rewards, generation) if p.dynamic_sampling else None
-        if dynamic is not None:
+        dynamic = None
+        if p.dynamic_sampling:  # groups without signal replaced by fresh prompts
+            dynamic = self.dynamic_refill(model, flat, completions, rewards, generation)
             flat, completions, rewards = dynamic["flat"], dynamic["completions"], dynamic["rewards"]
             texts = [c.text for cs in completions for c in cs]
         t2 = time.perf_counter()
@@ -771,10 +778,14 @@ class RolloutSource(StepSource):
         if not torch.isfinite(adv).all():
             raise TrainingDiverged(f"non-finite advantages at generation {generation + 1}; stopped before updating the weights")
         for s, a, w, o, r in zip(samples, adv.flatten().tolist(), weights.flatten().tolist(), old, ref or [None] * len(samples)):
-            s.update(advantage=a, weight=w, old_logps=o if (p.algo == "grpo") else None, ref_logps=r if p.kl_in_loss() else None)
+            s.update(advantage=a, weight=w, old_logps=o if (p.algo == "grpo") else None,
+                     ref_logps=r if p.kl_in_loss() else None)
         for s, a in zip(samples, token_adv or []):
             s["token_advantages"] = a
-        mismatch = sampler_correction(samples, self.sampler_view_logps(model, samples, old), p.vllm_is_threshold) if self.engine is not None else {}
+        mismatch = {}
+        if self.engine is not None:
+            trainer = self.sampler_view_logps(model, samples, old)
+            mismatch = sampler_correction(samples, trainer, p.vllm_is_threshold)
 
         n = float(len(samples))
         tokens = float(lengths.sum())
@@ -811,7 +822,8 @@ class RolloutSource(StepSource):
         return {"generation": generation, "micro": micro, "metrics": {k: list(v) for k, v in metrics.items()}}
 
     # Newer algorithms' parts of a rollout --------------------------------------------------
-    def dynamic_refill(self, model, flat: list[int], completions, rewards: torch.Tensor, generation: int) -> dict:
+    def dynamic_refill(self, model, flat: list[int], completions, rewards: torch.Tensor,
+                       generation: int) -> dict:
         """DAPO's dynamic sampling over this process's places in the step: each place whose group has no
         signal gets a freshly drawn prompt (`replacement_prompts`, by its global place), sampled and scored,
         for up to rl.dynamic_sampling_rounds rounds. Returns the kept prompts, completions and rewards,
@@ -827,8 +839,10 @@ class RolloutSource(StepSource):
                 if not missing:
                     break
                 rounds = draw
-                picks = replacement_prompts(self.cfg.seed, generation, draw, [offset + j for j in missing], len(self.prompts))
-                new = self.sample(model, [self.prompts[i]["messages"] for i in picks], [generation, "dynamic", draw], salts=picks)
+                places = [offset + j for j in missing]
+                picks = replacement_prompts(self.cfg.seed, generation, draw, places, len(self.prompts))
+                messages = [self.prompts[i]["messages"] for i in picks]
+                new = self.sample(model, messages, [generation, "dynamic", draw], salts=picks)
                 scores = self.score_groups(picks, new, generation)
                 ok = informative_groups(self.decision_rewards(new, scores)).tolist()
                 drawn, dropped = drawn + len(picks), dropped + ok.count(False)
@@ -841,19 +855,23 @@ class RolloutSource(StepSource):
                 self.engine.rest()
         unfilled = good.count(False)
         share = 1.0 / plan.world  # per-process counts summed over processes: the step's counts
-        metrics = {"dynamic_groups_drawn": (float(drawn), share), "dynamic_groups_dropped": (float(dropped), share),
-                   "dynamic_extra_draws": (float(drawn - len(flat)), share), "dynamic_unfilled": (float(unfilled), share),
-                   "dynamic_short": (float(unfilled > 0), 1.0)}
-        return {"flat": flat, "completions": completions, "rewards": rewards, "keep": torch.tensor(good), "metrics": metrics}
+        metrics = {"dynamic_groups_drawn": (float(drawn), share),
+                   "dynamic_groups_dropped": (float(dropped), share),
+                   "dynamic_extra_draws": (float(drawn - len(flat)), share),
+                   "dynamic_unfilled": (float(unfilled), share), "dynamic_short": (float(unfilled > 0), 1.0)}
+        return {"flat": flat, "completions": completions, "rewards": rewards, "keep": torch.tensor(good),
+                "metrics": metrics}
 
     def decision_rewards(self, completions, rewards: torch.Tensor) -> torch.Tensor:
         """[groups, k] rewards after the length and truncation shaping (what the advantages use, RLOO's
         KL term aside): the rewards dynamic sampling compares within a group."""
         p = self.p
         shape = (len(completions), p.k)
-        lengths = torch.tensor([len(c.token_ids) + (c.stop_id is not None) for cs in completions for c in cs], dtype=torch.float64).view(shape)
-        truncated = torch.tensor([c.stop_id is None for cs in completions for c in cs], dtype=torch.float64).view(shape)
-        pen = length_penalty(lengths, p.length_penalty.kind, p.length_penalty.coef, p.length_penalty.target, p.max_new_tokens).double()
+        flat = [c for cs in completions for c in cs]
+        lengths = torch.tensor([len(c.token_ids) + (c.stop_id is not None) for c in flat]).double()
+        truncated = torch.tensor([c.stop_id is None for c in flat], dtype=torch.float64).view(shape)
+        lp = p.length_penalty
+        pen = length_penalty(lengths.view(shape), lp.kind, lp.coef, lp.target, p.max_new_tokens).double()
         return rewards.view(shape) - pen - p.truncation_penalty * truncated
 
     def score_groups(self, flat: list[int], completions, generation) -> torch.Tensor:
@@ -867,11 +885,13 @@ class RolloutSource(StepSource):
             raise SourceFailed(f"the reward backend failed ({type(e).__name__}: {e})") from e
         rewards = torch.tensor(scores, dtype=torch.float64)
         if rewards.shape != (len(flat) * k,) or not torch.isfinite(rewards).all():
-            raise TrainingDiverged(f"the reward backend returned {len(scores)} reward(s) for {len(flat) * k} completions, or "
-                                   f"non-finite ones, at generation {generation + 1}; stopped before updating the weights")
+            raise TrainingDiverged(f"the reward backend returned {len(scores)} reward(s) for {len(flat) * k} "
+                                   f"completions, or non-finite ones, at generation {generation + 1}; "
+                                   "stopped before updating the weights")
         return rewards
 
-    def reinforce_pp_advantages(self, total: torch.Tensor, samples: list[dict], old, ref, weights: torch.Tensor):
+    def reinforce_pp_advantages(self, total: torch.Tensor, samples: list[dict], old, ref,
+                                weights: torch.Tensor):
         """REINFORCE++ per-token advantages (lists per sample) and their per-sample means ([groups, k])."""
         p = self.p
         r = total - total.mean(-1, keepdim=True) if p.advantage == "reinforce_pp_baseline" else total
@@ -883,7 +903,8 @@ class RolloutSource(StepSource):
             kl = torch.zeros(len(rows), dtype=torch.float64)
         returns = reinforce_pp_token_returns(r.flatten(), kl, rows, n_tokens, p.beta)
         w = weights.flatten()[rows]
-        totals = torch.tensor([float(w.sum()), float((w * returns).sum()), float((w * returns * returns).sum())], dtype=torch.float64)
+        sums = [w.sum(), (w * returns).sum(), (w * returns * returns).sum()]
+        totals = torch.tensor([float(x) for x in sums], dtype=torch.float64)
         if self.plan.world > 1:  # normalised over the whole step, all processes
             totals = totals.to(distributed_state().device)
             torch.distributed.all_reduce(totals)
@@ -894,12 +915,14 @@ class RolloutSource(StepSource):
     def sampler_view_logps(self, model, samples: list[dict], old: list[list[float]]) -> list[list[float]]:
         """The trainer's log-probs of the sampled tokens under the distribution the sampler drew from (each
         sample's temperature, rl.top_k, rl.top_p; `sampling_logprobs`), for the sampler correction: vLLM's
-        processed log-probs are of that distribution. Without truncation that is `old` (at each sample's temperature)."""
+        processed log-probs are of that distribution. Without truncation that is `old` (at each sample's
+        temperature)."""
         p = self.p
         if p.top_p >= 1.0 and p.top_k <= 0:
             return old
-        return sampling_sample_logps(model, samples, self.chat.pad_id, max(1, self.cfg.train.batch_size * p.k),
-                                     [p.sample_temperatures()[s["index"]] for s in samples], p.top_k, p.top_p)
+        temps = [p.sample_temperatures()[s["index"]] for s in samples]  # 0 greedy: as vLLM reports it
+        bs = max(1, self.cfg.train.batch_size * p.k)
+        return sampling_sample_logps(model, samples, self.chat.pad_id, bs, temps, p.top_k, p.top_p)
 
     def sample(self, model, messages: list[list[dict]], generation: int, salts: list | None = None):
         """k completions per prompt; sample indices that share a temperature are drawn in one call.
@@ -944,7 +967,8 @@ def rl_loss_fn(p: RLParams):
         old = batch.get("old_logps")
         old = logps.detach() if old is None else old
         token_losses, clipped = policy_token_losses(logps, old, batch["advantages"], rows, n_tokens, p.algo, p.epsilon, p.epsilon_high,
-                                                    p.importance_level, batch.get("is_weights"), p.loss, batch.get("token_advantages"))
+                                                    p.importance_level, batch.get("is_weights"), p.loss,
+                                                    batch.get("token_advantages"))
         metrics = {}
         if p.kl_in_loss():
             kl = k3_kl(logps, batch["ref_logps"])
@@ -1051,8 +1075,9 @@ def colocated_engine(cfg: RLConfig, chat, state):
         sleep, why = sleep_mode_available()
         if not sleep:
             log.warning("rl.vllm.sleep: skipped, %s; the engine keeps its memory between rollouts", why)
-    # processed_logprobs: the sampler's log-probs of the distribution it drew from (temperature, top-k, top-p), which
-    # the trainer's side reproduces: its log-probs at each sample's temperature, `sampler_view_logps` under truncation
+    # processed_logprobs: the sampler's log-probs of the distribution it drew from (temperature, top-k,
+    # top-p), which the trainer's side reproduces: its log-probs at each sample's temperature, and
+    # `sampler_view_logps` under truncation
     with vllm_engine(cfg.model, cfg.train.precision, options, cfg.seed, in_process=True, sleep_mode=sleep,
                      logprobs_mode="processed_logprobs") as llm:
         yield ColocatedVLLM(llm, sleep=sleep)
