@@ -278,7 +278,9 @@ def generate_vllm(llm, chat, prompts: list[list[dict]], params: SamplingParams, 
         return VLLMSampling(
             n=params.n, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, min_p=params.min_p,
             repetition_penalty=params.repetition_penalty, max_tokens=params.max_new_tokens, stop_token_ids=stop,
-            seed=seed, detokenize=False, logprobs=0 if logprobs else None,
+            # ignore_eos: stop on `stop` alone, as the transformers engine does. vLLM would otherwise also stop on the
+            # EOS ids of the checkpoint's generation_config and report "stop" with none of our stop ids.
+            ignore_eos=True, seed=seed, detokenize=False, logprobs=0 if logprobs else None,
         )
 
     requests = [request(ids, None if salts is None else salts[i]) for i, ids in enumerate(encoded)]

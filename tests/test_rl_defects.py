@@ -94,10 +94,10 @@ def test_masked_truncated_sequences_still_count_in_the_normaliser_as_in_trl(trl_
 # --------------------------------------------------------------------------- 19.3 a prompt twice in one step
 
 
-def rollout_source(cfg, chat, prompts, ref_model=None, engine=None):
+def rollout_source(cfg, chat, prompts, ref_model=None, engine=None, backend=None):
     from alignkit.rewards.backends import build_backend
 
-    return rl.RolloutSource(cfg, chat, prompts, build_backend(cfg.reward, None), ref_model, 1, 0, None,
+    return rl.RolloutSource(cfg, chat, prompts, backend or build_backend(cfg.reward, None), ref_model, 1, 0, None,
                             False, engine)
 
 
@@ -221,3 +221,130 @@ def test_rollout_log_probs_and_kl_are_at_each_samples_temperature(toy_chat, trai
             kl += float((old - r).sum())
     got, n = buffer["metrics"]["kl"]
     assert got / n == pytest.approx(kl / len(samples), rel=1e-4)
+
+
+# --------------------------------------------------------------------------- 19.7 metrics
+
+
+class IndexReward:
+    """Reward = the sample's index within its group (0, 1, 2, 3, 0, 1, ...)."""
+
+    identity = "index"
+
+    def __init__(self, k):
+        self.k = k
+
+    def score(self, prompts, responses, columns=None):
+        return [float(i % self.k) for i in range(len(responses))]
+
+
+def test_reward_std_entropy_per_token_and_timings_once_per_batch(tmp_path, toy_chat, trained_toy_model, toy_data_dir):
+    from alignkit.models import load_causal_lm
+
+    cfg = rl_cfg("/unused", trained_toy_model, toy_data_dir, rl=dict(k=4, temperatures=[0.5, 0.5, 1.5, 1.5], max_new_tokens=6))
+    model = load_causal_lm(cfg.model, toy_chat)
+    prompts = [{"id": i, "messages": [{"role": "user", "content": f"Spell {w} backwards."}]}
+               for i, w in enumerate(["cat", "moon", "bird", "king"])]
+    buffer = rollout_source(cfg, toy_chat, prompts, backend=IndexReward(4)).rollout(0, model)
+    got, n = buffer["metrics"]["reward_std"]
+    assert got / n == pytest.approx(math.sqrt(5 / 3))  # std of 0, 1, 2, 3 with ddof 1
+    ent, tokens = 0.0, 0
+    with torch.no_grad():
+        for s in (s for mb in buffer["micro"] for s in mb):
+            ids = torch.tensor([s["prompt_ids"] + s["completion_ids"]])
+            t = [0.5, 0.5, 1.5, 1.5][s["index"]]
+            lp = (model(input_ids=ids).logits[0, len(s["prompt_ids"]) - 1 : -1] / t).log_softmax(-1)
+            ent += float(-(lp.exp() * lp).sum())
+            tokens += len(s["completion_ids"])
+    got, n = buffer["metrics"]["entropy"]
+    assert n == tokens and got / n == pytest.approx(ent / tokens, rel=1e-4)
+
+    rl.run_rl(rl_cfg(tmp_path / "run", trained_toy_model, toy_data_dir, rl=dict(algo="grpo", num_iterations=2),
+                     train=dict(max_steps=4)))
+    rows = read_metrics(tmp_path / "run")
+    for name in rl.ROLLOUT_TIMINGS:
+        assert [name in r for r in rows] == [True, False, True, False], name
+
+
+# --------------------------------------------------------------------------- 19.8 GSPO's aggregation
+
+
+def test_gspo_auto_aggregation_is_the_papers_per_sequence_mean():
+    assert rl.RLParams(algo="grpo", importance_level="sequence").agg() == "sequence_mean"
+    assert rl.RLParams(algo="grpo").agg() == "token_mean" and rl.RLParams(algo="rloo").agg() == "sequence_sum"
+    assert rl.RLParams(algo="grpo", importance_level="sequence", loss_agg="token_mean").agg() == "token_mean"
+
+
+# --------------------------------------------------------------------------- 19.9 which ids stop a completion
+
+
+def odd_checkpoint(src, dst, chat, model, prompt):
+    """A copy of a checkpoint whose generation_config lists an extra EOS: a token its greedy reply writes."""
+    from alignkit.generation import SamplingParams, generate
+
+    plain = generate(model, chat, [prompt], SamplingParams(max_new_tokens=12))[0][0]
+    extra = next(t for t in plain.token_ids[1:] if t not in chat.stop_ids())
+    shutil.copytree(src, dst)
+    (dst / "generation_config.json").write_text(json.dumps({"eos_token_id": [chat.stop_ids()[0], extra]}))
+    return dst, plain, extra
+
+
+def test_the_transformers_engine_stops_on_the_chats_stop_ids_only(tmp_path, toy_chat, trained_toy_model):
+    from alignkit.generation import SamplingParams, generate
+    from alignkit.models import load_causal_lm
+
+    prompt = [{"role": "user", "content": "Spell moon backwards."}]
+    model = load_causal_lm(rl_cfg("/unused", trained_toy_model, "/unused").model, toy_chat)
+    odd, plain, extra = odd_checkpoint(trained_toy_model, tmp_path / "odd", toy_chat, model, prompt)
+    odd_model = load_causal_lm(rl_cfg("/unused", odd, "/unused").model, toy_chat)
+    assert extra in odd_model.generation_config.eos_token_id
+    got = generate(odd_model, toy_chat, [prompt], SamplingParams(max_new_tokens=12))[0][0]
+    assert (got.token_ids, got.finish_reason, got.stop_id) == (plain.token_ids, plain.finish_reason, plain.stop_id)
+
+
+class FakeVLLM:
+    """vLLM's stopping rule (vllm/v1/core/sched/utils.py check_stop, sampling_params.update_from_generation_config)
+    on a scripted token stream, for CI (which has no vLLM; tests/test_vllm.py runs the real one)."""
+
+    def __init__(self, stream, generation_eos, tokenizer_eos):
+        self.stream, self.generation_eos, self.tokenizer_eos = stream, set(generation_eos), tokenizer_eos
+        self.requests = []
+
+    def generate(self, prompts, requests, use_tqdm=False):
+        from types import SimpleNamespace
+
+        outs = []
+        for r in requests:
+            self.requests.append(r)
+            eos = None if r.ignore_eos else self.tokenizer_eos
+            stop_ids = set(r.stop_token_ids or ()) | (set() if r.ignore_eos else self.generation_eos - {eos})
+            ids, reason = [], "length"
+            for t in self.stream[: r.max_tokens]:
+                ids.append(t)
+                if t == eos or t in stop_ids:
+                    reason = "stop"
+                    break
+            outs.append(SimpleNamespace(outputs=[SimpleNamespace(index=0, token_ids=ids, finish_reason=reason, logprobs=None)]))
+        return outs
+
+
+def test_vllm_requests_stop_on_the_chats_stop_ids_only(toy_chat, monkeypatch):
+    """vLLM adds the checkpoint's generation_config EOS ids to a request's stop ids unless ignore_eos; a
+    completion that stopped there came back 'stop' with stop_id None (truncated, to RL). Now requests
+    stop on the chat's stop ids alone, as the transformers engine."""
+    import sys
+    from types import SimpleNamespace
+
+    from alignkit.generation import SamplingParams, generate_vllm
+
+    class Params(SimpleNamespace):
+        def __init__(self, **kw):
+            super().__init__(**{"ignore_eos": False, **kw})
+
+    monkeypatch.setitem(sys.modules, "vllm", SimpleNamespace(SamplingParams=Params))
+    stop = toy_chat.stop_ids()
+    extra = 40
+    llm = FakeVLLM([30, extra, 31, stop[0], 32], generation_eos=[stop[0], extra], tokenizer_eos=toy_chat.tokenizer.eos_token_id)
+    out = generate_vllm(llm, toy_chat, [[{"role": "user", "content": "hi"}]], SamplingParams(max_new_tokens=8))[0][0]
+    assert llm.requests[0].ignore_eos and set(llm.requests[0].stop_token_ids) == set(stop)
+    assert (out.token_ids, out.finish_reason, out.stop_id) == ([30, extra, 31], "stop", stop[0])

@@ -172,3 +172,33 @@ def test_rl_with_the_vllm_engine(tmp_path, trained_model, toy_data_dir, caplog):
     for a, b in zip(rows, again):
         assert (b["reward"], b["completion_length"]) == (a["reward"], a["completion_length"]), a["step"]
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6)
+
+
+def test_both_engines_ignore_an_extra_eos_of_the_checkpoints_generation_config(tmp_path, trained_model, prompts):
+    """#19.9: a checkpoint whose generation_config lists an EOS id that is not one of the chat's stop ids
+    (here: a token the model writes mid-reply). Neither engine stops there: the replies, their lengths
+    and finish reasons are those of the same checkpoint without it (before: vLLM stopped, 'stop' with no
+    stop id, which RL counted as truncated)."""
+    import json
+    import shutil
+
+    few = prompts[:8]
+    mc = ModelConfig(name_or_path=str(trained_model))
+    chat = load_tokenizer(mc)
+    params = SamplingParams(max_new_tokens=24)
+    plain = generate(load_causal_lm(mc, chat), chat, few, params, batch_size=8)
+    extra = next(t for o in plain for t in o[0].token_ids[1:] if t not in chat.stop_ids())
+    odd = tmp_path / "odd"
+    shutil.copytree(trained_model, odd)
+    (odd / "generation_config.json").write_text(json.dumps({"eos_token_id": [chat.stop_ids()[0], extra]}))
+    odd_mc = ModelConfig(name_or_path=str(odd))
+
+    def summary(outs):
+        return [(c.token_ids, c.finish_reason, c.stop_id) for o in outs for c in o]
+
+    assert summary(generate(load_causal_lm(odd_mc, chat), chat, few, params, batch_size=8)) == summary(plain)
+    with vllm_engine(odd_mc, "fp32", OPTIONS) as llm:
+        got = generate_vllm(llm, chat, few, params)
+    assert any(extra in c.token_ids for o in got for c in o)
+    assert sum(a == b for a, b in zip(summary(got), summary(plain))) >= len(few) - 1
+    assert all(c.finish_reason == "length" or c.stop_id in chat.stop_ids() for o in got for c in o)

@@ -388,7 +388,8 @@ class RLParams:
     scale_rewards: bool = True
     """GRPO: divide advantages by the group's standard deviation (false: Dr. GRPO)."""
     loss_agg: Literal["auto", "token_mean", "sequence_mean", "sequence_sum", "constant"] = "auto"
-    """auto: sequence_sum for RLOO (the paper's estimator), token_mean for GRPO (DAPO)."""
+    """auto: sequence_sum for RLOO (the paper's estimator), token_mean for GRPO (DAPO), sequence_mean for
+    GSPO (importance_level sequence: the paper's mean over sequences of each one's mean)."""
     length_penalty: LengthPenalty = field(default_factory=LengthPenalty)
     truncation_penalty: float = 0.0
     """Subtracted from the reward of a completion cut at max_new_tokens."""
@@ -435,7 +436,9 @@ class RLParams:
     def agg(self) -> str:
         if self.loss_agg != "auto":
             return self.loss_agg
-        return "sequence_sum" if self.algo == "rloo" else "token_mean"
+        if self.algo == "rloo":
+            return "sequence_sum"
+        return "sequence_mean" if self.importance_level == "sequence" else "token_mean"
 
     def kl_in_loss(self) -> bool:
         """GRPO's k3 term in the loss (REINFORCE++ puts the KL in the reward, RLOO in the sequence reward)."""
@@ -554,7 +557,8 @@ def collate_rollout(samples: list[dict], pad_id: int) -> dict:
 
 @torch.no_grad()
 def sample_logps(model, samples: list[dict], pad_id: int, batch_size: int, entropy: bool):
-    """Per-sample lists of completion-token log-probs (and the mean entropy per sample)."""
+    """Per-sample lists of completion-token log-probs (and each sample's sum of per-token entropies), each
+    at the sample's temperature."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -572,7 +576,7 @@ def sample_logps(model, samples: list[dict], pad_id: int, batch_size: int, entro
             pieces = logps.float().cpu().split(counts)
             out_logps += [p.tolist() for p in pieces]
             if ent is not None:
-                out_entropy += [float(e.mean()) if len(e) else 0.0 for e in ent.float().cpu().split(counts)]
+                out_entropy += [float(e.sum()) for e in ent.float().cpu().split(counts)]
     finally:
         model.train(was_training)
     return out_logps, out_entropy
@@ -655,6 +659,10 @@ def sampler_correction(samples: list[dict], old: list[list[float]], threshold: f
     return metrics
 
 
+ROLLOUT_TIMINGS = ("time_sample_s", "time_score_s", "time_logprobs_s", "sampled_tokens_per_s")
+"""Metrics of the work of a rollout, logged on the step that made it only (count 0 on the others)."""
+
+
 class RolloutSource(StepSource):
     """Each step's micro-batches made from the current policy: prompts -> samples -> rewards -> advantages."""
 
@@ -687,6 +695,9 @@ class RolloutSource(StepSource):
                 self.engine.sync(model, version=step)  # `step` optimizer updates so far: a push when they changed the weights
             self.buffer = self.rollout(generation, model)
         self.metrics = {k: tuple(v) for k, v in self.buffer["metrics"].items()}
+        if self.buffer.get("used"):  # a step that reuses a batch (num_iterations > 1) did no sampling: no timings
+            self.metrics.update({k: (0.0, 0.0) for k in ROLLOUT_TIMINGS})
+        self.buffer["used"] = True
         if self.engine is not None:
             self.metrics["vllm_weight_pushes"] = (float(self.engine.pushes), 1.0)
         return [collate_rollout(mb, self.chat.pad_id) for mb in self.buffer["micro"]]
@@ -793,7 +804,7 @@ class RolloutSource(StepSource):
         equal_groups = float((total.max(-1).values - total.min(-1).values).abs().le(1e-12).sum())
         metrics = {
             "reward": (float(rewards.sum()), n),
-            "reward_std": (float(rewards.std(-1, unbiased=False).sum()), float(len(flat))),
+            "reward_std": (float(rewards.std(-1).sum()), float(len(flat))),  # within each group, ddof 1 as the advantages
             "reward_total": (float(total.sum()), n),
             "reward_length_penalty": (float(-len_pen.sum()), n),
             "reward_truncation_penalty": (float(-trunc_pen.sum()), n),
@@ -802,7 +813,7 @@ class RolloutSource(StepSource):
             "completion_length": (tokens, n),
             "completion_length_max": (float(lengths.max()), 1.0),
             "truncated": (float(truncated.sum()), n),
-            "entropy": (sum(entropy), n),
+            "entropy": (sum(entropy), tokens),  # per token, of the distribution sampled (at its temperature)
             "groups_all_equal": (equal_groups, float(len(flat))),
             "time_sample_s": (t1 - t0, 1.0),
             "time_score_s": (t2 - t1, 1.0),
