@@ -505,3 +505,38 @@ def test_reinforce_pp_normalises_over_all_processes(
         assert a == pytest.approx(b, rel=1e-6, abs=1e-9)
     flat = [v for a in whole for v in a]
     assert sum(flat) == pytest.approx(0.0, abs=1e-9) and any(len(set(a)) > 1 for a in whole)
+
+
+@pytest.mark.slow
+def test_new_options_two_processes_match_one(tmp_path, trained_toy_model, toy_data_dir):
+    """CISPO, REINFORCE++ (normalised over both processes) and dynamic sampling: 1 process x 4 prompts
+    and 2 processes x 2 give the same rewards, draws and losses (torchrun, gloo on CPU)."""
+    import subprocess
+    import sys
+
+    from .test_distributed import free_port
+
+    common = [
+        "--model.name-or-path", str(trained_toy_model), "--prompts.dataset", str(toy_data_dir),
+        "--prompts.split", "train", "--reward.kind", "rule", "--reward.rule", "toy", "--rl.k", "4",
+        "--rl.max-new-tokens", "8", "--rl.beta", "0.1", "--rl.algo", "grpo", "--rl.loss", "cispo",
+        "--rl.epsilon-high", "0.5", "--rl.advantage", "reinforce_pp", "--rl.dynamic-sampling", "true",
+        "--rl.temperature", "1.3", "--train.max-steps", "2", "--train.logging-steps", "1",
+        "--train.precision", "fp32", "--train.learning-rate", "1e-3", "--train.save-steps", "0", "--quiet",
+    ]
+    cli = [sys.executable, "-m", "alignkit.cli", "rl"]
+    one = cli + common + ["--output-dir", str(tmp_path / "one"), "--train.batch-size", "4"]
+    res = subprocess.run(one, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+              "--master_port", str(free_port()), "-m", "alignkit.cli", "rl"]
+    two = launch + common + ["--output-dir", str(tmp_path / "two"), "--train.batch-size", "2"]
+    res = subprocess.run(two, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert len(a) == len(b) == 2
+    for x, y in zip(a, b):
+        for key in ("reward", "kl", "loss", "advantage_abs", "dynamic_groups_drawn", "dynamic_extra_draws",
+                    "dynamic_unfilled"):
+            assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-6), key
+    assert sum(x["dynamic_extra_draws"] for x in a) > 0
