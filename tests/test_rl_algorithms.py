@@ -528,8 +528,8 @@ def test_new_options_two_processes_match_one(tmp_path, trained_toy_model, toy_da
     one = cli + common + ["--output-dir", str(tmp_path / "one"), "--train.batch-size", "4"]
     res = subprocess.run(one, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-              "--master_port", str(free_port()), "-m", "alignkit.cli", "rl"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+              "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "alignkit.cli", "rl"]
     two = launch + common + ["--output-dir", str(tmp_path / "two"), "--train.batch-size", "2"]
     res = subprocess.run(two, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
