@@ -219,7 +219,8 @@ def test_rl_sampler_correction_under_top_p_and_top_k(tmp_path, trained_model, to
                    rl=RLParams(algo="grpo", k=4, max_new_tokens=12, beta=0.0, temperature=1.3, top_p=0.8, top_k=10,
                                engine="vllm", vllm=vllm, vllm_is_threshold=2.0, log_samples_steps=0),
                    train=TrainConfig(max_steps=2, batch_size=4, grad_accum=1, learning_rate=1e-3, scheduler="constant",
-                                     save_steps=None, logging_steps=1, precision="fp32"))
+                                     save_steps=None, logging_steps=1, precision="fp32", metric_for_best="eval_reward",
+                                     greater_is_better=True))
     run_rl(cfg)
     for r in read_metrics(tmp_path / "rl"):
         assert 0 <= r["vllm_mismatch_kl"] < 1e-3 and abs(r["vllm_is_weight"] - 1) < 1e-2 and r["vllm_is_clipped"] == 0
