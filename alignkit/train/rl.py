@@ -869,7 +869,8 @@ class RolloutSource(StepSource):
         metrics = {"dynamic_groups_drawn": (float(drawn), share),
                    "dynamic_groups_dropped": (float(dropped), share),
                    "dynamic_extra_draws": (float(drawn - len(flat)), share),
-                   "dynamic_unfilled": (float(unfilled), share), "dynamic_short": (float(unfilled > 0), 1.0)}
+                   "dynamic_unfilled": (float(unfilled), share),
+                   "dynamic_short": (float(unfilled > 0), 1.0)}  # several processes: the share whose part is short
         return {"flat": flat, "completions": completions, "rewards": rewards, "keep": torch.tensor(good),
                 "metrics": metrics}
 
