@@ -110,31 +110,49 @@ class SeededSampler(LogitsProcessor):
     sharding and resume (up to float differences from padding), as vLLM's per-request seeds are.
     """
 
-    def __init__(self, seeds: list[int], device: torch.device):
+    def __init__(self, seeds: list[int], device: torch.device, noisy: list[bool] | None = None):
         self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        self.noisy = None if noisy is None or all(noisy) else torch.tensor(noisy, dtype=torch.float32, device=device)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         u = torch.stack([torch.rand(scores.shape[-1], generator=g, device=scores.device) for g in self.generators])
         gumbel = -torch.log((-torch.log(u.clamp(min=1e-20))).clamp(min=1e-20))
+        if self.noisy is not None:  # greedy rows (temperature 0): no noise, the argmax
+            gumbel = gumbel * self.noisy.unsqueeze(-1)
         return scores.float() + gumbel
 
 
-def sampling_processors(params: SamplingParams, seeds: list[int], device) -> LogitsProcessorList:
-    """Temperature, top-k, top-p and min-p warping, then seeded Gumbel noise (greedy decoding picks the sample)."""
-    procs = LogitsProcessorList([TemperatureLogitsWarper(params.temperature)])
+class RowTemperature(LogitsProcessor):
+    """Each row's scores divided by its own temperature (a row at 0 is greedy: left as it is)."""
+
+    def __init__(self, temperatures: list[float], device: torch.device):
+        self.t = torch.tensor([t if t > 0 else 1.0 for t in temperatures], dtype=torch.float32, device=device).unsqueeze(-1)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return scores.float() / self.t
+
+
+def sampling_processors(params: SamplingParams, seeds: list[int], device,
+                        temperatures: list[float] | None = None) -> LogitsProcessorList:
+    """Temperature, top-k, top-p and min-p warping, then seeded Gumbel noise (greedy decoding picks the sample).
+    temperatures: one per row, instead of params.temperature (rows at 0 are greedy)."""
+    if temperatures is None:
+        procs = LogitsProcessorList([TemperatureLogitsWarper(params.temperature)])
+    else:
+        procs = LogitsProcessorList([RowTemperature(temperatures, device)])
     if params.top_k > 0:
         procs.append(TopKLogitsWarper(params.top_k))
     if params.top_p < 1.0:
         procs.append(TopPLogitsWarper(params.top_p))
     if params.min_p > 0:
         procs.append(MinPLogitsWarper(params.min_p))
-    procs.append(SeededSampler(seeds, device))
+    procs.append(SeededSampler(seeds, device, None if temperatures is None else [t > 0 for t in temperatures]))
     return procs
 
 
 @torch.no_grad()
 def generate(model, chat, prompts: list[list[dict]], params: SamplingParams, batch_size: int = 16, progress: bool = False,
-             salts: list | None = None) -> list[list[Completion]]:
+             salts: list | None = None, temperatures: list[float] | None = None) -> list[list[Completion]]:
     """`params.n` completions per prompt, in prompt order.
 
     Prompts are batched longest first (left padding, KV cache). The global torch RNG (CPU and CUDA)
@@ -143,12 +161,20 @@ def generate(model, chat, prompts: list[list[dict]], params: SamplingParams, bat
     samples do not depend on batching, chunking, sharding or resuming (as with vLLM). `batch_size`
     counts sequences (a prompt with n samples takes n rows). `salts`: one JSON value per prompt mixed
     into its seeds (RL passes each prompt's row, so a prompt that appears twice is sampled twice).
+    `temperatures`: one per sample index (n of them; 0 is greedy, at most one), instead of
+    params.temperature: every sample of every prompt in the same decoding pass (RL's rl.temperatures).
     """
     tok = chat.tokenizer
     encoded = [tokenize_prompt(tok, p) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     stop = chat.stop_ids()
     results: list[list[Completion]] = [[] for _ in prompts]
+    if temperatures is not None:
+        if len(temperatures) != params.n or params.seed is None or params.num_beams > 1:
+            raise ValueError("per-sample temperatures need one temperature per sample (n), a seed and no beam search")
+        if sum(t <= 0 for t in temperatures) > 1:
+            raise ValueError("at most one sample per prompt can be greedy (temperature 0)")
+        params = replace(params, temperature=max(temperatures))  # > 0 unless n == 1: sampled rows, seeded
     if params.n > 1 and params.temperature <= 0 and params.num_beams < params.n:
         raise ValueError("n > 1 needs sampling (temperature > 0) or num_beams >= n")
     seeded = params.temperature > 0 and params.seed is not None and params.num_beams == 1
@@ -177,7 +203,8 @@ def generate(model, chat, prompts: list[list[dict]], params: SamplingParams, bat
                 if seeded:
                     seeds = [zlib.crc32(json.dumps([params.seed, encoded[i], j] + ([] if salts is None else [salts[i]])).encode())
                              for i, j in batch]
-                    extra["logits_processor"] = sampling_processors(params, seeds, device)
+                    row_temps = None if temperatures is None else [temperatures[j] for _, j in batch]
+                    extra["logits_processor"] = sampling_processors(params, seeds, device, row_temps)
                 elif beam_sample:  # beam sampling keeps transformers' sampler: one prompt per call, seeded
                     torch.manual_seed(prompt_seed(params.seed, encoded[idx[0]], None if salts is None else salts[idx[0]]))
                 ids = pad([encoded[i] for i in idx], chat.pad_id, side="left").to(device)
@@ -256,16 +283,23 @@ def vllm_engine(model: ModelConfig, precision: str = "auto", options: VLLMOption
 
 
 def generate_vllm(llm, chat, prompts: list[list[dict]], params: SamplingParams, logprobs: bool = False,
-                  salts: list | None = None) -> list[list[Completion]]:
+                  salts: list | None = None, temperatures: list[float] | None = None) -> list[list[Completion]]:
     """The same interface on a vLLM engine. We tokenize and decode, so text and stop tokens match
     the transformers engine; each prompt's seed is derived from its tokens, so samples do not
     depend on batching, sharding or resuming. `logprobs`: each Completion carries the sampler's
-    log-probs of its tokens (as the engine's logprobs_mode gives them)."""
+    log-probs of its tokens (as the engine's logprobs_mode gives them). `salts`, `temperatures`: as
+    for `generate` (one request per prompt and temperature, all in one call)."""
     from vllm import SamplingParams as VLLMSampling
 
     if params.num_beams > 1:
         raise ValueError("beam search is only supported by the transformers engine")
-    if params.n > 1 and params.temperature <= 0:
+    if temperatures is None:
+        groups = [(params.temperature, list(range(params.n)))]
+    else:
+        if len(temperatures) != params.n:
+            raise ValueError(f"{len(temperatures)} temperatures for n = {params.n} samples")
+        groups = [(t, [j for j, x in enumerate(temperatures) if x == t]) for t in sorted(set(temperatures))]
+    if any(len(idx) > 1 and t <= 0 for t, idx in groups):
         raise ValueError("n > 1 needs sampling (temperature > 0)")
     if chat.added_tokens:
         raise ValueError(f"the tokenizer gained {chat.added_tokens} for its chat template; vLLM would load the model without them. "
@@ -273,30 +307,38 @@ def generate_vllm(llm, chat, prompts: list[list[dict]], params: SamplingParams, 
     stop, tok = chat.stop_ids(), chat.tokenizer
     encoded = [tokenize_prompt(tok, p) for p in prompts]
 
-    def request(ids: list[int], salt=None) -> VLLMSampling:
+    def request(ids: list[int], salt, t: float, n: int, group: int) -> VLLMSampling:
+        if temperatures is not None:  # each temperature group its own seed
+            salt = [salt, group]
         seed = None if params.seed is None else prompt_seed(params.seed, ids, salt)
         return VLLMSampling(
-            n=params.n, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, min_p=params.min_p,
+            n=n, temperature=t, top_p=params.top_p, top_k=params.top_k, min_p=params.min_p,
             repetition_penalty=params.repetition_penalty, max_tokens=params.max_new_tokens, stop_token_ids=stop,
             # ignore_eos: stop on `stop` alone, as the transformers engine does. vLLM would otherwise also stop on the
             # EOS ids of the checkpoint's generation_config and report "stop" with none of our stop ids.
             ignore_eos=True, seed=seed, detokenize=False, logprobs=0 if logprobs else None,
         )
 
-    requests = [request(ids, None if salts is None else salts[i]) for i, ids in enumerate(encoded)]
-    outs = llm.generate([{"prompt_token_ids": ids} for ids in encoded], requests, use_tqdm=False)
+    inputs, requests = [], []
+    for i, ids in enumerate(encoded):
+        for g, (t, idx) in enumerate(groups):
+            inputs.append({"prompt_token_ids": ids})
+            requests.append(request(ids, None if salts is None else salts[i], t, len(idx), g))
+    outs = iter(llm.generate(inputs, requests, use_tqdm=False))
     results = []
-    for req in outs:
-        completions = []
-        for o in sorted(req.outputs, key=lambda o: o.index):
-            ids = list(o.token_ids)
-            # logprobs=0: each position's dict holds the sampled token alone
-            lps = [pos[t].logprob for pos, t in zip(o.logprobs, ids)] if logprobs else None
-            stopped = o.finish_reason == "stop"
-            stop_id = None
-            if stopped and ids and ids[-1] in stop:  # vLLM keeps the stop token; the text never does
-                stop_id, ids = ids[-1], ids[:-1]
-            completions.append(Completion(tok.decode(ids, skip_special_tokens=True), ids, "stop" if stopped else "length", stop_id, lps))
+    for _ in encoded:
+        completions: list = [None] * params.n
+        for _, idx in groups:
+            req = next(outs)
+            for j, o in zip(idx, sorted(req.outputs, key=lambda o: o.index)):
+                ids = list(o.token_ids)
+                # logprobs=0: each position's dict holds the sampled token alone
+                lps = [pos[t].logprob for pos, t in zip(o.logprobs, ids)] if logprobs else None
+                stopped = o.finish_reason == "stop"
+                stop_id = None
+                if stopped and ids and ids[-1] in stop:  # vLLM keeps the stop token; the text never does
+                    stop_id, ids = ids[-1], ids[:-1]
+                completions[j] = Completion(tok.decode(ids, skip_special_tokens=True), ids, "stop" if stopped else "length", stop_id, lps)
         results.append(completions)
     return results
 
@@ -357,10 +399,11 @@ class ColocatedVLLM:
             self.llm.wake_up()
             self.asleep = False
 
-    def generate(self, chat, prompts: list[list[dict]], params: SamplingParams, salts: list | None = None) -> list[list[Completion]]:
+    def generate(self, chat, prompts: list[list[dict]], params: SamplingParams, salts: list | None = None,
+                 temperatures: list[float] | None = None) -> list[list[Completion]]:
         """`generate_vllm` with the sampler's log-probs."""
         self.wake()
-        return generate_vllm(self.llm, chat, prompts, params, logprobs=True, salts=salts)
+        return generate_vllm(self.llm, chat, prompts, params, logprobs=True, salts=salts, temperatures=temperatures)
 
     def rest(self) -> None:
         """After a rollout's sampling: sleep (if asked) so training gets the memory."""

@@ -428,7 +428,8 @@ def test_sampler_correction_under_top_p_compares_like_with_like(
             pass
 
         @torch.no_grad()
-        def generate(self, chat, prompts, params, salts=None):
+        def generate(self, chat, prompts, params, salts=None, temperatures=None):
+            assert temperatures is None  # one temperature here: params.temperature
             outs = generate(self.model, chat, prompts, params, salts=salts)
             for msgs, cs in zip(prompts, outs):
                 pid = tokenize_prompt(chat.tokenizer, msgs)

@@ -241,7 +241,8 @@ class IndexReward:
 def test_reward_std_entropy_per_token_and_timings_once_per_batch(tmp_path, toy_chat, trained_toy_model, toy_data_dir):
     from alignkit.models import load_causal_lm
 
-    cfg = rl_cfg("/unused", trained_toy_model, toy_data_dir, rl=dict(k=4, temperatures=[0.5, 0.5, 1.5, 1.5], max_new_tokens=6))
+    cfg = rl_cfg("/unused", trained_toy_model, toy_data_dir,
+                 rl=dict(algo="grpo", num_iterations=2, k=4, temperatures=[0.5, 0.5, 1.5, 1.5], max_new_tokens=6))
     model = load_causal_lm(cfg.model, toy_chat)
     prompts = [{"id": i, "messages": [{"role": "user", "content": f"Spell {w} backwards."}]}
                for i, w in enumerate(["cat", "moon", "bird", "king"])]
@@ -348,3 +349,49 @@ def test_vllm_requests_stop_on_the_chats_stop_ids_only(toy_chat, monkeypatch):
     out = generate_vllm(llm, toy_chat, [[{"role": "user", "content": "hi"}]], SamplingParams(max_new_tokens=8))[0][0]
     assert llm.requests[0].ignore_eos and set(llm.requests[0].stop_token_ids) == set(stop)
     assert (out.token_ids, out.finish_reason, out.stop_id) == ([30, extra, 31], "stop", stop[0])
+
+
+# --------------------------------------------------------------------------- work done that need not be
+
+
+@pytest.mark.parametrize("algo, beta", [("grpo", 0.1), ("rloo", 0.0)])
+def test_the_skipped_policy_pass_changes_nothing_but_the_work(tmp_path, trained_toy_model, toy_data_dir, monkeypatch, algo, beta):
+    """GRPO with one iteration and RLOO at beta 0 need no no-grad policy pass: the same losses, entropy
+    and kl (from the loss pass) as with it, and the policy's no-grad pass never runs."""
+    passes = []
+    real = rl.sample_logps
+    monkeypatch.setattr(rl, "sample_logps", lambda model, *a, **k: passes.append(model.training) or real(model, *a, **k))
+    runs = {}
+    for always in (True, False):
+        monkeypatch.setattr(rl, "ALWAYS_OLD_PASS", always)
+        passes.clear()
+        out = tmp_path / f"always{always}"
+        rl.run_rl(rl_cfg(out, trained_toy_model, toy_data_dir, rl=dict(algo=algo, beta=beta, temperatures=[0.5, 1.0, 1.0, 1.5]),
+                         train=dict(max_steps=2)))
+        runs[always] = (read_metrics(out), len(passes))
+    (before, n_before), (after, n_after) = runs[True], runs[False]
+    assert n_before == 2 * (1 + (beta > 0)) and n_after == 2 * (beta > 0)  # the reference's pass stays
+    for a, b in zip(before, after):
+        for key in ("loss", "entropy", "reward", "grad_norm") + (("kl",) if beta else ()):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+
+
+def test_one_decoding_call_with_a_temperature_per_row(toy_chat, trained_toy_model, toy_data_dir, monkeypatch):
+    """rl.temperatures [0, 0.5, 1.5, 1.5]: one generate() call; sample j is what a call with every sample
+    at temperature T_j draws for sample j (same seed), and sample 0 is the greedy reply."""
+    from alignkit.generation import SamplingParams, generate
+    from alignkit.models import load_causal_lm
+
+    temps = [0.0, 0.5, 1.5, 1.5]
+    cfg = rl_cfg("/unused", trained_toy_model, toy_data_dir, rl=dict(k=4, temperatures=temps, max_new_tokens=10))
+    model = load_causal_lm(cfg.model, toy_chat)
+    messages = [[{"role": "user", "content": f"Spell {w} backwards."}] for w in ("cat", "moon", "bird", "king")]
+    calls = []
+    monkeypatch.setattr(rl, "generate", lambda *a, **k: calls.append(1) or generate(*a, **k))
+    src = rl.RolloutSource(cfg, toy_chat, [{"messages": m} for m in messages], None, None, 1, 0, None, False)
+    outs = src.sample(model, messages, 0, salts=[0, 1, 2, 3])
+    assert len(calls) == 1
+    for j, t in enumerate(temps):
+        params = SamplingParams(max_new_tokens=10, temperature=t, n=4 if t > 0 else 1, seed=rl.sampling_seed(0, 0, 0))
+        alone = generate(model, toy_chat, messages, params, salts=[0, 1, 2, 3])
+        assert [o[j].token_ids for o in outs] == [a[j if t > 0 else 0].token_ids for a in alone], t

@@ -32,6 +32,9 @@ FULL_LOGITS = "_alignkit_full_logits"
 """Set on a model whose logits are more than head(hidden) (found at its first batch)."""
 PLAIN_HEAD = "_alignkit_plain_head"
 """Set on a model whose logits were found to be head(last hidden state)."""
+BASE_MODEL_NO_GRAD = True
+"""No-grad passes of a checked model run its base model (False: the full forward with every layer's
+hidden states, as before; kept for bench/rl_step.py's before/after)."""
 
 
 def label_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
@@ -67,7 +70,7 @@ def label_stats(model, input_ids, attention_mask, labels, entropy: bool, tempera
     if head is not None and not getattr(inner, FULL_LOGITS, False):
         base = getattr(inner, "base_model", inner)
         out = None
-        if not torch.is_grad_enabled() and getattr(inner, PLAIN_HEAD, False) and base is not inner:
+        if BASE_MODEL_NO_GRAD and not torch.is_grad_enabled() and getattr(inner, PLAIN_HEAD, False) and base is not inner:
             # No gradient, head already checked: the base model's last hidden state alone.
             hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
             plain_head = True

@@ -758,7 +758,7 @@ class RolloutSource(StepSource):
                 samples.append({"prompt_ids": prompt_ids, "completion_ids": ids, "truncated": c.stop_id is None, "prompt": i, "index": j,
                                 "sampler_logps": c.logprobs, "temperature": temps[j]})
         bs = max(1, self.cfg.train.batch_size * p.k)
-        old, entropy = sample_logps(model, samples, chat.pad_id, bs, entropy=True)
+        old, entropy = sample_logps(model, samples, chat.pad_id, bs, entropy=True) if old_pass_needed(p) else (None, None)
         ref = sample_logps(self.ref_model, samples, chat.pad_id, bs, entropy=False)[0] if self.ref_model is not None else None
         t3 = time.perf_counter()
 
@@ -769,9 +769,9 @@ class RolloutSource(StepSource):
         len_pen = length_penalty(lengths, p.length_penalty.kind, p.length_penalty.coef, p.length_penalty.target, p.max_new_tokens).double()
         trunc_pen = p.truncation_penalty * truncated
         total = rewards - len_pen - trunc_pen
-        seq_old = torch.tensor([sum(x) for x in old], dtype=torch.float64).view(shape)
         kl_seq = None
-        if ref is not None:
+        if ref is not None and old is not None:  # else the loss pass logs kl (GRPO at its first and only iteration)
+            seq_old = torch.tensor([sum(x) for x in old], dtype=torch.float64).view(shape)
             seq_ref = torch.tensor([sum(x) for x in ref], dtype=torch.float64).view(shape)
             kl_seq = seq_old - seq_ref
         if p.algo == "rloo":
@@ -788,7 +788,8 @@ class RolloutSource(StepSource):
             token_adv, adv = self.reinforce_pp_advantages(total, samples, old, ref, weights)
         if not torch.isfinite(adv).all():
             raise TrainingDiverged(f"non-finite advantages at generation {generation + 1}; stopped before updating the weights")
-        for s, a, w, o, r in zip(samples, adv.flatten().tolist(), weights.flatten().tolist(), old, ref or [None] * len(samples)):
+        nothing = [None] * len(samples)
+        for s, a, w, o, r in zip(samples, adv.flatten().tolist(), weights.flatten().tolist(), old or nothing, ref or nothing):
             s.update(advantage=a, weight=w, old_logps=o if (p.algo == "grpo") else None,
                      ref_logps=r if p.kl_in_loss() else None)
         for s, a in zip(samples, token_adv or []):
@@ -813,13 +814,14 @@ class RolloutSource(StepSource):
             "completion_length": (tokens, n),
             "completion_length_max": (float(lengths.max()), 1.0),
             "truncated": (float(truncated.sum()), n),
-            "entropy": (sum(entropy), tokens),  # per token, of the distribution sampled (at its temperature)
             "groups_all_equal": (equal_groups, float(len(flat))),
             "time_sample_s": (t1 - t0, 1.0),
             "time_score_s": (t2 - t1, 1.0),
             "time_logprobs_s": (t3 - t2, 1.0),
             "sampled_tokens_per_s": (tokens, max(t1 - t0, 1e-9)),
         }
+        if entropy is not None:  # per token, of the distribution sampled (at its temperature); else from the loss pass
+            metrics["entropy"] = (sum(entropy), tokens)
         if kl_seq is not None:
             metrics["kl"] = (float(kl_seq.sum()), n)  # sum over a completion's tokens of log pi - log pi_ref, mean over samples
         metrics.update(mismatch)
@@ -936,11 +938,22 @@ class RolloutSource(StepSource):
         bs = max(1, self.cfg.train.batch_size * p.k)
         return sampling_sample_logps(model, samples, self.chat.pad_id, bs, temps, p.top_k, p.top_p)
 
+    one_sampling_call = True
+    """All k samples of every prompt in one decoding call, each row at its temperature (False: one call
+    per distinct temperature, as before; kept for bench/rl_step.py's before/after)."""
+
     def sample(self, model, messages: list[list[dict]], generation: int, salts: list | None = None):
-        """k completions per prompt; sample indices that share a temperature are drawn in one call.
+        """k completions per prompt, each sample index at its temperature, in one decoding call.
         salts: each prompt's row in the prompt list, in its seeds (two copies of a prompt differ)."""
         p = self.p
         temps = p.sample_temperatures()
+        if self.one_sampling_call:
+            params = SamplingParams(max_new_tokens=p.max_new_tokens, temperature=max(temps), top_p=p.top_p, top_k=p.top_k, n=p.k,
+                                    seed=sampling_seed(self.cfg.seed, generation, 0))
+            per_row = None if len(set(temps)) == 1 else temps
+            if self.engine is not None:
+                return self.engine.generate(self.chat, messages, params, salts=salts, temperatures=per_row)
+            return generate(model, self.chat, messages, params, p.generation_batch_size, salts=salts, temperatures=per_row)
         out = [[None] * p.k for _ in messages]
         for group, t in enumerate(sorted(set(temps))):
             idx = [j for j, x in enumerate(temps) if x == t]
@@ -969,11 +982,29 @@ class RolloutSource(StepSource):
 # --------------------------------------------------------------------------- the loss
 
 
+ALWAYS_OLD_PASS = False
+"""Run the no-grad policy pass even where nothing needs it (the behaviour before; bench/rl_step.py)."""
+
+
+def old_pass_needed(p: RLParams) -> bool:
+    """Whether a rollout needs the policy's no-grad log-probs at sampling time: the old log-probs of GRPO's
+    later iterations on a batch, the sampler/trainer comparison of vLLM, RLOO's KL in the reward. Else
+    (GRPO with one iteration, RLOO with beta 0) the loss pass is at the sampling weights: its log-probs
+    are the old ones (ratio 1), and it logs the entropy (and GRPO's kl)."""
+    return ALWAYS_OLD_PASS or p.engine == "vllm" or (p.algo == "grpo" and p.num_iterations > 1) or (p.algo == "rloo" and p.beta > 0) \
+        or (p.advantage != "group" and p.beta > 0)  # REINFORCE++: the KL in the reward, per token
+
+
 def rl_loss_fn(p: RLParams):
     how = p.agg()
 
     def loss_fn(model, batch) -> LossOutput:
-        logps, mask = label_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"], batch.get("temperatures"))
+        stats_here = not old_pass_needed(p)
+        args = (model, batch["input_ids"], batch["attention_mask"], batch["labels"], batch.get("temperatures"))
+        if stats_here:
+            logps, entropy, mask = label_logps_entropy(*args)
+        else:
+            logps, mask = label_logps(*args)
         rows = mask.nonzero()[:, 0]
         n_tokens = mask.sum(-1)
         old = batch.get("old_logps")
@@ -982,6 +1013,11 @@ def rl_loss_fn(p: RLParams):
                                                     p.importance_level, batch.get("is_weights"), p.loss,
                                                     batch.get("token_advantages"))
         metrics = {}
+        if stats_here:  # what the skipped no-grad pass would have logged, from this pass at the same weights
+            metrics["entropy"] = torch.stack([entropy.sum(), torch.tensor(float(len(entropy)), device=entropy.device)]).double()
+            if batch.get("ref_logps") is not None:
+                kl_sum = (logps.detach() - batch["ref_logps"]).sum()
+                metrics["kl"] = torch.stack([kl_sum, torch.tensor(float(len(n_tokens)), device=kl_sum.device)]).double()
         if p.kl_in_loss():
             kl = k3_kl(logps, batch["ref_logps"])
             token_losses = token_losses + p.beta * kl
