@@ -541,3 +541,18 @@ def test_new_options_two_processes_match_one(tmp_path, trained_toy_model, toy_da
                     "dynamic_unfilled"):
             assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-6), key
     assert sum(x["dynamic_extra_draws"] for x in a) > 0
+
+
+def test_a_token_outside_the_trainers_nucleus_weighs_zero_and_is_counted(monkeypatch):
+    """Where the engines' floats put a token on different sides of the nucleus's edge, the trainer's
+    probability is 0: weight 0, a finite mismatch, and the share logged."""
+    src = rl.RolloutSource.__new__(rl.RolloutSource)
+    src.p = RLParams(algo="grpo", k=2, top_p=0.5)
+    src.cfg, src.chat = RLConfig(), type("Chat", (), {"pad_id": 0})()
+    monkeypatch.setattr(rl, "sampling_sample_logps", lambda *a: [[math.log(0.5), -math.inf], [0.0]])
+    samples = [{"index": 0}, {"index": 1}]
+    got, outside = src.sampler_view_logps(None, samples, old=None)
+    assert got == [[math.log(0.5), rl.TRUNCATED_LOGP], [0.0]] and outside == {"vllm_outside_truncation": (1.0, 3.0)}
+    samples = [{"sampler_logps": [math.log(0.5), math.log(0.1)]}, {"sampler_logps": [0.0]}]
+    metrics = rl.sampler_correction(samples, got, threshold=2.0)
+    assert samples[0]["is_weights"][1] == pytest.approx(0.0, abs=1e-20) and math.isfinite(metrics["vllm_mismatch_kl"][0])

@@ -585,6 +585,8 @@ def sample_logps(model, samples: list[dict], pad_id: int, batch_size: int, entro
 PLAIN = {"advantage": 0.0, "weight": 1.0, "old_logps": None, "ref_logps": None, "is_weights": None,
          "token_advantages": None}
 """What a no-grad pass collates a sample with: no RL tensors."""
+TRUNCATED_LOGP = -50.0
+"""The trainer's log-prob of a sampled token its own top-k/top-p truncation drops (probability 0)."""
 SAMPLING_CHUNK_TOKENS = 256
 """Positions per chunk in `sampling_sample_logps` (top-p sorts the vocabulary: 256 x 152k x 12 bytes)."""
 
@@ -796,8 +798,8 @@ class RolloutSource(StepSource):
             s["token_advantages"] = a
         mismatch = {}
         if self.engine is not None:
-            trainer = self.sampler_view_logps(model, samples, old)
-            mismatch = sampler_correction(samples, trainer, p.vllm_is_threshold)
+            trainer, outside = self.sampler_view_logps(model, samples, old)
+            mismatch = sampler_correction(samples, trainer, p.vllm_is_threshold) | outside
 
         n = float(len(samples))
         tokens = float(lengths.sum())
@@ -926,17 +928,22 @@ class RolloutSource(StepSource):
         per_seq = torch.zeros(len(samples), dtype=adv.dtype).index_add(0, rows, adv) / n_tokens.clamp(min=1)
         return [a.tolist() for a in adv.split(n_tokens.tolist())], per_seq.view(total.shape)
 
-    def sampler_view_logps(self, model, samples: list[dict], old: list[list[float]]) -> list[list[float]]:
+    def sampler_view_logps(self, model, samples: list[dict], old: list[list[float]]):
         """The trainer's log-probs of the sampled tokens under the distribution the sampler drew from (each
         sample's temperature, rl.top_k, rl.top_p; `sampling_logprobs`), for the sampler correction: vLLM's
         processed log-probs are of that distribution. Without truncation that is `old` (at each sample's
-        temperature)."""
+        temperature). A token the sampler kept but the trainer's truncation drops (at the nucleus's edge,
+        where the engines' floats differ) has probability 0 for the trainer: it gets TRUNCATED_LOGP (an
+        importance weight of 0, a finite mismatch) and is counted, as vllm_outside_truncation (share)."""
         p = self.p
         if p.top_p >= 1.0 and p.top_k <= 0:
-            return old
+            return old, {}
         temps = [p.sample_temperatures()[s["index"]] for s in samples]  # 0 greedy: as vLLM reports it
         bs = max(1, self.cfg.train.batch_size * p.k)
-        return sampling_sample_logps(model, samples, self.chat.pad_id, bs, temps, p.top_k, p.top_p)
+        got = sampling_sample_logps(model, samples, self.chat.pad_id, bs, temps, p.top_k, p.top_p)
+        outside = sum(x == float("-inf") for xs in got for x in xs)
+        got = [[max(x, TRUNCATED_LOGP) for x in xs] for xs in got]
+        return got, {"vllm_outside_truncation": (float(outside), float(sum(len(xs) for xs in got)))}
 
     one_sampling_call = True
     """All k samples of every prompt in one decoding call, each row at its temperature (False: one call
