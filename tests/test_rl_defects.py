@@ -4,6 +4,7 @@ temperature of the log-probs, metrics, GSPO's aggregation, stop ids across engin
 
 import json
 import math
+import re
 import shutil
 
 import pytest
@@ -395,3 +396,50 @@ def test_one_decoding_call_with_a_temperature_per_row(toy_chat, trained_toy_mode
         params = SamplingParams(max_new_tokens=10, temperature=t, n=4 if t > 0 else 1, seed=rl.sampling_seed(0, 0, 0))
         alone = generate(model, toy_chat, messages, params, salts=[0, 1, 2, 3])
         assert [o[j].token_ids for o in outs] == [a[j if t > 0 else 0].token_ids for a in alone], t
+
+
+# --------------------------------------------------------------------------- guard-rails
+
+
+def test_nearly_all_truncated_or_tied_warns_loudly_and_can_stop(tmp_path, trained_toy_model, toy_data_dir, caplog):
+    """max_new_tokens 2: nearly every completion is cut; the toy reward is 0 on all of them: every group ties.
+    After rl.stall_rollouts rollouts in a row, a warning naming the fix; with stop_on_stall, a stop
+    that keeps the last completed step."""
+    import logging
+
+    from alignkit.train.loop import StepFailed
+
+    kw = dict(rl=dict(max_new_tokens=2, stall_rollouts=2), train=dict(max_steps=3, save_steps=1))
+    with caplog.at_level(logging.WARNING, logger="alignkit.train.rl"):
+        rl.run_rl(rl_cfg(tmp_path / "warn", trained_toy_model, toy_data_dir, **kw))
+    text = caplog.text
+    assert re.search(r"RL IS NOT LEARNING: (9\d|100)% of the completions were cut at rl.max_new_tokens \(2\)", text)
+    assert "Raise rl.max_new_tokens" in text and "100% of the groups had all 4 shaped rewards equal" in text
+    assert text.count("NOT LEARNING") == 2  # once each, at the second rollout (the third starts no new streak)
+    kw["rl"]["stop_on_stall"] = True
+    with pytest.raises(StepFailed, match=r"step [23] could not be prepared: rl.stop_on_stall: \d+% of the .*step-[12]"):
+        rl.run_rl(rl_cfg(tmp_path / "stop", trained_toy_model, toy_data_dir, **kw))
+    assert not (tmp_path / "stop" / "final").exists()
+
+
+def test_a_reward_with_the_wrong_number_of_values_stops_before_any_update(tmp_path, trained_toy_model, toy_data_dir, monkeypatch):
+    from alignkit.config import ConfigError
+
+    class Short:
+        identity = "short"
+
+        def score(self, prompts, responses, columns=None):
+            return [0.0] * (len(responses) - 1)
+
+    monkeypatch.setattr(rl, "build_backend", lambda cfg, cache: Short())
+    with pytest.raises(ConfigError, match=r"returned 15 values for 16 completions \(4 prompts x rl.k 4\).*one number per completion"):
+        rl.run_rl(rl_cfg(tmp_path / "run", trained_toy_model, toy_data_dir))
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_stall_options_are_checked():
+    from alignkit.config import ConfigError
+
+    for bad in (dict(stall_rollouts=-1), dict(stall_share=0.0), dict(stall_share=1.5)):
+        with pytest.raises(ConfigError, match="rl.stall_rollouts must be >= 0"):
+            rl.check_rl_config(rl.RLConfig(rl=rl.RLParams(**bad)))

@@ -429,6 +429,14 @@ class RLParams:
     """Turn every dropout of the policy and the reference off (TRL's default): the sampling-time and the
     loss-time log-probs then come from the same function, so the on-policy ratio is 1. false keeps the
     checkpoint's dropout (its config is left as it is either way)."""
+    stall_rollouts: int = 5
+    """Guard-rail: after this many rollouts in a row in which at least stall_share of the completions were cut at
+    max_new_tokens, or of the groups were tied (all k shaped rewards equal: no signal), a loud warning naming the
+    fix (0: never)."""
+    stall_share: float = 0.9
+    """The share of truncated completions or tied groups that counts as a stalled rollout (0 < share <= 1)."""
+    stop_on_stall: bool = False
+    """Stop at the warning instead of training on (the last completed step is checkpointed; --resume continues)."""
     log_samples_steps: int = 10
     """Write a few completions with their rewards to samples.jsonl every N steps (0: never)."""
     samples_per_log: int = 4
@@ -501,6 +509,9 @@ def check_rl_config(cfg: RLConfig) -> None:
         raise ConfigError("rl.num_iterations and rl.importance_level are GRPO options (RLOO updates once per batch of samples)")
     if p.max_new_tokens < 1:
         raise ConfigError("rl.max_new_tokens must be >= 1")
+    if p.stall_rollouts < 0 or not 0 < p.stall_share <= 1:
+        raise ConfigError(f"rl.stall_rollouts must be >= 0 (got {p.stall_rollouts}) and rl.stall_share in (0, 1] "
+                          f"(got {p.stall_share})")
     if p.vllm_is_threshold is not None:
         if p.engine != "vllm":
             raise ConfigError(f"rl.vllm_is_threshold: {p.vllm_is_threshold} corrects the vLLM sampler's mismatch with the trainer; "
@@ -682,6 +693,8 @@ class RolloutSource(StepSource):
         self.metrics: dict[str, tuple[float, float]] = {}
         self.samples_path = out / "samples.jsonl" if is_main else None
         self._prompt_ids: dict[int, list[int]] = {}
+        self.stalled: dict[str, int] = {}
+        """Rollouts in a row with nearly every completion truncated / group tied (check_stall)."""
 
     def prompt_ids(self, i: int) -> list[int]:
         """Prompt i's tokens through the chat template, computed once per run."""
@@ -740,6 +753,10 @@ class RolloutSource(StepSource):
             scores = self.backend.score([m for m in messages for _ in range(p.k)], texts, columns=columns)
         except Exception as e:  # an API down after its retries, a server gone: stop at a clean step
             raise SourceFailed(f"the reward backend failed ({type(e).__name__}: {e})") from e
+        if len(scores) != len(texts):
+            raise ConfigError(f"reward ({self.cfg.reward.kind}): the backend returned {len(scores)} values for {len(texts)} "
+                              f"completions ({len(flat)} prompts x rl.k {p.k}); a reward must return one number per completion, "
+                              "in order. Stopped before any update")
         rewards = torch.tensor(scores, dtype=torch.float64)
         if not torch.isfinite(rewards).all():
             bad = int((~torch.isfinite(rewards)).sum())
@@ -828,6 +845,7 @@ class RolloutSource(StepSource):
             metrics["kl"] = (float(kl_seq.sum()), n)  # sum over a completion's tokens of log pi - log pi_ref, mean over samples
         metrics.update(mismatch)
         metrics.update(dynamic["metrics"] if dynamic is not None else {})
+        self.check_stall(generation, metrics, next(model.parameters()).device)
         self.write_samples(generation, samples, texts, rewards.flatten().tolist(), total.flatten().tolist())
         micro = []
         start = 0
@@ -974,6 +992,37 @@ class RolloutSource(StepSource):
                 for j, c in zip(idx, cs):
                     out[i][j] = c
         return out
+
+    def check_stall(self, generation: int, metrics: dict, device) -> None:
+        """Guard-rail: nearly every completion truncated, or nearly every group tied, for rl.stall_rollouts
+        rollouts in a row: a loud warning with the fix (and with rl.stop_on_stall, a stop at the last step).
+        Shares are over all processes, so every process decides alike."""
+        p = self.p
+        if not p.stall_rollouts:
+            return
+        sums = torch.tensor([metrics["truncated"][0], metrics["truncated"][1], metrics["groups_all_equal"][0],
+                             metrics["groups_all_equal"][1]], dtype=torch.float64)
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and self.plan.world > 1:
+            sums = sums.to(device)
+            torch.distributed.all_reduce(sums)
+        trunc, n, tied, groups = sums.cpu().tolist()
+        fixes = {
+            "truncated": (trunc / max(n, 1), f"of the completions were cut at rl.max_new_tokens ({p.max_new_tokens}): their "
+                          "rewards judge unfinished replies" + (" and mask_truncated leaves them out of the loss" if p.mask_truncated
+                                                                 else "") + ". Raise rl.max_new_tokens, or start from a model "
+                          "that ends its replies with the end-of-turn token (SFT), or add rl.truncation_penalty"),
+            "tied": (tied / max(groups, 1), f"of the groups had all {p.k} shaped rewards equal: their advantages are 0 and "
+                     "nothing is learnt from them. Check that the reward can tell the samples apart (samples.jsonl), make "
+                     "the prompts easier or raise rl.k or the temperature"
+                     + (", or raise rl.dynamic_sampling_rounds" if p.dynamic_sampling else ", or set rl.dynamic_sampling: true")),
+        }
+        for name, (share, why) in fixes.items():
+            self.stalled[name] = self.stalled.get(name, 0) + 1 if share >= p.stall_share else 0
+            if self.stalled[name] and self.stalled[name] % p.stall_rollouts == 0:  # again after each further streak
+                message = f"{share:.0%} {why} (the last {self.stalled[name]} rollouts in a row, up to generation {generation + 1})"
+                if p.stop_on_stall:
+                    raise SourceFailed(f"rl.stop_on_stall: {message}")
+                log.warning("!!! RL IS NOT LEARNING: %s. Set rl.stop_on_stall: true to stop here instead.", message)
 
     def write_samples(self, generation: int, samples, texts, rewards, totals) -> None:
         every = self.p.log_samples_steps
