@@ -213,7 +213,7 @@ def test_rl_sampler_correction_under_top_p_and_top_k(tmp_path, trained_model, to
     from alignkit.train.loop import read_metrics
     from alignkit.train.rl import RLConfig, RLParams, RLVLLMOptions, run_rl
 
-    vllm = RLVLLMOptions(max_model_len=512, enforce_eager=True, gpu_memory_utilization=0.3)
+    vllm = RLVLLMOptions(max_model_len=512, enforce_eager=True, gpu_memory_utilization=0.05)  # a tiny model: a small KV cache
     cfg = RLConfig(output_dir=str(tmp_path / "rl"), seed=0, quiet=True, model=ModelConfig(name_or_path=str(trained_model)),
                    prompts=PromptSource(dataset=str(toy_data_dir), split="train"), reward=RewardConfig(kind="rule", rule="toy"),
                    rl=RLParams(algo="grpo", k=4, max_new_tokens=12, beta=0.0, temperature=1.3, top_p=0.8, top_k=10,
