@@ -442,7 +442,8 @@ def test_sampler_correction_under_top_p_compares_like_with_like(
                     c.logprobs = (
                         scores.log_softmax(-1).gather(-1, torch.tensor(ids)[:, None]).squeeze(-1).tolist()
                     )
-                    self.raw.append(logits.log_softmax(-1).gather(-1, torch.tensor(ids)[:, None]).squeeze(-1))
+                    hot = TemperatureLogitsWarper(params.temperature)(None, logits.clone()).log_softmax(-1)
+                    self.raw.append(hot.gather(-1, torch.tensor(ids)[:, None]).squeeze(-1))
                     self.truncated.append(torch.tensor(c.logprobs))
             return outs
 
@@ -454,15 +455,15 @@ def test_sampler_correction_under_top_p_compares_like_with_like(
         trained_toy_model,
         toy_data_dir,
         train=dict(max_steps=1),
-        rl=dict(algo="grpo", engine="vllm", vllm_is_threshold=2.0, top_p=0.6, temperature=1.3),
+        rl=dict(algo="grpo", engine="vllm", vllm_is_threshold=2.0, top_p=0.6, temperature=1.3, dynamic_sampling=True),
     )
     rl.run_rl(cfg)
     row = read_metrics(tmp_path / "run")[0]
     assert row["vllm_is_weight"] == pytest.approx(1.0, abs=1e-4) and row["vllm_mismatch_kl"] == pytest.approx(
         0.0, abs=1e-6
     )
-    assert row["vllm_is_clipped"] == 0
-    # the biased alternative: T = 1 untruncated trainer log-probs against the truncated sampler
+    assert row["vllm_is_clipped"] == 0 and row["dynamic_extra_draws"] > 0  # replacements sampled there too
+    # the biased alternative: untruncated trainer log-probs (at T) against the truncated sampler
     biased = torch.exp(torch.cat(engine.raw) - torch.cat(engine.truncated))
     assert float(biased.mean()) < 0.98
 
