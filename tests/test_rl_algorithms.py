@@ -455,7 +455,8 @@ def test_sampler_correction_under_top_p_compares_like_with_like(
         trained_toy_model,
         toy_data_dir,
         train=dict(max_steps=1),
-        rl=dict(algo="grpo", engine="vllm", vllm_is_threshold=2.0, top_p=0.6, temperature=1.3, dynamic_sampling=True),
+        rl=dict(algo="grpo", engine="vllm", vllm_is_threshold=2.0, top_p=0.6, temperature=1.3,
+                dynamic_sampling=True),
     )
     rl.run_rl(cfg)
     row = read_metrics(tmp_path / "run")[0]
@@ -553,7 +554,9 @@ def test_a_token_outside_the_trainers_nucleus_weighs_zero_and_is_counted(monkeyp
     monkeypatch.setattr(rl, "sampling_sample_logps", lambda *a: [[math.log(0.5), -math.inf], [0.0]])
     samples = [{"index": 0}, {"index": 1}]
     got, outside = src.sampler_view_logps(None, samples, old=None)
-    assert got == [[math.log(0.5), rl.TRUNCATED_LOGP], [0.0]] and outside == {"vllm_outside_truncation": (1.0, 3.0)}
+    assert got == [[math.log(0.5), rl.TRUNCATED_LOGP], [0.0]]
+    assert outside == {"vllm_outside_truncation": (1.0, 3.0)}
     samples = [{"sampler_logps": [math.log(0.5), math.log(0.1)]}, {"sampler_logps": [0.0]}]
     metrics = rl.sampler_correction(samples, got, threshold=2.0)
-    assert samples[0]["is_weights"][1] == pytest.approx(0.0, abs=1e-20) and math.isfinite(metrics["vllm_mismatch_kl"][0])
+    assert samples[0]["is_weights"][1] == pytest.approx(0.0, abs=1e-20)
+    assert math.isfinite(metrics["vllm_mismatch_kl"][0])
