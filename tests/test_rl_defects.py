@@ -10,6 +10,7 @@ import shutil
 import pytest
 import torch
 
+from alignkit.generation import PromptSource
 from alignkit.train import rl
 from alignkit.train.loop import read_metrics
 
@@ -443,3 +444,28 @@ def test_stall_options_are_checked():
     for bad in (dict(stall_rollouts=-1), dict(stall_share=0.0), dict(stall_share=1.5)):
         with pytest.raises(ConfigError, match="rl.stall_rollouts must be >= 0"):
             rl.check_rl_config(rl.RLConfig(rl=rl.RLParams(**bad)))
+
+
+# --------------------------------------------------------------------------- 18.13 one meaning of completion length
+
+
+def test_completion_length_and_eval_completion_length_both_count_the_stop_token(toy_chat, trained_toy_model, toy_data_dir):
+    from alignkit.generation import SamplingParams, generate, load_prompts
+    from alignkit.models import load_causal_lm
+    from alignkit.rewards.backends import build_backend
+
+    cfg = rl_cfg("/unused", trained_toy_model, toy_data_dir, eval_prompts=PromptSource(dataset=str(toy_data_dir), split="test",
+                                                                                        max_prompts=8))
+    model = load_causal_lm(cfg.model, toy_chat)
+    backend = build_backend(cfg.reward, None)
+    got = rl.make_eval_fn(cfg, toy_chat, backend)(model)["eval_completion_length"]
+    prompts = [p["messages"] for p in load_prompts(cfg.eval_prompts)]
+    outs = [o[0] for o in generate(model, toy_chat, prompts, SamplingParams(max_new_tokens=cfg.rl.max_new_tokens))]
+    assert any(o.stop_id is not None for o in outs)
+    assert got == pytest.approx(sum(len(o.token_ids) + (o.stop_id is not None) for o in outs) / len(outs))
+    # and the training rollouts' completion_length: completion_ids hold the stop token
+    buffer = rollout_source(cfg, toy_chat, [{"id": i, "messages": m} for i, m in enumerate(prompts[:4])]).rollout(0, model)
+    samples = [s for mb in buffer["micro"] for s in mb]
+    total, n = buffer["metrics"]["completion_length"]
+    assert total == sum(len(s["completion_ids"]) for s in samples) and n == len(samples)
+    assert all(s["truncated"] or s["completion_ids"][-1] in toy_chat.stop_ids() for s in samples)

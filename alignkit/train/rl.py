@@ -830,7 +830,7 @@ class RolloutSource(StepSource):
             "reward_truncation_penalty": (float(-trunc_pen.sum()), n),
             "advantage": (float(adv.sum()), n),
             "advantage_abs": (float(adv.abs().sum()), n),
-            "completion_length": (tokens, n),
+            "completion_length": (tokens, n),  # sampled tokens, the stop token included (as eval_completion_length)
             "completion_length_max": (float(lengths.max()), 1.0),
             "truncated": (float(truncated.sum()), n),
             "groups_all_equal": (equal_groups, float(len(flat))),
@@ -1104,8 +1104,9 @@ def make_eval_fn(cfg: RLConfig, chat, backend):
         prompts = [r["messages"] for r in mine]
         outs = [c[0] for c in generate(model, chat, prompts, params, cfg.rl.generation_batch_size)] if mine else []
         rewards = backend.score(prompts, [o.text for o in outs], columns=[r["columns"] for r in mine]) if mine else []
-        sums = torch.tensor([sum(rewards), len(rewards), sum(len(o.token_ids) for o in outs), sum(o.finish_reason == "length" for o in outs)],
-                            dtype=torch.float64)
+        # lengths count every sampled token, the stop token included, as completion_length and max_new_tokens do
+        lengths = sum(len(o.token_ids) + (o.stop_id is not None) for o in outs)
+        sums = torch.tensor([sum(rewards), len(rewards), lengths, sum(o.finish_reason == "length" for o in outs)], dtype=torch.float64)
         if state.num_processes > 1:
             sums = sums.to(state.device)
             torch.distributed.all_reduce(sums)
