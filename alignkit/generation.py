@@ -112,7 +112,9 @@ class SeededSampler(LogitsProcessor):
 
     def __init__(self, seeds: list[int], device: torch.device, noisy: list[bool] | None = None):
         self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
-        self.noisy = None if noisy is None or all(noisy) else torch.tensor(noisy, dtype=torch.float32, device=device)
+        self.noisy = None
+        if noisy is not None and not all(noisy):
+            self.noisy = torch.tensor(noisy, dtype=torch.float32, device=device)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         u = torch.stack([torch.rand(scores.shape[-1], generator=g, device=scores.device) for g in self.generators])
@@ -126,7 +128,8 @@ class RowTemperature(LogitsProcessor):
     """Each row's scores divided by its own temperature (a row at 0 is greedy: left as it is)."""
 
     def __init__(self, temperatures: list[float], device: torch.device):
-        self.t = torch.tensor([t if t > 0 else 1.0 for t in temperatures], dtype=torch.float32, device=device).unsqueeze(-1)
+        t = [x if x > 0 else 1.0 for x in temperatures]
+        self.t = torch.tensor(t, dtype=torch.float32, device=device).unsqueeze(-1)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         return scores.float() / self.t
@@ -134,8 +137,8 @@ class RowTemperature(LogitsProcessor):
 
 def sampling_processors(params: SamplingParams, seeds: list[int], device,
                         temperatures: list[float] | None = None) -> LogitsProcessorList:
-    """Temperature, top-k, top-p and min-p warping, then seeded Gumbel noise (greedy decoding picks the sample).
-    temperatures: one per row, instead of params.temperature (rows at 0 are greedy)."""
+    """Temperature, top-k, top-p and min-p warping, then seeded Gumbel noise (greedy decoding picks the
+    sample). temperatures: one per row, instead of params.temperature (rows at 0 are greedy)."""
     if temperatures is None:
         procs = LogitsProcessorList([TemperatureLogitsWarper(params.temperature)])
     else:
@@ -146,13 +149,15 @@ def sampling_processors(params: SamplingParams, seeds: list[int], device,
         procs.append(TopPLogitsWarper(params.top_p))
     if params.min_p > 0:
         procs.append(MinPLogitsWarper(params.min_p))
-    procs.append(SeededSampler(seeds, device, None if temperatures is None else [t > 0 for t in temperatures]))
+    noisy = None if temperatures is None else [t > 0 for t in temperatures]
+    procs.append(SeededSampler(seeds, device, noisy))
     return procs
 
 
 @torch.no_grad()
-def generate(model, chat, prompts: list[list[dict]], params: SamplingParams, batch_size: int = 16, progress: bool = False,
-             salts: list | None = None, temperatures: list[float] | None = None) -> list[list[Completion]]:
+def generate(model, chat, prompts: list[list[dict]], params: SamplingParams, batch_size: int = 16,
+             progress: bool = False, salts: list | None = None,
+             temperatures: list[float] | None = None) -> list[list[Completion]]:
     """`params.n` completions per prompt, in prompt order.
 
     Prompts are batched longest first (left padding, KV cache). The global torch RNG (CPU and CUDA)
@@ -171,7 +176,8 @@ def generate(model, chat, prompts: list[list[dict]], params: SamplingParams, bat
     results: list[list[Completion]] = [[] for _ in prompts]
     if temperatures is not None:
         if len(temperatures) != params.n or params.seed is None or params.num_beams > 1:
-            raise ValueError("per-sample temperatures need one temperature per sample (n), a seed and no beam search")
+            raise ValueError("per-sample temperatures need one temperature per sample (n), a seed and "
+                             "no beam search")
         if sum(t <= 0 for t in temperatures) > 1:
             raise ValueError("at most one sample per prompt can be greedy (temperature 0)")
         params = replace(params, temperature=max(temperatures))  # > 0 unless n == 1: sampled rows, seeded
@@ -201,12 +207,13 @@ def generate(model, chat, prompts: list[list[dict]], params: SamplingParams, bat
                 idx = [i for i, _ in batch]
                 extra = {}
                 if seeded:
-                    seeds = [zlib.crc32(json.dumps([params.seed, encoded[i], j] + ([] if salts is None else [salts[i]])).encode())
-                             for i, j in batch]
+                    seeds = [zlib.crc32(json.dumps([params.seed, encoded[i], j] + ([] if salts is None else [salts[i]]))
+                                        .encode()) for i, j in batch]
                     row_temps = None if temperatures is None else [temperatures[j] for _, j in batch]
                     extra["logits_processor"] = sampling_processors(params, seeds, device, row_temps)
                 elif beam_sample:  # beam sampling keeps transformers' sampler: one prompt per call, seeded
-                    torch.manual_seed(prompt_seed(params.seed, encoded[idx[0]], None if salts is None else salts[idx[0]]))
+                    salt = None if salts is None else salts[idx[0]]
+                    torch.manual_seed(prompt_seed(params.seed, encoded[idx[0]], salt))
                 ids = pad([encoded[i] for i in idx], chat.pad_id, side="left").to(device)
                 mask = pad([[1] * len(encoded[i]) for i in idx], 0, side="left").to(device)
                 out = model.generate(input_ids=ids, attention_mask=mask, generation_config=decoding, **extra)
@@ -215,7 +222,7 @@ def generate(model, chat, prompts: list[list[dict]], params: SamplingParams, bat
                     new = out[row, ids.shape[1] :].tolist()
                     cut = next((k for k, t in enumerate(new) if t in stop), None)
                     stop_id = new[cut] if cut is not None else None
-                    # Padding follows a row's stop token; a row that never stopped ran to the end: no padding to cut
+                    # Padding follows a row's stop token; a row that never stopped ran to the end: nothing to cut
                     # (its tokens equal to pad_id, when pad is not a stop token, were sampled and stay).
                     new = new[:cut] if cut is not None else new
                     results[idx[row // per_row]].append(
@@ -283,7 +290,8 @@ def vllm_engine(model: ModelConfig, precision: str = "auto", options: VLLMOption
 
 
 def generate_vllm(llm, chat, prompts: list[list[dict]], params: SamplingParams, logprobs: bool = False,
-                  salts: list | None = None, temperatures: list[float] | None = None) -> list[list[Completion]]:
+                  salts: list | None = None,
+                  temperatures: list[float] | None = None) -> list[list[Completion]]:
     """The same interface on a vLLM engine. We tokenize and decode, so text and stop tokens match
     the transformers engine; each prompt's seed is derived from its tokens, so samples do not
     depend on batching, sharding or resuming. `logprobs`: each Completion carries the sampler's
@@ -314,8 +322,8 @@ def generate_vllm(llm, chat, prompts: list[list[dict]], params: SamplingParams, 
         return VLLMSampling(
             n=n, temperature=t, top_p=params.top_p, top_k=params.top_k, min_p=params.min_p,
             repetition_penalty=params.repetition_penalty, max_tokens=params.max_new_tokens, stop_token_ids=stop,
-            # ignore_eos: stop on `stop` alone, as the transformers engine does. vLLM would otherwise also stop on the
-            # EOS ids of the checkpoint's generation_config and report "stop" with none of our stop ids.
+            # ignore_eos: stop on `stop` alone, as the transformers engine does. vLLM would otherwise also stop
+            # on the EOS ids of the checkpoint's generation_config, "stop" with none of our stop ids.
             ignore_eos=True, seed=seed, detokenize=False, logprobs=0 if logprobs else None,
         )
 
@@ -338,7 +346,8 @@ def generate_vllm(llm, chat, prompts: list[list[dict]], params: SamplingParams, 
                 stop_id = None
                 if stopped and ids and ids[-1] in stop:  # vLLM keeps the stop token; the text never does
                     stop_id, ids = ids[-1], ids[:-1]
-                completions[j] = Completion(tok.decode(ids, skip_special_tokens=True), ids, "stop" if stopped else "length", stop_id, lps)
+                completions[j] = Completion(tok.decode(ids, skip_special_tokens=True), ids, "stop" if stopped else "length",
+                                            stop_id, lps)
         results.append(completions)
     return results
 
@@ -403,7 +412,8 @@ class ColocatedVLLM:
                  temperatures: list[float] | None = None) -> list[list[Completion]]:
         """`generate_vllm` with the sampler's log-probs."""
         self.wake()
-        return generate_vllm(self.llm, chat, prompts, params, logprobs=True, salts=salts, temperatures=temperatures)
+        return generate_vllm(self.llm, chat, prompts, params, logprobs=True, salts=salts,
+                             temperatures=temperatures)
 
     def rest(self) -> None:
         """After a rollout's sampling: sleep (if asked) so training gets the memory."""

@@ -44,12 +44,14 @@ def label_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, la
     Position t of the model predicts labels[:, t + 1]. temperature: None, or one per row (B,): the
     row's logits are divided by it (log-probs of the distribution its tokens were sampled from).
     """
-    logps, _, mask = label_stats(model, input_ids, attention_mask, labels, entropy=False, temperature=temperature)
+    logps, _, mask = label_stats(model, input_ids, attention_mask, labels, entropy=False,
+                                 temperature=temperature)
     return logps, mask
 
 
 def label_logps_entropy(model, input_ids, attention_mask, labels,
-                        temperature: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        temperature: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(log p of each labelled token, the entropy of the model's distribution there (no gradient), mask).
 
     RL's passes: the log-probs and the policy's entropy from one forward (no gradient flows through
@@ -58,7 +60,8 @@ def label_logps_entropy(model, input_ids, attention_mask, labels,
     return label_stats(model, input_ids, attention_mask, labels, entropy=True, temperature=temperature)
 
 
-def label_stats(model, input_ids, attention_mask, labels, entropy: bool, temperature: torch.Tensor | None = None):
+def label_stats(model, input_ids, attention_mask, labels, entropy: bool,
+                temperature: torch.Tensor | None = None):
     targets = labels[:, 1:]
     mask = targets != IGNORE_INDEX
     temps = None
@@ -70,7 +73,8 @@ def label_stats(model, input_ids, attention_mask, labels, entropy: bool, tempera
     if head is not None and not getattr(inner, FULL_LOGITS, False):
         base = getattr(inner, "base_model", inner)
         out = None
-        if BASE_MODEL_NO_GRAD and not torch.is_grad_enabled() and getattr(inner, PLAIN_HEAD, False) and base is not inner:
+        checked = getattr(inner, PLAIN_HEAD, False) and base is not inner
+        if BASE_MODEL_NO_GRAD and checked and not torch.is_grad_enabled():
             # No gradient, head already checked: the base model's last hidden state alone.
             hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
             plain_head = True
@@ -89,7 +93,10 @@ def label_stats(model, input_ids, attention_mask, labels, entropy: bool, tempera
             for start in range(0, hidden.shape[0], CHUNK_TOKENS):
                 h, y = hidden[start : start + CHUNK_TOKENS], wanted[start : start + CHUNK_TOKENS]
                 t = None if temps is None else temps[start : start + CHUNK_TOKENS]
-                pieces.append(checkpoint(stats, head, h, y, t, use_reentrant=False) if torch.is_grad_enabled() else stats(head, h, y, t))
+                if torch.is_grad_enabled():
+                    pieces.append(checkpoint(stats, head, h, y, t, use_reentrant=False))
+                else:
+                    pieces.append(stats(head, h, y, t))
             if entropy:
                 empty = hidden.new_zeros(0, dtype=torch.float32)
                 logps = torch.cat([p[0] for p in pieces]) if pieces else empty
@@ -114,7 +121,8 @@ def scaled(logits: torch.Tensor, temps: torch.Tensor | None) -> torch.Tensor:
     return logits if temps is None else logits.float() / temps.unsqueeze(-1)
 
 
-def head_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temps: torch.Tensor | None = None) -> torch.Tensor:
+def head_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+               temps: torch.Tensor | None = None) -> torch.Tensor:
     return chunk_logps(scaled(head(hidden), temps), targets)
 
 
@@ -124,7 +132,7 @@ def head_stats(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tenso
 
 
 def logits_stats(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p(target) and the entropy -sum p log p of each row's distribution (the entropy without gradient)."""
+    """log p(target) and the entropy -sum p log p of each row's distribution (entropy without gradient)."""
     logp = logits.float().log_softmax(-1)
     with torch.no_grad():
         ent = -(logp.exp() * logp).sum(-1)

@@ -513,10 +513,10 @@ def train(
         best = ckpt_root / f"step-{state.best_step}"
         log.info("restoring the best checkpoint (step %d, %s=%.4f)", state.best_step, cfg.metric_for_best, state.best_metric)
         ckpt.load_weights(unwrapped, best)
-        # The last eval logged was of the weights at state.step, which final/ will not hold: log the restored ones'
-        # (marked restored_from_step), so that the last eval in metrics.jsonl describes final/.
-        log_line({"step": state.step, "epoch": round(state.step / plan.steps_per_epoch, 4), "restored_from_step": state.best_step,
-                  **measure()})
+        # The last eval logged was of the weights at state.step, which final/ will not hold: log the restored
+        # ones' (marked restored_from_step), so that the last eval in metrics.jsonl describes final/.
+        log_line({"step": state.step, "epoch": round(state.step / plan.steps_per_epoch, 4),
+                  "restored_from_step": state.best_step, **measure()})
     final = out / "final"
     if is_main:
         tmp = out / ".tmp-final"

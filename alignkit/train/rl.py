@@ -3,13 +3,15 @@
 Each optimizer step (read top to bottom):
 1. the next prompts (order a pure function of seed and step, as for every stage);
 2. k completions per prompt from the current policy (or a vLLM engine holding its weights, see
-   below), each sample index at its own temperature if asked (`rl.temperatures`), each prompt's
-   sampling seeded from (seed, step), so a resumed run samples exactly what the uninterrupted one did;
+   below), each sample index at its own temperature if asked (`rl.temperatures`; all in one decoding
+   call), each prompt's sampling seeded from (seed, step, its row), so a resumed run samples exactly
+   what the uninterrupted one did and a prompt listed twice is sampled twice;
 3. rewards from any backend (reward model, remote API, rule verifier), plus shaping terms
    logged one by one (length penalty, penalty or masking for completions cut at max_new_tokens);
-4. log-probs of the samples under the policy at sampling time ("old", with its entropy) and
-   under the reference, in batched no-grad passes, at the completion tokens only (with vLLM: and
-   the sampler/trainer mismatch, with the truncated importance weights if asked). Every log-prob
+4. log-probs of the samples under the policy at sampling time ("old", with its entropy; only where
+   something needs them, see `old_pass_needed`) and under the reference, in batched no-grad passes,
+   at the completion tokens only (with vLLM: and the sampler/trainer mismatch, with the truncated
+   importance weights if asked). Every log-prob
    (old, current, reference) is of the distribution the sample was drawn from: the logits divided
    by that sample's temperature (as TRL; a greedy sample's at temperature 1), so the logged kl is
    the KL between the policy and the reference at the sampling temperatures, and the entropy is
@@ -430,13 +432,14 @@ class RLParams:
     loss-time log-probs then come from the same function, so the on-policy ratio is 1. false keeps the
     checkpoint's dropout (its config is left as it is either way)."""
     stall_rollouts: int = 5
-    """Guard-rail: after this many rollouts in a row in which at least stall_share of the completions were cut at
-    max_new_tokens, or of the groups were tied (all k shaped rewards equal: no signal), a loud warning naming the
-    fix (0: never)."""
+    """Guard-rail: after this many rollouts in a row in which at least stall_share of the completions
+    were cut at max_new_tokens, or of the groups were tied (all k shaped rewards equal: no signal), a
+    loud warning naming the fix (0: never)."""
     stall_share: float = 0.9
     """The share of truncated completions or tied groups that counts as a stalled rollout (0 < share <= 1)."""
     stop_on_stall: bool = False
-    """Stop at the warning instead of training on (the last completed step is checkpointed; --resume continues)."""
+    """Stop at the warning instead of training on (the last completed step is checkpointed; --resume
+    continues)."""
     log_samples_steps: int = 10
     """Write a few completions with their rewards to samples.jsonl every N steps (0: never)."""
     samples_per_log: int = 4
@@ -510,8 +513,8 @@ def check_rl_config(cfg: RLConfig) -> None:
     if p.max_new_tokens < 1:
         raise ConfigError("rl.max_new_tokens must be >= 1")
     if p.stall_rollouts < 0 or not 0 < p.stall_share <= 1:
-        raise ConfigError(f"rl.stall_rollouts must be >= 0 (got {p.stall_rollouts}) and rl.stall_share in (0, 1] "
-                          f"(got {p.stall_share})")
+        raise ConfigError(f"rl.stall_rollouts must be >= 0 (got {p.stall_rollouts}) and rl.stall_share in "
+                          f"(0, 1] (got {p.stall_share})")
     if p.vllm_is_threshold is not None:
         if p.engine != "vllm":
             raise ConfigError(f"rl.vllm_is_threshold: {p.vllm_is_threshold} corrects the vLLM sampler's mismatch with the trainer; "
@@ -579,9 +582,11 @@ def sample_logps(model, samples: list[dict], pad_id: int, batch_size: int, entro
             chunk = samples[start : start + batch_size]
             b = to_device(collate_rollout([s | PLAIN for s in chunk], pad_id), device)
             if entropy:
-                logps, ent, mask = label_logps_entropy(model, b["input_ids"], b["attention_mask"], b["labels"], b["temperatures"])
+                logps, ent, mask = label_logps_entropy(model, b["input_ids"], b["attention_mask"], b["labels"],
+                                                       b["temperatures"])
             else:
-                logps, mask = label_logps(model, b["input_ids"], b["attention_mask"], b["labels"], b["temperatures"])
+                logps, mask = label_logps(model, b["input_ids"], b["attention_mask"], b["labels"],
+                                          b["temperatures"])
                 ent = None
             counts = mask.sum(-1).tolist()
             pieces = logps.float().cpu().split(counts)
@@ -710,7 +715,7 @@ class RolloutSource(StepSource):
                 self.engine.sync(model, version=step)  # `step` optimizer updates so far: a push when they changed the weights
             self.buffer = self.rollout(generation, model)
         self.metrics = {k: tuple(v) for k, v in self.buffer["metrics"].items()}
-        if self.buffer.get("used"):  # a step that reuses a batch (num_iterations > 1) did no sampling: no timings
+        if self.buffer.get("used"):  # a step reusing a batch (num_iterations > 1) did no sampling: no timings
             self.metrics.update({k: (0.0, 0.0) for k in ROLLOUT_TIMINGS})
         self.buffer["used"] = True
         if self.engine is not None:
@@ -754,9 +759,9 @@ class RolloutSource(StepSource):
         except Exception as e:  # an API down after its retries, a server gone: stop at a clean step
             raise SourceFailed(f"the reward backend failed ({type(e).__name__}: {e})") from e
         if len(scores) != len(texts):
-            raise ConfigError(f"reward ({self.cfg.reward.kind}): the backend returned {len(scores)} values for {len(texts)} "
-                              f"completions ({len(flat)} prompts x rl.k {p.k}); a reward must return one number per completion, "
-                              "in order. Stopped before any update")
+            raise ConfigError(f"reward ({self.cfg.reward.kind}): the backend returned {len(scores)} values for "
+                              f"{len(texts)} completions ({len(flat)} prompts x rl.k {p.k}); a reward must return "
+                              "one number per completion, in order. Stopped before any update")
         rewards = torch.tensor(scores, dtype=torch.float64)
         if not torch.isfinite(rewards).all():
             bad = int((~torch.isfinite(rewards)).sum())
@@ -769,7 +774,7 @@ class RolloutSource(StepSource):
             texts = [c.text for cs in completions for c in cs]
         t2 = time.perf_counter()
         samples = []
-        temps = [t if t > 0 else 1.0 for t in p.sample_temperatures()]  # log-probs of a greedy sample: at temperature 1
+        temps = [t if t > 0 else 1.0 for t in p.sample_temperatures()]  # a greedy sample's log-probs: at T = 1
         for i, cs in zip(flat, completions):
             prompt_ids = self.prompt_ids(i)
             for j, c in enumerate(cs):
@@ -777,7 +782,9 @@ class RolloutSource(StepSource):
                 samples.append({"prompt_ids": prompt_ids, "completion_ids": ids, "truncated": c.stop_id is None, "prompt": i, "index": j,
                                 "sampler_logps": c.logprobs, "temperature": temps[j]})
         bs = max(1, self.cfg.train.batch_size * p.k)
-        old, entropy = sample_logps(model, samples, chat.pad_id, bs, entropy=True) if old_pass_needed(p) else (None, None)
+        old, entropy = None, None
+        if old_pass_needed(p):
+            old, entropy = sample_logps(model, samples, chat.pad_id, bs, entropy=True)
         ref = sample_logps(self.ref_model, samples, chat.pad_id, bs, entropy=False)[0] if self.ref_model is not None else None
         t3 = time.perf_counter()
 
@@ -789,7 +796,7 @@ class RolloutSource(StepSource):
         trunc_pen = p.truncation_penalty * truncated
         total = rewards - len_pen - trunc_pen
         kl_seq = None
-        if ref is not None and old is not None:  # else the loss pass logs kl (GRPO at its first and only iteration)
+        if ref is not None and old is not None:  # else the loss pass logs kl (GRPO, one iteration)
             seq_old = torch.tensor([sum(x) for x in old], dtype=torch.float64).view(shape)
             seq_ref = torch.tensor([sum(x) for x in ref], dtype=torch.float64).view(shape)
             kl_seq = seq_old - seq_ref
@@ -808,7 +815,8 @@ class RolloutSource(StepSource):
         if not torch.isfinite(adv).all():
             raise TrainingDiverged(f"non-finite advantages at generation {generation + 1}; stopped before updating the weights")
         nothing = [None] * len(samples)
-        for s, a, w, o, r in zip(samples, adv.flatten().tolist(), weights.flatten().tolist(), old or nothing, ref or nothing):
+        for s, a, w, o, r in zip(samples, adv.flatten().tolist(), weights.flatten().tolist(), old or nothing,
+                                 ref or nothing):
             s.update(advantage=a, weight=w, old_logps=o if (p.algo == "grpo") else None,
                      ref_logps=r if p.kl_in_loss() else None)
         for s, a in zip(samples, token_adv or []):
@@ -824,13 +832,13 @@ class RolloutSource(StepSource):
         equal_groups = float((total.max(-1).values - total.min(-1).values).abs().le(1e-12).sum())
         metrics = {
             "reward": (float(rewards.sum()), n),
-            "reward_std": (float(rewards.std(-1).sum()), float(len(flat))),  # within each group, ddof 1 as the advantages
+            "reward_std": (float(rewards.std(-1).sum()), float(len(flat))),  # per group, ddof 1 as the advantages
             "reward_total": (float(total.sum()), n),
             "reward_length_penalty": (float(-len_pen.sum()), n),
             "reward_truncation_penalty": (float(-trunc_pen.sum()), n),
             "advantage": (float(adv.sum()), n),
             "advantage_abs": (float(adv.abs().sum()), n),
-            "completion_length": (tokens, n),  # sampled tokens, the stop token included (as eval_completion_length)
+            "completion_length": (tokens, n),  # sampled tokens, the stop token included
             "completion_length_max": (float(lengths.max()), 1.0),
             "truncated": (float(truncated.sum()), n),
             "groups_all_equal": (equal_groups, float(len(flat))),
@@ -839,7 +847,7 @@ class RolloutSource(StepSource):
             "time_logprobs_s": (t3 - t2, 1.0),
             "sampled_tokens_per_s": (tokens, max(t1 - t0, 1e-9)),
         }
-        if entropy is not None:  # per token, of the distribution sampled (at its temperature); else from the loss pass
+        if entropy is not None:  # per token, of the distribution sampled (at its T); else from the loss pass
             metrics["entropy"] = (sum(entropy), tokens)
         if kl_seq is not None:
             metrics["kl"] = (float(kl_seq.sum()), n)  # sum over a completion's tokens of log pi - log pi_ref, mean over samples
@@ -973,12 +981,13 @@ class RolloutSource(StepSource):
         p = self.p
         temps = p.sample_temperatures()
         if self.one_sampling_call:
-            params = SamplingParams(max_new_tokens=p.max_new_tokens, temperature=max(temps), top_p=p.top_p, top_k=p.top_k, n=p.k,
-                                    seed=sampling_seed(self.cfg.seed, generation, 0))
+            params = SamplingParams(max_new_tokens=p.max_new_tokens, temperature=max(temps), top_p=p.top_p,
+                                    top_k=p.top_k, n=p.k, seed=sampling_seed(self.cfg.seed, generation, 0))
             per_row = None if len(set(temps)) == 1 else temps
             if self.engine is not None:
                 return self.engine.generate(self.chat, messages, params, salts=salts, temperatures=per_row)
-            return generate(model, self.chat, messages, params, p.generation_batch_size, salts=salts, temperatures=per_row)
+            return generate(model, self.chat, messages, params, p.generation_batch_size, salts=salts,
+                            temperatures=per_row)
         out = [[None] * p.k for _ in messages]
         for group, t in enumerate(sorted(set(temps))):
             idx = [j for j, x in enumerate(temps) if x == t]
@@ -1006,20 +1015,22 @@ class RolloutSource(StepSource):
             sums = sums.to(device)
             torch.distributed.all_reduce(sums)
         trunc, n, tied, groups = sums.cpu().tolist()
+        masked = " and mask_truncated leaves them out of the loss" if p.mask_truncated else ""
         fixes = {
-            "truncated": (trunc / max(n, 1), f"of the completions were cut at rl.max_new_tokens ({p.max_new_tokens}): their "
-                          "rewards judge unfinished replies" + (" and mask_truncated leaves them out of the loss" if p.mask_truncated
-                                                                 else "") + ". Raise rl.max_new_tokens, or start from a model "
-                          "that ends its replies with the end-of-turn token (SFT), or add rl.truncation_penalty"),
-            "tied": (tied / max(groups, 1), f"of the groups had all {p.k} shaped rewards equal: their advantages are 0 and "
-                     "nothing is learnt from them. Check that the reward can tell the samples apart (samples.jsonl), make "
-                     "the prompts easier or raise rl.k or the temperature"
-                     + (", or raise rl.dynamic_sampling_rounds" if p.dynamic_sampling else ", or set rl.dynamic_sampling: true")),
+            "truncated": (trunc / max(n, 1), f"of the completions were cut at rl.max_new_tokens ({p.max_new_tokens}): "
+                          f"their rewards judge unfinished replies{masked}. Raise rl.max_new_tokens, or start from a "
+                          "model that ends its replies with the end-of-turn token (SFT), or add rl.truncation_penalty"),
+            "tied": (tied / max(groups, 1), f"of the groups had all {p.k} shaped rewards equal: their advantages are 0 "
+                     "and nothing is learnt from them. Check that the reward can tell the samples apart "
+                     "(samples.jsonl), make the prompts easier or raise rl.k or the temperature"
+                     + (", or raise rl.dynamic_sampling_rounds" if p.dynamic_sampling
+                        else ", or set rl.dynamic_sampling: true")),
         }
         for name, (share, why) in fixes.items():
             self.stalled[name] = self.stalled.get(name, 0) + 1 if share >= p.stall_share else 0
             if self.stalled[name] and self.stalled[name] % p.stall_rollouts == 0:  # again after each further streak
-                message = f"{share:.0%} {why} (the last {self.stalled[name]} rollouts in a row, up to generation {generation + 1})"
+                message = (f"{share:.0%} {why} (the last {self.stalled[name]} rollouts in a row, up to generation "
+                           f"{generation + 1})")
                 if p.stop_on_stall:
                     raise SourceFailed(f"rl.stop_on_stall: {message}")
                 log.warning("!!! RL IS NOT LEARNING: %s. Set rl.stop_on_stall: true to stop here instead.", message)
@@ -1047,8 +1058,9 @@ def old_pass_needed(p: RLParams) -> bool:
     later iterations on a batch, the sampler/trainer comparison of vLLM, RLOO's KL in the reward. Else
     (GRPO with one iteration, RLOO with beta 0) the loss pass is at the sampling weights: its log-probs
     are the old ones (ratio 1), and it logs the entropy (and GRPO's kl)."""
-    return ALWAYS_OLD_PASS or p.engine == "vllm" or (p.algo == "grpo" and p.num_iterations > 1) or (p.algo == "rloo" and p.beta > 0) \
-        or (p.advantage != "group" and p.beta > 0)  # REINFORCE++: the KL in the reward, per token
+    return (ALWAYS_OLD_PASS or p.engine == "vllm" or (p.algo == "grpo" and p.num_iterations > 1)
+            or (p.algo == "rloo" and p.beta > 0)
+            or (p.advantage != "group" and p.beta > 0))  # REINFORCE++: the KL in the reward, per token
 
 
 def rl_loss_fn(p: RLParams):
@@ -1070,10 +1082,12 @@ def rl_loss_fn(p: RLParams):
                                                     batch.get("token_advantages"))
         metrics = {}
         if stats_here:  # what the skipped no-grad pass would have logged, from this pass at the same weights
-            metrics["entropy"] = torch.stack([entropy.sum(), torch.tensor(float(len(entropy)), device=entropy.device)]).double()
+            count = torch.tensor(float(len(entropy)), device=entropy.device)
+            metrics["entropy"] = torch.stack([entropy.sum(), count]).double()
             if batch.get("ref_logps") is not None:
                 kl_sum = (logps.detach() - batch["ref_logps"]).sum()
-                metrics["kl"] = torch.stack([kl_sum, torch.tensor(float(len(n_tokens)), device=kl_sum.device)]).double()
+                seqs = torch.tensor(float(len(n_tokens)), device=kl_sum.device)
+                metrics["kl"] = torch.stack([kl_sum, seqs]).double()
         if p.kl_in_loss():
             kl = k3_kl(logps, batch["ref_logps"])
             token_losses = token_losses + p.beta * kl
@@ -1106,7 +1120,8 @@ def make_eval_fn(cfg: RLConfig, chat, backend):
         rewards = backend.score(prompts, [o.text for o in outs], columns=[r["columns"] for r in mine]) if mine else []
         # lengths count every sampled token, the stop token included, as completion_length and max_new_tokens do
         lengths = sum(len(o.token_ids) + (o.stop_id is not None) for o in outs)
-        sums = torch.tensor([sum(rewards), len(rewards), lengths, sum(o.finish_reason == "length" for o in outs)], dtype=torch.float64)
+        cut = sum(o.finish_reason == "length" for o in outs)
+        sums = torch.tensor([sum(rewards), len(rewards), lengths, cut], dtype=torch.float64)
         if state.num_processes > 1:
             sums = sums.to(state.device)
             torch.distributed.all_reduce(sums)
