@@ -900,7 +900,8 @@ class RolloutSource(StepSource):
                    "dynamic_groups_dropped": (float(dropped), share),
                    "dynamic_extra_draws": (float(drawn - len(flat)), share),
                    "dynamic_unfilled": (float(unfilled), share),
-                   "dynamic_short": (float(unfilled > 0), 1.0)}  # several processes: the share whose part is short
+                   # several processes: the share of them whose part came out short
+                   "dynamic_short": (float(unfilled > 0), 1.0)}
         return {"flat": flat, "completions": completions, "rewards": rewards, "keep": torch.tensor(good),
                 "metrics": metrics}
 
