@@ -259,7 +259,7 @@ def vllm_engine(model: ModelConfig, precision: str = "auto", options: VLLMOption
     weights can be pushed into the model directly (`ColocatedVLLM`). (vLLM caches its environment
     settings once an in-process engine starts: later engines of the process run in-process too.) sleep_mode: enable vLLM's
     sleep/wake_up (the caller checks `sleep_mode_available()` first). logprobs_mode: vLLM's (unset: its
-    default, raw_logprobs; RL asks for processed_logprobs, after temperature).
+    default, raw_logprobs; RL asks for processed_logprobs, after temperature, top-k and top-p).
     """
     try:
         from vllm import LLM

@@ -61,6 +61,16 @@ uninterrupted one did on the same machine and vLLM version (vLLM's batching may 
 floats); vLLM's kernels are not the transformers engine's, so its samples are not bit-identical to
 `rl.engine: transformers` with the same seed. Held-out evaluation still decodes with transformers.
 
+Newer options (GRPO unless said): `loss: cispo` (CISPO, MiniMax-M1 2025) clips the importance weight
+and detaches it, -sg(min(ratio, 1 + epsilon_high)) * A * log pi, so tokens past the cap keep a gradient;
+`advantage: reinforce_pp` (REINFORCE++, Hu et al. 2025) puts the KL in the reward per token, takes each
+token's return to the end and normalises the returns over the whole step (all processes), with
+`reinforce_pp_baseline` subtracting the group mean first; `dynamic_sampling` (DAPO, Yu et al. 2025,
+RLOO too) replaces each prompt whose k shaped rewards tie with a prompt drawn for its place in the step
+(a seeded permutation per step and round: split- and resume-independent, nothing to checkpoint), for
+at most `dynamic_sampling_rounds` rounds; with vLLM and top_p < 1 or top_k > 0 the trainer's side of the
+sampler correction is the truncated, renormalised distribution the sampler drew from (`sampling_logprobs`).
+
 Deliberate simplifications: one policy update pass per step for RLOO; no value model; the
 reference is a frozen copy held in memory when beta > 0; the vLLM engine runs in one process only
 (no tensor parallelism, no multi-process training).
@@ -156,6 +166,8 @@ def policy_token_losses(
     epsilon_high: float | None = None,
     importance_level: str = "token",
     is_weights: torch.Tensor | None = None,
+    loss: str = "clip",
+    token_advantages: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token policy losses (flat, as logps) and where the clip was active (GRPO).
 
@@ -163,9 +175,10 @@ def policy_token_losses(
     advantages: per sequence; rows: the sequence of each flat token; n_tokens: tokens per sequence.
     RLOO: -A * log pi (REINFORCE). GRPO: -min(ratio * A, clip(ratio, 1 - eps, 1 + eps_high) * A).
     is_weights: per-token constants multiplying each term (truncated importance sampling, see
-    `truncated_is_weights`), or None.
+    `truncated_is_weights`), or None. loss "cispo": `cispo_token_losses` with cap 1 + eps_high (GRPO).
+    token_advantages: one advantage per flat token (REINFORCE++), used instead of `advantages`.
     """
-    adv = advantages[rows]
+    adv = advantages[rows] if token_advantages is None else token_advantages
     if algo == "rloo":
         losses = -adv * logps
         return (losses if is_weights is None else losses * is_weights), torch.zeros_like(logps, dtype=torch.bool)
@@ -175,6 +188,9 @@ def policy_token_losses(
         log_ratio = (seq / n_tokens.clamp(min=1))[rows]
     ratio = torch.exp(log_ratio)
     high = epsilon if epsilon_high is None else epsilon_high
+    if loss == "cispo":
+        losses, capped = cispo_token_losses(ratio, logps, adv, 1 + high)
+        return (losses if is_weights is None else losses * is_weights), capped
     clipped = ratio.clamp(1 - epsilon, 1 + high)
     unclipped_loss, clipped_loss = -ratio * adv, -clipped * adv
     losses = torch.maximum(unclipped_loss, clipped_loss)
@@ -216,6 +232,113 @@ def aggregate(token_losses: torch.Tensor, rows: torch.Tensor, n_tokens: torch.Te
     elif how != "sequence_sum":
         raise ValueError(f"unknown loss aggregation {how!r}")
     return (per_seq * weights).sum(), torch.ones_like(weights).sum()
+
+
+# --------------------------------------------------------------------------- newer algorithms (pure)
+# DAPO's dynamic sampling, CISPO, REINFORCE++ and the truncation-aware sampler correction; each a
+# small function with its own test (tests/test_rl_algorithms.py).
+
+
+def cispo_token_losses(ratio: torch.Tensor, logps: torch.Tensor, adv: torch.Tensor,
+                       cap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """CISPO (MiniMax-M1, MiniMax 2025, "Scaling test-time compute efficiently with lightning attention"):
+    -sg(min(ratio, cap)) * A * log pi per token, and where the cap bit.
+
+    The importance weight is clipped and detached, not the update: a token whose ratio passed the cap
+    still gets the REINFORCE gradient -A * cap * grad log pi (PPO's clip would zero it). No lower bound,
+    as the paper runs it (and TRL's loss_type "cispo", whose epsilon_high is this cap).
+    """
+    weight = ratio.clamp(max=cap).detach()
+    return -weight * adv * logps, (ratio > cap).detach()
+
+
+def reinforce_pp_token_returns(rewards: torch.Tensor, kl: torch.Tensor, rows: torch.Tensor,
+                               n_tokens: torch.Tensor, beta: float) -> torch.Tensor:
+    """REINFORCE++ (Hu et al. 2025, "REINFORCE++: a simple and efficient approach for aligning large
+    language models"): the KL to the reference is a per-token reward, -beta * kl_t, and the sequence's
+    reward R arrives at its last token; each token's return is the sum of the rewards from it on
+    (gamma = 1): G_t = R - beta * sum_{s >= t} kl_s.
+
+    rewards: per sequence; kl: per flat token (log pi_old - log pi_ref, the k1 estimate); rows: each
+    flat token's sequence (tokens of a sequence contiguous, in order); n_tokens: tokens per sequence.
+    """
+    kl = kl.to(rewards.dtype)
+    if len(kl) == 0:
+        return kl
+    seq_kl = torch.zeros(len(n_tokens), dtype=rewards.dtype, device=kl.device).index_add(0, rows, kl)
+    exclusive = torch.cumsum(kl, 0) - kl  # sum of the kl of all flat tokens before each
+    start = (torch.cumsum(n_tokens, 0) - n_tokens).clamp(max=len(kl) - 1)  # each sequence's first flat token
+    before = exclusive - exclusive[start][rows]  # sum of kl_s for s < t within the sequence
+    return rewards[rows] - beta * (seq_kl[rows] - before)
+
+
+def whiten(values: torch.Tensor, weights: torch.Tensor, totals: tuple[float, float, float] | None = None,
+           eps: float = 1e-8) -> torch.Tensor:
+    """Global advantage normalisation (REINFORCE++): (x - mean) / std over every weighted token of
+    the step, std the population one (floored at sqrt(eps)), as OpenRLHF does.
+
+    totals: (sum w, sum w x, sum w x^2) over the whole step when it is spread over processes (the
+    caller all-reduces them); default, those of `values` alone."""
+    w, x = weights.to(values.dtype), values
+    if totals is None:
+        totals = (float(w.sum()), float((w * x).sum()), float((w * x * x).sum()))
+    n, s1, s2 = totals
+    if n <= 0:
+        return torch.zeros_like(values)
+    mean = s1 / n
+    var = max(s2 / n - mean * mean, 0.0)
+    return (x - mean) / max(var, eps) ** 0.5
+
+
+def sampling_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: torch.Tensor | float = 1.0,
+                      top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """log q(target) under the distribution a sampler draws from: logits / T, then top-k, then top-p
+    (nucleus over the top-k's renormalised probabilities), renormalised over the kept tokens; the
+    order and tie rules of vLLM's sampler and transformers' warpers (ties at the k-th value kept; the
+    most likely token always kept). A target outside the kept set gets -inf.
+
+    With top_p < 1 or top_k > 0 a sampler's log-probs (vLLM's processed_logprobs) are of this
+    distribution, not of softmax(logits / T): comparing them with the trainer's untruncated ones
+    (as TRL's vLLM importance ratio does) biases the ratio below 1 on every kept token, by the mass
+    the truncation removed. Rows at temperature 0 (greedy) are taken at T = 1, untruncated (what vLLM
+    reports for a greedy request). logits [N, V], targets [N], temperature a float or [N].
+    """
+    logits = logits.float()
+    t = torch.as_tensor(temperature, dtype=logits.dtype, device=logits.device).expand(logits.shape[0]).clone()
+    greedy = t <= 0
+    t[greedy] = 1.0
+    scores = logits / t[:, None]
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    if top_k > 0 and top_k < scores.shape[-1]:
+        kth = scores.topk(top_k, dim=-1).values[:, -1:]
+        keep &= scores >= kth
+    if top_p < 1.0:
+        masked = scores.masked_fill(~keep, float("-inf"))
+        sorted_scores, order = masked.sort(dim=-1)  # ascending, as both samplers do
+        cum = sorted_scores.softmax(-1).cumsum(-1)
+        drop_sorted = cum <= 1 - top_p
+        drop_sorted[:, -1] = False  # the most likely token stays
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        keep &= ~drop
+    keep[greedy] = True
+    logq = scores.masked_fill(~keep, float("-inf")).log_softmax(-1)
+    return logq.gather(-1, targets[:, None]).squeeze(-1)
+
+
+def informative_groups(total: torch.Tensor, tol: float = 1e-12) -> torch.Tensor:
+    """[groups, k] shaped rewards -> whether each group's rewards differ (DAPO's dynamic sampling keeps
+    those: a group whose k rewards are all equal has all-zero advantages, no learning signal)."""
+    return (total.max(-1).values - total.min(-1).values).abs() > tol
+
+
+def replacement_prompts(seed: int, generation: int, draw: int, slots: list[int], n_prompts: int) -> list[int]:
+    """Dynamic sampling's extra draws: the prompt that replaces global slot s of step `generation` in
+    round `draw` (1, 2, ...), a pure function of (seed, generation, draw, s), so the choice does not
+    depend on how the step is split over micro-batches or processes, and a resumed run draws the
+    same. Each round is one seeded permutation of all prompts; slot s takes its s-th entry."""
+    g = torch.Generator().manual_seed(zlib.crc32(json.dumps(["dynamic", seed, generation, draw]).encode()))
+    perm = torch.randperm(n_prompts, generator=g).tolist()
+    return [perm[s % n_prompts] for s in slots]
 
 
 # --------------------------------------------------------------------------- config
@@ -274,6 +397,24 @@ class RLParams:
     """Subtracted from the reward of a completion cut at max_new_tokens."""
     mask_truncated: bool = False
     """Leave completions cut at max_new_tokens out of the loss (DAPO's overlong filtering)."""
+    loss: Literal["clip", "cispo"] = "clip"
+    """GRPO's policy loss. clip: PPO's clipped surrogate (epsilon, epsilon_high). cispo: CISPO (MiniMax-M1,
+    2025): -sg(min(ratio, 1 + epsilon_high)) * A * log pi, the importance weight clipped and detached, so
+    tokens past the cap keep their gradient (epsilon_high e.g. 4: TRL's loss_type cispo, epsilon_high 5)."""
+    advantage: Literal["group", "reinforce_pp", "reinforce_pp_baseline"] = "group"
+    """GRPO's advantages. group: within each prompt's group (scale_rewards). reinforce_pp: REINFORCE++ (Hu
+    et al. 2025): the KL to the reference as a per-token reward -beta * (log pi - log pi_ref), each token's
+    return to the end, normalised over all tokens of the step (not in the loss; scale_rewards unused).
+    reinforce_pp_baseline: the same after subtracting the group's mean reward (REINFORCE++-baseline)."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling (Yu et al. 2025): a prompt whose k shaped rewards (after length and truncation
+    penalties, before RLOO's KL term) are all equal carries no signal; it is replaced by another prompt,
+    drawn for its place in the step, until the step has its batch or dynamic_sampling_rounds run out.
+    Logged: dynamic_groups_drawn, dynamic_groups_dropped, dynamic_extra_draws, dynamic_unfilled,
+    dynamic_short."""
+    dynamic_sampling_rounds: int = 3
+    """Rounds of extra draws per step at most (each draws one prompt per place still without signal); places
+    still without signal then stay out of the loss (weight 0) and the step's batch is short."""
     ref_model: str | None = None
     """Reference for the KL; defaults to model.name_or_path."""
     generation_batch_size: int = 64
@@ -309,6 +450,10 @@ class RLParams:
         if self.algo == "rloo":
             return "sequence_sum"
         return "sequence_mean" if self.importance_level == "sequence" else "token_mean"
+
+    def kl_in_loss(self) -> bool:
+        """GRPO's k3 term in the loss (REINFORCE++ puts the KL in the reward, RLOO in the sequence reward)."""
+        return self.algo == "grpo" and self.beta > 0 and self.advantage == "group"
 
     def sample_temperatures(self) -> list[float]:
         return list(self.temperatures) if self.temperatures else [self.temperature] * self.k
@@ -380,8 +525,19 @@ def check_rl_config(cfg: RLConfig) -> None:
     if p.engine == "vllm" and p.vllm.max_model_len is not None and p.vllm.max_model_len <= p.max_new_tokens:
         raise ConfigError(f"rl.vllm.max_model_len: {p.vllm.max_model_len} leaves no room for a prompt before "
                           f"rl.max_new_tokens ({p.max_new_tokens}); raise it or unset it (the model's length)")
+    check_rl_algorithms(p)
     if not cfg.eval_prompts.dataset and (cfg.train.eval_steps or cfg.train.early_stopping_patience):
         raise ConfigError("train.eval_steps / train.early_stopping_patience need held-out prompts: set eval_prompts.dataset")
+
+
+def check_rl_algorithms(p: RLParams) -> None:
+    """The newer options' combinations (CISPO, REINFORCE++, dynamic sampling)."""
+    if p.algo != "grpo" and (p.loss != "clip" or p.advantage != "group"):
+        raise ConfigError(f"rl.loss: {p.loss} / rl.advantage: {p.advantage} are GRPO options "
+                          "(rl.algo: grpo); RLOO has its own loss and advantages")
+    if p.dynamic_sampling_rounds < 0:
+        raise ConfigError(f"rl.dynamic_sampling_rounds: {p.dynamic_sampling_rounds} is not allowed; "
+                          "expected an integer >= 0")
 
 
 # --------------------------------------------------------------------------- rollouts
@@ -407,7 +563,7 @@ def collate_rollout(samples: list[dict], pad_id: int) -> dict:
         # the temperature each completion was sampled at (1 for a greedy one): log-probs are taken there
         "temperatures": torch.tensor([s.get("temperature", 1.0) for s in samples], dtype=torch.float32),
     }
-    for key in ("old_logps", "ref_logps", "is_weights"):
+    for key in ("old_logps", "ref_logps", "is_weights", "token_advantages"):
         if samples[0].get(key) is not None:
             batch[key] = torch.tensor([v for s in samples for v in s[key]], dtype=torch.float32)
     return batch
@@ -424,8 +580,7 @@ def sample_logps(model, samples: list[dict], pad_id: int, batch_size: int, entro
     try:
         for start in range(0, len(samples), batch_size):
             chunk = samples[start : start + batch_size]
-            plain = {"advantage": 0.0, "weight": 1.0, "old_logps": None, "ref_logps": None, "is_weights": None}
-            b = to_device(collate_rollout([s | plain for s in chunk], pad_id), device)
+            b = to_device(collate_rollout([s | PLAIN for s in chunk], pad_id), device)
             if entropy:
                 logps, ent, mask = label_logps_entropy(model, b["input_ids"], b["attention_mask"], b["labels"],
                                                        b["temperatures"])
@@ -441,6 +596,58 @@ def sample_logps(model, samples: list[dict], pad_id: int, batch_size: int, entro
     finally:
         model.train(was_training)
     return out_logps, out_entropy
+
+
+PLAIN = {"advantage": 0.0, "weight": 1.0, "old_logps": None, "ref_logps": None, "is_weights": None,
+         "token_advantages": None}
+"""What a no-grad pass collates a sample with: no RL tensors."""
+TRUNCATED_LOGP = -50.0
+"""The trainer's log-prob of a sampled token its own top-k/top-p truncation drops (probability 0)."""
+SAMPLING_CHUNK_TOKENS = 256
+"""Positions per chunk in `sampling_sample_logps` (top-p sorts the vocabulary: 256 x 152k x 12 bytes)."""
+
+
+@torch.no_grad()
+def sampling_sample_logps(model, samples: list[dict], pad_id: int, batch_size: int, temperatures: list[float],
+                          top_k: int, top_p: float) -> list[list[float]]:
+    """Per-sample lists of the completion tokens' log-probs under the sampling distribution
+    (`sampling_logprobs`: temperature, top-k, top-p, renormalised), one temperature per sample."""
+    from accelerate.utils import extract_model_from_parallel
+
+    from .logprobs import FULL_LOGITS
+
+    device = next(model.parameters()).device
+    inner = extract_model_from_parallel(model)
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    full = head is None or getattr(inner, FULL_LOGITS, False)
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for start in range(0, len(samples), batch_size):
+            chunk = samples[start : start + batch_size]
+            b = to_device(collate_rollout([s | PLAIN for s in chunk], pad_id), device)
+            targets = b["labels"][:, 1:]
+            mask = targets != IGNORE_INDEX
+            temps = torch.tensor(temperatures[start : start + batch_size], device=device)
+            temps = temps[mask.nonzero()[:, 0]]
+            inputs = dict(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+            if full:
+                states = model(**inputs).logits[:, :-1][mask]
+            else:
+                out_ = model(**inputs, output_hidden_states=True, logits_to_keep=1)
+                states = out_.hidden_states[-1][:, :-1][mask]
+            wanted = targets[mask]
+            pieces = []
+            for i in range(0, len(wanted), SAMPLING_CHUNK_TOKENS):
+                h = states[i : i + SAMPLING_CHUNK_TOKENS]
+                pieces.append(sampling_logprobs(h if full else head(h), wanted[i : i + SAMPLING_CHUNK_TOKENS],
+                                                temps[i : i + SAMPLING_CHUNK_TOKENS], top_k, top_p))
+            flat = torch.cat(pieces) if pieces else torch.zeros(0)
+            out += [x.tolist() for x in flat.float().cpu().split(mask.sum(-1).tolist())]
+    finally:
+        model.train(was_training)
+    return out
 
 
 def sampler_correction(samples: list[dict], old: list[list[float]], threshold: float | None) -> dict[str, tuple[float, float]]:
@@ -560,6 +767,11 @@ class RolloutSource(StepSource):
             bad = int((~torch.isfinite(rewards)).sum())
             raise TrainingDiverged(f"the reward backend returned {bad} non-finite reward(s) at generation {generation + 1}; "
                                    "stopped before updating the weights")
+        dynamic = None
+        if p.dynamic_sampling:  # groups without signal replaced by fresh prompts
+            dynamic = self.dynamic_refill(model, flat, completions, rewards, generation)
+            flat, completions, rewards = dynamic["flat"], dynamic["completions"], dynamic["rewards"]
+            texts = [c.text for cs in completions for c in cs]
         t2 = time.perf_counter()
         samples = []
         temps = [t if t > 0 else 1.0 for t in p.sample_temperatures()]  # a greedy sample's log-probs: at T = 1
@@ -595,13 +807,24 @@ class RolloutSource(StepSource):
         else:
             adv = grpo_advantages(total, p.scale_rewards)
         weights = (1 - truncated) if p.mask_truncated else torch.ones_like(truncated)
+        if dynamic is not None:  # places left without signal stay out of the loss
+            weights = weights * dynamic["keep"].double().unsqueeze(-1)
+        token_adv = None
+        if p.advantage != "group":
+            token_adv, adv = self.reinforce_pp_advantages(total, samples, old, ref, weights)
         if not torch.isfinite(adv).all():
             raise TrainingDiverged(f"non-finite advantages at generation {generation + 1}; stopped before updating the weights")
         nothing = [None] * len(samples)
         for s, a, w, o, r in zip(samples, adv.flatten().tolist(), weights.flatten().tolist(), old or nothing,
                                  ref or nothing):
-            s.update(advantage=a, weight=w, old_logps=o if (p.algo == "grpo") else None, ref_logps=r if p.algo == "grpo" and p.beta > 0 else None)
-        mismatch = sampler_correction(samples, old, p.vllm_is_threshold) if self.engine is not None else {}
+            s.update(advantage=a, weight=w, old_logps=o if (p.algo == "grpo") else None,
+                     ref_logps=r if p.kl_in_loss() else None)
+        for s, a in zip(samples, token_adv or []):
+            s["token_advantages"] = a
+        mismatch = {}
+        if self.engine is not None:
+            trainer, outside = self.sampler_view_logps(model, samples, old)
+            mismatch = sampler_correction(samples, trainer, p.vllm_is_threshold) | outside
 
         n = float(len(samples))
         tokens = float(lengths.sum())
@@ -629,6 +852,7 @@ class RolloutSource(StepSource):
         if kl_seq is not None:
             metrics["kl"] = (float(kl_seq.sum()), n)  # sum over a completion's tokens of log pi - log pi_ref, mean over samples
         metrics.update(mismatch)
+        metrics.update(dynamic["metrics"] if dynamic is not None else {})
         self.check_stall(generation, metrics, next(model.parameters()).device)
         self.write_samples(generation, samples, texts, rewards.flatten().tolist(), total.flatten().tolist())
         micro = []
@@ -637,6 +861,116 @@ class RolloutSource(StepSource):
             micro.append(samples[start : start + len(g) * p.k])
             start += len(g) * p.k
         return {"generation": generation, "micro": micro, "metrics": {k: list(v) for k, v in metrics.items()}}
+
+    # Newer algorithms' parts of a rollout --------------------------------------------------
+    def dynamic_refill(self, model, flat: list[int], completions, rewards: torch.Tensor,
+                       generation: int) -> dict:
+        """DAPO's dynamic sampling over this process's places in the step: each place whose group has no
+        signal gets a freshly drawn prompt (`replacement_prompts`, by its global place), sampled and scored,
+        for up to rl.dynamic_sampling_rounds rounds. Returns the kept prompts, completions and rewards,
+        `keep` (whether each place has signal) and the metrics ((sum, count): counts for the whole step)."""
+        p, plan = self.p, self.plan
+        flat, completions, rewards = list(flat), list(completions), rewards.clone()
+        offset = plan.rank * plan.bs * plan.accum  # this process's first place in the step's global batch
+        good = informative_groups(self.decision_rewards(completions, rewards)).tolist()
+        drawn, dropped, rounds = len(flat), good.count(False), 0
+        try:
+            for draw in range(1, p.dynamic_sampling_rounds + 1):
+                missing = [j for j, ok in enumerate(good) if not ok]
+                if not missing:
+                    break
+                rounds = draw
+                places = [offset + j for j in missing]
+                picks = replacement_prompts(self.cfg.seed, generation, draw, places, len(self.prompts))
+                messages = [self.prompts[i]["messages"] for i in picks]
+                new = self.sample(model, messages, [generation, "dynamic", draw], salts=picks)
+                scores = self.score_groups(picks, new, generation)
+                ok = informative_groups(self.decision_rewards(new, scores)).tolist()
+                drawn, dropped = drawn + len(picks), dropped + ok.count(False)
+                for j, i, cs, r, o in zip(missing, picks, new, scores.view(len(picks), -1), ok):
+                    if o:
+                        flat[j], completions[j], good[j] = i, cs, True
+                        rewards[j * p.k : (j + 1) * p.k] = r
+        finally:
+            if self.engine is not None and rounds:
+                self.engine.rest()
+        unfilled = good.count(False)
+        share = 1.0 / plan.world  # per-process counts summed over processes: the step's counts
+        metrics = {"dynamic_groups_drawn": (float(drawn), share),
+                   "dynamic_groups_dropped": (float(dropped), share),
+                   "dynamic_extra_draws": (float(drawn - len(flat)), share),
+                   "dynamic_unfilled": (float(unfilled), share),
+                   # several processes: the share of them whose part came out short
+                   "dynamic_short": (float(unfilled > 0), 1.0)}
+        return {"flat": flat, "completions": completions, "rewards": rewards, "keep": torch.tensor(good),
+                "metrics": metrics}
+
+    def decision_rewards(self, completions, rewards: torch.Tensor) -> torch.Tensor:
+        """[groups, k] rewards after the length and truncation shaping (what the advantages use, RLOO's
+        KL term aside): the rewards dynamic sampling compares within a group."""
+        p = self.p
+        shape = (len(completions), p.k)
+        flat = [c for cs in completions for c in cs]
+        lengths = torch.tensor([len(c.token_ids) + (c.stop_id is not None) for c in flat]).double()
+        truncated = torch.tensor([c.stop_id is None for c in flat], dtype=torch.float64).view(shape)
+        lp = p.length_penalty
+        pen = length_penalty(lengths.view(shape), lp.kind, lp.coef, lp.target, p.max_new_tokens).double()
+        return rewards.view(shape) - pen - p.truncation_penalty * truncated
+
+    def score_groups(self, flat: list[int], completions, generation) -> torch.Tensor:
+        """The reward backend on k completions per prompt (flat, float64), failures as in `rollout`."""
+        k = self.p.k
+        messages = [self.prompts[i]["messages"] for i in flat for _ in range(k)]
+        columns = [self.prompts[i].get("columns") or {} for i in flat for _ in range(k)]
+        try:
+            scores = self.backend.score(messages, [c.text for cs in completions for c in cs], columns=columns)
+        except Exception as e:
+            raise SourceFailed(f"the reward backend failed ({type(e).__name__}: {e})") from e
+        rewards = torch.tensor(scores, dtype=torch.float64)
+        if rewards.shape != (len(flat) * k,) or not torch.isfinite(rewards).all():
+            raise TrainingDiverged(f"the reward backend returned {len(scores)} reward(s) for {len(flat) * k} "
+                                   f"completions, or non-finite ones, at generation {generation + 1}; "
+                                   "stopped before updating the weights")
+        return rewards
+
+    def reinforce_pp_advantages(self, total: torch.Tensor, samples: list[dict], old, ref,
+                                weights: torch.Tensor):
+        """REINFORCE++ per-token advantages (lists per sample) and their per-sample means ([groups, k])."""
+        p = self.p
+        r = total - total.mean(-1, keepdim=True) if p.advantage == "reinforce_pp_baseline" else total
+        n_tokens = torch.tensor([len(s["completion_ids"]) for s in samples])
+        rows = torch.repeat_interleave(torch.arange(len(samples)), n_tokens)
+        if ref is not None and p.beta > 0:
+            kl = torch.tensor([a - b for o, f in zip(old, ref) for a, b in zip(o, f)], dtype=torch.float64)
+        else:
+            kl = torch.zeros(len(rows), dtype=torch.float64)
+        returns = reinforce_pp_token_returns(r.flatten(), kl, rows, n_tokens, p.beta)
+        w = weights.flatten()[rows]
+        sums = [w.sum(), (w * returns).sum(), (w * returns * returns).sum()]
+        totals = torch.tensor([float(x) for x in sums], dtype=torch.float64)
+        if self.plan.world > 1:  # normalised over the whole step, all processes
+            totals = totals.to(distributed_state().device)
+            torch.distributed.all_reduce(totals)
+        adv = whiten(returns, w, tuple(totals.cpu().tolist()))
+        per_seq = torch.zeros(len(samples), dtype=adv.dtype).index_add(0, rows, adv) / n_tokens.clamp(min=1)
+        return [a.tolist() for a in adv.split(n_tokens.tolist())], per_seq.view(total.shape)
+
+    def sampler_view_logps(self, model, samples: list[dict], old: list[list[float]]):
+        """The trainer's log-probs of the sampled tokens under the distribution the sampler drew from (each
+        sample's temperature, rl.top_k, rl.top_p; `sampling_logprobs`), for the sampler correction: vLLM's
+        processed log-probs are of that distribution. Without truncation that is `old` (at each sample's
+        temperature). A token the sampler kept but the trainer's truncation drops (at the nucleus's edge,
+        where the engines' floats differ) has probability 0 for the trainer: it gets TRUNCATED_LOGP (an
+        importance weight of 0, a finite mismatch) and is counted, as vllm_outside_truncation (share)."""
+        p = self.p
+        if p.top_p >= 1.0 and p.top_k <= 0:
+            return old, {}
+        temps = [p.sample_temperatures()[s["index"]] for s in samples]  # 0 greedy: as vLLM reports it
+        bs = max(1, self.cfg.train.batch_size * p.k)
+        got = sampling_sample_logps(model, samples, self.chat.pad_id, bs, temps, p.top_k, p.top_p)
+        outside = sum(x == float("-inf") for xs in got for x in xs)
+        got = [[max(x, TRUNCATED_LOGP) for x in xs] for xs in got]
+        return got, {"vllm_outside_truncation": (float(outside), float(sum(len(xs) for xs in got)))}
 
     one_sampling_call = True
     """All k samples of every prompt in one decoding call, each row at its temperature (False: one call
@@ -689,7 +1023,9 @@ class RolloutSource(StepSource):
                           "model that ends its replies with the end-of-turn token (SFT), or add rl.truncation_penalty"),
             "tied": (tied / max(groups, 1), f"of the groups had all {p.k} shaped rewards equal: their advantages are 0 "
                      "and nothing is learnt from them. Check that the reward can tell the samples apart "
-                     "(samples.jsonl), make the prompts easier or raise rl.k or the temperature"),
+                     "(samples.jsonl), make the prompts easier or raise rl.k or the temperature"
+                     + (", or raise rl.dynamic_sampling_rounds" if p.dynamic_sampling
+                        else ", or set rl.dynamic_sampling: true")),
         }
         for name, (share, why) in fixes.items():
             self.stalled[name] = self.stalled.get(name, 0) + 1 if share >= p.stall_share else 0
@@ -724,7 +1060,8 @@ def old_pass_needed(p: RLParams) -> bool:
     (GRPO with one iteration, RLOO with beta 0) the loss pass is at the sampling weights: its log-probs
     are the old ones (ratio 1), and it logs the entropy (and GRPO's kl)."""
     return (ALWAYS_OLD_PASS or p.engine == "vllm" or (p.algo == "grpo" and p.num_iterations > 1)
-            or (p.algo == "rloo" and p.beta > 0))
+            or (p.algo == "rloo" and p.beta > 0)
+            or (p.advantage != "group" and p.beta > 0))  # REINFORCE++: the KL in the reward, per token
 
 
 def rl_loss_fn(p: RLParams):
@@ -742,7 +1079,8 @@ def rl_loss_fn(p: RLParams):
         old = batch.get("old_logps")
         old = logps.detach() if old is None else old
         token_losses, clipped = policy_token_losses(logps, old, batch["advantages"], rows, n_tokens, p.algo, p.epsilon, p.epsilon_high,
-                                                    p.importance_level, batch.get("is_weights"))
+                                                    p.importance_level, batch.get("is_weights"), p.loss,
+                                                    batch.get("token_advantages"))
         metrics = {}
         if stats_here:  # what the skipped no-grad pass would have logged, from this pass at the same weights
             count = torch.tensor(float(len(entropy)), device=entropy.device)
@@ -751,7 +1089,7 @@ def rl_loss_fn(p: RLParams):
                 kl_sum = (logps.detach() - batch["ref_logps"]).sum()
                 seqs = torch.tensor(float(len(n_tokens)), device=kl_sum.device)
                 metrics["kl"] = torch.stack([kl_sum, seqs]).double()
-        if p.algo == "grpo" and p.beta > 0:
+        if p.kl_in_loss():
             kl = k3_kl(logps, batch["ref_logps"])
             token_losses = token_losses + p.beta * kl
             metrics["kl_k3"] = torch.stack([(kl.detach() * batch["weights"][rows]).sum(), batch["weights"][rows].sum()]).double()
@@ -858,7 +1196,9 @@ def colocated_engine(cfg: RLConfig, chat, state):
         sleep, why = sleep_mode_available()
         if not sleep:
             log.warning("rl.vllm.sleep: skipped, %s; the engine keeps its memory between rollouts", why)
-    # processed_logprobs: the sampler's log-probs after temperature, as the trainer takes its own
+    # processed_logprobs: the sampler's log-probs of the distribution it drew from (temperature, top-k,
+    # top-p), which the trainer's side reproduces: its log-probs at each sample's temperature, and
+    # `sampler_view_logps` under truncation
     with vllm_engine(cfg.model, cfg.train.precision, options, cfg.seed, in_process=True, sleep_mode=sleep,
                      logprobs_mode="processed_logprobs") as llm:
         yield ColocatedVLLM(llm, sleep=sleep)
