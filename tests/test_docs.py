@@ -178,3 +178,18 @@ def test_the_checkers_catch_a_missing_recipe_file_and_heading():
     assert any("no file" in p for p in link_problems(page, "![plot](docs/demo-best-of-n.png)"))
     assert not link_problems(page, "[x](sft.md) ![p](demo-best-of-n.png) [w](https://example.com/a)")
     assert not link_problems(page, "```\n[x](nowhere.md)\n```")
+
+
+def test_the_front_page_demo_table_is_the_manuals():
+    """The front page copies the demo's table from docs/demo.md: every row of it is there verbatim."""
+    front, demo = (ROOT / "README.md").read_text(), (ROOT / "docs" / "demo.md").read_text()
+    rows = [line for line in front.splitlines() if line.startswith("| ") and "%" in line]
+    assert len(rows) >= 5
+    assert [r for r in rows if r not in demo.splitlines()] == []
+
+
+def test_the_set_up_commands_are_what_ci_runs():
+    """.ci/run installs as the front page's "Set up" says and runs its test command."""
+    front, ci = (ROOT / "README.md").read_text(), (ROOT / ".ci" / "run").read_text()
+    assert 'pip install torch==2.13.0 -e ".[dev]"' in front and 'pip install -q torch==2.13.0 -e ".[dev]"' in ci
+    assert "```bash\npython -m pytest -q\n```" in front and "\npython -m pytest -q\n" in ci
