@@ -532,7 +532,8 @@ RANGES: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
     },
     "VLLMOptions": {"gpu_memory_utilization": between(0, 1, low_open=True), "max_model_len": COUNT},
     "RLVLLMOptions": {"gpu_memory_utilization": between(0, 1, low_open=True), "max_model_len": COUNT},
-    "RLParams": {"vllm_is_threshold": (lambda v: v >= 1, "a number >= 1 (the cap C of truncated importance sampling, e.g. 2)")},
+    "RLParams": {"vllm_is_threshold": (lambda v: v >= 1, "a number >= 1 (the cap C of truncated importance sampling, e.g. 2)"),
+                 "dynamic_sampling_rounds": at_least(0)},
     "DPOParams": {
         "beta": POSITIVE, "label_smoothing": between(0, 0.5, high_open=True), "dpop_lambda": NON_NEGATIVE,
         "kl_lambda": NON_NEGATIVE, "clamp_margin": POSITIVE, "beta_warmup_steps": at_least(0),

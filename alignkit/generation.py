@@ -79,7 +79,8 @@ class Completion:
     """The stop token that ended it (not in token_ids), for training on the sample (RL)."""
     logprobs: list[float] | None = None
     """vLLM with `logprobs=True`: the sampler's log-prob of each sampled token (token_ids, then stop_id
-    if any), from the raw logits (temperature 1, before top-k/top-p), as the trainer computes them."""
+    if any), as the engine's `logprobs_mode` gives them (RL's colocated engine: processed_logprobs, at
+    the sampling temperature as the trainer computes them; top-k/top-p also renormalise them there)."""
 
 
 def decoding_config(params: SamplingParams, stop: list[int], pad_id: int) -> GenerationConfig:
@@ -94,9 +95,10 @@ def decoding_config(params: SamplingParams, stop: list[int], pad_id: int) -> Gen
                             repetition_penalty=params.repetition_penalty, **knobs)
 
 
-def prompt_seed(seed: int, ids: list[int]) -> int:
-    """A prompt's sampling seed, from the run's seed and the prompt's tokens (both engines)."""
-    return zlib.crc32(json.dumps([seed, ids]).encode())
+def prompt_seed(seed: int, ids: list[int], salt=None) -> int:
+    """A prompt's sampling seed, from the run's seed and the prompt's tokens (both engines), and a
+    salt when given (e.g. the prompt's row, so that two copies of one prompt sample differently)."""
+    return zlib.crc32(json.dumps([seed, ids] if salt is None else [seed, ids, salt]).encode())
 
 
 class SeededSampler(LogitsProcessor):
@@ -108,43 +110,77 @@ class SeededSampler(LogitsProcessor):
     sharding and resume (up to float differences from padding), as vLLM's per-request seeds are.
     """
 
-    def __init__(self, seeds: list[int], device: torch.device):
+    def __init__(self, seeds: list[int], device: torch.device, noisy: list[bool] | None = None):
         self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        self.noisy = None
+        if noisy is not None and not all(noisy):
+            self.noisy = torch.tensor(noisy, dtype=torch.float32, device=device)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         u = torch.stack([torch.rand(scores.shape[-1], generator=g, device=scores.device) for g in self.generators])
         gumbel = -torch.log((-torch.log(u.clamp(min=1e-20))).clamp(min=1e-20))
+        if self.noisy is not None:  # greedy rows (temperature 0): no noise, the argmax
+            gumbel = gumbel * self.noisy.unsqueeze(-1)
         return scores.float() + gumbel
 
 
-def sampling_processors(params: SamplingParams, seeds: list[int], device) -> LogitsProcessorList:
-    """Temperature, top-k, top-p and min-p warping, then seeded Gumbel noise (greedy decoding picks the sample)."""
-    procs = LogitsProcessorList([TemperatureLogitsWarper(params.temperature)])
+class RowTemperature(LogitsProcessor):
+    """Each row's scores divided by its own temperature (a row at 0 is greedy: left as it is)."""
+
+    def __init__(self, temperatures: list[float], device: torch.device):
+        t = [x if x > 0 else 1.0 for x in temperatures]
+        self.t = torch.tensor(t, dtype=torch.float32, device=device).unsqueeze(-1)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return scores.float() / self.t
+
+
+def sampling_processors(params: SamplingParams, seeds: list[int], device,
+                        temperatures: list[float] | None = None) -> LogitsProcessorList:
+    """Temperature, top-k, top-p and min-p warping, then seeded Gumbel noise (greedy decoding picks the
+    sample). temperatures: one per row, instead of params.temperature (rows at 0 are greedy)."""
+    if temperatures is None:
+        procs = LogitsProcessorList([TemperatureLogitsWarper(params.temperature)])
+    else:
+        procs = LogitsProcessorList([RowTemperature(temperatures, device)])
     if params.top_k > 0:
         procs.append(TopKLogitsWarper(params.top_k))
     if params.top_p < 1.0:
         procs.append(TopPLogitsWarper(params.top_p))
     if params.min_p > 0:
         procs.append(MinPLogitsWarper(params.min_p))
-    procs.append(SeededSampler(seeds, device))
+    noisy = None if temperatures is None else [t > 0 for t in temperatures]
+    procs.append(SeededSampler(seeds, device, noisy))
     return procs
 
 
 @torch.no_grad()
-def generate(model, chat, prompts: list[list[dict]], params: SamplingParams, batch_size: int = 16, progress: bool = False) -> list[list[Completion]]:
+def generate(model, chat, prompts: list[list[dict]], params: SamplingParams, batch_size: int = 16,
+             progress: bool = False, salts: list | None = None,
+             temperatures: list[float] | None = None) -> list[list[Completion]]:
     """`params.n` completions per prompt, in prompt order.
 
     Prompts are batched longest first (left padding, KV cache). The global torch RNG (CPU and CUDA)
     is left as it was, so a training run that evaluates keeps its random stream. Seeded sampling
     gives sample j of each prompt its own seed from (seed, prompt tokens, j) (`SeededSampler`): its
     samples do not depend on batching, chunking, sharding or resuming (as with vLLM). `batch_size`
-    counts sequences (a prompt with n samples takes n rows).
+    counts sequences (a prompt with n samples takes n rows). `salts`: one JSON value per prompt mixed
+    into its seeds (RL passes each prompt's row, so a prompt that appears twice is sampled twice).
+    `temperatures`: one per sample index (n of them; 0 is greedy, at most one), instead of
+    params.temperature: every sample of every prompt in the same decoding pass (RL's rl.temperatures).
     """
     tok = chat.tokenizer
     encoded = [tokenize_prompt(tok, p) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     stop = chat.stop_ids()
     results: list[list[Completion]] = [[] for _ in prompts]
+    if temperatures is not None:
+        if len(temperatures) != params.n or params.seed is None or params.num_beams > 1:
+            raise ValueError("per-sample temperatures need one temperature per sample (n), a seed and "
+                             "no beam search")
+        if sum(t <= 0 for t in temperatures) > 1:
+            raise ValueError("at most one sample per prompt can be greedy (temperature 0)")
+        params = replace(params, temperature=max(temperatures))  # > 0 unless n == 1: sampled rows, seeded
     if params.n > 1 and params.temperature <= 0 and params.num_beams < params.n:
         raise ValueError("n > 1 needs sampling (temperature > 0) or num_beams >= n")
     seeded = params.temperature > 0 and params.seed is not None and params.num_beams == 1
@@ -171,10 +207,13 @@ def generate(model, chat, prompts: list[list[dict]], params: SamplingParams, bat
                 idx = [i for i, _ in batch]
                 extra = {}
                 if seeded:
-                    seeds = [zlib.crc32(json.dumps([params.seed, encoded[i], j]).encode()) for i, j in batch]
-                    extra["logits_processor"] = sampling_processors(params, seeds, device)
+                    seeds = [zlib.crc32(json.dumps([params.seed, encoded[i], j] + ([] if salts is None else [salts[i]]))
+                                        .encode()) for i, j in batch]
+                    row_temps = None if temperatures is None else [temperatures[j] for _, j in batch]
+                    extra["logits_processor"] = sampling_processors(params, seeds, device, row_temps)
                 elif beam_sample:  # beam sampling keeps transformers' sampler: one prompt per call, seeded
-                    torch.manual_seed(prompt_seed(params.seed, encoded[idx[0]]))
+                    salt = None if salts is None else salts[idx[0]]
+                    torch.manual_seed(prompt_seed(params.seed, encoded[idx[0]], salt))
                 ids = pad([encoded[i] for i in idx], chat.pad_id, side="left").to(device)
                 mask = pad([[1] * len(encoded[i]) for i in idx], 0, side="left").to(device)
                 out = model.generate(input_ids=ids, attention_mask=mask, generation_config=decoding, **extra)
@@ -183,7 +222,9 @@ def generate(model, chat, prompts: list[list[dict]], params: SamplingParams, bat
                     new = out[row, ids.shape[1] :].tolist()
                     cut = next((k for k, t in enumerate(new) if t in stop), None)
                     stop_id = new[cut] if cut is not None else None
-                    new = new[:cut] if cut is not None else [t for t in new if t != chat.pad_id]
+                    # Padding follows a row's stop token; a row that never stopped ran to the end: nothing to cut
+                    # (its tokens equal to pad_id, when pad is not a stop token, were sampled and stay).
+                    new = new[:cut] if cut is not None else new
                     results[idx[row // per_row]].append(
                         Completion(tok.decode(new, skip_special_tokens=True), new, "stop" if cut is not None else "length", stop_id))
     finally:
@@ -211,13 +252,14 @@ def environment(name: str, value: str):
 
 @contextmanager
 def vllm_engine(model: ModelConfig, precision: str = "auto", options: VLLMOptions | None = None, seed: int = 0,
-                in_process: bool = False, sleep_mode: bool = False):
+                in_process: bool = False, sleep_mode: bool = False, logprobs_mode: str | None = None):
     """A vLLM `LLM` for a checkpoint, shut down on exit so the next one gets the memory back.
 
     in_process: the engine core and its model run in this process (not a child process), so
     weights can be pushed into the model directly (`ColocatedVLLM`). (vLLM caches its environment
     settings once an in-process engine starts: later engines of the process run in-process too.) sleep_mode: enable vLLM's
-    sleep/wake_up (the caller checks `sleep_mode_available()` first).
+    sleep/wake_up (the caller checks `sleep_mode_available()` first). logprobs_mode: vLLM's (unset: its
+    default, raw_logprobs; RL asks for processed_logprobs, after temperature, top-k and top-p).
     """
     try:
         from vllm import LLM
@@ -226,6 +268,8 @@ def vllm_engine(model: ModelConfig, precision: str = "auto", options: VLLMOption
     options = options or VLLMOptions()
     dtype = str(generation_dtype(precision)).removeprefix("torch.")
     extra = {"enable_sleep_mode": True} if sleep_mode else {}
+    if logprobs_mode:
+        extra["logprobs_mode"] = logprobs_mode
     with environment("VLLM_ENABLE_V1_MULTIPROCESSING", "0") if in_process else nullcontext():
         llm = LLM(
             model=check_source(model.name_or_path, "model"), tokenizer=model.tokenizer, revision=model.revision,
@@ -245,16 +289,25 @@ def vllm_engine(model: ModelConfig, precision: str = "auto", options: VLLMOption
             torch.cuda.empty_cache()
 
 
-def generate_vllm(llm, chat, prompts: list[list[dict]], params: SamplingParams, logprobs: bool = False) -> list[list[Completion]]:
+def generate_vllm(llm, chat, prompts: list[list[dict]], params: SamplingParams, logprobs: bool = False,
+                  salts: list | None = None,
+                  temperatures: list[float] | None = None) -> list[list[Completion]]:
     """The same interface on a vLLM engine. We tokenize and decode, so text and stop tokens match
     the transformers engine; each prompt's seed is derived from its tokens, so samples do not
     depend on batching, sharding or resuming. `logprobs`: each Completion carries the sampler's
-    log-probs of its tokens (vLLM's default raw_logprobs: before temperature and top-k/top-p)."""
+    log-probs of its tokens (as the engine's logprobs_mode gives them). `salts`, `temperatures`: as
+    for `generate` (one request per prompt and temperature, all in one call)."""
     from vllm import SamplingParams as VLLMSampling
 
     if params.num_beams > 1:
         raise ValueError("beam search is only supported by the transformers engine")
-    if params.n > 1 and params.temperature <= 0:
+    if temperatures is None:
+        groups = [(params.temperature, list(range(params.n)))]
+    else:
+        if len(temperatures) != params.n:
+            raise ValueError(f"{len(temperatures)} temperatures for n = {params.n} samples")
+        groups = [(t, [j for j, x in enumerate(temperatures) if x == t]) for t in sorted(set(temperatures))]
+    if any(len(idx) > 1 and t <= 0 for t, idx in groups):
         raise ValueError("n > 1 needs sampling (temperature > 0)")
     if chat.added_tokens:
         raise ValueError(f"the tokenizer gained {chat.added_tokens} for its chat template; vLLM would load the model without them. "
@@ -262,27 +315,39 @@ def generate_vllm(llm, chat, prompts: list[list[dict]], params: SamplingParams, 
     stop, tok = chat.stop_ids(), chat.tokenizer
     encoded = [tokenize_prompt(tok, p) for p in prompts]
 
-    def request(ids: list[int]) -> VLLMSampling:
-        seed = None if params.seed is None else prompt_seed(params.seed, ids)
+    def request(ids: list[int], salt, t: float, n: int, group: int) -> VLLMSampling:
+        if temperatures is not None:  # each temperature group its own seed
+            salt = [salt, group]
+        seed = None if params.seed is None else prompt_seed(params.seed, ids, salt)
         return VLLMSampling(
-            n=params.n, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, min_p=params.min_p,
+            n=n, temperature=t, top_p=params.top_p, top_k=params.top_k, min_p=params.min_p,
             repetition_penalty=params.repetition_penalty, max_tokens=params.max_new_tokens, stop_token_ids=stop,
-            seed=seed, detokenize=False, logprobs=0 if logprobs else None,
+            # ignore_eos: stop on `stop` alone, as the transformers engine does. vLLM would otherwise also stop
+            # on the EOS ids of the checkpoint's generation_config, "stop" with none of our stop ids.
+            ignore_eos=True, seed=seed, detokenize=False, logprobs=0 if logprobs else None,
         )
 
-    outs = llm.generate([{"prompt_token_ids": ids} for ids in encoded], [request(ids) for ids in encoded], use_tqdm=False)
+    inputs, requests = [], []
+    for i, ids in enumerate(encoded):
+        for g, (t, idx) in enumerate(groups):
+            inputs.append({"prompt_token_ids": ids})
+            requests.append(request(ids, None if salts is None else salts[i], t, len(idx), g))
+    outs = iter(llm.generate(inputs, requests, use_tqdm=False))
     results = []
-    for req in outs:
-        completions = []
-        for o in sorted(req.outputs, key=lambda o: o.index):
-            ids = list(o.token_ids)
-            # logprobs=0: each position's dict holds the sampled token alone
-            lps = [pos[t].logprob for pos, t in zip(o.logprobs, ids)] if logprobs else None
-            stopped = o.finish_reason == "stop"
-            stop_id = None
-            if stopped and ids and ids[-1] in stop:  # vLLM keeps the stop token; the text never does
-                stop_id, ids = ids[-1], ids[:-1]
-            completions.append(Completion(tok.decode(ids, skip_special_tokens=True), ids, "stop" if stopped else "length", stop_id, lps))
+    for _ in encoded:
+        completions: list = [None] * params.n
+        for _, idx in groups:
+            req = next(outs)
+            for j, o in zip(idx, sorted(req.outputs, key=lambda o: o.index)):
+                ids = list(o.token_ids)
+                # logprobs=0: each position's dict holds the sampled token alone
+                lps = [pos[t].logprob for pos, t in zip(o.logprobs, ids)] if logprobs else None
+                stopped = o.finish_reason == "stop"
+                stop_id = None
+                if stopped and ids and ids[-1] in stop:  # vLLM keeps the stop token; the text never does
+                    stop_id, ids = ids[-1], ids[:-1]
+                completions[j] = Completion(tok.decode(ids, skip_special_tokens=True), ids, "stop" if stopped else "length",
+                                            stop_id, lps)
         results.append(completions)
     return results
 
@@ -343,10 +408,12 @@ class ColocatedVLLM:
             self.llm.wake_up()
             self.asleep = False
 
-    def generate(self, chat, prompts: list[list[dict]], params: SamplingParams) -> list[list[Completion]]:
+    def generate(self, chat, prompts: list[list[dict]], params: SamplingParams, salts: list | None = None,
+                 temperatures: list[float] | None = None) -> list[list[Completion]]:
         """`generate_vllm` with the sampler's log-probs."""
         self.wake()
-        return generate_vllm(self.llm, chat, prompts, params, logprobs=True)
+        return generate_vllm(self.llm, chat, prompts, params, logprobs=True, salts=salts,
+                             temperatures=temperatures)
 
     def rest(self) -> None:
         """After a rollout's sampling: sleep (if asked) so training gets the memory."""

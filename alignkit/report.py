@@ -400,8 +400,11 @@ def curves_section(rep: Report, stages: list[StageRun]) -> None:
                 logged = [r for r in s.metrics if isinstance(r.get(key), (int, float))]
                 if logged:
                     first, last = logged[0], logged[-1]
+                    where = f"step {number(last.get('step'))}"
+                    if last.get("restored_from_step") is not None:  # early stopping's restored best (final/)
+                        where = f"final, restored from step {number(last['restored_from_step'])}"
                     rows.append(f"| {md_cell(key)} | {number(first[key])} (step {number(first.get('step'))}) "
-                                f"| {number(last[key])} (step {number(last.get('step'))}) |")
+                                f"| {number(last[key])} ({where}) |")
         rep.add("", f"### {md_cell(s.title())}", "")
         if rows:
             rep.add("| metric | first | last |", "|---|---|---|", *rows)

@@ -89,7 +89,7 @@ def test_rm_eval_json_describes_the_restored_best_model(tmp_path, tiny_model_dir
     cfg = rm_config(tmp_path / "rm", tiny_model_dir, prefs, max_steps=30, learning_rate=1e-2, eval_steps=2,
                     early_stopping_patience=2, metric_for_best="eval_fake", greater_is_better=False, save_total_limit=1)
     run_rm(cfg, callbacks=[FakeMetric([1.0, 2.0, 3.0, 4.0])])  # the first evaluation (step 2) is "best"
-    evals = [m for m in read_metrics(tmp_path / "rm") if "eval_accuracy" in m]
+    evals = [m for m in read_metrics(tmp_path / "rm") if "eval_accuracy" in m and "restored_from_step" not in m]
     assert [m["step"] for m in evals] == [2, 4, 6]
     summary = json.loads((tmp_path / "rm" / "rm_eval.json").read_text())
     # final/ scored with plain transformers, pair by pair

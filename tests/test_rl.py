@@ -375,9 +375,9 @@ def test_rl_engine_vllm_wiring_without_vllm(tmp_path, trained_toy_model, toy_dat
             self.model = model
             return super().sync(model, version)
 
-        def generate(self, chat, prompts, params):
+        def generate(self, chat, prompts, params, salts=None, temperatures=None):
             self.llm.calls.append("generate")
-            outs = generate(self.model, chat, prompts, params)
+            outs = generate(self.model, chat, prompts, params, salts=salts, temperatures=temperatures)
             for c in (c for cs in outs for c in cs):  # a sampler that finds every token a little likelier
                 c.logprobs = [-0.01] * (len(c.token_ids) + (c.stop_id is not None))
             return outs

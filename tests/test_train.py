@@ -137,7 +137,7 @@ def test_early_stopping_restores_the_best_checkpoint(tmp_path, tiny_model_dir, t
 
     cfg = sft_cfg(tmp_path / "run", tiny_model_dir, toy_data_dir, eval_split="test", max_steps=20, eval_steps=2, save_total_limit=1, early_stopping_patience=2, metric_for_best="eval_fake", greater_is_better=False)
     run(cfg, callbacks=[FakeMetric([3.0, 1.0, 2.0, 4.0, 5.0, 6.0])])
-    evals = [m for m in read_metrics(tmp_path / "run") if "eval_loss" in m]
+    evals = [m for m in read_metrics(tmp_path / "run") if "eval_loss" in m and "restored_from_step" not in m]
     assert [m["step"] for m in evals] == [2, 4, 6, 8]  # stopped after two evaluations without improvement
     best = tmp_path / "run" / "checkpoints" / "step-4"
     assert best.is_dir()  # kept despite save_total_limit=1

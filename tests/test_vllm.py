@@ -172,3 +172,55 @@ def test_rl_with_the_vllm_engine(tmp_path, trained_model, toy_data_dir, caplog):
     for a, b in zip(rows, again):
         assert (b["reward"], b["completion_length"]) == (a["reward"], a["completion_length"]), a["step"]
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6)
+
+
+def test_both_engines_ignore_an_extra_eos_of_the_checkpoints_generation_config(tmp_path, trained_model, prompts):
+    """#19.9: a checkpoint whose generation_config lists an EOS id that is not one of the chat's stop ids
+    (here: a token the model writes mid-reply). Neither engine stops there: the replies, their lengths
+    and finish reasons are those of the same checkpoint without it (before: vLLM stopped, 'stop' with no
+    stop id, which RL counted as truncated)."""
+    import json
+    import shutil
+
+    few = prompts[:8]
+    mc = ModelConfig(name_or_path=str(trained_model))
+    chat = load_tokenizer(mc)
+    params = SamplingParams(max_new_tokens=24)
+    plain = generate(load_causal_lm(mc, chat), chat, few, params, batch_size=8)
+    extra = next(t for o in plain for t in o[0].token_ids[1:] if t not in chat.stop_ids())
+    odd = tmp_path / "odd"
+    shutil.copytree(trained_model, odd)
+    (odd / "generation_config.json").write_text(json.dumps({"eos_token_id": [chat.stop_ids()[0], extra]}))
+    odd_mc = ModelConfig(name_or_path=str(odd))
+
+    def summary(outs):
+        return [(c.token_ids, c.finish_reason, c.stop_id) for o in outs for c in o]
+
+    assert summary(generate(load_causal_lm(odd_mc, chat), chat, few, params, batch_size=8)) == summary(plain)
+    with vllm_engine(odd_mc, "fp32", OPTIONS) as llm:
+        got = generate_vllm(llm, chat, few, params)
+    assert any(extra in c.token_ids for o in got for c in o)
+    assert sum(a == b for a, b in zip(summary(got), summary(plain))) >= len(few) - 1
+    assert all(c.finish_reason == "length" or c.stop_id in chat.stop_ids() for o in got for c in o)
+
+
+def test_rl_sampler_correction_under_top_p_and_top_k(tmp_path, trained_model, toy_data_dir):
+    """#19: vLLM samples at T 1.3 with top_p 0.8 and top_k 10 and reports processed log-probs; the
+    trainer's side is the same truncated, renormalised distribution, so the importance weights are 1
+    and the mismatch tiny (both fp32, the same weights) instead of falling by the truncated mass."""
+    from alignkit.config import TrainConfig
+    from alignkit.rewards.backends import RewardConfig
+    from alignkit.train.loop import read_metrics
+    from alignkit.train.rl import RLConfig, RLParams, RLVLLMOptions, run_rl
+
+    vllm = RLVLLMOptions(max_model_len=512, enforce_eager=True, gpu_memory_utilization=0.05)  # a tiny model: a small KV cache
+    cfg = RLConfig(output_dir=str(tmp_path / "rl"), seed=0, quiet=True, model=ModelConfig(name_or_path=str(trained_model)),
+                   prompts=PromptSource(dataset=str(toy_data_dir), split="train"), reward=RewardConfig(kind="rule", rule="toy"),
+                   rl=RLParams(algo="grpo", k=4, max_new_tokens=12, beta=0.0, temperature=1.3, top_p=0.8, top_k=10,
+                               engine="vllm", vllm=vllm, vllm_is_threshold=2.0, log_samples_steps=0),
+                   train=TrainConfig(max_steps=2, batch_size=4, grad_accum=1, learning_rate=1e-3, scheduler="constant",
+                                     save_steps=None, logging_steps=1, precision="fp32", metric_for_best="eval_reward",
+                                     greater_is_better=True))
+    run_rl(cfg)
+    for r in read_metrics(tmp_path / "rl"):
+        assert 0 <= r["vllm_mismatch_kl"] < 1e-3 and abs(r["vllm_is_weight"] - 1) < 1e-2 and r["vllm_is_clipped"] == 0

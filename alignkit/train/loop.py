@@ -388,13 +388,17 @@ def train(
             ckpt.prune(ckpt_root, cfg.save_total_limit, {state.best_step} if state.best_step else set())
         accelerator.wait_for_everyone()
 
-    def evaluate() -> dict:
+    def measure() -> dict:
         if eval_fn is not None:
             metrics = eval_fn(unwrapped)
         else:
             metrics = eval_losses(unwrapped, eval_data, collate, loss_fn, cfg.batch_size, accelerator)
         for cb in callbacks:
             cb.on_evaluate(state, metrics, unwrapped)
+        return metrics
+
+    def evaluate() -> dict:
+        metrics = measure()
         if cfg.metric_for_best not in metrics:
             raise KeyError(f"train.metric_for_best '{cfg.metric_for_best}' is not among the eval metrics {sorted(metrics)}")
         value = metrics[cfg.metric_for_best]
@@ -509,6 +513,10 @@ def train(
         best = ckpt_root / f"step-{state.best_step}"
         log.info("restoring the best checkpoint (step %d, %s=%.4f)", state.best_step, cfg.metric_for_best, state.best_metric)
         ckpt.load_weights(unwrapped, best)
+        # The last eval logged was of the weights at state.step, which final/ will not hold: log the restored
+        # ones' (marked restored_from_step), so that the last eval in metrics.jsonl describes final/.
+        log_line({"step": state.step, "epoch": round(state.step / plan.steps_per_epoch, 4),
+                  "restored_from_step": state.best_step, **measure()})
     final = out / "final"
     if is_main:
         tmp = out / ".tmp-final"
