@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..generation import PromptSource, SamplingParams, generate, load_prompts
 from ..data.loading import DataError
+from ..data.prompts import PromptSource, load_prompts
+from ..generation import SamplingParams, generate
 from ..rewards.backends import RewardConfig, build_backend
 from ..train.loop import Callback
 from .winrate import outcomes

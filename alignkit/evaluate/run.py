@@ -24,8 +24,9 @@ from typing import Literal
 
 from .. import config as config_lib
 from ..config import ModelConfig
-from ..generation import GenerateConfig, PromptSource, SamplingParams, VLLMOptions, prompt_messages_of, read_jsonl, run_generate
 from ..data.loading import DataError
+from ..data.prompts import PromptSource, prompt_messages_of, read_jsonl
+from ..generation import GenerateConfig, SamplingParams, VLLMOptions, run_generate
 from ..markdown import md_cell, terminal_safe
 from ..rewards.backends import RewardConfig, build_backend, check_reward_config, last_user_text
 from .winrate import outcomes, relation, summarize, verdict
