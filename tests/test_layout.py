@@ -9,9 +9,9 @@ strings at run time (`importlib.import_module`; alignkit uses it only for a user
 The layers, bottom up (a module may import its own layer and those below it):
 
     ground     alignkit, config                   imports nothing of alignkit (config.py is the floor)
-    utilities  files, markdown, plots, remote
-    data       data/, models
-    engines    generation, rewards/, serving
+    utilities  files, markdown, plots, remote, winrate (win-rate statistics)
+    data       data/ (loading, prompts, chat templates, ...), models
+    engines    generation, responses, rewards/, serving
     stages     train/, evaluate/, testtime/       peers: one stage package does not import another
     report     report
     table      stages (the stage table)
@@ -32,9 +32,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 LAYERS = [
     ("ground", ["alignkit", "alignkit.config"]),
-    ("utilities", ["alignkit.files", "alignkit.markdown", "alignkit.plots", "alignkit.remote"]),
+    ("utilities", ["alignkit.files", "alignkit.markdown", "alignkit.plots", "alignkit.remote",
+                   "alignkit.winrate"]),
     ("data", ["alignkit.data", "alignkit.models"]),
-    ("engines", ["alignkit.generation", "alignkit.rewards", "alignkit.serving"]),
+    ("engines", ["alignkit.generation", "alignkit.responses", "alignkit.rewards", "alignkit.serving"]),
     ("stages", ["alignkit.train", "alignkit.evaluate", "alignkit.testtime"]),
     ("report", ["alignkit.report"]),
     ("table", ["alignkit.stages"]),
@@ -49,25 +50,14 @@ KNOWN = {
     ("alignkit.generation", "alignkit.train.loop"):
         "precision_for and distributed_state (device, dtype, ranks) live in the training loop; they belong "
         "below both, e.g. in models",
-    ("alignkit.evaluate.callback", "alignkit.train.loop"):
-        "the win-rate-during-training callback subclasses the loop's Callback: it is training code kept "
-        "beside the eval stage it calls",
-    ("alignkit.train.sft", "alignkit.evaluate.callback"):
-        "win rate during training (win_rate_callbacks); needs a home below both stages",
-    ("alignkit.train.dpo", "alignkit.evaluate.callback"):
-        "win rate during training (win_rate_callbacks); needs a home below both stages",
-    ("alignkit.train.rl", "alignkit.evaluate.callback"):
-        "win rate during training (win_rate_callbacks); needs a home below both stages",
     ("alignkit.evaluate.text_metrics", "alignkit.train.logprobs"):
         "perplexity uses the trainers' per-token log-probabilities (label_logps), a model-level helper",
     ("alignkit.testtime.bon", "alignkit.evaluate.run"):
-        "best-of-N scores its sweep with the eval stage's pairing and tables (pair_up, prompt_key, ...)",
-    ("alignkit.testtime.bon", "alignkit.evaluate.winrate"):
-        "best-of-N reports win rates with the eval statistics (summarize), pure functions",
+        "best-of-N scores and tabulates its sweep with the eval stage's pairing, scoring and failure "
+        "counts (pair_up, score_groups, per_prompt_means, reward_failures) and runs on an EvalConfig",
     ("alignkit.testtime.refine", "alignkit.evaluate.run"):
-        "refinement scores its rounds with the eval stage's pairing and tables (pair_up, prompt_key, ...)",
-    ("alignkit.testtime.refine", "alignkit.evaluate.winrate"):
-        "refinement reports win rates with the eval statistics (summarize), pure functions",
+        "refinement scores its rounds with the eval stage's pairing and failure counts (pair_up, "
+        "per_prompt_means, reward_failures) and runs on an EvalConfig",
 }
 """(importer, imported) -> why the import that points up or across stage packages stays for now."""
 
@@ -94,7 +84,8 @@ def import_graph(root: Path, package: str = "alignkit") -> dict[str, set[str]]:
                 found |= {a.name for a in node.names if a.name.split(".")[0] == package}
             elif isinstance(node, ast.ImportFrom):
                 if node.level:
-                    base = ".".join(here[:len(here) - node.level + 1] + ([node.module] if node.module else []))
+                    up = here[:len(here) - node.level + 1]
+                    base = ".".join(up + ([node.module] if node.module else []))
                 else:
                     base = node.module or ""
                 if base.split(".")[0] != package:
@@ -217,7 +208,7 @@ def test_graph_sees_top_level_function_level_and_package_imports(tmp_path):
     assert graph["alignkit.config"] == set()
     assert graph["alignkit.low.core"] == {"alignkit.config"}
     assert graph["alignkit.low"] == {"alignkit.low.core"}
-    assert graph["alignkit.top"] == {"alignkit.low.leaf", "alignkit.low", "alignkit.high"}  # low/__init__ runs
+    assert graph["alignkit.top"] == {"alignkit.low.leaf", "alignkit.low", "alignkit.high"}  # low/__init__ too
     assert graph["alignkit.low.leaf"] == {"alignkit.config"}  # its own package's __init__ is no edge
     assert cycles(graph) == [["alignkit.high", "alignkit.top", "alignkit.high"]]  # through late()'s import
 

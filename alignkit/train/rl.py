@@ -93,7 +93,7 @@ from transformers import set_seed
 from ..config import ConfigError, ModelConfig, TrainConfig
 from ..data.chat import IGNORE_INDEX, tokenize_prompt
 from ..data.collate import pad
-from ..evaluate.callback import WinRateDuringTraining, win_rate_callbacks
+from .winrate_callback import WinRateDuringTraining, win_rate_callbacks
 from ..data.prompts import PromptSource, load_prompts
 from ..generation import (
     ColocatedVLLM, SamplingParams, VLLMOptions, generate, sleep_mode_available, vllm_engine,
