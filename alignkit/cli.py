@@ -1,7 +1,9 @@
 """`alignkit <stage> [--config recipe.yaml] [--dotted.key value ...]`.
 
-Thin: every stage is a config dataclass plus a `run_<stage>(config)` function. Options are
-generated from the dataclass, so `--help` always lists every field with its default.
+Thin, the top of the import graph: every stage is a config dataclass plus a `run_<stage>(config)`
+function, listed in alignkit.stages; this module adds the two stages that run the pipeline (`run`,
+`demo`), which the table below the pipeline cannot hold. Options are generated from the dataclass,
+so `--help` always lists every field with its default.
 
 Powers only the command line grants (`--allow-python-verifier`, `--trust-remote-code`,
 `--allow-insecure-http`, `--allow-key NAME=HOST`) are accepted by every stage, `alignkit run` included
@@ -20,55 +22,16 @@ import os
 import sys
 import textwrap
 import typing
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass
 
 from . import config as config_lib
+from . import stages as stage_table
 from .config import ConfigError, Grants, leaf_fields, suggest
+from .demo import run as demo
 from .markdown import terminal_safe
-from .evaluate.run import EvalConfig, run_eval
-from .evaluate.text_metrics import TextMetricsConfig, run_text_metrics
-from .generation import GenerateConfig, run_generate
-from .report import ReportConfig, run_report
 from .pipeline import RunConfig, run_pipeline
-from .rewards.server import ServeRewardConfig, serve_reward
-from .testtime.bon import BonConfig, run_bon
-from .testtime.chat_server import ServeChatConfig, serve_chat
-from .testtime.refine import RefineConfig, run_refine
-from .train.dpo import DPOConfig, run_dpo
+from .stages import Stage
 from .train.loop import check_launch
-from .train.rl import RLConfig, run_rl
-from .train.rm import RMConfig, run_rm
-from .train.sft import SFTConfig, run_sft
-
-
-@dataclass
-class InitModelConfig:
-    model_config: str = "Qwen/Qwen2.5-0.5B"
-    """Architecture: a Hub id, or a local folder with config.json (e.g. ../shared/models/qwen2.5-0.5b)."""
-    tokenizer: str | None = None
-    """Tokenizer id or folder; defaults to `model_config`."""
-    output_dir: str = "runs/init-model"
-    overrides: list[str] = field(default_factory=list)
-    """Config fields to change, as key=value (also accepted as trailing arguments)."""
-    chat_template: str | None = None
-    """Chat template for a tokenizer that lacks one (default ChatML)."""
-    seed: int = 0
-    trust_remote_code: bool = False
-
-
-@dataclass
-class DataStatsConfig:
-    dataset: str = "HuggingFaceTB/smol-smoltalk"
-    subset: str | None = None
-    split: str = "train"
-    tokenizer: str = "Qwen/Qwen2.5-0.5B"
-    """Tokenizer (with its chat template) used to count tokens."""
-    max_examples: int | None = 2000
-    """Rows to sample (seeded); unset reads them all."""
-    first_turn_only: bool = False
-    skip_invalid: bool = True
-    seed: int = 42
 
 
 @dataclass
@@ -85,52 +48,25 @@ class DemoConfig:
     quiet: bool = False
 
 
-def run_init_model(cfg: InitModelConfig):
-    from .models import init_model, parse_overrides
-
-    return init_model(cfg.model_config, cfg.output_dir, cfg.tokenizer, parse_overrides(cfg.overrides), cfg.seed, cfg.trust_remote_code, cfg.chat_template)
-
-
-def run_data_stats(cfg: DataStatsConfig):
-    from .data.stats import data_stats
-
-    return data_stats(cfg)
-
-
 def run_demo(cfg: DemoConfig):
-    from .demo.run import run_demo as run
-
-    return run(cfg.output_dir, cfg.steps, cfg.dpo_steps, cfg.quiet, cfg.seed, cfg.rl_steps)
+    return demo.run_demo(cfg.output_dir, cfg.steps, cfg.dpo_steps, cfg.quiet, cfg.seed, cfg.rl_steps)
 
 
-@dataclass
-class Stage:
-    config: type
-    run: Callable
-    help: str
-    positional: str | None = None
-    """Config field that a first argument not starting with '-' fills (`alignkit run PIPELINE.yaml`, `alignkit report RUN_DIR`)."""
+def all_stages() -> dict[str, Stage]:
+    """The stage table (alignkit.stages) with the two stages that run the pipeline, which only the top
+    of the import graph may add: `demo` first and `run` after `report`, the order --help lists."""
+    table = {"demo": Stage(DemoConfig, run_demo, "offline toy pipeline on CPU: tokenizer, tiny model, data, "
+                           "SFT, DPO, win rate, report")}
+    for name, stage in stage_table.STAGES.items():
+        table[name] = stage
+        if name == "report":
+            table["run"] = Stage(RunConfig, run_pipeline, "run a pipeline file of stages into one run directory; "
+                                 "a rerun does only what changed", positional="pipeline")
+    return table
 
 
-STAGES = {
-    "demo": Stage(DemoConfig, run_demo, "offline toy pipeline on CPU: tokenizer, tiny model, data, SFT, DPO, win rate, report"),
-    "sft": Stage(SFTConfig, run_sft, "supervised fine-tuning on chat data (loss on assistant tokens only)"),
-    "dpo": Stage(DPOConfig, run_dpo, "direct preference optimisation (sigmoid, IPO, DPO-Positive, KL, length-normalised, SimPO, ORPO) on preference pairs; KTO on unpaired rows"),
-    "rm": Stage(RMConfig, run_rm, "train a Bradley-Terry reward model on preference pairs (causal LM or encoder)"),
-    "rl": Stage(RLConfig, run_rl, "online RL (RLOO, GRPO) against any reward: sample, score, update, in the one training loop"),
-    "generate": Stage(GenerateConfig, run_generate, "generate responses for a prompt set (resumable JSONL)"),
-    "eval": Stage(EvalConfig, run_eval, "win rate of a model or responses file against a reference, judged by a reward backend"),
-    "bon": Stage(BonConfig, run_bon, "best-of-N: sample N answers per prompt, keep the reward's best; sweep temperatures x N against a reference"),
-    "report": Stage(ReportConfig, run_report, "Markdown report of a run directory with PNG plots: stages, curves, win rates, samples",
-                    positional="run_dir"),
-    "run": Stage(RunConfig, run_pipeline, "run a pipeline file of stages into one run directory; a rerun does only what changed", positional="pipeline"),
-    "serve-reward": Stage(ServeRewardConfig, serve_reward, "serve a reward backend through the OpenAI-compatible reward API (loopback by default)"),
-    "refine": Stage(RefineConfig, run_refine, "a teacher (self, a local model or a chat API) rewrites a student's answers; a reward keeps the better"),
-    "serve-chat": Stage(ServeChatConfig, serve_chat, "serve a local model as an OpenAI-compatible /v1/chat/completions (loopback by default)"),
-    "text-metrics": Stage(TextMetricsConfig, run_text_metrics, "perplexity of reference replies and BLEU of generated replies on a chat set"),
-    "init-model": Stage(InitModelConfig, run_init_model, "write a randomly initialised model in Hugging Face format"),
-    "data-stats": Stage(DataStatsConfig, run_data_stats, "token-length percentiles of prompts and responses"),
-}
+STAGES = all_stages()
+"""Every stage `alignkit <stage>` accepts."""
 
 
 def type_name(tp) -> str:

@@ -6,7 +6,8 @@ the key and suggest the closest valid one. Once resolved, `validate` checks ever
 data or model is loaded: ranges, combinations that cannot work, and local paths that must exist.
 The rules live here, keyed by section class name, so that sections defined in the stage modules
 (SamplingParams, DPOParams, RewardConfig, ...) need no import; a section may add its own
-`validate(prefix)` method.
+`validate(prefix)` method. The ground floor: this module imports nothing of alignkit (every other
+module may import it), so what its checks share with the loaders lives here (eval_origin).
 
 The trust boundary (`enforce_trust`): settings that grant power (running a Python verifier, running
 a checkpoint's own code, sending a key over plain http, which key goes to which host) are honoured
@@ -22,6 +23,7 @@ import contextlib
 import dataclasses
 import difflib
 import functools
+import json
 import math
 import os
 import re
@@ -708,6 +710,81 @@ SECTION_CHECKS: dict[str, tuple[Callable, ...]] = {
 }
 
 
+# --------------------------------------------------------------------------- where eval rows come from
+# Here, on the ground floor, because both this module's checks (check_stage) and the data loader
+# (data.prepare.load_examples) need the one rule, and this module imports nothing of alignkit.
+
+DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+"""Local data files: a dataset folder's splits are such files (data.loading.FILE_BUILDERS reads them)."""
+
+
+def split_names(spec: str) -> list[str] | None:
+    """The splits a local dataset has: [] for one file or a saved single Dataset (no splits: every split
+    name would give the same rows); None where that cannot be told offline (Hub ids)."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return []
+    if not path.is_dir():
+        return None
+    if (path / "dataset_dict.json").is_file():
+        return list(json.loads((path / "dataset_dict.json").read_text()).get("splits", []))
+    if (path / "state.json").is_file():
+        return []
+    return sorted({p.stem for p in path.iterdir() if p.is_file() and p.suffix in DATA_FILE_SUFFIXES})
+
+
+def no_splits(spec: str, key: str, split: str) -> str:
+    return (
+        f"data.eval_split '{split}': {key} {spec} is a single file and has no splits. Hold out part of the "
+        "training rows with data.eval_ratio, or give a separate eval file as data.eval_dataset"
+    )
+
+
+def eval_origin(cfg: DataConfig, default_eval_split: str | None = None):
+    """('dataset', spec, split) or ('ratio',) for where eval rows come from; a str says why there are none
+    (worth a log line); None when no evaluation was asked for."""
+    asked_split = cfg.eval_split if cfg.eval_split and cfg.eval_split != default_eval_split else None
+    if not 0 <= cfg.eval_ratio < 1:
+        raise ConfigError(f"data.eval_ratio must be at least 0 and below 1, got {cfg.eval_ratio}")
+    if cfg.eval_dataset:
+        if cfg.eval_ratio > 0:
+            raise ConfigError("data.eval_dataset and data.eval_ratio are both set: choose one source of eval "
+                              "rows")
+        names = split_names(cfg.eval_dataset)
+        if names == []:  # one file: all of it
+            if asked_split:
+                raise ConfigError(no_splits(cfg.eval_dataset, "data.eval_dataset", asked_split))
+            return ("dataset", cfg.eval_dataset, "train")
+        split = cfg.eval_split
+        if names and len(names) == 1 and (split is None or (split not in names and not asked_split)):
+            split = names[0]  # the eval dataset's only split
+        if not split:
+            has = f"has the splits {', '.join(names)}" if names else "is not a local file"
+            raise ConfigError(f"data.eval_dataset {cfg.eval_dataset} {has}: set data.eval_split to choose one")
+        return ("dataset", cfg.eval_dataset, split)
+    if cfg.eval_ratio > 0:
+        if asked_split:
+            raise ConfigError(
+                f"data.eval_split '{asked_split}' and data.eval_ratio {cfg.eval_ratio} are both set: "
+                "choose one source of eval rows"
+            )
+        return ("ratio",)
+    if not cfg.eval_split:
+        return None
+    names = split_names(cfg.dataset)
+    if names == []:
+        if asked_split:
+            raise ConfigError(no_splits(cfg.dataset, "data.dataset", asked_split))
+        return (
+            f"{cfg.dataset} is a single file, so the default eval split '{cfg.eval_split}' does not apply; "
+            "set data.eval_ratio or data.eval_dataset to evaluate"
+        )
+    if names is not None and cfg.eval_split not in names and not asked_split:
+        return (f"{cfg.dataset} has no split '{cfg.eval_split}' (has {', '.join(names)}); set data.eval_split, "
+                "data.eval_ratio or data.eval_dataset to evaluate")
+    return ("dataset", cfg.dataset, cfg.eval_split)
+
+
 def check_stage(cfg) -> None:
     """Combinations across sections of a whole stage config."""
     name = type(cfg).__name__
@@ -726,9 +803,7 @@ def check_stage(cfg) -> None:
     train, data = getattr(cfg, "train", None), getattr(cfg, "data", None)
     if not isinstance(train, TrainConfig) or not isinstance(data, DataConfig):
         return
-    from .data.prepare import eval_origin  # data settings that cannot work raise here, before any data is read
-
-    where = eval_origin(data, type(cfg)().data.eval_split)
+    where = eval_origin(data, type(cfg)().data.eval_split)  # data settings that cannot work raise here
     if not isinstance(where, tuple):
         for key in ("eval_steps", "early_stopping_patience"):
             if getattr(train, key) is not None:

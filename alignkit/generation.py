@@ -5,7 +5,7 @@ The transformers engine batches prompts longest first with left padding and the 
 stops at the end-of-turn token; the vLLM engine takes the same token ids and returns the same
 `Completion`s. `SamplingParams` alone decide decoding on both; each sample is seeded from the seed,
 its prompt's tokens and its index, so samples do not depend on batching. `alignkit generate` wraps them with prompt
-loading, a resumable JSONL output (resumed only for the same job, fingerprinted in job.json), and
+loading (alignkit.data.prompts), a resumable JSONL output (resumed only for the same job, fingerprinted in job.json), and
 prompt sharding across processes (any process count may resume another's run). `ColocatedVLLM`
 is the engine online RL samples with: vLLM in the training process, with the policy's weights pushed
 into it after updates, sleeping between rollouts if asked.
@@ -32,6 +32,9 @@ from transformers.generation.logits_process import MinPLogitsWarper, Temperature
 from .config import ModelConfig
 from .data.chat import tokenize_prompt
 from .data.collate import pad
+# Prompt loading lives in data.prompts; its names stay importable from here for existing callers.
+from .data.prompts import (PromptSource, load_prompts, plain_columns, prompt_messages_of,  # noqa: F401
+                           read_jsonl, template_fields)
 from .models import check_source
 
 log = logging.getLogger(__name__)
@@ -422,100 +425,6 @@ class ColocatedVLLM:
             self.asleep = True
 
 
-# --------------------------------------------------------------------------- prompts
-
-
-@dataclass
-class PromptSource:
-    dataset: str = "tatsu-lab/alpaca_eval"
-    """Hub id or local file/folder, as for training data."""
-    subset: str | None = None
-    split: str = "eval"
-    column: str | None = None
-    """Column holding the prompt text; unset: messages (up to the last user turn), prompt, or instruction."""
-    category_column: str | None = None
-    """Column with a category (defaults: category, then dataset)."""
-    template: str | None = None
-    """Build each prompt from the row's columns, e.g. 'Using the numbers {nums}, ... equals {target}.' (plain {column} fields)."""
-    skip_prompts: int = 0
-    """Rows to skip first (e.g. held-out prompts after the training ones of a one-split dataset)."""
-    max_prompts: int | None = None
-
-
-def load_prompts(src: PromptSource) -> list[dict]:
-    """[{id, messages, category, columns, where}] from a dataset, in order.
-
-    `columns` holds the row's plain values (numbers, strings, lists of them) for verifiers that
-    read them (e.g. Countdown's nums and target); `where` names the row for error messages.
-    """
-    from .data.loading import load_rows
-    from .data.schema import DataError
-
-    rows, source = load_rows(src.dataset, src.split, src.subset)
-    start = min(src.skip_prompts, len(rows))
-    stop = len(rows) if src.max_prompts is None else min(len(rows), start + src.max_prompts)
-    fields = template_fields(src.template) if src.template else []
-    missing = [f for f in fields if f not in rows.column_names]
-    if missing:
-        raise DataError(f"{source.name}: prompts.template names column(s) {', '.join(missing)}, not among {', '.join(rows.column_names)}")
-    cat_col = src.category_column or next((c for c in ("category", "dataset") if c in rows.column_names), None)
-    out = []
-    for i in range(start, stop):
-        row = rows[i]
-        if src.template:
-            messages = [{"role": "user", "content": src.template.format(**{f: row[f] for f in fields})}]
-        else:
-            messages = prompt_messages_of(row, src.column)
-        if messages is None:
-            raise DataError(f"{source.where(i)}: no prompt (expected {src.column or 'messages, prompt or instruction'})")
-        out.append({"id": i, "messages": messages, "category": row.get(cat_col) if cat_col else None,
-                    "columns": plain_columns(row), "where": source.where(i)})
-    return out
-
-
-def template_fields(template: str) -> list[str]:
-    """The {column} fields of a prompt template; anything but a plain column name is refused."""
-    import string
-
-    from .config import ConfigError
-
-    fields = []
-    try:
-        parsed = list(string.Formatter().parse(template))
-    except ValueError as e:
-        raise ConfigError(f"prompts.template: {e}") from None
-    for _, name, spec, conv in parsed:
-        if name is None:
-            continue
-        if not name.isidentifier() or spec or conv:
-            raise ConfigError(f"prompts.template: '{{{name}}}' is not a plain column name (write {{column}}; literal braces as {{{{ }}}})")
-        fields.append(name)
-    return fields
-
-
-def plain_columns(row: dict) -> dict:
-    """The row's values that are numbers, strings, booleans or lists of those (what a verifier may read)."""
-    simple = (str, int, float, bool, type(None))
-    return {k: v for k, v in row.items() if isinstance(v, simple) or (isinstance(v, list) and all(isinstance(x, simple) for x in v))}
-
-
-def prompt_messages_of(row: dict, column: str | None = None) -> list[dict] | None:
-    if column:
-        value = row.get(column)
-        return [{"role": "user", "content": value}] if isinstance(value, str) and value.strip() else None
-    if isinstance(row.get("messages"), list):
-        msgs = row["messages"]
-        last_user = max((k for k, m in enumerate(msgs) if m.get("role") == "user"), default=None)
-        return [{"role": m["role"], "content": m["content"]} for m in msgs[: last_user + 1]] if last_user is not None else None
-    prompt = row.get("prompt")
-    if isinstance(prompt, list) and prompt:
-        return prompt
-    for key in ("prompt", "instruction"):
-        if isinstance(row.get(key), str) and row[key].strip():
-            return [{"role": "user", "content": row[key]}]
-    return None
-
-
 # --------------------------------------------------------------------------- the stage
 
 
@@ -727,16 +636,3 @@ def write_results(path: Path, prompts: list[dict], results: list[list[Completion
                 f.write(json.dumps(row) + "\n")
         f.flush()
         os.fsync(f.fileno())
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Rows of a JSONL file; a torn last line (from a kill mid-write) is ignored."""
-    rows = []
-    # "\n" only: str.splitlines() also splits at U+2028, U+0085 and others, which may sit raw inside a JSON string.
-    for line in Path(path).read_text(encoding="utf-8").split("\n"):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                log.warning("%s: ignoring an incomplete line", path)
-    return rows

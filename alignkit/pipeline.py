@@ -78,6 +78,7 @@ from . import __version__
 from . import config as config_lib
 from .config import ConfigError, flatten, leaf_fields, suggest
 from .files import refuse_links, write_atomic
+from .stages import STAGES
 
 OUTPUTS: dict[str, dict[str, str]] = {
     "sft": {"final": "final"},
@@ -91,8 +92,9 @@ OUTPUTS: dict[str, dict[str, str]] = {
 }
 """Outputs of each kind, by name -> path inside the stage folder; every kind also has `dir` (the folder)."""
 
-NOT_STAGES = {"demo", "serve-reward", "serve-chat", "run", "report"}
-"""CLI stages that cannot be pipeline stages (besides those without an output_dir)."""
+NOT_STAGES = {"serve-reward", "serve-chat", "report"}
+"""Stages of the table (alignkit.stages) that cannot be pipeline stages (besides those without an
+output_dir); `run` and `demo`, which run a pipeline themselves, are not in the table at all."""
 RUNNER_KEYS = {"output_dir": "the runner writes each stage to run_dir/<stage name>",
                "resume": "the runner resumes an interrupted stage itself"}
 NOT_HASHED = {"output_dir", "resume", "quiet"}
@@ -195,9 +197,7 @@ def read_yaml(path: Path, what: str) -> dict:
 
 
 def stage_kinds() -> dict[str, type]:
-    """Kind -> config class: the CLI's stages that write to an output_dir."""
-    from .cli import STAGES
-
+    """Kind -> config class: the stages of the table that write to an output_dir."""
     return {k: s.config for k, s in STAGES.items()
             if k not in NOT_STAGES and "output_dir" in {f.name for f in dataclasses.fields(s.config)}}
 
@@ -628,8 +628,6 @@ def write_record(folder: Path, record: dict) -> None:
 def execute(stage: PlannedStage, quiet: bool, consumed: dict[str, str | None] | None = None) -> None:
     """Run (from a cleared folder) or resume one stage, recording it in stage.json: `consumed` is the
     run id of each upstream stage it reads."""
-    from .cli import STAGES
-
     if stage.action == "run" and stage.dir.exists():
         shutil.rmtree(stage.dir)
     stage.dir.mkdir(parents=True, exist_ok=True)

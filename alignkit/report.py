@@ -34,7 +34,7 @@ from . import __version__, plots
 from .config import ConfigError
 from .files import refuse_links, write_atomic
 from .evaluate.run import ci_text, lc_text, matrix_tables
-from .evaluate.winrate import relation, sign_test
+from .winrate import relation, sign_test
 from .markdown import fenced, md_cell
 
 log = logging.getLogger(__name__)

@@ -190,6 +190,10 @@ def check_bind(host: str, token: str | None) -> None:
                           "set auth_token_env to the name of an environment variable holding one")
 
 
+MIN_TOKEN_CHARS = 16
+"""The shortest bearer token a server accepts (a random 16-byte hex token has 32)."""
+
+
 def read_token(env_name: str | None) -> str | None:
     """The bearer token from the variable `auth_token_env` names (None when unset)."""
     if not env_name:
@@ -197,6 +201,12 @@ def read_token(env_name: str | None) -> str | None:
     token = os.environ.get(env_name, "")
     if not token:
         raise ConfigError(f"environment variable {env_name} (auth_token_env) is not set")
+    if len(token) < MIN_TOKEN_CHARS:
+        # A recipe may name the variable, so it could name a guessable one (HOME, USER): a short
+        # value is refused rather than guarded with.
+        raise ConfigError(f"environment variable {env_name} (auth_token_env) holds {len(token)} characters; "
+                          f"a bearer token needs at least {MIN_TOKEN_CHARS} (e.g. export {env_name}=$(python -c "
+                          "'import secrets; print(secrets.token_hex(16))'))")
     return token
 
 

@@ -23,7 +23,7 @@ from alignkit.cli import quiet_third_party
 from alignkit.config import ModelConfig, TrainConfig
 from alignkit.demo.run import demo_sft_config, write_world_data
 from alignkit.demo.world import N_HELD_OUT, SIGN_OFF_SHARE, build_tokenizer, write_chat_data, write_model_config
-from alignkit.evaluate.winrate import sign_test
+from alignkit.winrate import sign_test
 from alignkit.generation import PromptSource, SamplingParams, generate
 from alignkit.models import init_model, load_causal_lm, load_tokenizer
 from alignkit.rewards.backends import RewardConfig

@@ -8,7 +8,7 @@ import pytest
 
 from alignkit.config import ModelConfig
 from alignkit.evaluate.run import EvalConfig, run_eval
-from alignkit.evaluate.winrate import bootstrap_ci, length_controlled_win_rate, logistic_fit, outcomes, summarize
+from alignkit.winrate import bootstrap_ci, length_controlled_win_rate, logistic_fit, outcomes, summarize
 from alignkit.generation import PromptSource, SamplingParams
 from alignkit.rewards.backends import RewardConfig
 
@@ -168,7 +168,7 @@ def test_perplexity_matches_the_sft_eval_loss(tmp_path, tiny_model_dir, toy_data
 
 def test_win_rate_during_training_is_logged_and_selects_the_best(tmp_path, tiny_model_dir, toy_data_dir):
     from alignkit.config import DataConfig, TrainConfig
-    from alignkit.evaluate.callback import WinRateDuringTraining
+    from alignkit.train.winrate_callback import WinRateDuringTraining
     from alignkit.train.loop import read_metrics
     from alignkit.train.sft import SFTConfig, run_sft
 

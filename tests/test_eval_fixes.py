@@ -10,9 +10,9 @@ import pytest
 
 import alignkit.evaluate.run as eval_run
 from alignkit.config import ConfigError
-import alignkit.evaluate.winrate as winrate
+import alignkit.winrate as winrate
 from alignkit.evaluate.run import EvalConfig, run_eval
-from alignkit.evaluate.winrate import bootstrap_ci, length_controlled_win_rate, outcomes, summarize
+from alignkit.winrate import bootstrap_ci, length_controlled_win_rate, outcomes, summarize
 from alignkit.generation import PromptSource, SamplingParams
 from alignkit.rewards.backends import RewardConfig
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from alignkit.cli import STAGES, main
+from alignkit.cli import main
+from alignkit.stages import STAGES  # the table the pipeline runs from
 from alignkit.config import ConfigError
 from alignkit.pipeline import RunConfig, read_pipeline, run_pipeline
 

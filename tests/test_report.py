@@ -10,7 +10,7 @@ import pytest
 import alignkit.evaluate.run as eval_run
 from alignkit.cli import main
 from alignkit.evaluate.run import EvalConfig, run_eval
-from alignkit.evaluate.winrate import bootstrap_ci, outcomes, summarize
+from alignkit.winrate import bootstrap_ci, outcomes, summarize
 from alignkit.report import find_stages, write_report
 
 HOSTILE = "```\n# Heading <img src=x onerror=alert(1)>\n| a | b |\n````` [link](javascript:x) \x1b[31mred\x07\r\n~~~"

@@ -109,16 +109,16 @@ def test_beyond_loopback_needs_a_token(monkeypatch):
 def test_bearer_token_and_json_content_type(running, monkeypatch):
     """#13.5: with auth_token_env set, requests need the token (401 otherwise, /v1/models too);
     only application/json bodies are accepted (415 otherwise: a web page cannot post text/plain)."""
-    monkeypatch.setenv("REWARD_TOKEN", "s3cret-token")
+    monkeypatch.setenv("REWARD_TOKEN", "s3cret-token-0123456789")
     server, _ = build_server(ServeRewardConfig(port=0, auth_token_env="REWARD_TOKEN", reward=RewardConfig(kind="rule")))
     port = running(server)
     assert status(exchange(port, post())) == 401
     assert status(exchange(port, post(headers={"Authorization": "Bearer wrong"}))) == 401
     assert status(exchange(port, b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")) == 401
-    ok = exchange(port, post(headers={"Authorization": "Bearer s3cret-token", "Connection": "close"}))
+    ok = exchange(port, post(headers={"Authorization": "Bearer s3cret-token-0123456789", "Connection": "close"}))
     assert status(ok) == 200 and b"reward:1.0" in ok
-    assert status(exchange(port, post(headers={"Authorization": "Bearer s3cret-token", "Content-Type": "text/plain"}))) == 415
-    remote = RemoteReward(f"http://127.0.0.1:{port}/v1", "toy", api_key="s3cret-token", backoff_s=0.01)
+    assert status(exchange(port, post(headers={"Authorization": "Bearer s3cret-token-0123456789", "Content-Type": "text/plain"}))) == 415
+    remote = RemoteReward(f"http://127.0.0.1:{port}/v1", "toy", api_key="s3cret-token-0123456789", backoff_s=0.01)
     assert remote.score(PROMPTS, RESPONSES) == [1.0] * 6 and remote.fingerprint
 
 
@@ -237,3 +237,16 @@ def test_serve_reward_honours_reward_cache(running, tmp_path):
     plain, default = build_server(ServeRewardConfig(port=0, reward=RewardConfig(kind="rule")))
     plain.server_close()
     assert isinstance(default, RuleReward)
+
+
+def test_a_guessable_token_is_refused(monkeypatch):
+    """A recipe may set `host: 0.0.0.0` and `auth_token_env: HOME`: the server would then guard the
+    network with '/root'. A token shorter than MIN_TOKEN_CHARS is refused at start-up, naming the
+    variable and how to make a good one."""
+    monkeypatch.setenv("HOME", "/root")
+    with pytest.raises(ValueError, match=r"HOME \(auth_token_env\) holds 5 characters; .* at least 16"):
+        build_server(ServeRewardConfig(host="0.0.0.0", port=0, auth_token_env="HOME", reward=RewardConfig(kind="rule")))
+    monkeypatch.setenv("HOME", "x" * 16)
+    server, _ = build_server(ServeRewardConfig(host="127.0.0.1", port=0, auth_token_env="HOME",
+                                               reward=RewardConfig(kind="rule")))
+    server.server_close()

@@ -15,7 +15,10 @@ from pathlib import Path
 
 import datasets
 
+from ..config import split_names  # noqa: F401  (kept here for its users; config.eval_origin needs it)
+
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+"""Local file suffix -> `datasets` builder (its keys are config.DATA_FILE_SUFFIXES)."""
 
 
 class DataError(ValueError):
@@ -47,21 +50,6 @@ def resolve_local(spec: str, split: str) -> Path | None:
             if candidate.is_file():
                 return candidate
     return None
-
-
-def split_names(spec: str) -> list[str] | None:
-    """The splits a local dataset has: [] for one file or a saved single Dataset (no splits: every split
-    name would give the same rows); None where that cannot be told offline (Hub ids)."""
-    path = Path(spec).expanduser()
-    if path.is_file():
-        return []
-    if not path.is_dir():
-        return None
-    if (path / "dataset_dict.json").is_file():
-        return list(json.loads((path / "dataset_dict.json").read_text()).get("splits", []))
-    if (path / "state.json").is_file():
-        return []
-    return sorted({p.stem for p in path.iterdir() if p.is_file() and p.suffix in FILE_BUILDERS})
 
 
 def load_rows(spec: str, split: str = "train", subset: str | None = None) -> tuple[datasets.Dataset, Source]:

@@ -10,9 +10,9 @@ from pathlib import Path
 import datasets
 import numpy as np
 
-from ..config import ConfigError, DataConfig
+from ..config import ConfigError, DataConfig, eval_origin
 from .chat import tokenize_chat, tokenize_reply
-from .loading import Source, load_rows, split_names
+from .loading import Source, load_rows
 from .schema import DataError, first_turn, normalise
 
 log = logging.getLogger(__name__)
@@ -66,59 +66,10 @@ def load_examples(
     return train, evals
 
 
-def eval_origin(cfg: DataConfig, default_eval_split: str | None = None):
-    """('dataset', spec, split) or ('ratio',) for where eval rows come from; a str says why there are none
-    (worth a log line); None when no evaluation was asked for."""
-    asked_split = cfg.eval_split if cfg.eval_split and cfg.eval_split != default_eval_split else None
-    if not 0 <= cfg.eval_ratio < 1:
-        raise ConfigError(f"data.eval_ratio must be at least 0 and below 1, got {cfg.eval_ratio}")
-    if cfg.eval_dataset:
-        if cfg.eval_ratio > 0:
-            raise ConfigError("data.eval_dataset and data.eval_ratio are both set: choose one source of eval rows")
-        names = split_names(cfg.eval_dataset)
-        if names == []:  # one file: all of it
-            if asked_split:
-                raise ConfigError(no_splits(cfg.eval_dataset, "data.eval_dataset", asked_split))
-            return ("dataset", cfg.eval_dataset, "train")
-        split = cfg.eval_split
-        if names and len(names) == 1 and (split is None or (split not in names and not asked_split)):
-            split = names[0]  # the eval dataset's only split
-        if not split:
-            has = f"has the splits {', '.join(names)}" if names else "is not a local file"
-            raise ConfigError(f"data.eval_dataset {cfg.eval_dataset} {has}: set data.eval_split to choose one")
-        return ("dataset", cfg.eval_dataset, split)
-    if cfg.eval_ratio > 0:
-        if asked_split:
-            raise ConfigError(
-                f"data.eval_split '{asked_split}' and data.eval_ratio {cfg.eval_ratio} are both set: choose one source of eval rows"
-            )
-        return ("ratio",)
-    if not cfg.eval_split:
-        return None
-    names = split_names(cfg.dataset)
-    if names == []:
-        if asked_split:
-            raise ConfigError(no_splits(cfg.dataset, "data.dataset", asked_split))
-        return (
-            f"{cfg.dataset} is a single file, so the default eval split '{cfg.eval_split}' does not apply; "
-            "set data.eval_ratio or data.eval_dataset to evaluate"
-        )
-    if names is not None and cfg.eval_split not in names and not asked_split:
-        return f"{cfg.dataset} has no split '{cfg.eval_split}' (has {', '.join(names)}); set data.eval_split, data.eval_ratio or data.eval_dataset to evaluate"
-    return ("dataset", cfg.dataset, cfg.eval_split)
-
-
 def same_rows(a: Source, b: Source) -> bool:
     if a.is_file and b.is_file:
         return Path(a.name).resolve() == Path(b.name).resolve()
     return a.name == b.name
-
-
-def no_splits(spec: str, key: str, split: str) -> str:
-    return (
-        f"data.eval_split '{split}': {key} {spec} is a single file and has no splits. Hold out part of the training rows "
-        "with data.eval_ratio, or give a separate eval file as data.eval_dataset"
-    )
 
 
 def cap(rows: datasets.Dataset, limit: int | None, seed: int) -> tuple[datasets.Dataset, list[int] | None]:

@@ -16,19 +16,20 @@ from __future__ import annotations
 import json
 import logging
 import os
-import zlib
 from collections import defaultdict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from .. import config as config_lib
-from ..config import ModelConfig
-from ..generation import GenerateConfig, PromptSource, SamplingParams, VLLMOptions, prompt_messages_of, read_jsonl, run_generate
 from ..data.loading import DataError
+from ..data.prompts import PromptSource
+from ..generation import GenerateConfig, SamplingParams, VLLMOptions
 from ..markdown import md_cell, terminal_safe
+from ..responses import prompt_key, side_sampling  # noqa: F401  (bon and refine import them from here)
+from ..responses import responses_for as side_responses
 from ..rewards.backends import RewardConfig, build_backend, check_reward_config, last_user_text
-from .winrate import outcomes, relation, summarize, verdict
+from ..winrate import outcomes, relation, summarize, verdict
 
 log = logging.getLogger(__name__)
 
@@ -61,34 +62,13 @@ class EvalConfig:
 
 
 def responses_for(spec: str, name: str, cfg: EvalConfig) -> list[dict]:
-    """Responses of a model (generated into <output_dir>/<name>/) or read from a file; a file may hold
-    several responses per prompt (n samples), which `group_by_prompt` gathers."""
-    if spec.endswith(".jsonl"):
-        if not Path(spec).is_file():
-            raise FileNotFoundError(f"responses file not found: {spec}")
-        rows = []
-        for i, r in enumerate(read_jsonl(spec)):
-            messages = r["prompt"] if isinstance(r.get("prompt"), list) else prompt_messages_of(r)
-            response = r.get("response", r.get("output"))
-            if messages is None or not isinstance(response, str):
-                raise DataError(f"{spec}, line {i + 1}: expected a prompt (or instruction) and a response (or output)")
-            rows.append({"messages": messages, "response": response, "category": r.get("category", r.get("dataset"))})
-        return rows
-    sampling = side_sampling(replace(cfg.sampling, n=1), spec, name)
-    gen = GenerateConfig(output_dir=str(Path(cfg.output_dir) / name), model=ModelConfig(name_or_path=spec), prompts=cfg.prompts,
-                         sampling=sampling, engine=cfg.engine, vllm=cfg.vllm, batch_size=cfg.batch_size,
-                         overwrite=cfg.overwrite, quiet=cfg.quiet)
-    path = run_generate(gen)
-    return [{"messages": r["prompt"], "response": r["response"], "category": r["category"]} for r in sorted(read_jsonl(path), key=lambda r: r["id"])]
-
-
-def side_sampling(sampling: SamplingParams, spec: str, side: str) -> SamplingParams:
-    """A side's decoding with its own seed stream when it samples: the seed salted with the side's name
-    and model, so that two sides (A and B, or best-of-N's candidates and its reference) never draw the
-    same noise, even when they are one model. Greedy decoding (which uses no seed) is left as it is."""
-    if sampling.temperature <= 0 or sampling.seed is None:
-        return sampling
-    return replace(sampling, seed=zlib.crc32(json.dumps([sampling.seed, side, spec]).encode()))
+    """Responses of a model (generated into <output_dir>/<name>/) or read from a file, with this eval's
+    prompts, sampling and engine (alignkit.responses); a file may hold several responses per prompt
+    (n samples), which `group_by_prompt` gathers."""
+    job = GenerateConfig(output_dir=cfg.output_dir, prompts=cfg.prompts, sampling=cfg.sampling,
+                         engine=cfg.engine, vllm=cfg.vllm, batch_size=cfg.batch_size, overwrite=cfg.overwrite,
+                         quiet=cfg.quiet)
+    return side_responses(spec, name, job)
 
 
 RESULTS = ("winrate.json", "per_prompt.jsonl", "report.md", "matrix.json")
@@ -115,10 +95,6 @@ def reward_failures(backend) -> dict | None:
     if not hasattr(rule, "failures") or not hasattr(rule, "scored"):
         return None
     return {"failed": rule.failures, "calls": rule.scored}
-
-
-def prompt_key(messages: list[dict]) -> str:
-    return json.dumps(messages, sort_keys=True)
 
 
 def group_by_prompt(rows: list[dict], side: str) -> dict[str, list[dict]]:

@@ -36,8 +36,9 @@ from .. import config as config_lib
 from ..config import ConfigError, ModelConfig, must_exist
 from ..evaluate.run import (EvalConfig, md_cell, pair_up, per_prompt_means, prompt_key, remove_stale_results,
                             responses_for, reward_failures, score_groups, terminal_safe)
-from ..evaluate.winrate import summarize
-from ..generation import GenerateConfig, PromptSource, SamplingParams, VLLMOptions, read_jsonl, run_generate
+from ..winrate import summarize
+from ..data.prompts import PromptSource, read_jsonl
+from ..generation import GenerateConfig, SamplingParams, VLLMOptions, run_generate
 from ..rewards.backends import RewardConfig, RuleReward, build_backend, check_reward_config
 
 log = logging.getLogger(__name__)

@@ -37,9 +37,9 @@ from ..config import ConfigError, ModelConfig, must_exist
 from ..data.loading import DataError
 from ..evaluate.run import (EvalConfig, md_cell, pair_up, per_prompt_means, prompt_key, remove_stale_results,
                             responses_for, reward_failures, terminal_safe)
-from ..evaluate.winrate import summarize
-from ..generation import (GenerateConfig, PromptSource, SamplingParams, VLLMOptions, load_prompts, prompt_messages_of,
-                          read_jsonl, run_generate)
+from ..winrate import summarize
+from ..data.prompts import PromptSource, load_prompts, prompt_messages_of, read_jsonl
+from ..generation import GenerateConfig, SamplingParams, VLLMOptions, run_generate
 from ..remote import RemoteError
 from ..rewards.backends import CachedReward, RewardConfig, RuleReward, build_backend, check_reward_config, last_user_text
 from .teacher import Reply, TeacherConfig, build_teacher, check_teacher, clean_reply, fill_template

@@ -39,7 +39,7 @@ from ..data.collate import collate_pairs, collate_unpaired
 from ..data.loading import DataError
 from ..data.prepare import load_examples, tokenize_pairs, tokenize_unpaired
 from ..models import disable_dropout, load_causal_lm, load_tokenizer
-from ..evaluate.callback import WinRateDuringTraining, win_rate_callbacks
+from .winrate_callback import WinRateDuringTraining, win_rate_callbacks
 from .logprobs import label_logps, per_sequence
 from .loop import ExampleSource, LossOutput, RunOptions, StepPlan, distributed_state, to_device, train
 

@@ -93,9 +93,10 @@ from transformers import set_seed
 from ..config import ConfigError, ModelConfig, TrainConfig
 from ..data.chat import IGNORE_INDEX, tokenize_prompt
 from ..data.collate import pad
-from ..evaluate.callback import WinRateDuringTraining, win_rate_callbacks
+from .winrate_callback import WinRateDuringTraining, win_rate_callbacks
+from ..data.prompts import PromptSource, load_prompts
 from ..generation import (
-    ColocatedVLLM, PromptSource, SamplingParams, VLLMOptions, generate, load_prompts, sleep_mode_available, vllm_engine,
+    ColocatedVLLM, SamplingParams, VLLMOptions, generate, sleep_mode_available, vllm_engine,
 )
 from ..models import disable_dropout, load_causal_lm, load_tokenizer
 from ..rewards.backends import RewardConfig, build_backend, last_user_text

@@ -42,7 +42,7 @@ from ..data.chat import IGNORE_INDEX, render, tokenize_prompt
 from ..data.collate import collate_lm
 from ..data.prepare import load_examples, tokenize_conversations
 from ..data.schema import DataError, first_turn
-from ..evaluate.callback import WinRateDuringTraining, win_rate_callbacks
+from .winrate_callback import WinRateDuringTraining, win_rate_callbacks
 from ..generation import SamplingParams, generate
 from ..models import load_causal_lm, load_tokenizer
 from .logprobs import label_logps, per_sequence

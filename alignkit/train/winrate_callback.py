@@ -2,7 +2,8 @@
 
 Adds `eval_win_rate` to the eval metrics, so `train.metric_for_best: eval_win_rate` with
 `greater_is_better: true` and `early_stopping_patience` stops training when the win rate peaks
-(one reference experiment found it peaking mid-training while the loss still fell).
+(one reference experiment found it peaking mid-training while the loss still fell). Used by the SFT,
+DPO and RL trainers; the reference side comes from alignkit.responses, as eval's does.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..generation import PromptSource, SamplingParams, generate, load_prompts
 from ..data.loading import DataError
+from ..data.prompts import PromptSource, load_prompts
+from ..generation import GenerateConfig, SamplingParams, generate
+from ..responses import prompt_key, responses_for
 from ..rewards.backends import RewardConfig, build_backend
-from ..train.loop import Callback
-from .winrate import outcomes
+from ..winrate import outcomes
+from .loop import Callback
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +40,15 @@ class WinRateDuringTraining:
 
 class WinRateCallback(Callback):
     def __init__(self, cfg: WinRateDuringTraining, chat, output_dir: str | Path):
-        from ..evaluate.run import EvalConfig, prompt_key, responses_for
-
         self.cfg, self.chat = cfg, chat
         prompts = [p["messages"] for p in load_prompts(cfg.prompts)]
-        # Reference responses once, through the eval stage's own loader/generator (kept on disk, reused
-        # only for the same job: a changed reference model, prompt set or sampling stops or regenerates).
-        ev = EvalConfig(output_dir=str(Path(output_dir) / "win_rate"), prompts=cfg.prompts,
-                        sampling=replace(cfg.sampling, n=1), batch_size=cfg.batch_size, overwrite=cfg.overwrite)
-        reference = {prompt_key(r["messages"]): r["response"] for r in responses_for(cfg.reference, "reference", ev)}
+        # Reference responses once, through the loader/generator eval uses (kept on disk, reused only for
+        # the same job: a changed reference model, prompt set or sampling stops or regenerates).
+        job = GenerateConfig(output_dir=str(Path(output_dir) / "win_rate"), prompts=cfg.prompts,
+                             sampling=replace(cfg.sampling, n=1), batch_size=cfg.batch_size,
+                             overwrite=cfg.overwrite)
+        reference = {prompt_key(r["messages"]): r["response"]
+                     for r in responses_for(cfg.reference, "reference", job)}
         self.prompts = [p for p in prompts if prompt_key(p) in reference]
         if not self.prompts:
             raise DataError("win_rate.reference has no responses for the win_rate.prompts")
