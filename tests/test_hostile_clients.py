@@ -16,6 +16,8 @@ from alignkit.rewards.server import make_server
 from alignkit.serving import BadRequest, is_loopback_host
 from alignkit.testtime.chat_server import make_chat_server
 
+from .test_server import exchange  # the raw-socket client the server tests use
+
 BODY = json.dumps({"model": "m", "messages": [{"role": "user", "content": "What is 2 plus 3?"},
                                               {"role": "assistant", "content": "5"}]}).encode()
 
@@ -43,22 +45,6 @@ def post(body=BODY, host="127.0.0.1", token=None, close=True) -> bytes:
         headers["Connection"] = "close"
     return b"POST /v1/chat/completions HTTP/1.1\r\n" + b"".join(f"{k}: {v}\r\n".encode() for k, v in headers.items()) \
         + b"\r\n" + body
-
-
-def exchange(port: int, raw: bytes, wait_s: float = 3.0) -> bytes:
-    """Send raw bytes, read until the server closes the connection or wait_s passes."""
-    with socket.create_connection(("127.0.0.1", port), timeout=wait_s) as s:
-        s.sendall(raw)
-        out, deadline = b"", time.monotonic() + wait_s
-        while time.monotonic() < deadline:
-            try:
-                chunk = s.recv(65536)
-            except (TimeoutError, ConnectionResetError):
-                break
-            if not chunk:
-                break
-            out += chunk
-        return out
 
 
 def status(reply: bytes) -> int:
