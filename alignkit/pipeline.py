@@ -89,6 +89,7 @@ OUTPUTS: dict[str, dict[str, str]] = {
     "eval": {"winrate": "winrate.json"},
     "bon": {"responses": "responses.jsonl", "candidates": "candidates.jsonl", "sweep": "sweep.json"},
     "refine": {"responses": "responses.jsonl"},
+    "pairs": {"dataset": "dataset", "train": "dataset/train.jsonl", "card": "card.json"},
 }
 """Outputs of each kind, by name -> path inside the stage folder; every kind also has `dir` (the folder)."""
 

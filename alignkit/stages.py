@@ -19,6 +19,7 @@ from typing import Callable
 from .evaluate.run import EvalConfig, run_eval
 from .evaluate.text_metrics import TextMetricsConfig, run_text_metrics
 from .generation import GenerateConfig, run_generate
+from .loops.pairs import PairsConfig, run_pairs
 from .report import ReportConfig, run_report
 from .rewards.server import ServeRewardConfig, serve_reward
 from .testtime.bon import BonConfig, run_bon
@@ -112,5 +113,8 @@ STAGES = {
     "init-model": Stage(InitModelConfig, run_init_model,
         "write a randomly initialised model in Hugging Face format"),
     "data-stats": Stage(DataStatsConfig, run_data_stats, "token-length percentiles of prompts and responses"),
+    "pairs": Stage(PairsConfig, run_pairs,
+        "preference pairs from the policy's own samples (rejection, self, best-worst, refine) for alignkit dpo, "
+        "with card.json"),
 }
 """Name -> stage, for every stage that does not run the pipeline (`run` and `demo` are the CLI's)."""
