@@ -90,6 +90,7 @@ OUTPUTS: dict[str, dict[str, str]] = {
     "bon": {"responses": "responses.jsonl", "candidates": "candidates.jsonl", "sweep": "sweep.json"},
     "refine": {"responses": "responses.jsonl"},
     "pairs": {"dataset": "dataset", "train": "dataset/train.jsonl", "card": "card.json"},
+    "self-improve": {"rounds": "rounds.json"},
 }
 """Outputs of each kind, by name -> path inside the stage folder; every kind also has `dir` (the folder)."""
 

@@ -607,6 +607,43 @@ def bon_row_problem(r: dict) -> str | None:
     return bad
 
 
+
+def pairs_section(rep: Report, stages: list[StageRun]) -> None:
+    """Preference pairs made by `alignkit pairs` (card.json: counts, what was dropped and why) and the
+    rounds of iterative DPO (rounds.json: each round's win rate against round 0, with its sign test)."""
+    cards = [(s, s.read("card.json")) for s in stages]
+    cards = [(s, c) for s, c in cards if isinstance(c, dict) and c.get("stage") == "pairs"
+             and isinstance(c.get("counts"), dict)]
+    rounds = [(s, s.read("rounds.json")) for s in stages]
+    rounds = [(s, r) for s, r in rounds if isinstance(r, dict) and isinstance(r.get("rounds"), list)]
+    if not cards and not rounds:
+        return
+    rep.add("", "## Preference pairs", "")
+    for s, c in cards:
+        counts = {k: v for k, v in c["counts"].items() if is_number(v)}
+        dropped = c.get("dropped") if isinstance(c.get("dropped"), dict) else {}
+        rep.add(f"### {md_cell(s.name)}: mode {md_cell(c.get('mode', '-'))}, policy "
+                f"{md_cell(short(c.get('policy') or '-', rep.run_dir))}, reward {md_cell(c.get('reward') or '-')}", "",
+                "| count | value |", "|---|---|", *(f"| {md_cell(k)} | {number(v)} |" for k, v in counts.items()))
+        if dropped:
+            rep.add("", "| dropped because | prompts or rows |", "|---|---|",
+                    *(f"| {md_cell(k)} | {number(v)} |" for k, v in dropped.items() if is_number(v)))
+        else:
+            rep.add("", "Nothing dropped.")
+    for s, r in rounds:
+        rows = [x for x in r["rounds"] if isinstance(x, dict) and is_number(x.get("round"))]
+        rep.add(f"### {md_cell(s.name)}: iterative (online) DPO, each round's model against round 0 "
+                f"({md_cell(short(r.get('reference', '-'), rep.run_dir))}), judge {md_cell(r.get('judge', '-'))}", "",
+                "| round | pairs | dropped | win rate, ties count 0 (95% CI) | ties count 0.5 | wins / losses / ties "
+                "| sign test p |", "|---" * 7 + "|")
+        for x in rows:
+            good = not malformed(x, ("win_rate", "wins", "losses", "ties", "sign_test_p"), ("ci95",))
+            zero = ci_text(x["win_rate"], x["ci95"]) if good else "-"
+            rep.add(f"| {number(x['round'])} | {number(x.get('pairs', '-'))} | {number(x.get('dropped', '-'))} "
+                    f"| {zero} | {number(x.get('win_rate_ties_half', '-'))} "
+                    f"| {number(x.get('wins', '-'))} / {number(x.get('losses', '-'))} / {number(x.get('ties', '-'))} "
+                    f"| {number(x.get('sign_test_p', '-'))} |")
+
 SAMPLE_CHARS = 2000
 """Characters of a prompt or answer shown in the report; the rest is cut, and said so."""
 
@@ -670,6 +707,7 @@ def render(run_dir: Path, out: Path, stages: list[StageRun], samples: int, draw:
     curves_section(rep, stages)
     evals_section(rep, stages)
     bon_section(rep, stages)
+    pairs_section(rep, stages)
     samples_section(rep, stages, samples)
     return rep
 

@@ -21,6 +21,7 @@ from .evaluate.text_metrics import TextMetricsConfig, run_text_metrics
 from .generation import GenerateConfig, run_generate
 from .loops.pairs import PairsConfig, run_pairs
 from .report import ReportConfig, run_report
+from .rounds import SelfImproveConfig, run_self_improve
 from .rewards.server import ServeRewardConfig, serve_reward
 from .testtime.bon import BonConfig, run_bon
 from .testtime.chat_server import ServeChatConfig, serve_chat
@@ -116,5 +117,8 @@ STAGES = {
     "pairs": Stage(PairsConfig, run_pairs,
         "preference pairs from the policy's own samples (rejection, self, best-worst, refine) for alignkit dpo, "
         "with card.json"),
+    "self-improve": Stage(SelfImproveConfig, run_self_improve,
+        "iterative (online) DPO: rounds of sample -> pairs -> DPO from the latest model, each round's win rate "
+        "against round 0"),
 }
 """Name -> stage, for every stage that does not run the pipeline (`run` and `demo` are the CLI's)."""

@@ -12,8 +12,9 @@ The layers, bottom up (a module may import its own layer and those below it):
     utilities  files, markdown, plots, remote, winrate (win-rate statistics)
     data       data/ (loading, prompts, chat templates, ...), models
     engines    generation, responses, rewards/, serving
-    stages     train/, evaluate/, testtime/       peers: one stage package does not import another
+    stages     train/, evaluate/, testtime/, loops/   peers: one stage package does not import another
     report     report
+    rounds     rounds (iterative DPO: runs the pairs, dpo and eval stages in turn, so it sits above them)
     table      stages (the stage table)
     pipeline   pipeline
     demo       demo/
@@ -36,8 +37,9 @@ LAYERS = [
                    "alignkit.winrate"]),
     ("data", ["alignkit.data", "alignkit.models"]),
     ("engines", ["alignkit.generation", "alignkit.responses", "alignkit.rewards", "alignkit.serving"]),
-    ("stages", ["alignkit.train", "alignkit.evaluate", "alignkit.testtime"]),
+    ("stages", ["alignkit.train", "alignkit.evaluate", "alignkit.testtime", "alignkit.loops"]),
     ("report", ["alignkit.report"]),
+    ("rounds", ["alignkit.rounds"]),
     ("table", ["alignkit.stages"]),
     ("pipeline", ["alignkit.pipeline"]),
     ("demo", ["alignkit.demo"]),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -403,3 +404,58 @@ stages:
     assert any("eval_loss" in m for m in metrics)
     report = (run / "report" / "report.md").read_text()
     assert "## Preference pairs" in report and "best-worst" in report
+
+
+# --------------------------------------------------------------------------- rounds (iterative DPO)
+
+
+def test_self_improve_rounds(tmp_path, tiny_model_dir, toy_data_dir, monkeypatch):
+    from alignkit import rounds as R
+    from alignkit.config import DataConfig, TrainConfig
+    from alignkit.report import write_report
+    from alignkit.train.dpo import DPOConfig
+
+    model = ModelConfig(name_or_path=str(tiny_model_dir))
+    cfg = R.SelfImproveConfig(
+        output_dir=str(tmp_path / "si"), model=model, rounds=2, quiet=True,
+        pairs=self_config(tmp_path / "ignored", tiny_model_dir, toy_data_dir, mode="best-worst", temperatures=[1.0],
+                          samples_per_temperature=[3], eval_share=0.25),
+        dpo=DPOConfig(data=DataConfig(dataset="set-per-round"),
+                      train=TrainConfig(max_steps=2, batch_size=2, grad_accum=1, precision="fp32", save_steps=None,
+                                        logging_steps=1)),
+        eval=R.RoundsEval(prompts=PromptSource(dataset=str(toy_data_dir), split="test", skip_prompts=16, max_prompts=8),
+                          sampling=SamplingParams(max_new_tokens=6), reward=LENGTH, bootstrap=50))
+    out = R.run_self_improve(cfg)
+    summary = json.loads((out / "rounds.json").read_text())
+    assert [r["round"] for r in summary["rounds"]] == [1, 2]
+    r1, r2 = summary["rounds"]
+    assert r1["started_from"] == str(tiny_model_dir) and r2["started_from"] == r1["model"] == str(out / "round-1" / "dpo" / "final")
+    for r in (r1, r2):
+        assert r["wins"] + r["losses"] + r["ties"] == 8 and 0 <= r["sign_test_p"] <= 1 and r["pairs"] > 0
+    pairs_model = yaml_load(out / "round-2" / "pairs" / "config.yaml")["model"]["name_or_path"]
+    assert pairs_model == r1["model"]  # round 2 samples from round 1's model
+    assert (out / "round-0" / "responses.jsonl").is_file()
+    # a rerun finds every round done and runs nothing
+    monkeypatch.setattr(R, "run_dpo", lambda *a, **k: pytest.fail("a finished round ran again"))
+    monkeypatch.setattr(R, "run_pairs", lambda *a, **k: pytest.fail("a finished round ran again"))
+    R.run_self_improve(cfg)
+    with pytest.raises(ConfigError, match="different job.*rounds"):
+        R.run_self_improve(replace(cfg, rounds=3))
+    report = write_report(out, draw=False).read_text()
+    assert "iterative (online) DPO" in report and "| 2 |" in report
+
+
+def yaml_load(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
+def test_rounds_refuse_bad_settings_before_any_model_call(tmp_path, toy_data_dir, no_model):
+    from alignkit import rounds as R
+
+    pairs = PairsConfig(prompts=PromptSource(dataset=str(toy_data_dir), split="test"), reward=LENGTH)
+    for kw, message in ((dict(rounds=0), "rounds: 0"), (dict(pairs=replace(pairs, mode="refine", refine_dir=str(tmp_path))), "refine"),
+                        (dict(eval=R.RoundsEval(reward=RewardConfig(kind="hf"))), "eval.reward.model")):
+        with pytest.raises(ConfigError, match=message):
+            R.run_self_improve(R.SelfImproveConfig(**{"output_dir": str(tmp_path / "x"), "pairs": pairs, **kw}))
