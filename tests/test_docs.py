@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from alignkit import config as C
 from alignkit.cli import STAGES, build_parser
@@ -110,10 +111,10 @@ def recipe_problems(text: str) -> list[str]:
             continue
         stage = name.split("-", 1)[0]
         try:
-            if stage == "pipeline":
+            if stage == "pipeline" or "stages" in (yaml.safe_load(path.read_text()) or {}):  # a pipeline file
                 read_pipeline(path)
             else:
-                C.load(STAGES[{"rloo": "rl", "grpo": "rl"}.get(stage, stage)].config, path)
+                C.load(STAGES[{"rloo": "rl", "grpo": "rl", "self": "self-improve"}.get(stage, stage)].config, path)
         except (KeyError, C.ConfigError) as e:
             problems.append(f"recipes/{name} does not load: {e}")
     return problems

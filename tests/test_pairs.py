@@ -459,3 +459,24 @@ def test_rounds_refuse_bad_settings_before_any_model_call(tmp_path, toy_data_dir
                         (dict(eval=R.RoundsEval(reward=RewardConfig(kind="hf"))), "eval.reward.model")):
         with pytest.raises(ConfigError, match=message):
             R.run_self_improve(R.SelfImproveConfig(**{"output_dir": str(tmp_path / "x"), "pairs": pairs, **kw}))
+
+
+# --------------------------------------------------------------------------- the reference recipes
+
+
+def test_reference_recipes_load_offline(tmp_path):
+    from alignkit import config as config_lib
+    from alignkit.pipeline import read_pipeline
+    from alignkit.stages import STAGES
+
+    root = Path(__file__).resolve().parents[1] / "recipes"
+    pipe = read_pipeline(root / "rs-dpo-qwen2.5-0.5b.yaml", run_dir=str(tmp_path / "rs"))
+    stages = {s.name: s for s in pipe.stages}
+    assert {stages[n].config.mix for n in ("pairs-rs10", "pairs-rs20")} == {0.1, 0.2}
+    assert all(stages[n].config.mode == "rejection" for n in ("pairs-rs10", "pairs-rs20"))
+    assert stages["dpo-rs10"].config.data.dataset == str(tmp_path / "rs" / "pairs-rs10" / "dataset")
+    assert stages["dpo-rs20"].config.data.dataset == str(tmp_path / "rs" / "pairs-rs20" / "dataset")
+    cfg = config_lib.load(STAGES["self-improve"].config, root / "self-improve-qwen2.5-0.5b.yaml")
+    assert (cfg.rounds, cfg.pairs.mode, cfg.pairs.temperatures, cfg.pairs.samples_per_temperature) == (
+        3, "self", [0.2, 0.7, 1.2], [2, 3, 3])
+    assert sum(cfg.pairs.samples_per_temperature) == 8
