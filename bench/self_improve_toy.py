@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -66,12 +67,14 @@ def main() -> None:
     root = Path(args.output_dir or f"runs/self-improve-toy-{args.seed}")
     world = root / "world"
     t0 = time.perf_counter()
-    if not (root / "sft" / "final").is_dir():
+    if not (world / "prompts" / "train.jsonl").is_file():  # the world's files, written last
         tok = build_tokenizer(world / "tokenizer")
         vocab = len(load_tokenizer(ModelConfig(name_or_path=str(tok))).tokenizer)
         write_model_config(world / "model-config", vocab_size=vocab)
         init_model(str(world / "model-config"), world / "base-model", tokenizer_source=str(tok), seed=args.seed)
         write_world_data(world)
+    if not (root / "sft" / "final").is_dir():
+        shutil.rmtree(root / "sft", ignore_errors=True)  # a killed run's partial SFT (other steps) starts afresh
         run_sft(demo_sft_config(world, root / "sft", args.sft_steps, True, args.seed))
     t_sft = time.perf_counter()
     sft = root / "sft" / "final"
