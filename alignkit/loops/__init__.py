@@ -1,0 +1,1 @@
+"""Self-improvement data loops: stages that make a model's next training data (pairs, curriculum, augment)."""
