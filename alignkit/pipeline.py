@@ -89,6 +89,8 @@ OUTPUTS: dict[str, dict[str, str]] = {
     "eval": {"winrate": "winrate.json"},
     "bon": {"responses": "responses.jsonl", "candidates": "candidates.jsonl", "sweep": "sweep.json"},
     "refine": {"responses": "responses.jsonl"},
+    "curriculum": {"prompts": "prompts.jsonl", "card": "card.json"},
+    "augment": {"prompts": "prompts.jsonl", "sft": "sft.jsonl", "merged": "merged.jsonl", "card": "card.json"},
 }
 """Outputs of each kind, by name -> path inside the stage folder; every kind also has `dir` (the folder)."""
 

@@ -19,6 +19,8 @@ from typing import Callable
 from .evaluate.run import EvalConfig, run_eval
 from .evaluate.text_metrics import TextMetricsConfig, run_text_metrics
 from .generation import GenerateConfig, run_generate
+from .loops.augment import AugmentConfig, run_augment
+from .loops.curriculum import CurriculumConfig, run_curriculum
 from .report import ReportConfig, run_report
 from .rewards.server import ServeRewardConfig, serve_reward
 from .testtime.bon import BonConfig, run_bon
@@ -112,5 +114,9 @@ STAGES = {
     "init-model": Stage(InitModelConfig, run_init_model,
         "write a randomly initialised model in Hugging Face format"),
     "data-stats": Stage(DataStatsConfig, run_data_stats, "token-length percentiles of prompts and responses"),
+    "curriculum": Stage(CurriculumConfig, run_curriculum,
+        "per-category loss rates from an eval; new prompts for the weakest categories from seed prompts"),
+    "augment": Stage(AugmentConfig, run_augment,
+        "new prompts from seed prompts, de-duplicated and diversity-filtered on embeddings, answered as SFT data"),
 }
 """Name -> stage, for every stage that does not run the pipeline (`run` and `demo` are the CLI's)."""

@@ -12,7 +12,7 @@ The layers, bottom up (a module may import its own layer and those below it):
     utilities  files, markdown, plots, remote, winrate (win-rate statistics)
     data       data/ (loading, prompts, chat templates, ...), models
     engines    generation, responses, rewards/, serving
-    stages     train/, evaluate/, testtime/       peers: one stage package does not import another
+    stages     train/, evaluate/, testtime/, loops/  peers: one stage package does not import another
     report     report
     table      stages (the stage table)
     pipeline   pipeline
@@ -36,7 +36,7 @@ LAYERS = [
                    "alignkit.winrate"]),
     ("data", ["alignkit.data", "alignkit.models"]),
     ("engines", ["alignkit.generation", "alignkit.responses", "alignkit.rewards", "alignkit.serving"]),
-    ("stages", ["alignkit.train", "alignkit.evaluate", "alignkit.testtime"]),
+    ("stages", ["alignkit.train", "alignkit.evaluate", "alignkit.testtime", "alignkit.loops"]),
     ("report", ["alignkit.report"]),
     ("table", ["alignkit.stages"]),
     ("pipeline", ["alignkit.pipeline"]),

@@ -66,9 +66,10 @@ def parse_category(answer, categories: list[str]) -> str | None:
     answer naming two, explaining itself, or naming none is None."""
     if not isinstance(answer, str):
         return None
-    text = answer.strip().strip("\"'`").strip()
-    if text.endswith("."):
-        text = text[:-1].strip()
+    text = answer.strip()
+    for _ in range(2):  # "Coding." and "Coding". and ("Coding.")
+        text = text[:-1].strip() if text.endswith(".") else text
+        text = text.strip("\"'`").strip()
     by_name = {c.casefold(): c for c in categories}
     return by_name.get(text.casefold())
 
