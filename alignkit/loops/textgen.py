@@ -10,8 +10,9 @@ an unusable reply):
                (generate's job.json decides whether they are the same job)
   openai       one request per conversation and sample, under `alignkit.remote`'s client rules
                (key only over https or to loopback, retries, no redirects, 1 MiB cap), each reply
-               committed to a SQLite cache keyed by endpoint, model, messages, sampling and sample
-               index as it arrives: a rerun pays for nothing twice
+               committed to a SQLite cache keyed by endpoint, model, messages, sampling and the
+               sample's index in the job (its seed is sampling.seed + that index) as it arrives: a
+               rerun pays for nothing twice
 
 Replies are untrusted text: not JSON, no choices[0].message, content that is not a string, or
 empty are unusable (None, counted by the caller, never cached), and text is cut at `max_chars`.
@@ -193,8 +194,10 @@ def complete_remote(cfg: GeneratorConfig, conversations: list[list[dict]], out: 
     path = cache_file(cfg.cache, out, f"{step}.sqlite")
     cache = SQLiteCache(path, "replies", "reply", "TEXT") if path is not None else None
     sampling = asdict(replace(cfg.sampling, n=1))
-    items = [(c, j) for c in conversations for j in range(cfg.sampling.n)]
-    keys = [cache_key(client.identity, c, sampling, {"sample": j}) for c, j in items]
+    n = cfg.sampling.n  # sample k of the whole job: its own seed and key (equal requests still differ)
+    sampled = cfg.sampling.temperature > 0  # greedy: one answer per distinct request, asked once
+    items = [(c, i * n + j if sampled else 0) for i, c in enumerate(conversations) for j in range(n)]
+    keys = [cache_key(client.identity, c, sampling, {"sample": k}) for c, k in items]
     found = dict(cache.lookup(keys)) if cache else {}
     todo = [k for k in range(len(items)) if keys[k] not in found]
     unique: dict[str, int] = {}
@@ -217,5 +220,4 @@ def complete_remote(cfg: GeneratorConfig, conversations: list[list[dict]], out: 
                           "command again to resume") from e
     texts = [found.get(k) for k in keys]
     problems["unusable endpoint reply"] += sum(t is None for t in texts)
-    n = cfg.sampling.n
     return [texts[i * n:(i + 1) * n] for i in range(len(conversations))]
