@@ -255,4 +255,6 @@ def test_the_curriculum_recipe_is_a_valid_pipeline():
 
     pipe = read_pipeline(ROOT / "recipes" / "curriculum-qwen2.5-0.5b.yaml")
     kinds = [s.kind for s in pipe.stages]
-    assert "curriculum" in kinds and kinds.index("curriculum") < kinds.index("dpo")
+    names = [s.name for s in pipe.stages]
+    assert kinds.index("curriculum") < kinds.index("rl") < names.index("eval-after")
+    assert names.index("eval-before") < kinds.index("curriculum")

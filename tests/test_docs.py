@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from alignkit import config as C
 from alignkit.cli import STAGES, build_parser
@@ -110,8 +111,8 @@ def recipe_problems(text: str) -> list[str]:
             continue
         stage = name.split("-", 1)[0]
         try:
-            if stage == "pipeline":
-                read_pipeline(path)
+            if stage == "pipeline" or "stages" in (yaml.safe_load(path.read_text()) or {}):
+                read_pipeline(path)  # a pipeline file (e.g. curriculum-qwen2.5-0.5b.yaml)
             else:
                 C.load(STAGES[{"rloo": "rl", "grpo": "rl"}.get(stage, stage)].config, path)
         except (KeyError, C.ConfigError) as e:

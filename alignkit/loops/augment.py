@@ -23,7 +23,8 @@
 
 Writes prompts.jsonl (prompt, nearest seed similarity, the seeds shown), sft.jsonl (messages: the
 prompt and its answer; `alignkit sft` reads it) unless `answer` is false, merged.jsonl with
-`merge_dataset`'s rows (the synthetic share set by `mix_ratio`, or all of both), card.json (counts,
+`merge_dataset`'s rows (the synthetic share exactly `mix_ratio`, the side in excess sampled
+down, or all of both), card.json (counts,
 parameters, models, every drop and why, the mix ratio) and report.md. Resumable: a local model's
 replies through generate's folders (generate/, answer/), an endpoint's through SQLite caches.
 Simplified: embeddings are recomputed on a rerun (cheap next to generation); threshold mode's
@@ -113,7 +114,7 @@ class AugmentConfig:
     """An SFT dataset (messages) to merge the new rows into (merged.jsonl)."""
     merge_split: str = "train"
     mix_ratio: float | None = None
-    """Share of synthetic rows in merged.jsonl (all originals kept; synthetic rows cut to fit); unset: all of both."""
+    """Share of synthetic rows in merged.jsonl, met by sampling down the side in excess; unset: all of both."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     seed: int = 0
     quiet: bool = False
@@ -274,13 +275,24 @@ def merge_rows(cfg: AugmentConfig) -> list[dict]:
 
 
 def mix(original: list[dict], synthetic: list[dict], ratio: float | None, seed: int) -> tuple[list[dict], dict]:
-    """Every original row and the synthetic rows that fit `ratio` (the synthetic share of the result;
-    None: all of them), shuffled (seeded). Returns (rows, counts and the share reached)."""
-    take = len(synthetic) if ratio is None else min(len(synthetic), math.floor(ratio * len(original) / (1 - ratio)))
-    rows = [{**r, "source": "original"} for r in original] + [{**r, "source": "augment"} for r in synthetic[:take]]
-    random.Random(seed).shuffle(rows)
-    info = {"original": len(original), "synthetic": take, "synthetic_available": len(synthetic),
-            "mix_ratio_asked": ratio, "mix_ratio": take / len(rows) if rows else 0.0}
+    """Original and synthetic rows, shuffled (seeded). `ratio`: the synthetic share of the result,
+    met by cutting the side in excess: originals sampled down (seeded) when there are more than the
+    share needs, else synthetic rows cut (in selection order); None: all of both."""
+    take_syn, take_orig = len(synthetic), len(original)
+    if ratio is not None:
+        want_orig = math.floor(len(synthetic) * (1 - ratio) / ratio + 1e-9)
+        if want_orig <= len(original):
+            take_orig = want_orig
+        else:
+            take_syn = math.floor(ratio * len(original) / (1 - ratio) + 1e-9)
+    rng = random.Random(seed)
+    kept_orig = original if take_orig == len(original) else [original[i] for i in
+                                                             sorted(rng.sample(range(len(original)), take_orig))]
+    rows = [{**r, "source": "original"} for r in kept_orig] + [{**r, "source": "augment"} for r in synthetic[:take_syn]]
+    rng.shuffle(rows)
+    info = {"original": take_orig, "original_available": len(original), "synthetic": take_syn,
+            "synthetic_available": len(synthetic), "mix_ratio_asked": ratio,
+            "mix_ratio": take_syn / len(rows) if rows else 0.0}
     return rows, info
 
 
@@ -354,10 +366,10 @@ def run_augment(cfg: AugmentConfig) -> Path:
         if original is not None:
             merged, info = mix(original, [{"messages": r["messages"]} for r in sft], cfg.mix_ratio, cfg.seed)
             card["merged"] = {"dataset": cfg.merge_dataset, **info}
-            if cfg.mix_ratio is not None and info["synthetic"] < math.floor(
-                    cfg.mix_ratio * info["original"] / (1 - cfg.mix_ratio)):
-                log.warning("augment: %d synthetic rows reach a share of %.3f, below mix_ratio %.3f",
-                            info["synthetic"], info["mix_ratio"], cfg.mix_ratio)
+            if info["original"] < info["original_available"] or info["synthetic"] < info["synthetic_available"]:
+                log.warning("augment: mix_ratio %s: merged.jsonl keeps %d of %d original and %d of %d synthetic rows",
+                            cfg.mix_ratio, info["original"], info["original_available"], info["synthetic"],
+                            info["synthetic_available"])
             write_atomic(out / "merged.jsonl", "".join(json.dumps(r) + "\n" for r in merged))
     write_atomic(out / "card.json", json.dumps(card, indent=1))
     report = render_report(card)
@@ -384,7 +396,8 @@ def render_report(card: dict) -> str:
                   f"(dropped without an answer: {card['dropped_unanswered']})."]
     if "merged" in card:
         m = card["merged"]
-        lines.append(f"Merged with {md_cell(m['dataset'])}: {m['original']} original + {m['synthetic']} synthetic rows, "
+        lines.append(f"Merged with {md_cell(m['dataset'])}: {m['original']} of {m['original_available']} original + "
+                     f"{m['synthetic']} of {m['synthetic_available']} synthetic rows, "
                      f"synthetic share {m['mix_ratio']:.3f}" + (f" (asked {m['mix_ratio_asked']})" if m["mix_ratio_asked"]
                                                                is not None else "") + ".")
     return "\n".join(lines) + "\n"
