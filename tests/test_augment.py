@@ -194,6 +194,12 @@ def test_augment_end_to_end_filters_answers_merges_and_resumes(tmp_path, endpoin
     assert card["merged"]["mix_ratio"] == 0.2 and len(merged) == 20
     assert sum(r["source"] == "augment" for r in merged) == 4 and card["merged"]["original"] == 16
 
+    from alignkit.report import write_report
+
+    report = write_report(out, tmp_path / "report").read_text()
+    assert "augmented prompts" in report and "5 prompts kept of 12" in report
+    assert "Merged: 16 original + 4 synthetic rows (synthetic share 0.200)" in report
+
     calls = len(gen.calls), len(ans.calls)
     run_augment(cfg)  # a rerun pays only for what was unusable (never cached)
     assert (len(gen.calls), len(ans.calls)) == (calls[0] + 1, calls[1] + 1)

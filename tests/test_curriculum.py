@@ -258,3 +258,27 @@ def test_the_curriculum_recipe_is_a_valid_pipeline():
     names = [s.name for s in pipe.stages]
     assert kinds.index("curriculum") < kinds.index("rl") < names.index("eval-after")
     assert names.index("eval-before") < kinds.index("curriculum")
+
+
+def test_the_report_shows_loss_rates_before_and_after(tmp_path, endpoint):
+    """Before: the curriculum's own eval; after: a later eval of the same prompts, placed by categories.jsonl."""
+    from alignkit.report import write_report
+
+    gen = endpoint(generator_stub())
+    run = tmp_path / "run"
+    cfg = cfg_for(tmp_path, gen.url, output_dir=str(run / "curriculum"))
+    cfg.eval = write_eval(run / "eval-before")
+    run_curriculum(cfg)
+    after = [dict(r, outcome="win" if r["category"] == "math" and i % 5 else r["outcome"], category=None)
+             for i, r in enumerate(read_jsonl(run / "eval-before" / "per_prompt.jsonl"))]
+    (run / "eval-after").mkdir()
+    (run / "eval-after" / "per_prompt.jsonl").write_text("".join(json.dumps(r) + "\n" for r in after))
+    for name, kind in (("eval-before", "eval"), ("curriculum", "curriculum"), ("eval-after", "eval")):
+        (run / name / "stage.json").write_text(json.dumps({"name": name, "kind": kind, "status": "done"}))
+    report = write_report(run, stages=["eval-before", "curriculum", "eval-after"]).read_text()
+    section = report[report.index("## Data loops"):]
+    assert "| category | before | after: eval-after |" in section
+    # math lost 8 of 10 before; after, prompts 1-4 and 6-9 of math win: 2 of 10 (0 and 5) still lose
+    assert "| math (picked) | 0.800 (8 of 10) | 0.200 (2 of 10) |" in section
+    assert "| coding | 0.300 (3 of 10) | 0.300 (3 of 10) |" in section
+    assert (run / "report" / "curriculum-curriculum.png").is_file()
