@@ -341,10 +341,8 @@ def run_curriculum(cfg: CurriculumConfig) -> Path:
             continue
         per_cat[c] += 1
         rows.append({"prompt": text, "category": c, "source": "curriculum", "seeds": ids})
-    if not rows:
-        raise DataError(f"curriculum: no new prompt survived ({', '.join(f'{k}: {v}' for k, v in dropped.items())})")
-
-    write_atomic(out / "prompts.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    if rows:
+        write_atomic(out / "prompts.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     write_atomic(out / "categories.jsonl", "".join(json.dumps({"prompt": r["prompt"], "category": c}) + "\n"
                                                    for r, c in zip(eval_rows, eval_cats)))
     card = {
@@ -367,6 +365,9 @@ def run_curriculum(cfg: CurriculumConfig) -> Path:
     write_atomic(out / "report.md", report)
     if not cfg.quiet:
         print(terminal_safe(report))
+    if not rows:
+        raise DataError(f"curriculum: no new prompt survived ({', '.join(f'{k}: {v}' for k, v in dropped.items())})"
+                        f"; see {out / 'card.json'}")
     return out
 
 
