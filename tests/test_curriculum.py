@@ -282,3 +282,11 @@ def test_the_report_shows_loss_rates_before_and_after(tmp_path, endpoint):
     assert "| math (picked) | 0.800 (8 of 10) | 0.200 (2 of 10) |" in section
     assert "| coding | 0.300 (3 of 10) | 0.300 (3 of 10) |" in section
     assert (run / "report" / "curriculum-curriculum.png").is_file()
+
+
+def test_both_stages_are_pipeline_kinds_with_their_outputs():
+    from alignkit.pipeline import outputs_of, stage_kinds
+
+    assert {"curriculum", "augment"} <= set(stage_kinds())
+    assert outputs_of("curriculum") == {"dir": "", "prompts": "prompts.jsonl", "card": "card.json"}
+    assert outputs_of("augment")["sft"] == "sft.jsonl" and outputs_of("augment")["merged"] == "merged.jsonl"
