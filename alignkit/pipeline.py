@@ -91,6 +91,8 @@ OUTPUTS: dict[str, dict[str, str]] = {
     "refine": {"responses": "responses.jsonl"},
     "pairs": {"dataset": "dataset", "train": "dataset/train.jsonl", "card": "card.json"},
     "self-improve": {"rounds": "rounds.json"},
+    "curriculum": {"prompts": "prompts.jsonl", "card": "card.json"},
+    "augment": {"prompts": "prompts.jsonl", "sft": "sft.jsonl", "merged": "merged.jsonl", "card": "card.json"},
 }
 """Outputs of each kind, by name -> path inside the stage folder; every kind also has `dir` (the folder)."""
 

@@ -91,8 +91,10 @@ def training_curves(rows: list[dict], panels: list[tuple[str, list[str]]], path:
     return save(fig, path)
 
 
-def category_bars(rates: dict[str, dict[str, float]], path: str | Path, ylabel: str) -> Path | None:
-    """Grouped bars: per category, one bar per comparison ({comparison: {category: win rate}})."""
+def category_bars(rates: dict[str, dict[str, float]], path: str | Path, ylabel: str,
+                  line: float | None = 0.5) -> Path | None:
+    """Grouped bars: per category, one bar per comparison ({comparison: {category: win rate}}); a
+    dashed line at `line` (0.5: no difference; None: none)."""
     categories = sorted({c for per in rates.values() for c in per})
     if not categories:
         return None
@@ -106,7 +108,8 @@ def category_bars(rates: dict[str, dict[str, float]], path: str | Path, ylabel: 
     tilt = len(categories) > 4
     ax.set_xticklabels([plain(c, 24) for c in categories], rotation=30 if tilt else 0, ha="right" if tilt else "center")
     ax.set_ylim(0, 1)
-    ax.axhline(0.5, color="grey", linewidth=0.8, linestyle="--")
+    if line is not None:
+        ax.axhline(line, color="grey", linewidth=0.8, linestyle="--")
     ax.set_ylabel(plain(ylabel, 60))
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)

@@ -20,6 +20,8 @@ from .evaluate.run import EvalConfig, run_eval
 from .evaluate.text_metrics import TextMetricsConfig, run_text_metrics
 from .generation import GenerateConfig, run_generate
 from .loops.pairs import PairsConfig, run_pairs
+from .loops.augment import AugmentConfig, run_augment
+from .loops.curriculum import CurriculumConfig, run_curriculum
 from .report import ReportConfig, run_report
 from .rounds import SelfImproveConfig, run_self_improve
 from .rewards.server import ServeRewardConfig, serve_reward
@@ -120,5 +122,9 @@ STAGES = {
     "self-improve": Stage(SelfImproveConfig, run_self_improve,
         "iterative (online) DPO: rounds of sample -> pairs -> DPO from the latest model, each round's win rate "
         "against round 0"),
+    "curriculum": Stage(CurriculumConfig, run_curriculum,
+        "per-category loss rates from an eval; new prompts for the weakest categories from seed prompts"),
+    "augment": Stage(AugmentConfig, run_augment,
+        "new prompts from seed prompts, de-duplicated and diversity-filtered on embeddings, answered as SFT data"),
 }
 """Name -> stage, for every stage that does not run the pipeline (`run` and `demo` are the CLI's)."""
