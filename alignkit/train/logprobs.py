@@ -38,36 +38,46 @@ hidden states, as before; kept for bench/rl_step.py's before/after)."""
 
 
 def label_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                temperature: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                temperature: torch.Tensor | None = None, position_ids: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p of each labelled token, flat in row-major order; the (B, T-1) mask of where they are).
 
     Position t of the model predicts labels[:, t + 1]. temperature: None, or one per row (B,): the
     row's logits are divided by it (log-probs of the distribution its tokens were sampled from).
+    position_ids: a packed row's (`data.packing.pack_rows`): the mask returned then has one row per
+    packed sequence (so per-row code reads it as the padded batch's), and sequences do not attend
+    to each other (`packed_attention`).
     """
     logps, _, mask = label_stats(model, input_ids, attention_mask, labels, entropy=False,
-                                 temperature=temperature)
+                                 temperature=temperature, position_ids=position_ids)
     return logps, mask
 
 
 def label_logps_entropy(model, input_ids, attention_mask, labels,
-                        temperature: torch.Tensor | None = None
+                        temperature: torch.Tensor | None = None, position_ids: torch.Tensor | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(log p of each labelled token, the entropy of the model's distribution there (no gradient), mask).
 
     RL's passes: the log-probs and the policy's entropy from one forward (no gradient flows through
     the entropy; the log-probs have one under autograd).
     """
-    return label_stats(model, input_ids, attention_mask, labels, entropy=True, temperature=temperature)
+    return label_stats(model, input_ids, attention_mask, labels, entropy=True, temperature=temperature,
+                       position_ids=position_ids)
 
 
 def label_stats(model, input_ids, attention_mask, labels, entropy: bool,
-                temperature: torch.Tensor | None = None):
+                temperature: torch.Tensor | None = None, position_ids: torch.Tensor | None = None):
     targets = labels[:, 1:]
     mask = targets != IGNORE_INDEX
+    inner = extract_model_from_parallel(model)
+    attend = {"attention_mask": attention_mask}
+    rows = mask  # what the caller gets: one row per sequence
+    if position_ids is not None:
+        attend = packed_attention(inner, position_ids)
+        rows = sequence_rows(mask, position_ids)
     temps = None
     if temperature is not None:  # one per labelled token, in the flat order of the labelled positions
-        temps = temperature.to(device=input_ids.device, dtype=torch.float32)[mask.nonzero()[:, 0]]
-    inner = extract_model_from_parallel(model)
+        temps = temperature.to(device=input_ids.device, dtype=torch.float32)[rows.nonzero()[:, 0]]
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     stats = head_stats if entropy else head_logps
     if head is not None and not getattr(inner, FULL_LOGITS, False):
@@ -76,11 +86,11 @@ def label_stats(model, input_ids, attention_mask, labels, entropy: bool,
         checked = getattr(inner, PLAIN_HEAD, False) and base is not inner
         if BASE_MODEL_NO_GRAD and checked and not torch.is_grad_enabled():
             # No gradient, head already checked: the base model's last hidden state alone.
-            hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            hidden = base(input_ids=input_ids, **attend).last_hidden_state
             plain_head = True
         else:
             # logits_to_keep=1: the model's own forward (so DDP and hooks see it) projects one position only.
-            out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, logits_to_keep=1)
+            out = model(input_ids=input_ids, **attend, output_hidden_states=True, logits_to_keep=1)
             hidden = out.hidden_states[-1]
             with torch.no_grad():  # are logits exactly head(last hidden state)? Not with soft-capping or logit scaling.
                 ulp = torch.finfo(out.logits.dtype).eps
@@ -101,19 +111,19 @@ def label_stats(model, input_ids, attention_mask, labels, entropy: bool,
                 empty = hidden.new_zeros(0, dtype=torch.float32)
                 logps = torch.cat([p[0] for p in pieces]) if pieces else empty
                 ent = torch.cat([p[1] for p in pieces]) if pieces else empty
-                return logps, ent, mask
+                return logps, ent, rows
             logps = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
             # The kept logit joins the graph at zero weight: the output layer gets a gradient even in a
             # batch without labels, which DDP needs on every process.
-            return (logps if out is None else logps + out.logits.sum() * 0.0), None, mask
+            return (logps if out is None else logps + out.logits.sum() * 0.0), None, rows
         log.warning("%s: logits are not the output layer applied to the last hidden state; computing full logits", type(inner).__name__)
         setattr(inner, FULL_LOGITS, True)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+    logits = model(input_ids=input_ids, **attend).logits[:, :-1]
     picked = scaled(logits[mask], temps)
     if entropy:
         logps, ent = logits_stats(picked, targets[mask])
-        return logps, ent, mask
-    return chunk_logps(picked, targets[mask]), None, mask
+        return logps, ent, rows
+    return chunk_logps(picked, targets[mask]), None, rows
 
 
 def scaled(logits: torch.Tensor, temps: torch.Tensor | None) -> torch.Tensor:
@@ -149,3 +159,52 @@ def per_sequence(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor
     rows = mask.nonzero()[:, 0]
     sums = torch.zeros(mask.shape[0], dtype=values.dtype, device=values.device).index_add(0, rows, values)
     return sums, mask.sum(-1)
+
+
+# --------------------------------------------------------------------------- packed rows (data.packing.pack_rows)
+
+
+def sequence_starts(position_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) number of the packed sequence each position belongs to, counted over the whole batch."""
+    return (position_ids.reshape(-1) == 0).cumsum(0).sub(1).view(position_ids.shape)
+
+
+def sequence_rows(mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """A packed row's (1, T-1) label mask as (sequences, T-1): row j marks sequence j's labelled positions.
+
+    Sequences lie one after another, so this mask's row-major order of labelled positions is the packed
+    row's, and a sequence without labels still has its (empty) row, as in the padded batch.
+    """
+    if mask.shape[0] != 1:
+        raise ValueError(f"a packed batch is one row; got {mask.shape[0]}")
+    seq = sequence_starts(position_ids)[0, 1:]  # the sequence of each target position (t + 1)
+    where = mask[0].nonzero()[:, 0]
+    rows = torch.zeros(int(seq[-1]) + 1 if seq.numel() else 1, mask.shape[1], dtype=torch.bool, device=mask.device)
+    rows[seq[where], where] = True
+    return rows
+
+
+FLASH_VARLEN = ("flash", "kernels")
+"""attn_implementation names (substrings) whose transformers path turns packed position_ids into
+cu_seqlens for FlashAttention's variable-length kernel."""
+
+
+def packed_attention(model, position_ids: torch.Tensor) -> dict:
+    """Forward arguments under which a packed row's sequences do not attend to each other.
+
+    FlashAttention (flash_attention_2/3, kernels): no attention mask, position_ids (transformers derives
+    cu_seqlens from where they restart). Else (sdpa, eager, ...): a 4D block-diagonal causal mask
+    (bool; additive floats for eager), which transformers takes as given: with sdpa or eager, position_ids
+    with a 2D mask would let every token see the earlier sequences of its row.
+    """
+    impl = str(getattr(getattr(model, "config", None), "_attn_implementation", None) or "eager")
+    if any(k in impl for k in FLASH_VARLEN):
+        return {"attention_mask": None, "position_ids": position_ids}
+    seq = sequence_starts(position_ids)
+    n = seq.shape[-1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=seq.device).tril()
+    allowed = ((seq.unsqueeze(-1) == seq.unsqueeze(-2)) & causal).unsqueeze(1)  # (B, 1, T, T)
+    if impl == "eager":
+        dtype = next(model.parameters()).dtype
+        allowed = torch.zeros(allowed.shape, dtype=dtype, device=seq.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    return {"attention_mask": allowed, "position_ids": position_ids}

@@ -40,6 +40,7 @@ from transformers import get_scheduler
 
 from .. import config as config_lib
 from ..config import ConfigError, TrainConfig
+from ..data.packing import pack_rows, packed_collate
 from . import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
@@ -236,6 +237,7 @@ class StepPlan:
     def __init__(self, n_examples: int, cfg: TrainConfig, world: int, rank: int, seed: int):
         self.n, self.bs, self.accum, self.world, self.rank, self.seed = n_examples, cfg.batch_size, cfg.grad_accum, world, rank, seed
         self.global_batch = cfg.batch_size * cfg.grad_accum * world
+        self.packing = cfg.packing  # each micro-batch collated as one packed row (data/packing.py)
         if min(cfg.batch_size, cfg.grad_accum, cfg.max_steps or cfg.epochs) < 1:  # no optimizer step: never a silent no-op
             raise ConfigError(f"train: batch_size {cfg.batch_size}, grad_accum {cfg.grad_accum}, epochs {cfg.epochs}, "
                               f"max_steps {cfg.max_steps} give no optimizer step; each must be at least 1")
@@ -276,7 +278,8 @@ class ExampleSource(StepSource):
         self.total_steps, self.steps_per_epoch = plan.total_steps, plan.steps_per_epoch
 
     def micro_batches(self, step: int, model) -> list[dict]:
-        return [self.collate([self.data[i] for i in idx]) for idx in self.plan.micro_batches(step)]
+        batches = [self.collate([self.data[i] for i in idx]) for idx in self.plan.micro_batches(step)]
+        return [pack_rows(b) for b in batches] if getattr(self.plan, "packing", False) else batches
 
 
 def train(
@@ -313,7 +316,9 @@ def train(
     if source_fn is not None:
         plan = source_fn(accelerator.num_processes, accelerator.process_index)
     else:
-        plan = ExampleSource(train_data, collate, StepPlan(len(train_data), cfg, accelerator.num_processes, accelerator.process_index, run.seed))
+        from .packing import make_plan  # train.max_tokens_per_batch, train.group_by_length; else a StepPlan
+
+        plan = ExampleSource(train_data, collate, make_plan(train_data, cfg, accelerator.num_processes, accelerator.process_index, run.seed))
     warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * plan.total_steps)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -392,7 +397,8 @@ def train(
         if eval_fn is not None:
             metrics = eval_fn(unwrapped)
         else:
-            metrics = eval_losses(unwrapped, eval_data, collate, loss_fn, cfg.batch_size, accelerator)
+            eval_collate = packed_collate(collate) if cfg.packing else collate
+            metrics = eval_losses(unwrapped, eval_data, eval_collate, loss_fn, cfg.batch_size, accelerator)
         for cb in callbacks:
             cb.on_evaluate(state, metrics, unwrapped)
         return metrics
