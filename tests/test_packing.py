@@ -26,8 +26,7 @@ from alignkit.data.prepare import load_examples, tokenize_conversations, tokeniz
 from alignkit.train import checkpoint as ckpt
 from alignkit.train.dpo import DPOParams, batch_sequence_logps, dpo_loss_fn
 from alignkit.train.logprobs import label_logps, packed_attention, per_sequence
-from alignkit.train.loop import read_metrics
-from alignkit.train.packing import LengthGroupedPlan, TokenBudgetPlan, make_plan
+from alignkit.train.loop import LengthGroupedPlan, TokenBudgetPlan, make_plan, read_metrics
 from alignkit.train.sft import SFTConfig, run_sft, sft_loss
 
 from .conftest import need_shared
@@ -47,13 +46,27 @@ def test_pack_rows_hand_computed():
         "labels": torch.tensor([[5, -100, 7], [8, 9, -100]]),
         "advantages": torch.tensor([0.5, -1.0]),
     }
-    p = pack_rows(batch)
+    p = pack_rows(batch, row_tokens=8)
     assert p["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
     assert p["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
     # Each sequence's first token is unlabelled (it would be predicted from the previous sequence).
     assert p["labels"].tolist() == [[-100, -100, 7, -100, 9]]
     assert p["attention_mask"].tolist() == [[1, 1, 1, 1, 1]]
     assert p["advantages"] is batch["advantages"]
+    # Rows as long as the longest sequence (3): one sequence each here, no padding left but the row ends,
+    # whose position ids continue the last sequence's.
+    three = {k: torch.cat([v, v[:1]]) if k != "advantages" else v for k, v in batch.items()}
+    q = pack_rows(three)
+    assert q["input_ids"].tolist() == [[5, 6, 7], [8, 9, 0], [5, 6, 7]]
+    assert q["position_ids"].tolist() == [[0, 1, 2], [0, 1, 2], [0, 1, 2]]
+    assert q["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0], [1, 1, 1]]
+    r = pack_rows({"input_ids": torch.tensor([[5, 0], [8, 9], [4, 3]]), "attention_mask": torch.tensor([[1, 0], [1, 1], [1, 1]]),
+                   "labels": torch.tensor([[5, -100], [8, 9], [4, 3]])})  # lengths 1, 2, 2: 1 + 2 > 2, no sharing
+    assert r["input_ids"].tolist() == [[5, 0], [8, 9], [4, 3]] and r["position_ids"].tolist() == [[0, 1], [0, 1], [0, 1]]
+    assert r["attention_mask"].tolist() == [[1, 0], [1, 1], [1, 1]] and r["labels"].tolist() == [[-100, -100], [-100, 9], [-100, 3]]
+    r = pack_rows({"input_ids": torch.tensor([[5, 6, 7], [8, 0, 0], [4, 3, 0]]),
+                   "attention_mask": torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 0]]), "labels": torch.full((3, 3), 1)})
+    assert r["input_ids"].tolist() == [[5, 6, 7], [8, 4, 3]] and r["position_ids"].tolist() == [[0, 1, 2], [0, 0, 1]]
 
 
 def test_pack_rows_agrees_with_transformers_flattening_collator():
@@ -62,7 +75,7 @@ def test_pack_rows_agrees_with_transformers_flattening_collator():
 
     examples = [{"input_ids": [3, 4, 5, 6], "labels": [-100, -100, 5, 6]}, {"input_ids": [7, 8], "labels": [7, 8]}]
     theirs = DataCollatorWithFlattening(return_position_ids=True)(examples)
-    ours = pack_rows(collate_lm(examples, pad_token_id=0))
+    ours = pack_rows(collate_lm(examples, pad_token_id=0), row_tokens=6)
     for key in ("input_ids", "labels", "position_ids"):
         assert ours[key].tolist() == theirs[key].tolist(), key
 
@@ -141,18 +154,21 @@ def assert_same(padded, packed, model, loss_fn):
 
 def check_sft_and_logps(model, examples, pad_id):
     padded = collate_lm(examples, pad_id)
-    packed = pack_rows(padded)
-    with torch.no_grad():
-        lp, mp = label_logps(model, padded["input_ids"], padded["attention_mask"], padded["labels"])
-        lq, mq = label_logps(model, packed["input_ids"], packed["attention_mask"], packed["labels"],
-                             position_ids=packed["position_ids"])
-        # Without isolation (position ids and a 2D mask) the sequences see each other: other numbers.
-        lr, _ = label_logps(model, packed["input_ids"], packed["attention_mask"], packed["labels"])
-    assert mq.shape[0] == len(examples) and mq.sum(-1).tolist() == mp.sum(-1).tolist()
-    torch.testing.assert_close(per_sequence(lq, mq)[0], per_sequence(lp, mp)[0], **VALUE_TOL)
-    torch.testing.assert_close(lq, lp, rtol=1e-4, atol=1e-4)
-    assert (lr - lp).abs().max() > 1e-3
-    assert_same(padded, packed, model, sft_loss)
+    for row_tokens in (None, 10**6):  # rows as long as the longest sequence; one row of all
+        packed = pack_rows(padded, row_tokens)
+        assert row_tokens is None or packed["input_ids"].shape[0] == 1
+        with torch.no_grad():
+            lp, mp = label_logps(model, padded["input_ids"], padded["attention_mask"], padded["labels"])
+            lq, mq = label_logps(model, packed["input_ids"], packed["attention_mask"], packed["labels"],
+                                 position_ids=packed["position_ids"])
+            # Without isolation (position ids and a 2D mask) the sequences see each other: other numbers.
+            lr, _ = label_logps(model, packed["input_ids"], packed["attention_mask"], packed["labels"])
+        assert mq.shape[0] == len(examples) and mq.sum(-1).tolist() == mp.sum(-1).tolist()
+        torch.testing.assert_close(per_sequence(lq, mq)[0], per_sequence(lp, mp)[0], **VALUE_TOL)
+        torch.testing.assert_close(lq, lp, rtol=1e-4, atol=1e-4)
+        if packed["input_ids"].shape[0] < len(examples):
+            assert (lr - lp).abs().max() > 1e-3
+        assert_same(padded, packed, model, sft_loss)
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
@@ -173,10 +189,9 @@ def test_packed_dpo_equals_padded_and_keeps_pairs_in_order(qwen_chat, qwen64_dir
     with torch.no_grad():
         ref_c, ref_r = batch_sequence_logps(model, padded)[0].chunk(2)
     padded["ref_chosen_logps"], padded["ref_rejected_logps"] = ref_c - 0.3, ref_r + 0.2
-    packed = pack_rows(padded)
-    assert packed["input_ids"].shape[0] == 1
-    assert_same(padded, packed, model, dpo_loss_fn(DPOParams(beta=0.1)))
-    assert_same(padded, packed, model, dpo_loss_fn(DPOParams(beta=2.0, loss_type="simpo")))
+    for packed in (pack_rows(padded), pack_rows(padded, 10**6)):
+        assert_same(padded, packed, model, dpo_loss_fn(DPOParams(beta=0.1)))
+        assert_same(padded, packed, model, dpo_loss_fn(DPOParams(beta=2.0, loss_type="simpo")))
 
 
 def test_packed_dpo_equals_padded_on_the_demo_tokenizer(toy_chat, tiny_model_dir, tmp_path):
@@ -185,7 +200,8 @@ def test_packed_dpo_equals_padded_on_the_demo_tokenizer(toy_chat, tiny_model_dir
     model = causal_lm(tiny_model_dir)
     pairs = pair_examples(toy_chat, write_preference_data(tmp_path / "prefs", n_train=16, n_test=4), "train_prefs")
     padded = collate_pairs(pairs, toy_chat.pad_id)
-    assert_same(padded, pack_rows(padded), model, dpo_loss_fn(DPOParams(beta=1.0, loss_type="simpo")))
+    for packed in (pack_rows(padded), pack_rows(padded, 10**6)):
+        assert_same(padded, packed, model, dpo_loss_fn(DPOParams(beta=1.0, loss_type="simpo")))
 
 
 def test_packed_reward_model_equals_padded(toy_chat, tiny_model_dir, tmp_path):
@@ -198,7 +214,8 @@ def test_packed_reward_model_equals_padded(toy_chat, tiny_model_dir, tmp_path):
     pairs = [{"prompt_ids": [], "chosen_ids": torch.randint(3, 60, (n,), generator=g).tolist(),
               "rejected_ids": torch.randint(3, 60, (m,), generator=g).tolist()} for n, m in [(5, 9), (12, 4), (7, 7)]]
     padded = collate_pairs(pairs, toy_chat.pad_id)
-    assert_same(padded, pack_rows(padded), model, rm_loss)
+    for packed in (pack_rows(padded), pack_rows(padded, 10**6)):
+        assert_same(padded, packed, model, rm_loss)
 
 
 def test_packed_rl_passes_equal_padded(toy_chat, tiny_model_dir):
@@ -223,7 +240,8 @@ def test_packed_rl_passes_equal_padded(toy_chat, tiny_model_dir):
     padded = collate_rollout(samples, toy_chat.pad_id)
     for p in (RLParams(algo="grpo", beta=0.3, loss_agg="token_mean", num_iterations=2),
               RLParams(algo="rloo", beta=0.0)):
-        assert_same(padded, pack_rows(padded), model, rl.rl_loss_fn(p))
+        for packed in (pack_rows(padded), pack_rows(padded, 10**6)):
+            assert_same(padded, packed, model, rl.rl_loss_fn(p))
 
 
 def test_flash_attention_gets_position_ids_and_no_mask():
@@ -275,7 +293,7 @@ def test_dpo_pairs_never_split():
     plan = TokenBudgetPlan(example_sizes(pairs), cfg, 1, 0, seed=0)
     for step in range(plan.steps_per_epoch):
         for mb in plan.micro_batches(step):
-            batch = pack_rows(collate_pairs([pairs[i] for i in mb], pad_token_id=0))
+            batch = pack_rows(collate_pairs([pairs[i] for i in mb], pad_token_id=0), row_tokens=150)
             assert batch["input_ids"].shape == (1, sum(example_sizes([pairs[i] for i in mb])[k][0] for k in range(len(mb))))
             assert batch["input_ids"].shape[1] <= 150
             # rows: chosen of each pair, then rejected of each pair, each whole

@@ -1,9 +1,11 @@
 """Padding-free batches: several tokenised sequences in one row, and how rows are filled to a budget.
 
-`pack_rows` turns a padded batch of this package's collates (rows right-padded, attention_mask 1 on
-real tokens) into one row: the rows' real tokens one after another, `position_ids` restarting at 0
-for each sequence, the first token of each sequence unlabelled (nothing of its own sequence precedes
-it). Per-row tensors (DPO's reference log-probs, RL's advantages, ...) stay as they are: the
+`pack_rows` turns a padded batch of this package's collates (attention_mask 1 on real tokens) into
+packed rows: the rows' real tokens one after another, several sequences to a row, `position_ids`
+restarting at 0 for each sequence, the first token of each sequence unlabelled (nothing of its own
+sequence precedes it). Rows are as long as the batch's longest sequence, so attention under a mask
+never costs more than the padded batch's (one row of all sequences would cost (sum of lengths)^2);
+FlashAttention's variable-length path runs the real tokens as one row instead. Per-row tensors (DPO's reference log-probs, RL's advantages, ...) stay as they are: the
 sequences keep their rows' order, and `train.logprobs.label_logps` gives back one row per sequence.
 Which token may attend to which is the forward pass's business (`train.logprobs.packed_attention`).
 
@@ -11,7 +13,7 @@ Which token may attend to which is the forward pass's business (`train.logprobs.
 sequences' tokens), or padded (rows x the longest row). `length_grouped` reorders a permutation so
 that a padded micro-batch holds sequences of similar length (the cheaper alternative to packing).
 
-Simplifications: one packed row per micro-batch; a sequence is never split (one longer than the
+Simplifications: rows are filled in order (next fit), not optimally; a sequence is never split (one longer than the
 budget is an error up front, never cut); an example's rows (a DPO pair's chosen and rejected) stay
 in one micro-batch. The budget's bins are made once per run (best-fit decreasing on lengths, as
 TRL's packing) and only their order is shuffled each epoch, so which sequences share a micro-batch
@@ -30,20 +32,46 @@ ROW_KEYS = ("input_ids", "attention_mask", "labels")
 """The per-token tensors `pack_rows` packs; every other tensor of a batch is per row (or flat per token)."""
 
 
-def pack_rows(batch: dict) -> dict:
-    """One row (1, N) of the batch's N real tokens, with position_ids restarting per sequence."""
+def pack_rows(batch: dict, row_tokens: int | None = None) -> dict:
+    """The batch's sequences without padding, several to a row, with position_ids restarting per sequence.
+
+    Sequences keep their order and fill rows one after another (a row is closed when the next sequence
+    does not fit in max(row_tokens, the longest sequence) tokens); unset row_tokens: rows as long as the
+    batch's longest sequence, so the batch never has more rows, nor longer ones, than the padded one.
+    The end of a short row is padding (attention_mask 0, unlabelled) whose position ids continue its last
+    sequence's, so it belongs to that sequence and nothing attends to it.
+    """
     mask = batch["attention_mask"].bool()
-    lengths = mask.sum(-1)
-    if (lengths == 0).any():
+    lengths = mask.sum(-1).tolist()
+    if min(lengths) == 0:
         raise ValueError("pack_rows: a row of the batch has no tokens")
+    width = max(row_tokens or 0, max(lengths))
+    rows: list[list[int]] = [[]]
+    used = 0
+    for i, n in enumerate(lengths):
+        if rows[-1] and used + n > width:
+            rows.append([])
+            used = 0
+        rows[-1].append(i)
+        used += n
+    width = max(sum(lengths[i] for i in r) for r in rows)
+    shape = (len(rows), width)
+    ids = torch.zeros(shape, dtype=batch["input_ids"].dtype)
+    labels = torch.full(shape, IGNORE_INDEX, dtype=batch["labels"].dtype)
+    positions = torch.zeros(shape, dtype=torch.long)
+    attention = torch.zeros(shape, dtype=batch["attention_mask"].dtype)
+    for r, members in enumerate(rows):
+        at = 0
+        for i in members:
+            n = lengths[i]
+            ids[r, at : at + n] = batch["input_ids"][i][mask[i]]
+            labels[r, at + 1 : at + n] = batch["labels"][i][mask[i]][1:]  # the first token: nothing of its own before it
+            positions[r, at : at + n] = torch.arange(n)
+            attention[r, at : at + n] = 1
+            at += n
+        positions[r, at:] = torch.arange(lengths[members[-1]], lengths[members[-1]] + width - at)
     out = dict(batch)
-    out["input_ids"] = batch["input_ids"][mask].unsqueeze(0)
-    labels = batch["labels"].clone()
-    first = mask.int().argmax(-1)  # the first real token of each row (whatever the padding side)
-    labels[torch.arange(len(labels)), first] = IGNORE_INDEX
-    out["labels"] = labels[mask].unsqueeze(0)
-    out["attention_mask"] = torch.ones_like(out["input_ids"])
-    out["position_ids"] = torch.cat([torch.arange(int(n)) for n in lengths]).unsqueeze(0)
+    out.update(input_ids=ids, labels=labels, position_ids=positions, attention_mask=attention)
     return out
 
 

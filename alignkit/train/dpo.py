@@ -41,8 +41,8 @@ from ..data.prepare import load_examples, tokenize_pairs, tokenize_unpaired
 from ..models import disable_dropout, load_causal_lm, load_tokenizer
 from .winrate_callback import WinRateDuringTraining, win_rate_callbacks
 from .logprobs import label_logps, per_sequence
-from .loop import ExampleSource, LossOutput, RunOptions, StepPlan, distributed_state, to_device, train
-from .packing import check_plan, make_plan
+from .loop import (ExampleSource, LossOutput, RunOptions, StepPlan, check_plan, distributed_state, make_plan,
+                   to_device, train)
 
 log = logging.getLogger(__name__)
 

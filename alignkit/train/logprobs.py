@@ -67,14 +67,13 @@ def label_logps_entropy(model, input_ids, attention_mask, labels,
 
 def label_stats(model, input_ids, attention_mask, labels, entropy: bool,
                 temperature: torch.Tensor | None = None, position_ids: torch.Tensor | None = None):
-    targets = labels[:, 1:]
-    mask = targets != IGNORE_INDEX
     inner = extract_model_from_parallel(model)
     attend = {"attention_mask": attention_mask}
-    rows = mask  # what the caller gets: one row per sequence
     if position_ids is not None:
-        attend = packed_attention(inner, position_ids)
-        rows = sequence_rows(mask, position_ids)
+        input_ids, labels, position_ids, attend = packed_inputs(inner, input_ids, attention_mask, position_ids, labels)
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    rows = mask if position_ids is None else sequence_rows(mask, position_ids)  # one row per sequence
     temps = None
     if temperature is not None:  # one per labelled token, in the flat order of the labelled positions
         temps = temperature.to(device=input_ids.device, dtype=torch.float32)[rows.nonzero()[:, 0]]
@@ -170,18 +169,35 @@ def sequence_starts(position_ids: torch.Tensor) -> torch.Tensor:
 
 
 def sequence_rows(mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-    """A packed row's (1, T-1) label mask as (sequences, T-1): row j marks sequence j's labelled positions.
+    """Packed rows' (B, T-1) label mask as (sequences, B*(T-1)): row j marks sequence j's labelled positions.
 
-    Sequences lie one after another, so this mask's row-major order of labelled positions is the packed
-    row's, and a sequence without labels still has its (empty) row, as in the padded batch.
+    Sequences lie one after another in row-major order, so this mask's order of labelled positions is the
+    packed rows', and a sequence without labels still has its (empty) row, as in the padded batch.
     """
-    if mask.shape[0] != 1:
-        raise ValueError(f"a packed batch is one row; got {mask.shape[0]}")
-    seq = sequence_starts(position_ids)[0, 1:]  # the sequence of each target position (t + 1)
-    where = mask[0].nonzero()[:, 0]
-    rows = torch.zeros(int(seq[-1]) + 1 if seq.numel() else 1, mask.shape[1], dtype=torch.bool, device=mask.device)
+    seq = sequence_starts(position_ids)[:, 1:].reshape(-1)  # the sequence of each target position (t + 1)
+    where = mask.reshape(-1).nonzero()[:, 0]
+    n = int((position_ids == 0).sum())
+    rows = torch.zeros(n, seq.numel(), dtype=torch.bool, device=mask.device)
     rows[seq[where], where] = True
     return rows
+
+
+def uses_varlen(model) -> bool:
+    impl = str(getattr(getattr(model, "config", None), "_attn_implementation", None) or "eager")
+    return any(k in impl for k in FLASH_VARLEN)
+
+
+def packed_inputs(model, input_ids, attention_mask, position_ids, labels=None):
+    """(input_ids, labels, position_ids, forward's attention arguments) of packed rows for this model.
+
+    Under FlashAttention the rows' real tokens become one row (transformers' varlen path takes one row);
+    else the rows stay and get a block-diagonal mask (`packed_attention`).
+    """
+    if uses_varlen(model) and input_ids.shape[0] > 1:
+        keep = attention_mask.bool()
+        input_ids, position_ids = input_ids[keep].unsqueeze(0), position_ids[keep].unsqueeze(0)
+        labels = None if labels is None else labels[keep].unsqueeze(0)
+    return input_ids, labels, position_ids, packed_attention(model, position_ids)
 
 
 FLASH_VARLEN = ("flash", "kernels")
@@ -197,9 +213,9 @@ def packed_attention(model, position_ids: torch.Tensor) -> dict:
     (bool; additive floats for eager), which transformers takes as given: with sdpa or eager, position_ids
     with a 2D mask would let every token see the earlier sequences of its row.
     """
-    impl = str(getattr(getattr(model, "config", None), "_attn_implementation", None) or "eager")
-    if any(k in impl for k in FLASH_VARLEN):
+    if uses_varlen(model):
         return {"attention_mask": None, "position_ids": position_ids}
+    impl = str(getattr(getattr(model, "config", None), "_attn_implementation", None) or "eager")
     seq = sequence_starts(position_ids)
     n = seq.shape[-1]
     causal = torch.ones(n, n, dtype=torch.bool, device=seq.device).tril()

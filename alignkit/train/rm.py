@@ -24,8 +24,7 @@ from ..data.chat import tokenize_prompt
 from ..data.prepare import keep_undropped, load_examples, pair_drop_reason, truncate_text
 from ..models import check_source, fit_vocab
 from ..rewards.inputs import load_reward_tokenizer, reward_input_ids
-from .loop import LossOutput, RunOptions, distributed_state, to_device, train
-from .packing import check_plan
+from .loop import LossOutput, RunOptions, check_plan, distributed_state, to_device, train
 
 log = logging.getLogger(__name__)
 
@@ -43,17 +42,21 @@ def packed_rewards(model, batch) -> torch.Tensor:
     """
     from accelerate.utils import extract_model_from_parallel
 
-    from .logprobs import packed_attention
+    from .logprobs import packed_inputs
 
     inner = extract_model_from_parallel(model)
     head = getattr(inner, "score", None)
     if head is None:
         raise ConfigError(f"train.packing: {type(inner).__name__} has no `score` head on its last hidden states; "
                           "packing applies to causal-LM reward models (set train.packing: false)")
-    pos = batch["position_ids"][0]
-    ends = torch.cat([(pos[1:] == 0).nonzero()[:, 0], torch.tensor([len(pos) - 1], device=pos.device)])
-    out = model(input_ids=batch["input_ids"], **packed_attention(inner, batch["position_ids"]), output_hidden_states=True)
-    return head(out.hidden_states[-1][0, ends]).squeeze(-1).float() + out.logits.sum() * 0.0
+    ids, _, pos, attend = packed_inputs(inner, batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+    # a sequence's last token: the next position starts a sequence, continues into padding, or ends the row
+    nxt = torch.cat([pos[:, 1:], torch.zeros_like(pos[:, :1])], dim=1)
+    real = ids.new_ones(ids.shape, dtype=torch.bool) if ids.shape != batch["attention_mask"].shape else batch["attention_mask"].bool()
+    after = torch.cat([real[:, 1:], torch.zeros_like(real[:, :1])], dim=1)
+    ends = real & ((nxt == 0) | ~after)
+    out = model(input_ids=ids, **attend, output_hidden_states=True)
+    return head(out.hidden_states[-1][ends]).squeeze(-1).float() + out.logits.sum() * 0.0
 
 
 def rm_loss(model, batch) -> LossOutput:

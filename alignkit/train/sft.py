@@ -46,8 +46,7 @@ from .winrate_callback import WinRateDuringTraining, win_rate_callbacks
 from ..generation import SamplingParams, generate
 from ..models import load_causal_lm, load_tokenizer
 from .logprobs import label_logps, per_sequence
-from .loop import ExampleSource, LossOutput, RunOptions, StepPlan, train
-from .packing import check_plan, make_plan
+from .loop import ExampleSource, LossOutput, RunOptions, StepPlan, check_plan, make_plan, train
 from .rl import collate_rollout, rloo_advantages, sampling_seed
 
 log = logging.getLogger(__name__)
