@@ -12,7 +12,7 @@ Each mode trains the same model on micro-batches of --batch chats from smol-smol
            block-diagonal mask under sdpa/eager)
 
 One step is alignkit's SFT loss (label_logps), backward and an AdamW step. The modes alternate,
---reps times, each timing --steps steps after one warm-up step; tokens/s counts real (unpadded)
+--reps times, each timing --steps steps (after one untimed warm-up step in the first rep); tokens/s counts real (unpadded)
 tokens. Printed: one JSON line per timing, then the median tokens/s of each mode and the ratios
 packed/padded and grouped/padded (the medians over the reps of the per-rep ratios).
 """
@@ -41,6 +41,7 @@ def main() -> None:
     ap.add_argument("--examples", type=int, default=256)
     ap.add_argument("--steps", type=int, default=4, help="timed steps per mode and rep")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--warmup-every-rep", action="store_true", help="an untimed step before every timing, not only the first")
     ap.add_argument("--attn", default="sdpa")
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -117,7 +118,8 @@ def main() -> None:
     rates: dict[str, list[float]] = {mode: [] for mode in batches}
     for rep in range(args.reps):
         for mode in batches:
-            step(next_batch(mode))  # warm-up
+            if rep == 0 or args.warmup_every_rep:
+                step(next_batch(mode))  # warm-up
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0, tokens = time.perf_counter(), 0
