@@ -127,6 +127,15 @@ class TrainConfig:
     """Eval metric that picks the best checkpoint for early stopping."""
     greater_is_better: bool | None = None
     """Whether a higher metric_for_best is better; unset: false for names ending in loss or perplexity, true otherwise."""
+    max_tokens_per_batch: int | None = None
+    """Fill each micro-batch up to this many tokens instead of batch_size examples (sft, dpo, rm): with
+    packing, the sequences' tokens; without, rows x the longest row. grad_accum such micro-batches make a step."""
+    packing: bool = False
+    """Pack each micro-batch's sequences into one row without padding, each attending only to itself
+    (FlashAttention's variable-length path under flash_attention_2, a block-diagonal mask otherwise)."""
+    group_by_length: bool = False
+    """Without packing: order examples so that each micro-batch holds similar lengths (seeded, as HF's
+    LengthGroupedSampler), which cuts padding more cheaply than packing."""
 
 
 # --------------------------------------------------------------------------- machinery
@@ -556,6 +565,8 @@ RANGES: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
     },
 }
 
+RANGES["TrainConfig"]["max_tokens_per_batch"] = COUNT
+
 # Metrics each training stage's evaluation produces (train.metric_for_best must be one of them);
 # the win-rate callback adds WIN_RATE_METRICS when win_rate.reference is set.
 STAGE_METRICS = {
@@ -688,6 +699,14 @@ def check_train(cfg, prefix: str) -> None:
         )
 
 
+def check_batching(cfg, prefix: str) -> None:
+    """train.max_tokens_per_batch / packing / group_by_length combinations (the data checks run at the stage's start)."""
+    if cfg.group_by_length and (cfg.packing or cfg.max_tokens_per_batch):
+        other = "packing" if cfg.packing else "max_tokens_per_batch"
+        raise ConfigError(f"{prefix}group_by_length is for padded batches of batch_size examples; with {prefix}{other} "
+                          "micro-batches have no padding to save or are already made by length: set one of them")
+
+
 def check_sft_params(cfg, prefix: str) -> None:
     if cfg.length_penalty > 0 and cfg.length_penalty_samples < 2:
         raise ConfigError(
@@ -705,7 +724,7 @@ SECTION_CHECKS: dict[str, tuple[Callable, ...]] = {
     "SamplingParams": (check_sampling,),
     "DPOParams": (check_dpo,),
     "RewardConfig": (check_reward,),
-    "TrainConfig": (check_train,),
+    "TrainConfig": (check_train, check_batching),
     "SFTParams": (check_sft_params,),
 }
 

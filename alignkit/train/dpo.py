@@ -41,7 +41,8 @@ from ..data.prepare import load_examples, tokenize_pairs, tokenize_unpaired
 from ..models import disable_dropout, load_causal_lm, load_tokenizer
 from .winrate_callback import WinRateDuringTraining, win_rate_callbacks
 from .logprobs import label_logps, per_sequence
-from .loop import ExampleSource, LossOutput, RunOptions, StepPlan, distributed_state, to_device, train
+from .loop import (ExampleSource, LossOutput, RunOptions, StepPlan, check_plan, distributed_state, make_plan,
+                   to_device, train)
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,8 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
 
 def batch_sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """`sequence_logps` of the model on a batch, computed at the labelled positions only (logprobs.py)."""
-    return per_sequence(*label_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"]))
+    return per_sequence(*label_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                     position_ids=batch.get("position_ids")))
 
 
 REFERENCE_FREE = ("simpo", "orpo")
@@ -562,6 +564,7 @@ def run_dpo(cfg: DPOConfig, callbacks=()) -> Path:
         train_data = tokenize_pairs(train_rows, chat, cfg.data, "tokenise train pairs")
         eval_data = tokenize_pairs(eval_rows, chat, cfg.data, "tokenise eval pairs") if eval_rows else None
         collate, kind = partial(collate_pairs, pad_token_id=chat.pad_id), PAIRS
+    check_plan(train_data, cfg.train)  # train.max_tokens_per_batch fits the data, before the reference pass
     if kto:
         check_kto_balance(train_data["label"], params)
     model = ref_model = None
@@ -606,7 +609,7 @@ def run_dpo(cfg: DPOConfig, callbacks=()) -> Path:
         loss_fn = kto_loss_fn(params, ref_model, eval_point)
 
         def source_fn(world: int, rank: int) -> KTOSource:
-            plan = StepPlan(len(train_data), cfg.train, world, rank, cfg.seed)
+            plan = make_plan(train_data, cfg.train, world, rank, cfg.seed)
             return KTOSource(train_data, collate, plan, ref_model, eval_point)
 
     callbacks = list(callbacks) + win_rate_callbacks(cfg.win_rate, chat, out)

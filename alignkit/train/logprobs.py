@@ -38,36 +38,45 @@ hidden states, as before; kept for bench/rl_step.py's before/after)."""
 
 
 def label_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                temperature: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                temperature: torch.Tensor | None = None, position_ids: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p of each labelled token, flat in row-major order; the (B, T-1) mask of where they are).
 
     Position t of the model predicts labels[:, t + 1]. temperature: None, or one per row (B,): the
     row's logits are divided by it (log-probs of the distribution its tokens were sampled from).
+    position_ids: a packed row's (`data.packing.pack_rows`): the mask returned then has one row per
+    packed sequence (so per-row code reads it as the padded batch's), and sequences do not attend
+    to each other (`packed_attention`).
     """
     logps, _, mask = label_stats(model, input_ids, attention_mask, labels, entropy=False,
-                                 temperature=temperature)
+                                 temperature=temperature, position_ids=position_ids)
     return logps, mask
 
 
 def label_logps_entropy(model, input_ids, attention_mask, labels,
-                        temperature: torch.Tensor | None = None
+                        temperature: torch.Tensor | None = None, position_ids: torch.Tensor | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(log p of each labelled token, the entropy of the model's distribution there (no gradient), mask).
 
     RL's passes: the log-probs and the policy's entropy from one forward (no gradient flows through
     the entropy; the log-probs have one under autograd).
     """
-    return label_stats(model, input_ids, attention_mask, labels, entropy=True, temperature=temperature)
+    return label_stats(model, input_ids, attention_mask, labels, entropy=True, temperature=temperature,
+                       position_ids=position_ids)
 
 
 def label_stats(model, input_ids, attention_mask, labels, entropy: bool,
-                temperature: torch.Tensor | None = None):
+                temperature: torch.Tensor | None = None, position_ids: torch.Tensor | None = None):
+    inner = extract_model_from_parallel(model)
+    attend = {"attention_mask": attention_mask}
+    if position_ids is not None:
+        input_ids, labels, position_ids, attend = packed_inputs(inner, input_ids, attention_mask, position_ids, labels)
     targets = labels[:, 1:]
     mask = targets != IGNORE_INDEX
+    rows = mask if position_ids is None else sequence_rows(mask, position_ids)  # one row per sequence
     temps = None
     if temperature is not None:  # one per labelled token, in the flat order of the labelled positions
-        temps = temperature.to(device=input_ids.device, dtype=torch.float32)[mask.nonzero()[:, 0]]
-    inner = extract_model_from_parallel(model)
+        temps = temperature.to(device=input_ids.device, dtype=torch.float32)[rows.nonzero()[:, 0]]
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     stats = head_stats if entropy else head_logps
     if head is not None and not getattr(inner, FULL_LOGITS, False):
@@ -76,11 +85,11 @@ def label_stats(model, input_ids, attention_mask, labels, entropy: bool,
         checked = getattr(inner, PLAIN_HEAD, False) and base is not inner
         if BASE_MODEL_NO_GRAD and checked and not torch.is_grad_enabled():
             # No gradient, head already checked: the base model's last hidden state alone.
-            hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            hidden = base(input_ids=input_ids, **attend).last_hidden_state
             plain_head = True
         else:
             # logits_to_keep=1: the model's own forward (so DDP and hooks see it) projects one position only.
-            out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, logits_to_keep=1)
+            out = model(input_ids=input_ids, **attend, output_hidden_states=True, logits_to_keep=1)
             hidden = out.hidden_states[-1]
             with torch.no_grad():  # are logits exactly head(last hidden state)? Not with soft-capping or logit scaling.
                 ulp = torch.finfo(out.logits.dtype).eps
@@ -101,19 +110,19 @@ def label_stats(model, input_ids, attention_mask, labels, entropy: bool,
                 empty = hidden.new_zeros(0, dtype=torch.float32)
                 logps = torch.cat([p[0] for p in pieces]) if pieces else empty
                 ent = torch.cat([p[1] for p in pieces]) if pieces else empty
-                return logps, ent, mask
+                return logps, ent, rows
             logps = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
             # The kept logit joins the graph at zero weight: the output layer gets a gradient even in a
             # batch without labels, which DDP needs on every process.
-            return (logps if out is None else logps + out.logits.sum() * 0.0), None, mask
+            return (logps if out is None else logps + out.logits.sum() * 0.0), None, rows
         log.warning("%s: logits are not the output layer applied to the last hidden state; computing full logits", type(inner).__name__)
         setattr(inner, FULL_LOGITS, True)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+    logits = model(input_ids=input_ids, **attend).logits[:, :-1]
     picked = scaled(logits[mask], temps)
     if entropy:
         logps, ent = logits_stats(picked, targets[mask])
-        return logps, ent, mask
-    return chunk_logps(picked, targets[mask]), None, mask
+        return logps, ent, rows
+    return chunk_logps(picked, targets[mask]), None, rows
 
 
 def scaled(logits: torch.Tensor, temps: torch.Tensor | None) -> torch.Tensor:
@@ -149,3 +158,69 @@ def per_sequence(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor
     rows = mask.nonzero()[:, 0]
     sums = torch.zeros(mask.shape[0], dtype=values.dtype, device=values.device).index_add(0, rows, values)
     return sums, mask.sum(-1)
+
+
+# --------------------------------------------------------------------------- packed rows (data.packing.pack_rows)
+
+
+def sequence_starts(position_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) number of the packed sequence each position belongs to, counted over the whole batch."""
+    return (position_ids.reshape(-1) == 0).cumsum(0).sub(1).view(position_ids.shape)
+
+
+def sequence_rows(mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """Packed rows' (B, T-1) label mask as (sequences, B*(T-1)): row j marks sequence j's labelled positions.
+
+    Sequences lie one after another in row-major order, so this mask's order of labelled positions is the
+    packed rows', and a sequence without labels still has its (empty) row, as in the padded batch.
+    """
+    seq = sequence_starts(position_ids)[:, 1:].reshape(-1)  # the sequence of each target position (t + 1)
+    where = mask.reshape(-1).nonzero()[:, 0]
+    n = int((position_ids == 0).sum())
+    rows = torch.zeros(n, seq.numel(), dtype=torch.bool, device=mask.device)
+    rows[seq[where], where] = True
+    return rows
+
+
+def uses_varlen(model) -> bool:
+    impl = str(getattr(getattr(model, "config", None), "_attn_implementation", None) or "eager")
+    return any(k in impl for k in FLASH_VARLEN)
+
+
+def packed_inputs(model, input_ids, attention_mask, position_ids, labels=None):
+    """(input_ids, labels, position_ids, forward's attention arguments) of packed rows for this model.
+
+    Under FlashAttention the rows' real tokens become one row (transformers' varlen path takes one row);
+    else the rows stay and get a block-diagonal mask (`packed_attention`).
+    """
+    if uses_varlen(model) and input_ids.shape[0] > 1:
+        keep = attention_mask.bool()
+        input_ids, position_ids = input_ids[keep].unsqueeze(0), position_ids[keep].unsqueeze(0)
+        labels = None if labels is None else labels[keep].unsqueeze(0)
+    return input_ids, labels, position_ids, packed_attention(model, position_ids)
+
+
+FLASH_VARLEN = ("flash", "kernels")
+"""attn_implementation names (substrings) whose transformers path turns packed position_ids into
+cu_seqlens for FlashAttention's variable-length kernel."""
+
+
+def packed_attention(model, position_ids: torch.Tensor) -> dict:
+    """Forward arguments under which a packed row's sequences do not attend to each other.
+
+    FlashAttention (flash_attention_2/3, kernels): no attention mask, position_ids (transformers derives
+    cu_seqlens from where they restart). Else (sdpa, eager, ...): a 4D block-diagonal causal mask
+    (bool; additive floats for eager), which transformers takes as given: with sdpa or eager, position_ids
+    with a 2D mask would let every token see the earlier sequences of its row.
+    """
+    if uses_varlen(model):
+        return {"attention_mask": None, "position_ids": position_ids}
+    impl = str(getattr(getattr(model, "config", None), "_attn_implementation", None) or "eager")
+    seq = sequence_starts(position_ids)
+    n = seq.shape[-1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=seq.device).tril()
+    allowed = ((seq.unsqueeze(-1) == seq.unsqueeze(-2)) & causal).unsqueeze(1)  # (B, 1, T, T)
+    if impl == "eager":
+        dtype = next(model.parameters()).dtype
+        allowed = torch.zeros(allowed.shape, dtype=dtype, device=seq.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    return {"attention_mask": allowed, "position_ids": position_ids}

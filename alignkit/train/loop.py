@@ -40,6 +40,7 @@ from transformers import get_scheduler
 
 from .. import config as config_lib
 from ..config import ConfigError, TrainConfig
+from ..data.packing import check_budget, example_sizes, length_grouped, pack_rows, packed_collate, token_budget_bins
 from . import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
@@ -239,6 +240,7 @@ class StepPlan:
     def __init__(self, n_examples: int, cfg: TrainConfig, world: int, rank: int, seed: int):
         self.n, self.bs, self.accum, self.world, self.rank, self.seed = n_examples, cfg.batch_size, cfg.grad_accum, world, rank, seed
         self.global_batch = cfg.batch_size * cfg.grad_accum * world
+        self.packing = cfg.packing  # each micro-batch collated as one packed row (data/packing.py)
         if min(cfg.batch_size, cfg.grad_accum, cfg.max_steps or cfg.epochs) < 1:  # no optimizer step: never a silent no-op
             raise ConfigError(f"train: batch_size {cfg.batch_size}, grad_accum {cfg.grad_accum}, epochs {cfg.epochs}, "
                               f"max_steps {cfg.max_steps} give no optimizer step; each must be at least 1")
@@ -279,7 +281,99 @@ class ExampleSource(StepSource):
         self.total_steps, self.steps_per_epoch = plan.total_steps, plan.steps_per_epoch
 
     def micro_batches(self, step: int, model) -> list[dict]:
-        return [self.collate([self.data[i] for i in idx]) for idx in self.plan.micro_batches(step)]
+        batches = [self.collate([self.data[i] for i in idx]) for idx in self.plan.micro_batches(step)]
+        return [pack_rows(b) for b in batches] if getattr(self.plan, "packing", False) else batches
+
+
+# --------------------------------------------------------------------------- token-budget and length-grouped plans
+# Which examples each step reads under train.max_tokens_per_batch (micro-batches filled to a token budget:
+# bins made once from the examples' lengths by data.packing.token_budget_bins, grad_accum x processes of them
+# per step, their order a seeded permutation per epoch) or train.group_by_length (StepPlan's batches in an
+# order where each run of MEGABATCH global batches is sorted by length). Both keep data order a pure
+# function of (seed, epoch, step), so resume stays exact. The bins do not change between epochs (only
+# their order); a step's number of examples varies with their lengths (the loss is a per-unit mean over the
+# step, so every token or pair weighs alike, as in padded training).
+
+MEGABATCH = 50
+"""Global batches per length-sorted run of `train.group_by_length` (HF's megabatch_mult)."""
+
+
+class LengthGroupedPlan(StepPlan):
+    """StepPlan whose per-epoch permutation is length-grouped (`data.packing.length_grouped`)."""
+
+    def __init__(self, lengths: list[int], cfg: TrainConfig, world: int, rank: int, seed: int):
+        super().__init__(len(lengths), cfg, world, rank, seed)
+        self.lengths = lengths
+
+    def permutation(self, epoch: int) -> list[int]:
+        if self._perm is None or self._perm[0] != epoch:
+            base = StepPlan.permutation(self, epoch)
+            self._perm = (epoch, length_grouped(base, self.lengths, MEGABATCH * self.global_batch))
+        return self._perm[1]
+
+
+class TokenBudgetPlan(StepPlan):
+    """Micro-batches of at most `train.max_tokens_per_batch` tokens; grad_accum of them per process and step."""
+
+    def __init__(self, sizes: list[tuple[int, int, int]], cfg: TrainConfig, world: int, rank: int, seed: int):
+        self.n, self.bs, self.accum, self.world, self.rank, self.seed = len(sizes), cfg.batch_size, cfg.grad_accum, world, rank, seed
+        self.packing = cfg.packing
+        if min(cfg.grad_accum, cfg.max_steps or cfg.epochs) < 1:
+            raise ConfigError(f"train: grad_accum {cfg.grad_accum}, epochs {cfg.epochs}, max_steps {cfg.max_steps} "
+                              "give no optimizer step; each must be at least 1")
+        budget = cfg.max_tokens_per_batch
+        try:
+            check_budget(sizes, budget, cfg.packing)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        self.bins = token_budget_bins(sizes, budget, cfg.packing)
+        self.per_step = cfg.grad_accum * world
+        self.steps_per_epoch = len(self.bins) // self.per_step
+        if self.steps_per_epoch == 0:
+            from ..data.loading import DataError
+
+            raise DataError(
+                f"{self.n} training examples fill {len(self.bins)} micro-batches of train.max_tokens_per_batch "
+                f"{budget} tokens, fewer than one optimizer step's {self.per_step} (grad_accum {cfg.grad_accum} x "
+                f"{world} processes)"
+            )
+        self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
+        self.global_batch = min(len(b) for b in self.bins) * self.per_step
+        """The fewest examples a step can hold (what a source that samples from a step may count on)."""
+        self._perm = None
+
+    def permutation(self, epoch: int) -> list[int]:
+        """The bins' order in this epoch."""
+        if self._perm is None or self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1000 + epoch)
+            self._perm = (epoch, torch.randperm(len(self.bins), generator=g).tolist())
+        return self._perm[1]
+
+    def step_bins(self, step: int) -> list[int]:
+        epoch, k = divmod(step, self.steps_per_epoch)
+        return self.permutation(epoch)[k * self.per_step : (k + 1) * self.per_step]
+
+    def step_batch(self, step: int) -> list[int]:
+        return [i for b in self.step_bins(step) for i in self.bins[b]]
+
+    def micro_batches(self, step: int) -> list[list[int]]:
+        mine = self.step_bins(step)[self.rank * self.accum : (self.rank + 1) * self.accum]
+        return [self.bins[b] for b in mine]
+
+
+def make_plan(data, cfg: TrainConfig, world: int, rank: int, seed: int) -> StepPlan:
+    """The StepPlan that train.max_tokens_per_batch / train.group_by_length ask for (plain StepPlan otherwise)."""
+    if cfg.max_tokens_per_batch:
+        return TokenBudgetPlan(example_sizes(data), cfg, world, rank, seed)
+    if cfg.group_by_length:
+        return LengthGroupedPlan([s[2] for s in example_sizes(data)], cfg, world, rank, seed)
+    return StepPlan(len(data), cfg, world, rank, seed)
+
+
+def check_plan(data, cfg: TrainConfig) -> None:
+    """At a stage's start (before any long pass): the batching settings work on these examples."""
+    if cfg.max_tokens_per_batch or cfg.group_by_length:
+        make_plan(data, cfg, distributed_state().num_processes, 0, 0)
 
 
 def train(
@@ -316,7 +410,7 @@ def train(
     if source_fn is not None:
         plan = source_fn(accelerator.num_processes, accelerator.process_index)
     else:
-        plan = ExampleSource(train_data, collate, StepPlan(len(train_data), cfg, accelerator.num_processes, accelerator.process_index, run.seed))
+        plan = ExampleSource(train_data, collate, make_plan(train_data, cfg, accelerator.num_processes, accelerator.process_index, run.seed))
     warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * plan.total_steps)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -395,7 +489,8 @@ def train(
         if eval_fn is not None:
             metrics = eval_fn(unwrapped)
         else:
-            metrics = eval_losses(unwrapped, eval_data, collate, loss_fn, cfg.batch_size, accelerator)
+            eval_collate = packed_collate(collate) if cfg.packing else collate
+            metrics = eval_losses(unwrapped, eval_data, eval_collate, loss_fn, cfg.batch_size, accelerator)
         for cb in callbacks:
             cb.on_evaluate(state, metrics, unwrapped)
         return metrics

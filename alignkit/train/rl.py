@@ -94,6 +94,7 @@ from ..config import ConfigError, ModelConfig, TrainConfig
 from ..config import validate as validate_section
 from ..data.chat import IGNORE_INDEX, tokenize_prompt
 from ..data.collate import pad
+from ..data.packing import pack_rows
 from .winrate_callback import WinRateDuringTraining, win_rate_callbacks
 from ..data.prompts import PromptSource, load_prompts
 from ..generation import (
@@ -557,6 +558,9 @@ def check_rl_config(cfg: RLConfig) -> None:
         raise ConfigError(f"rl.vllm.max_model_len: {p.vllm.max_model_len} leaves no room for a prompt before "
                           f"rl.max_new_tokens ({p.max_new_tokens}); raise it or unset it (the model's length)")
     check_rl_algorithms(p)
+    if cfg.train.max_tokens_per_batch or cfg.train.group_by_length:
+        raise ConfigError("train.max_tokens_per_batch / train.group_by_length apply to sft, dpo and rm; RL's "
+                          "train.batch_size counts prompts (set train.packing to pack each micro-batch's samples)")
     if not cfg.eval_prompts.dataset and (cfg.train.eval_steps or cfg.train.early_stopping_patience):
         raise ConfigError("train.eval_steps / train.early_stopping_patience need held-out prompts: set eval_prompts.dataset")
     check_gold_reward(cfg)
@@ -625,9 +629,9 @@ def collate_rollout(samples: list[dict], pad_id: int) -> dict:
 
 
 @torch.no_grad()
-def sample_logps(model, samples: list[dict], pad_id: int, batch_size: int, entropy: bool):
+def sample_logps(model, samples: list[dict], pad_id: int, batch_size: int, entropy: bool, packing: bool = False):
     """Per-sample lists of completion-token log-probs (and each sample's sum of per-token entropies), each
-    at the sample's temperature."""
+    at the sample's temperature. packing: each chunk of batch_size samples as one packed row."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -635,13 +639,13 @@ def sample_logps(model, samples: list[dict], pad_id: int, batch_size: int, entro
     try:
         for start in range(0, len(samples), batch_size):
             chunk = samples[start : start + batch_size]
-            b = to_device(collate_rollout([s | PLAIN for s in chunk], pad_id), device)
+            b = collate_rollout([s | PLAIN for s in chunk], pad_id)
+            b = to_device(pack_rows(b) if packing else b, device)
+            args = (model, b["input_ids"], b["attention_mask"], b["labels"], b["temperatures"], b.get("position_ids"))
             if entropy:
-                logps, ent, mask = label_logps_entropy(model, b["input_ids"], b["attention_mask"], b["labels"],
-                                                       b["temperatures"])
+                logps, ent, mask = label_logps_entropy(*args)
             else:
-                logps, mask = label_logps(model, b["input_ids"], b["attention_mask"], b["labels"],
-                                          b["temperatures"])
+                logps, mask = label_logps(*args)
                 ent = None
             counts = mask.sum(-1).tolist()
             pieces = logps.float().cpu().split(counts)
@@ -775,7 +779,8 @@ class RolloutSource(StepSource):
         self.buffer["used"] = True
         if self.engine is not None:
             self.metrics["vllm_weight_pushes"] = (float(self.engine.pushes), 1.0)
-        return [collate_rollout(mb, self.chat.pad_id) for mb in self.buffer["micro"]]
+        micro = [collate_rollout(mb, self.chat.pad_id) for mb in self.buffer["micro"]]
+        return [pack_rows(b) for b in micro] if self.cfg.train.packing else micro
 
     def step_metrics(self) -> dict[str, tuple[float, float]]:
         return self.metrics
@@ -839,8 +844,9 @@ class RolloutSource(StepSource):
         bs = max(1, self.cfg.train.batch_size * p.k)
         old, entropy = None, None
         if old_pass_needed(p):
-            old, entropy = sample_logps(model, samples, chat.pad_id, bs, entropy=True)
-        ref = sample_logps(self.ref_model, samples, chat.pad_id, bs, entropy=False)[0] if self.ref_model is not None else None
+            old, entropy = sample_logps(model, samples, chat.pad_id, bs, entropy=True, packing=self.cfg.train.packing)
+        ref = (sample_logps(self.ref_model, samples, chat.pad_id, bs, entropy=False, packing=self.cfg.train.packing)[0]
+               if self.ref_model is not None else None)
         t3 = time.perf_counter()
 
         shape = (len(flat), p.k)
@@ -1124,7 +1130,8 @@ def rl_loss_fn(p: RLParams):
 
     def loss_fn(model, batch) -> LossOutput:
         stats_here = not old_pass_needed(p)
-        args = (model, batch["input_ids"], batch["attention_mask"], batch["labels"], batch.get("temperatures"))
+        args = (model, batch["input_ids"], batch["attention_mask"], batch["labels"], batch.get("temperatures"),
+                batch.get("position_ids"))
         if stats_here:
             logps, entropy, mask = label_logps_entropy(*args)
         else:

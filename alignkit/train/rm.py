@@ -24,7 +24,7 @@ from ..data.chat import tokenize_prompt
 from ..data.prepare import keep_undropped, load_examples, pair_drop_reason, truncate_text
 from ..models import check_source, fit_vocab
 from ..rewards.inputs import load_reward_tokenizer, reward_input_ids
-from .loop import LossOutput, RunOptions, distributed_state, to_device, train
+from .loop import LossOutput, RunOptions, check_plan, distributed_state, to_device, train
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +34,36 @@ def bradley_terry_losses(chosen_rewards: torch.Tensor, rejected_rewards: torch.T
     return -F.logsigmoid(chosen_rewards - rejected_rewards)
 
 
+def packed_rewards(model, batch) -> torch.Tensor:
+    """Each packed sequence's score at its last token (a causal scorer's pooling), one forward of the packed row.
+
+    The scorer's own forward runs (DDP and hooks see it); its head is applied to the last hidden state at
+    each sequence's last position, and its pooled output joins the graph at zero weight.
+    """
+    from accelerate.utils import extract_model_from_parallel
+
+    from .logprobs import packed_inputs
+
+    inner = extract_model_from_parallel(model)
+    head = getattr(inner, "score", None)
+    if head is None:
+        raise ConfigError(f"train.packing: {type(inner).__name__} has no `score` head on its last hidden states; "
+                          "packing applies to causal-LM reward models (set train.packing: false)")
+    ids, _, pos, attend = packed_inputs(inner, batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+    # a sequence's last token: the next position starts a sequence, continues into padding, or ends the row
+    nxt = torch.cat([pos[:, 1:], torch.zeros_like(pos[:, :1])], dim=1)
+    real = ids.new_ones(ids.shape, dtype=torch.bool) if ids.shape != batch["attention_mask"].shape else batch["attention_mask"].bool()
+    after = torch.cat([real[:, 1:], torch.zeros_like(real[:, :1])], dim=1)
+    ends = real & ((nxt == 0) | ~after)
+    out = model(input_ids=ids, **attend, output_hidden_states=True)
+    return head(out.hidden_states[-1][ends]).squeeze(-1).float() + out.logits.sum() * 0.0
+
+
 def rm_loss(model, batch) -> LossOutput:
-    rewards = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1).float()
+    if "position_ids" in batch:
+        rewards = packed_rewards(model, batch)
+    else:
+        rewards = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1).float()
     chosen, rejected = rewards.chunk(2)
     losses = bradley_terry_losses(chosen, rejected)
     margin = (chosen - rejected).detach()
@@ -137,6 +165,10 @@ def run_rm(cfg: RMConfig, callbacks=()) -> Path:
     tokenizer = chat.tokenizer
     train_pairs = tokenize_pairs_for_rm(train_rows, tokenizer, causal, cfg.max_length, cfg.data)
     eval_pairs = tokenize_pairs_for_rm(eval_rows, tokenizer, causal, cfg.max_length, cfg.data) if eval_rows else None
+    if cfg.train.packing and not causal:
+        raise ConfigError(f"train.packing: {source} is an encoder (bidirectional, pooled from its first token); "
+                          "packing applies to causal-LM reward models: set train.packing: false")
+    check_plan(train_pairs, cfg.train)  # train.max_tokens_per_batch fits the data
     attn = {"attn_implementation": cfg.model.attn_implementation} if cfg.model.attn_implementation else {}
     model = AutoModelForSequenceClassification.from_pretrained(
         source, num_labels=1, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code, dtype=torch.float32, **attn

@@ -46,7 +46,7 @@ from .winrate_callback import WinRateDuringTraining, win_rate_callbacks
 from ..generation import SamplingParams, generate
 from ..models import load_causal_lm, load_tokenizer
 from .logprobs import label_logps, per_sequence
-from .loop import ExampleSource, LossOutput, RunOptions, StepPlan, train
+from .loop import ExampleSource, LossOutput, RunOptions, StepPlan, check_plan, make_plan, train
 from .rl import collate_rollout, rloo_advantages, sampling_seed
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,8 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
 
 def sft_loss(model, batch: dict) -> LossOutput:
     # token_nll(model(...).logits, labels), computed at the labelled positions only (logprobs.py).
-    logps, mask = label_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    logps, mask = label_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                              position_ids=batch.get("position_ids"))
     return LossOutput(-logps.sum(), int(mask.sum()), tokens=int(batch["attention_mask"].sum()))
 
 
@@ -136,7 +137,8 @@ def sft_penalty_loss(model, batch: dict) -> LossOutput:
         nll = out.loss_sum.detach().double().cpu()
         out.metrics["sft_loss"] = torch.stack([nll, torch.tensor(float(out.count), dtype=torch.float64)])
         return out
-    logps, mask = label_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    logps, mask = label_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                              position_ids=batch.get("position_ids"))
     seq_logps, _ = per_sequence(logps, mask)
     return LossOutput((batch["penalty_coef"] * seq_logps).sum(), 0, tokens=int(batch["attention_mask"].sum()))
 
@@ -251,6 +253,7 @@ def run_sft(cfg: SFTConfig, callbacks=()) -> Path:
     chat = load_tokenizer(cfg.model)
     train_rows, eval_rows = load_examples(cfg.data, "text", cfg.seed)  # chats, or plain text
     train_data = tokenize_conversations(train_rows, chat, cfg.data, "tokenise train")
+    check_plan(train_data, cfg.train)  # train.max_tokens_per_batch fits the data
     eval_data = tokenize_conversations(eval_rows, chat, cfg.data, "tokenise eval") if eval_rows else None
     log.info("SFT: %d training examples, %d eval examples", len(train_data), len(eval_data) if eval_data else 0)
     model = load_causal_lm(cfg.model, chat)
@@ -264,7 +267,7 @@ def run_sft(cfg: SFTConfig, callbacks=()) -> Path:
                  cfg.sft.length_penalty_every, cfg.sft.length_penalty_samples)
 
         def source_fn(world: int, rank: int) -> LengthPenaltySource:
-            plan = StepPlan(len(train_data), cfg.train, world, rank, cfg.seed)
+            plan = make_plan(train_data, cfg.train, world, rank, cfg.seed)
             return LengthPenaltySource(train_data, plan, cfg.sft, chat, prompts, cfg.seed, world, rank)
 
         loss_fn = sft_penalty_loss
