@@ -73,6 +73,35 @@ def run_data_stats(cfg: DataStatsConfig):
 
 
 @dataclass
+class MergeConfig:
+    source: str = "runs/sft/final"
+    """An adapter folder (adapter_config.json): a LoRA run's final/ or one of its checkpoints."""
+    output_dir: str = "runs/merged"
+    """Where the merged model (base + adapter, plain Hugging Face format) is written."""
+    trust_remote_code: bool = False
+
+
+def run_merge(cfg: MergeConfig):
+    import shutil
+    from pathlib import Path
+
+    from .config import ConfigError
+    from .models import is_adapter_dir, merge_adapter_dir
+
+    if not is_adapter_dir(cfg.source):
+        raise ConfigError(f"source: {cfg.source} holds no adapter_config.json; merge takes a LoRA adapter folder")
+    out = Path(cfg.output_dir)
+    tmp = out.with_name(f".tmp-{out.name}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    merge_adapter_dir(cfg.source, tmp, cfg.trust_remote_code)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)  # complete or absent
+    return out
+
+
+@dataclass
 class Stage:
     config: type
     run: Callable
@@ -112,5 +141,7 @@ STAGES = {
     "init-model": Stage(InitModelConfig, run_init_model,
         "write a randomly initialised model in Hugging Face format"),
     "data-stats": Stage(DataStatsConfig, run_data_stats, "token-length percentiles of prompts and responses"),
+    "merge": Stage(MergeConfig, run_merge, "merge a LoRA adapter folder into its base: a plain Hugging Face model",
+                   positional="source"),
 }
 """Name -> stage, for every stage that does not run the pipeline (`run` and `demo` are the CLI's)."""

@@ -62,12 +62,19 @@ def label_logps_entropy(model, input_ids, attention_mask, labels,
 
 def label_stats(model, input_ids, attention_mask, labels, entropy: bool,
                 temperature: torch.Tensor | None = None):
+    from ..models import AdaptersOff, is_peft_model
+
+    if isinstance(model, AdaptersOff):  # LoRA's reference: the policy's base, adapters disabled for this pass
+        with model.peft_model.disable_adapter():
+            return label_stats(model.peft_model, input_ids, attention_mask, labels, entropy, temperature)
     targets = labels[:, 1:]
     mask = targets != IGNORE_INDEX
     temps = None
     if temperature is not None:  # one per labelled token, in the flat order of the labelled positions
         temps = temperature.to(device=input_ids.device, dtype=torch.float32)[mask.nonzero()[:, 0]]
     inner = extract_model_from_parallel(model)
+    if is_peft_model(inner):  # the transformers model, its adapters injected in place
+        inner = inner.get_base_model()
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     stats = head_stats if entropy else head_logps
     if head is not None and not getattr(inner, FULL_LOGITS, False):
