@@ -449,8 +449,9 @@ class ColocatedVLLM:
 
     def push_adapter(self, model, version: int) -> bool:
         """LoRA: the base stays in the engine; the adapter at `version` is saved and sent as a new LoRA
-        request (a new id and folder per update, so vLLM never serves a cached older adapter)."""
-        if self.lora_request is not None and version == self.version:
+        request (a new id and folder per update, so vLLM never serves a cached older adapter). At version 0
+        the adapter is peft's initial one (B = 0: the base itself), which the engine serves without a request."""
+        if version == self.version:
             return False
         from vllm.lora.request import LoRARequest
 

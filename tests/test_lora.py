@@ -309,3 +309,42 @@ def test_missing_tracker_package_is_a_config_error_at_start(monkeypatch):
         config_lib.load(SFTConfig, None, {"train.report_to": ["mlflow"]})
     with pytest.raises(config_lib.ConfigError, match="report_to"):
         config_lib.load(SFTConfig, None, {"train.report_to": ["neptune"]})
+
+
+# --------------------------------------------------------------------------- reward model, fingerprints
+
+
+def test_lora_reward_model_trains_its_head_and_loads_as_base_plus_adapter(toy, prefs, tmp_path):
+    from safetensors.torch import load_file
+
+    from alignkit.rewards.backends import HFRewardModel
+    from alignkit.stages import MergeConfig, run_merge
+    from alignkit.train.rm import RMConfig, run_rm
+
+    run_rm(RMConfig(output_dir=str(tmp_path / "rm"), seed=0, quiet=True, max_length=64,
+                    model=ModelConfig(name_or_path=str(toy / "base"), lora=LoRAConfig(r=4)),
+                    data=DataConfig(dataset=str(prefs), split="train_prefs", eval_split=None),
+                    train=TrainConfig(max_steps=3, batch_size=4, learning_rate=1e-3, save_steps=None, precision="fp32")))
+    final = tmp_path / "rm" / "final"
+    saved = load_file(final / "adapter_model.safetensors")
+    assert any("score" in k for k in saved) and any("lora_A" in k for k in saved)  # the head is saved in full
+    assert json.loads((final / "adapter_config.json").read_text())["task_type"] == "SEQ_CLS"
+    prompts, responses = ["What is 3 plus 4?", "Spell fish backwards."], ["7", "hsif"]
+    rm = HFRewardModel(str(final), device="cpu")
+    assert "+" in rm.identity  # the score cache key covers the adapter and its base
+    run_merge(MergeConfig(source=str(final), output_dir=str(tmp_path / "merged")))
+    merged = HFRewardModel(str(tmp_path / "merged"), device="cpu")
+    assert rm.score(prompts, responses) == pytest.approx(merged.score(prompts, responses), abs=1e-4)
+
+
+def test_job_fingerprint_of_an_adapter_covers_its_base(lora_sft, toy):
+    import os
+
+    from alignkit.generation import model_fingerprint
+
+    before = model_fingerprint(ModelConfig(name_or_path=str(lora_sft / "final")))
+    assert before["base"]["path"] == str((toy / "base").resolve())
+    weights = toy / "base" / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # the base changes
+    after = model_fingerprint(ModelConfig(name_or_path=str(lora_sft / "final")))
+    assert after["weights"] == before["weights"] and after["base"] != before["base"]
