@@ -291,8 +291,10 @@ def load_adapter_merged(source, load_base):
     """An adapter folder's base (loaded by `load_base(base_source)`) with the adapter merged in."""
     peft = require_peft()
     base = load_base(adapter_base(source))
-    model = peft.PeftModel.from_pretrained(base, str(source))
-    return model.merge_and_unload()
+    model = peft.PeftModel.from_pretrained(base, str(source)).merge_and_unload()
+    # What this model is: the adapter folder (an adapter trained on it records that folder as its base).
+    model.config._name_or_path = str(Path(source).expanduser().resolve())
+    return model
 
 
 def load_adapter_weights(model, directory: Path) -> None:

@@ -91,13 +91,14 @@ def run_merge(cfg: MergeConfig):
     if not is_adapter_dir(cfg.source):
         raise ConfigError(f"source: {cfg.source} holds no adapter_config.json; merge takes a LoRA adapter folder")
     out = Path(cfg.output_dir)
-    tmp = out.with_name(f".tmp-{out.name}")
+    tmp = out / ".tmp-merge"  # inside output_dir, which may already hold other files (a pipeline's stage.json)
     if tmp.exists():
         shutil.rmtree(tmp)
     merge_adapter_dir(cfg.source, tmp, cfg.trust_remote_code)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)  # complete or absent
+    # Each file moves into place in one rename; the weights last, so a folder with weights is complete.
+    for f in sorted(tmp.iterdir(), key=lambda f: f.name.endswith(".safetensors")):
+        f.replace(out / f.name)
+    tmp.rmdir()
     return out
 
 
