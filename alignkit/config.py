@@ -30,7 +30,7 @@ import re
 import types
 import typing
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -42,6 +42,18 @@ class ConfigError(ValueError):
 
 
 # --------------------------------------------------------------------------- shared sections
+
+
+@dataclass
+class LoRAConfig:
+    r: int | None = None
+    """LoRA rank (through peft); unset: full fine-tuning. Training stages only (sft, dpo, rm, rl)."""
+    alpha: float | None = None
+    """Scale numerator: the update is (alpha / r) * B A; unset: 2 * r."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input."""
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Module names (suffixes) that get adapters; all-linear: every linear layer but the output layer."""
 
 
 @dataclass
@@ -60,6 +72,8 @@ class ModelConfig:
     """Run model code shipped with a checkpoint. Off unless you trust its source."""
     attn_implementation: str | None = None
     """e.g. sdpa, flash_attention_2, eager; transformers picks when unset."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """Train low-rank adapters instead of every weight (set lora.r); see docs/lora-and-tracking.md."""
 
 
 @dataclass
@@ -136,6 +150,9 @@ class TrainConfig:
     group_by_length: bool = False
     """Without packing: order examples so that each micro-batch holds similar lengths (seeded, as HF's
     LengthGroupedSampler), which cuts padding more cheaply than packing."""
+    report_to: list[str] = field(default_factory=list)
+    """Experiment trackers that get the metrics.jsonl records and the config (accelerate's): wandb, tensorboard,
+    trackio, mlflow. Empty: none. Each tracker reads its own settings (e.g. WANDB_API_KEY) from the environment."""
 
 
 # --------------------------------------------------------------------------- machinery
@@ -559,6 +576,7 @@ RANGES: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
     "TextMetricsConfig": {"batch_size": COUNT},
     "RMConfig": {"max_length": COUNT},
     "DemoConfig": {"steps": COUNT, "dpo_steps": at_least(0)},
+    "LoRAConfig": {"r": COUNT, "alpha": POSITIVE, "dropout": between(0, 1, high_open=True)},
     "SFTParams": {
         "length_penalty": NON_NEGATIVE, "length_penalty_every": COUNT, "length_penalty_samples": COUNT,
         "length_penalty_temperature": POSITIVE, "length_penalty_max_new_tokens": COUNT,
@@ -578,7 +596,8 @@ STAGE_METRICS = {
 WIN_RATE_METRICS = {"eval_win_rate", "eval_mean_reward"}
 
 # Stage-level keys naming local files or folders that must exist (Hub ids pass).
-STAGE_PATHS = {"EvalConfig": ("model", "reference"), "InitModelConfig": ("model_config", "tokenizer"), "DataStatsConfig": ("tokenizer",)}
+STAGE_PATHS = {"EvalConfig": ("model", "reference"), "InitModelConfig": ("model_config", "tokenizer"), "DataStatsConfig": ("tokenizer",),
+               "MergeConfig": ("source",)}
 
 
 def bad(key: str, value: Any, allowed: str) -> ConfigError:
@@ -707,6 +726,27 @@ def check_batching(cfg, prefix: str) -> None:
                           "micro-batches have no padding to save or are already made by length: set one of them")
 
 
+TRACKERS = {"wandb": "wandb", "tensorboard": "tensorboard", "trackio": "trackio", "mlflow": "mlflow"}
+"""train.report_to names -> the package each needs."""
+
+
+def check_report_to(cfg, prefix: str) -> None:
+    import importlib.util
+
+    for name in cfg.report_to:
+        if name not in TRACKERS:
+            raise bad(prefix + "report_to", name, f"one of {', '.join(TRACKERS)}")
+        package = TRACKERS[name]
+        found = importlib.util.find_spec(package) is not None
+        if name == "tensorboard" and not found:  # accelerate writes through torch's SummaryWriter or tensorboardX
+            found = importlib.util.find_spec("tensorboardX") is not None
+        if not found:
+            raise ConfigError(f"{prefix}report_to: {name} needs the {package} package, which is not installed: "
+                              f"pip install {package} (or 'alignkit[trackers]')")
+    if len(set(cfg.report_to)) != len(cfg.report_to):
+        raise ConfigError(f"{prefix}report_to: {cfg.report_to} names a tracker twice")
+
+
 def check_sft_params(cfg, prefix: str) -> None:
     if cfg.length_penalty > 0 and cfg.length_penalty_samples < 2:
         raise ConfigError(
@@ -715,7 +755,13 @@ def check_sft_params(cfg, prefix: str) -> None:
         )
 
 
+def check_lora(cfg, prefix: str) -> None:
+    if cfg.r is not None and not cfg.target_modules:
+        raise ConfigError(f"{prefix}target_modules: empty; name the modules that get adapters (e.g. all-linear)")
+
+
 SECTION_CHECKS: dict[str, tuple[Callable, ...]] = {
+    "LoRAConfig": (check_lora,),
     "ModelConfig": (check_model,),
     "DataConfig": (check_data,),
     "TextMetricsData": (check_data,),
@@ -724,7 +770,7 @@ SECTION_CHECKS: dict[str, tuple[Callable, ...]] = {
     "SamplingParams": (check_sampling,),
     "DPOParams": (check_dpo,),
     "RewardConfig": (check_reward,),
-    "TrainConfig": (check_train, check_batching),
+    "TrainConfig": (check_train, check_batching, check_report_to),
     "SFTParams": (check_sft_params,),
 }
 
@@ -819,6 +865,10 @@ def check_stage(cfg) -> None:
     if scored and reward.kind == "hf" and not reward.model:
         where = "win_rate.reward" if win_rate is not None else "reward"
         raise ConfigError(f"{where}.model is required for {where}.kind 'hf' (a reward model folder or Hub id)")
+    model = getattr(cfg, "model", None)
+    if isinstance(model, ModelConfig) and model.lora.r is not None and not isinstance(getattr(cfg, "train", None), TrainConfig):
+        raise ConfigError(f"model.lora.r: {model.lora.r}: LoRA applies to the training stages (sft, dpo, rm, rl); "
+                          "this stage loads a model (an adapter folder loads as base + adapter); unset it")
     train, data = getattr(cfg, "train", None), getattr(cfg, "data", None)
     if not isinstance(train, TrainConfig) or not isinstance(data, DataConfig):
         return

@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import zlib
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
@@ -35,7 +36,7 @@ from .data.collate import pad
 # Prompt loading lives in data.prompts; its names stay importable from here for existing callers.
 from .data.prompts import (PromptSource, load_prompts, plain_columns, prompt_messages_of,  # noqa: F401
                            read_jsonl, template_fields)
-from .models import check_source
+from .models import ADAPTER_CONFIG, adapter_base, check_source, is_adapter_dir
 
 log = logging.getLogger(__name__)
 
@@ -253,16 +254,37 @@ def environment(name: str, value: str):
             os.environ[name] = old
 
 
+ADAPTER_REQUEST = "_alignkit_lora_request"
+"""Attribute of an engine started for an adapter folder: the LoRARequest every generation sends."""
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""The max_lora_rank values vLLM accepts."""
+
+
+def vllm_lora_rank(r: int) -> int:
+    """The smallest max_lora_rank vLLM accepts that fits rank r."""
+    for allowed in VLLM_LORA_RANKS:
+        if allowed >= r:
+            return allowed
+    raise ValueError(f"LoRA rank {r} is above vLLM's largest max_lora_rank ({VLLM_LORA_RANKS[-1]})")
+
+
+def adapter_rank(source) -> int:
+    return int(json.loads((Path(source) / ADAPTER_CONFIG).read_text())["r"])
+
+
 @contextmanager
 def vllm_engine(model: ModelConfig, precision: str = "auto", options: VLLMOptions | None = None, seed: int = 0,
-                in_process: bool = False, sleep_mode: bool = False, logprobs_mode: str | None = None):
+                in_process: bool = False, sleep_mode: bool = False, logprobs_mode: str | None = None,
+                lora_rank: int | None = None):
     """A vLLM `LLM` for a checkpoint, shut down on exit so the next one gets the memory back.
 
     in_process: the engine core and its model run in this process (not a child process), so
     weights can be pushed into the model directly (`ColocatedVLLM`). (vLLM caches its environment
     settings once an in-process engine starts: later engines of the process run in-process too.) sleep_mode: enable vLLM's
     sleep/wake_up (the caller checks `sleep_mode_available()` first). logprobs_mode: vLLM's (unset: its
-    default, raw_logprobs; RL asks for processed_logprobs, after temperature, top-k and top-p).
+    default, raw_logprobs; RL asks for processed_logprobs, after temperature, top-k and top-p). lora_rank:
+    enable vLLM's LoRA requests for adapters up to this rank (RL with LoRA). An adapter folder starts its base
+    with LoRA enabled, and every `generate_vllm` on that engine sends the adapter as a LoRA request.
     """
     try:
         from vllm import LLM
@@ -271,6 +293,15 @@ def vllm_engine(model: ModelConfig, precision: str = "auto", options: VLLMOption
     options = options or VLLMOptions()
     dtype = str(generation_dtype(precision)).removeprefix("torch.")
     extra = {"enable_sleep_mode": True} if sleep_mode else {}
+    adapter = None
+    if is_adapter_dir(model.name_or_path):  # base + adapter through vLLM's LoRA requests, never merged
+        adapter, lora_rank = Path(model.name_or_path).resolve(), adapter_rank(model.name_or_path)
+        model = replace(model, name_or_path=adapter_base(model.name_or_path), tokenizer=model.tokenizer or str(adapter))
+        if is_adapter_dir(model.name_or_path):
+            raise ValueError(f"{adapter}: its base {model.name_or_path} is itself an adapter folder, which vLLM cannot "
+                             "load; write a merged model with `alignkit merge` and use that")
+    if lora_rank:
+        extra |= {"enable_lora": True, "max_lora_rank": vllm_lora_rank(lora_rank), "max_loras": 1}
     if logprobs_mode:
         extra["logprobs_mode"] = logprobs_mode
     with environment("VLLM_ENABLE_V1_MULTIPROCESSING", "0") if in_process else nullcontext():
@@ -280,6 +311,10 @@ def vllm_engine(model: ModelConfig, precision: str = "auto", options: VLLMOption
             gpu_memory_utilization=options.gpu_memory_utilization, max_model_len=options.max_model_len, enforce_eager=options.enforce_eager,
             **extra,
         )
+    if adapter is not None:
+        from vllm.lora.request import LoRARequest
+
+        setattr(llm, ADAPTER_REQUEST, LoRARequest(adapter.name, 1, str(adapter)))
     try:
         yield llm
     finally:
@@ -294,7 +329,7 @@ def vllm_engine(model: ModelConfig, precision: str = "auto", options: VLLMOption
 
 def generate_vllm(llm, chat, prompts: list[list[dict]], params: SamplingParams, logprobs: bool = False,
                   salts: list | None = None,
-                  temperatures: list[float] | None = None) -> list[list[Completion]]:
+                  temperatures: list[float] | None = None, lora_request=None) -> list[list[Completion]]:
     """The same interface on a vLLM engine. We tokenize and decode, so text and stop tokens match
     the transformers engine; each prompt's seed is derived from its tokens, so samples do not
     depend on batching, sharding or resuming. `logprobs`: each Completion carries the sampler's
@@ -335,7 +370,8 @@ def generate_vllm(llm, chat, prompts: list[list[dict]], params: SamplingParams, 
         for g, (t, idx) in enumerate(groups):
             inputs.append({"prompt_token_ids": ids})
             requests.append(request(ids, None if salts is None else salts[i], t, len(idx), g))
-    outs = iter(llm.generate(inputs, requests, use_tqdm=False))
+    lora_request = lora_request or getattr(llm, ADAPTER_REQUEST, None)  # an adapter folder's engine (vllm_engine)
+    outs = iter(llm.generate(inputs, requests, use_tqdm=False, **({"lora_request": lora_request} if lora_request else {})))
     results = []
     for _ in encoded:
         completions: list = [None] * params.n
@@ -385,14 +421,19 @@ class ColocatedVLLM:
     rollouts (level 1: weights offloaded to CPU memory, KV cache freed) and wakes before the next.
     """
 
-    def __init__(self, llm, sleep: bool = False):
+    def __init__(self, llm, sleep: bool = False, adapter_dir: Path | None = None):
         self.llm, self.sleep, self.version, self.pushes = llm, sleep, 0, 0
         self.asleep = False
+        self.adapter_dir = adapter_dir
+        """LoRA: where each pushed adapter is written (then sent as a new LoRARequest); None: full weights."""
+        self.lora_request = None
 
     @torch.no_grad()
     def sync(self, model, version: int) -> bool:
         """Push the policy's weights if they changed since the last push; True when pushed."""
         self.wake()
+        if self.adapter_dir is not None:
+            return self.push_adapter(model, version)
         if version == self.version:
             return False
         model = getattr(model, "module", model)  # a DDP/accelerate wrapper
@@ -402,6 +443,31 @@ class ColocatedVLLM:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights), "is_checkpoint_format": True})
         self.llm.apply_model(repack_output_embeddings)
         self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
+        self.version = version
+        self.pushes += 1
+        return True
+
+    def push_adapter(self, model, version: int) -> bool:
+        """LoRA: the base stays in the engine; the adapter at `version` is saved and sent as a new LoRA
+        request (a new id and folder per update, so vLLM never serves a cached older adapter). At version 0
+        the adapter is peft's initial one (B = 0: the base itself), which the engine serves without a request."""
+        if version == self.version:
+            return False
+        from vllm.lora.request import LoRARequest
+
+        from .models import save_adapter
+
+        path = Path(self.adapter_dir) / f"v{version}"
+        if path.exists():
+            shutil.rmtree(path)
+        save_adapter(getattr(model, "module", model), path)
+        old = self.lora_request
+        self.lora_request = LoRARequest(f"policy-v{version}", self.pushes + 1, str(path.resolve()))
+        if old is not None:
+            remove = getattr(self.llm.llm_engine, "remove_lora", None)
+            if remove is not None:  # free the engine's copy of the superseded adapter
+                remove(old.lora_int_id)
+            shutil.rmtree(old.lora_path, ignore_errors=True)
         self.version = version
         self.pushes += 1
         return True
@@ -416,7 +482,7 @@ class ColocatedVLLM:
         """`generate_vllm` with the sampler's log-probs."""
         self.wake()
         return generate_vllm(self.llm, chat, prompts, params, logprobs=True, salts=salts,
-                             temperatures=temperatures)
+                             temperatures=temperatures, lora_request=self.lora_request)
 
     def rest(self) -> None:
         """After a rollout's sampling: sleep (if asked) so training gets the memory."""
@@ -460,12 +526,15 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 def model_fingerprint(model: ModelConfig) -> dict:
     """What identifies the weights: a local folder's path and its weight files (name, size, mtime),
-    or a Hub id and revision."""
+    or a Hub id and revision; an adapter folder's also holds its base's."""
     path = Path(model.name_or_path)
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.name.endswith(WEIGHT_SUFFIXES))
+        files = sorted(p for p in path.iterdir() if p.name.endswith(WEIGHT_SUFFIXES) or p.name == ADAPTER_CONFIG)
         parts = [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files]
-        return {"path": str(path.resolve()), "weights": hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]}
+        found = {"path": str(path.resolve()), "weights": hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]}
+        if is_adapter_dir(path):  # an adapter's output is base + adapter: a changed base changes it too
+            found["base"] = model_fingerprint(replace(model, name_or_path=adapter_base(path), revision=None))
+        return found
     return {"hub_id": model.name_or_path, "revision": model.revision}
 
 

@@ -1,4 +1,14 @@
-"""Load tokenizers and models, write Hugging Face checkpoints, and build random-init models."""
+"""Load tokenizers and models, write Hugging Face checkpoints, and build random-init models.
+
+LoRA (through peft, imported only when used): `apply_lora` wraps a model in adapters
+(`model.lora`); `save_model` of such a model writes the adapter folder (adapter_config.json +
+adapter_model.safetensors, the tokenizer and a generation config), whose base is recorded as an
+absolute path (or a Hub id). Every loader here takes an adapter folder wherever it takes a model:
+it loads the base (itself possibly an adapter folder), grows its vocabulary as training did, and
+merges the adapter in (`merge_adapter_dir` writes that merged model). Simplified: the embedding rows
+`fit_vocab` adds are not saved with an adapter (they are the same mean rows on every load), and
+they do not train under LoRA.
+"""
 
 from __future__ import annotations
 
@@ -62,8 +72,11 @@ def load_tokenizer(cfg: ModelConfig) -> ChatTokenizer:
 
 
 def load_causal_lm(cfg: ModelConfig, chat: ChatTokenizer, path: str | None = None, dtype: torch.dtype | None = None):
-    """cfg's model, or the checkpoint at `path` (model.revision applies only to model.name_or_path itself)."""
+    """cfg's model, or the checkpoint at `path` (model.revision applies only to model.name_or_path itself).
+    An adapter folder loads as its base with the adapter merged in."""
     source = path or cfg.name_or_path
+    if is_adapter_dir(source):
+        return load_adapter_merged(source, lambda base: load_causal_lm(cfg, chat, base, dtype))
     model = AutoModelForCausalLM.from_pretrained(
         check_source(source, "model"),
         revision=cfg.revision if source == cfg.name_or_path else None,
@@ -119,9 +132,21 @@ def fit_vocab(model, tokenizer) -> None:
 
 
 def save_model(model, chat: ChatTokenizer, path: str | Path) -> None:
-    """HF-format model + tokenizer (with chat template) + a generation config that stops on end-of-turn."""
+    """HF-format model + tokenizer (with chat template) + a generation config that stops on end-of-turn.
+    A peft model writes its adapter folder instead of the full weights."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    if is_peft_model(model):
+        base = model.get_base_model()
+        base.config.pad_token_id = chat.pad_id
+        stop = chat.stop_ids()
+        gen = getattr(base, "generation_config", None) or GenerationConfig()
+        gen.eos_token_id = stop if len(stop) > 1 else stop[0]
+        gen.pad_token_id = chat.pad_id
+        save_adapter(model, path)
+        gen.save_pretrained(path)
+        chat.tokenizer.save_pretrained(path)
+        return
     stop = chat.stop_ids()
     gen = getattr(model, "generation_config", None) or GenerationConfig()
     gen.eos_token_id = stop if len(stop) > 1 else stop[0]
@@ -181,3 +206,155 @@ def init_model(
     n = sum(p.numel() for p in model.parameters())
     log.info("wrote a random %s with %.2fM parameters to %s", config.model_type, n / 1e6, output_dir)
     return Path(output_dir)
+
+
+# --------------------------------------------------------------------------- LoRA (peft)
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def is_adapter_dir(source) -> bool:
+    """A local folder holding a peft adapter (adapter_config.json) rather than full weights."""
+    return source is not None and (Path(source).expanduser() / ADAPTER_CONFIG).is_file()
+
+
+def is_peft_model(model) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+def require_peft():
+    try:
+        import peft
+    except ImportError:
+        raise ImportError("LoRA (model.lora, adapter folders) needs peft: pip install 'alignkit[peft]'") from None
+    return peft
+
+
+def adapter_base(source) -> str:
+    """The base model an adapter folder was trained on (its adapter_config.json's base_model_name_or_path)."""
+    import json
+
+    config = json.loads((Path(source).expanduser() / ADAPTER_CONFIG).read_text())
+    base = config.get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{source}/{ADAPTER_CONFIG} names no base_model_name_or_path")
+    return check_source(base, f"base model of the adapter in {source}")
+
+
+def base_name(model) -> str:
+    """What an adapter on `model` records as its base: the absolute path of a local folder, else the Hub id."""
+    name = getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "")
+    path = Path(name).expanduser()
+    return str(path.resolve()) if name and path.exists() else name
+
+
+def lora_settings(cfg, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None):
+    """peft's LoraConfig for `model.lora` (cfg: a LoRAConfig)."""
+    peft = require_peft()
+    targets = cfg.target_modules
+    return peft.LoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha if cfg.alpha is not None else 2 * cfg.r, lora_dropout=cfg.dropout,
+        target_modules="all-linear" if list(targets) == ["all-linear"] else list(targets),
+        task_type=task_type, modules_to_save=modules_to_save,
+    )
+
+
+def apply_lora(model, cfg, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None):
+    """`model` with LoRA adapters (cfg: a LoRAConfig with r set); only the adapters (and modules_to_save) train."""
+    peft = require_peft()
+    base = base_name(model)
+    wrapped = peft.get_peft_model(model, lora_settings(cfg, task_type, modules_to_save))
+    wrapped.peft_config["default"].base_model_name_or_path = base
+    trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in wrapped.parameters())
+    log.info("LoRA r=%d: %d trainable parameters of %d (%.2f%%)", cfg.r, trainable, total, 100 * trainable / max(total, 1))
+    return wrapped
+
+
+def with_lora(model, cfg: ModelConfig, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None):
+    """`model` wrapped in LoRA adapters when model.lora.r is set; else `model` itself (full fine-tuning)."""
+    if cfg.lora.r is None:
+        return model
+    return apply_lora(model, cfg.lora, task_type, modules_to_save)
+
+
+def save_adapter(model, path: Path) -> None:
+    """The adapter (and modules_to_save) as safetensors + adapter_config.json; never the base weights."""
+    model.save_pretrained(path, save_embedding_layers=False, safe_serialization=True)
+    readme = Path(path) / "README.md"  # peft's model card template: nothing of ours
+    if readme.is_file():
+        readme.unlink()
+
+
+def load_adapter_merged(source, load_base):
+    """An adapter folder's base (loaded by `load_base(base_source)`) with the adapter merged in."""
+    peft = require_peft()
+    base = load_base(adapter_base(source))
+    model = peft.PeftModel.from_pretrained(base, str(source)).merge_and_unload()
+    # What this model is: the adapter folder (an adapter trained on it records that folder as its base).
+    model.config._name_or_path = str(Path(source).expanduser().resolve())
+    return model
+
+
+def load_adapter_weights(model, directory: Path) -> None:
+    """A checkpoint's adapter weights into the same peft model, exactly (resume, best-checkpoint restore)."""
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state = load_file(Path(directory) / ADAPTER_WEIGHTS)
+    result = set_peft_model_state_dict(model, state)
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    if unexpected:
+        raise RuntimeError(f"checkpoint {directory} does not match the adapters: unexpected {unexpected[:5]}")
+
+
+class AdaptersOff:
+    """The base model under a peft model's adapters: every forward runs with the adapters disabled
+    (peft's disable_adapter), so LoRA's reference model is the policy's own base, no second copy."""
+
+    def __init__(self, peft_model):
+        self.peft_model = peft_model
+
+    def __getattr__(self, name):
+        return getattr(self.peft_model, name)
+
+    def __call__(self, *args, **kwargs):
+        with self.peft_model.disable_adapter():
+            return self.peft_model(*args, **kwargs)
+
+
+def merge_adapter_dir(source, output_dir, trust_remote_code: bool = False) -> Path:
+    """Write the merged model of an adapter folder (base + adapter, in fp32) as a plain HF model folder,
+    with its tokenizer (chat template included) and, for a causal LM, the generation config."""
+    import json
+
+    cfg = ModelConfig(name_or_path=str(source), trust_remote_code=trust_remote_code)
+    out = Path(output_dir)
+    config = json.loads((Path(source) / ADAPTER_CONFIG).read_text())
+    if config.get("task_type") == "SEQ_CLS":  # a LoRA reward model
+        model = load_sequence_classifier(str(source))
+        out.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(out)
+        AutoTokenizer.from_pretrained(source).save_pretrained(out)
+        return out
+    chat = load_tokenizer(cfg)
+    save_model(load_causal_lm(cfg, chat), chat, out)
+    return out
+
+
+def load_sequence_classifier(source: str, dtype: torch.dtype | None = None, **kwargs):
+    """A sequence classifier (reward model), or an adapter folder of one loaded as base + adapter merged."""
+    from transformers import AutoModelForSequenceClassification
+
+    if is_adapter_dir(source):
+        tokenizer = AutoTokenizer.from_pretrained(source)
+
+        def load_base(base):
+            model = load_sequence_classifier(base, dtype, **kwargs)
+            fit_vocab(model, tokenizer)
+            model.config.pad_token_id = tokenizer.pad_token_id
+            return model
+
+        return load_adapter_merged(source, load_base)
+    return AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, dtype=dtype or torch.float32, **kwargs)

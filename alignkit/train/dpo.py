@@ -38,7 +38,7 @@ from ..data.chat import IGNORE_INDEX
 from ..data.collate import collate_pairs, collate_unpaired
 from ..data.loading import DataError
 from ..data.prepare import load_examples, tokenize_pairs, tokenize_unpaired
-from ..models import disable_dropout, load_causal_lm, load_tokenizer
+from ..models import AdaptersOff, disable_dropout, load_causal_lm, load_tokenizer, with_lora
 from .winrate_callback import WinRateDuringTraining, win_rate_callbacks
 from .logprobs import label_logps, per_sequence
 from .loop import (ExampleSource, LossOutput, RunOptions, StepPlan, check_plan, distributed_state, make_plan,
@@ -476,6 +476,10 @@ def reference_logps(
     return [by_index[i][0] for i in range(len(pairs))], [by_index[i][1] for i in range(len(pairs))]
 
 
+BASE_WITH_ADAPTERS_OFF = "lora-base-with-adapters-off:"
+"""Prefix of the reference's identity in the cache key when it is the LoRA policy's base, adapters off."""
+
+
 def weights_digest(model, source: str) -> str:
     """Identity of a model's weights (hashed once per run: it reads every parameter)."""
     h = hashlib.blake2b(digest_size=16)
@@ -568,6 +572,8 @@ def run_dpo(cfg: DPOConfig, callbacks=()) -> Path:
     if kto:
         check_kto_balance(train_data["label"], params)
     model = ref_model = None
+    # LoRA with no dpo.ref_model: the reference is the policy's own base with its adapters off (no second model).
+    base_ref = cfg.model.lora.r is not None and params.ref_model is None
     if params.loss_type not in REFERENCE_FREE:
         ref_source = params.ref_model or cfg.model.name_or_path
         ref_model = load_causal_lm(cfg.model, chat, path=ref_source)
@@ -576,7 +582,8 @@ def run_dpo(cfg: DPOConfig, callbacks=()) -> Path:
             disable_dropout(ref_model)
     if ref_model is not None and params.precompute_ref:
         cache_dir = Path(params.ref_cache_dir) if params.ref_cache_dir else out / "ref_logps"
-        digest = weights_digest(ref_model, ref_source)
+        # The key names what the reference is: a full model, or that exact base with LoRA adapters off.
+        digest = weights_digest(ref_model, BASE_WITH_ADAPTERS_OFF + ref_source if base_ref else ref_source)
         add = partial(add_reference_logps, ref_model=ref_model, ref_digest=digest, source=ref_source,
                       cache_dir=cache_dir, collate=collate, batch_size=cfg.train.batch_size,
                       progress=not cfg.quiet, kind=kind)
@@ -589,6 +596,8 @@ def run_dpo(cfg: DPOConfig, callbacks=()) -> Path:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+    elif ref_model is not None and base_ref:
+        model, ref_model = ref_model.requires_grad_(True), None  # the adapters-off view below replaces it
     elif ref_model is not None:
         ref_model.to(distributed_state().device).eval()
     what = "rows" if kto else "pairs"
@@ -596,6 +605,9 @@ def run_dpo(cfg: DPOConfig, callbacks=()) -> Path:
     log.info("DPO (%s): %d training %s, %d eval %s", params.loss_type, len(train_data), what, n_eval, what)
     if model is None:
         model = load_causal_lm(cfg.model, chat)
+    model = with_lora(model, cfg.model)
+    if base_ref and params.loss_type not in REFERENCE_FREE and not params.precompute_ref:
+        ref_model = AdaptersOff(model)
     if params.disable_dropout:
         disable_dropout(model)
     source_fn, loss_fn = None, dpo_loss_fn(params, ref_model)

@@ -67,7 +67,14 @@ def label_logps_entropy(model, input_ids, attention_mask, labels,
 
 def label_stats(model, input_ids, attention_mask, labels, entropy: bool,
                 temperature: torch.Tensor | None = None, position_ids: torch.Tensor | None = None):
+    from ..models import AdaptersOff, is_peft_model
+
+    if isinstance(model, AdaptersOff):  # LoRA's reference: the policy's base, adapters disabled for this pass
+        with model.peft_model.disable_adapter():
+            return label_stats(model.peft_model, input_ids, attention_mask, labels, entropy, temperature, position_ids)
     inner = extract_model_from_parallel(model)
+    if is_peft_model(inner):  # the transformers model, its adapters injected in place
+        inner = inner.get_base_model()
     attend = {"attention_mask": attention_mask}
     if position_ids is not None:
         input_ids, labels, position_ids, attend = packed_inputs(inner, input_ids, attention_mask, position_ids, labels)

@@ -42,6 +42,7 @@ from .. import config as config_lib
 from ..config import ConfigError, TrainConfig
 from ..data.packing import check_budget, example_sizes, length_grouped, pack_rows, packed_collate, token_budget_bins
 from . import checkpoint as ckpt
+from . import tracking
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,7 @@ RESUMABLE_CHANGES = {
     "output_dir", "train.max_steps", "train.epochs", "train.logging_steps",
     "train.eval_steps", "train.save_steps", "train.save_total_limit", "train.early_stopping_patience",
     "train.gradient_checkpointing", "data.num_proc", "dpo.ref_cache_dir", "dpo.precompute_ref",
-    "rl.log_samples_steps", "rl.samples_per_log", "rl.generation_batch_size", "reward.concurrency", "reward.timeout_s",
+    "train.report_to", "rl.log_samples_steps", "rl.samples_per_log", "rl.generation_batch_size", "reward.concurrency", "reward.timeout_s",
     "reward.max_retries", "reward.batch_size",
 }
 
@@ -403,7 +404,8 @@ def train(
     ckpt_root = out / "checkpoints"
     metrics_path = out / "metrics.jsonl"
     state0 = distributed_state()
-    accelerator = Accelerator(mixed_precision=precision_for(cfg.precision), cpu=state0.device.type == "cpu" and state0.num_processes > 1)
+    accelerator = Accelerator(mixed_precision=precision_for(cfg.precision), cpu=state0.device.type == "cpu" and state0.num_processes > 1,
+                              **tracking.accelerator_kwargs(cfg.report_to, out))
     is_main = accelerator.is_main_process
     torch.manual_seed(run.seed)
 
@@ -453,6 +455,7 @@ def train(
         plan.keep_until(state.step)
         if run.config is not None:
             config_lib.save(run.config, out / "config.yaml")
+    tracking.start(accelerator, cfg.report_to, run.config, out)  # train.report_to (off when empty)
     accelerator.wait_for_everyone()
 
     def log_line(record: dict) -> None:
@@ -460,6 +463,7 @@ def train(
             return
         with metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        tracking.log(accelerator, cfg.report_to, record)
         if run.quiet:
             log.info(" ".join(f"{k}={fmt(v)}" for k, v in record.items()))
         else:
@@ -627,6 +631,7 @@ def train(
         save_fn(unwrapped, chat, tmp)
         ckpt.publish(tmp, final)
     accelerator.wait_for_everyone()
+    tracking.end(accelerator, cfg.report_to)
     return final
 
 

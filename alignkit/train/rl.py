@@ -72,7 +72,8 @@ at most `dynamic_sampling_rounds` rounds; with vLLM and top_p < 1 or top_k > 0 t
 sampler correction is the truncated, renormalised distribution the sampler drew from (`sampling_logprobs`).
 
 Deliberate simplifications: one policy update pass per step for RLOO; no value model; the
-reference is a frozen copy held in memory when beta > 0; the vLLM engine runs in one process only
+reference is a frozen copy held in memory when beta > 0 (with LoRA, `model.lora`: the policy's own base with
+its adapters off, and the vLLM engine gets each update's adapter as a new LoRA request); the vLLM engine runs in one process only
 (no tensor parallelism, no multi-process training).
 """
 
@@ -100,7 +101,7 @@ from ..data.prompts import PromptSource, load_prompts
 from ..generation import (
     ColocatedVLLM, SamplingParams, VLLMOptions, generate, sleep_mode_available, vllm_engine,
 )
-from ..models import disable_dropout, load_causal_lm, load_tokenizer
+from ..models import AdaptersOff, disable_dropout, is_adapter_dir, load_causal_lm, load_tokenizer, with_lora
 from ..rewards.backends import RewardConfig, build_backend, check_reward_config, last_user_text
 from .logprobs import label_logps, label_logps_entropy
 from .loop import LossOutput, RunOptions, SourceFailed, StepPlan, StepSource, TrainingDiverged, distributed_state, to_device, train
@@ -1243,13 +1244,15 @@ def run_rl(cfg: RLConfig, callbacks=()) -> Path:
     check_prompt_rows(backend, prompts, "prompts")
     gold = gold_backend(cfg, out)  # before the policy loads: a bad gold reward stops the run here
     eval_rows = load_eval_prompts(cfg, backend, gold) if cfg.eval_prompts.dataset else None
-    model = load_causal_lm(cfg.model, chat)
+    model = with_lora(load_causal_lm(cfg.model, chat), cfg.model)  # LoRA adapters when model.lora.r is set
     ref_model = None
-    if cfg.rl.beta > 0:
+    if cfg.rl.beta > 0 and cfg.model.lora.r is not None and cfg.rl.ref_model is None:
+        ref_model = AdaptersOff(model)  # LoRA: the reference is the policy's base, adapters off (no second model)
+    elif cfg.rl.beta > 0:
         ref_model = load_causal_lm(cfg.model, chat, path=cfg.rl.ref_model)
         ref_model.requires_grad_(False).to(state.device).eval()
     if cfg.rl.disable_dropout:
-        off = sum(disable_dropout(m) for m in (model, ref_model) if m is not None)
+        off = sum(disable_dropout(m) for m in (model, ref_model) if m is not None and not isinstance(m, AdaptersOff))
         if off:
             log.info("rl.disable_dropout: %d dropout setting(s) turned off in the policy and reference", off)
     log.info("RL (%s): %d prompts, k=%d samples each, beta=%g, loss aggregation %s", cfg.rl.algo, len(prompts), cfg.rl.k, cfg.rl.beta, cfg.rl.agg())
@@ -1290,6 +1293,12 @@ def colocated_engine(cfg: RLConfig, chat, state):
     # processed_logprobs: the sampler's log-probs of the distribution it drew from (temperature, top-k,
     # top-p), which the trainer's side reproduces: its log-probs at each sample's temperature, and
     # `sampler_view_logps` under truncation
+    lora = cfg.model.lora.r
+    if lora is not None and is_adapter_dir(cfg.model.name_or_path):
+        raise ConfigError(f"model.name_or_path: {cfg.model.name_or_path} is an adapter folder; with model.lora and rl.engine: "
+                          "vllm the engine holds the base and gets the new adapter as LoRA requests: write a merged model "
+                          "with `alignkit merge` and train from that")
+    # LoRA: the engine keeps the base; each update's adapter goes in as a new LoRA request (ColocatedVLLM.sync)
     with vllm_engine(cfg.model, cfg.train.precision, options, cfg.seed, in_process=True, sleep_mode=sleep,
-                     logprobs_mode="processed_logprobs") as llm:
-        yield ColocatedVLLM(llm, sleep=sleep)
+                     logprobs_mode="processed_logprobs", lora_rank=lora) as llm:
+        yield ColocatedVLLM(llm, sleep=sleep, adapter_dir=Path(cfg.output_dir) / "vllm_adapters" if lora else None)

@@ -22,7 +22,7 @@ from ..config import ConfigError, DataConfig, ModelConfig, TrainConfig
 from ..data.collate import collate_pairs
 from ..data.chat import tokenize_prompt
 from ..data.prepare import keep_undropped, load_examples, pair_drop_reason, truncate_text
-from ..models import check_source, fit_vocab
+from ..models import check_source, fit_vocab, is_adapter_dir, is_peft_model, save_adapter, with_lora
 from ..rewards.inputs import load_reward_tokenizer, reward_input_ids
 from .loop import LossOutput, RunOptions, check_plan, distributed_state, to_device, train
 
@@ -155,6 +155,9 @@ def run_rm(cfg: RMConfig, callbacks=()) -> Path:
     out = Path(cfg.output_dir)
     set_seed(cfg.seed)  # before any model is built: the scalar head is initialised at random
     source = check_source(cfg.model.name_or_path, "model")
+    if is_adapter_dir(source):
+        raise ConfigError(f"model.name_or_path: {source} is an adapter folder; a reward model starts from full weights: "
+                          f"write them with `alignkit merge --source {source} --output_dir DIR` and train from DIR")
     train_rows, eval_rows = load_examples(cfg.data, "preference", cfg.seed, rm_data_defaults().eval_split)
     chat, causal = load_reward_tokenizer(cfg.model)
     if not causal and (cfg.model.chat_template or cfg.model.end_of_turn_token):
@@ -175,10 +178,15 @@ def run_rm(cfg: RMConfig, callbacks=()) -> Path:
     )
     fit_vocab(model, tokenizer)
     model.config.pad_token_id = tokenizer.pad_token_id  # causal scorers find the last real token by it
+    # LoRA: adapters on the body; the new scalar head trains in full (peft's modules_to_save)
+    model = with_lora(model, cfg.model, "SEQ_CLS", [n for n in ("score", "classifier") if hasattr(model, n)])
     log.info("reward model: %d training pairs, %d eval pairs", len(train_pairs), len(eval_pairs) if eval_pairs else 0)
 
     def save(model, _chat, path):
-        model.save_pretrained(path)
+        if is_peft_model(model):
+            save_adapter(model, Path(path))
+        else:
+            model.save_pretrained(path)
         tokenizer.save_pretrained(path)
 
     train(

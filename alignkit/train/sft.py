@@ -44,7 +44,7 @@ from ..data.prepare import load_examples, tokenize_conversations
 from ..data.schema import DataError, first_turn
 from .winrate_callback import WinRateDuringTraining, win_rate_callbacks
 from ..generation import SamplingParams, generate
-from ..models import load_causal_lm, load_tokenizer
+from ..models import load_causal_lm, load_tokenizer, with_lora
 from .logprobs import label_logps, per_sequence
 from .loop import ExampleSource, LossOutput, RunOptions, StepPlan, check_plan, make_plan, train
 from .rl import collate_rollout, rloo_advantages, sampling_seed
@@ -256,7 +256,7 @@ def run_sft(cfg: SFTConfig, callbacks=()) -> Path:
     check_plan(train_data, cfg.train)  # train.max_tokens_per_batch fits the data
     eval_data = tokenize_conversations(eval_rows, chat, cfg.data, "tokenise eval") if eval_rows else None
     log.info("SFT: %d training examples, %d eval examples", len(train_data), len(eval_data) if eval_data else 0)
-    model = load_causal_lm(cfg.model, chat)
+    model = with_lora(load_causal_lm(cfg.model, chat), cfg.model)  # LoRA adapters when model.lora.r is set
     callbacks = list(callbacks) + win_rate_callbacks(cfg.win_rate, chat, out)
     source_fn, loss_fn = None, sft_loss
     if cfg.sft.length_penalty > 0:
