@@ -121,11 +121,24 @@ class SeededSampler(LogitsProcessor):
             self.noisy = torch.tensor(noisy, dtype=torch.float32, device=device)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        u = torch.stack([torch.rand(scores.shape[-1], generator=g, device=scores.device) for g in self.generators])
-        gumbel = -torch.log((-torch.log(u.clamp(min=1e-20))).clamp(min=1e-20))
+        # Each row's uniforms drawn straight into one reused buffer, the noise computed in place: the same
+        # operations in the same order as -log(-log(u)) out of place (bit for bit), without a fresh
+        # vocabulary-sized tensor per row and per operation at every decoding step (issue 23's profile).
+        u = self.buffer = self.noise_buffer(scores)
+        for row, g in zip(u, self.generators):
+            torch.rand(scores.shape[-1], generator=g, device=scores.device, out=row)
+        gumbel = u.clamp_(min=1e-20).log_().neg_().clamp_(min=1e-20).log_().neg_()
         if self.noisy is not None:  # greedy rows (temperature 0): no noise, the argmax
-            gumbel = gumbel * self.noisy.unsqueeze(-1)
-        return scores.float() + gumbel
+            gumbel = gumbel.mul_(self.noisy.unsqueeze(-1))
+        return scores.float() + gumbel  # a new tensor: the buffer is overwritten at the next step
+
+    buffer: torch.Tensor | None = None
+
+    def noise_buffer(self, scores: torch.Tensor) -> torch.Tensor:
+        shape = (len(self.generators), scores.shape[-1])
+        if self.buffer is None or self.buffer.shape != shape or self.buffer.device != scores.device:
+            return torch.empty(shape, dtype=torch.float32, device=scores.device)
+        return self.buffer
 
 
 class RowTemperature(LogitsProcessor):
