@@ -12,7 +12,8 @@ the SFT model, and every new prompt is of that kind (by the task's prompt patter
 training or held-out file). Not done here: a training round on the new prompts (that needs
 `alignkit pairs`, mode self).
 
-    python bench/curriculum_toy.py --output-dir runs/curriculum-toy --steps 300
+    python bench/curriculum_toy.py --output-dir runs/curriculum-toy --steps 200
+    # on a shared, loaded machine: OMP_NUM_THREADS=1 nice -n 10 python bench/curriculum_toy.py ...
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def kind_of(prompt: str) -> str | None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--output-dir", default="runs/curriculum-toy")
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--new-prompts", type=int, default=100)
     ap.add_argument("--generator", choices=["teacher", "model"], default="teacher")
@@ -91,10 +92,10 @@ def main() -> None:
     write_prompt_data(world / "prompts", n_train=1000)
 
     sft = C.build(SFTConfig, {
-        "output_dir": str(out / "sft"), "seed": args.seed, "quiet": True, "resume": (out / "sft").is_dir(),
+        "output_dir": str(out / "sft"), "seed": args.seed, "quiet": False, "resume": (out / "sft").is_dir(),
         "model.name_or_path": str(world / "base-model"), "data.dataset": str(world / "data"), "data.split": "train",
         "train.max_steps": args.steps, "train.batch_size": 32, "train.learning_rate": 3e-3, "train.weight_decay": 0.01,
-        "train.scheduler": "cosine", "train.warmup_steps": 20, "train.logging_steps": 50, "train.save_steps": 100,
+        "train.scheduler": "cosine", "train.warmup_steps": 20, "train.logging_steps": 10, "train.save_steps": 100,
         "train.precision": "fp32"})
     if not (out / "sft" / "final").is_dir():
         run_sft(sft)
