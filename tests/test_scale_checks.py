@@ -56,3 +56,39 @@ def test_vllm_engine_tensor_parallel_or_one_engine_per_process(fake_vllm, tmp_pa
     with pytest.raises(ValueError, match="at least 1"):
         with vllm_engine(model, "fp32", VLLMOptions(tensor_parallel_size=0)):
             pass
+
+
+def test_sharded_eval_runs_as_many_forward_passes_on_every_process():
+    """Under FSDP every forward pass is a collective: a process with a shorter share of the eval set
+    repeats a batch (and discards it) so that all run the same number; the metrics count each row once."""
+    import contextlib
+
+    import torch
+
+    from alignkit.train.loop import LossOutput, eval_losses
+
+    class Accel:
+        num_processes, process_index, device = 2, 1, torch.device("cpu")
+        distributed_type = DistributedType.FSDP
+
+        def autocast(self):
+            return contextlib.nullcontext()
+
+        def reduce(self, t, op):
+            return t
+
+    calls = []
+
+    def loss_fn(model, batch):
+        calls.append(batch["rows"])
+        return LossOutput(torch.tensor(float(sum(batch["rows"]))), len(batch["rows"]))
+
+    data = [10, 20, 30, 40, 50]  # process 1 of 2 holds rows 1 and 3; process 0 holds three
+    model = torch.nn.Linear(1, 1)
+    metrics = eval_losses(model, data, lambda rows: {"rows": rows}, loss_fn, 1, Accel())
+    assert calls == [[20], [40], [20]]  # the third pass is padding, to match process 0's three
+    assert metrics["eval_loss"] == pytest.approx((20 + 40) / 2)
+    calls.clear()
+    Accel.distributed_type = DistributedType.MULTI_CPU  # without FSDP: no padding
+    eval_losses(model, data, lambda rows: {"rows": rows}, loss_fn, 1, Accel())
+    assert calls == [[20], [40]]

@@ -574,7 +574,7 @@ def eval_losses(model, data, collate, loss_fn, batch_size: int, accelerator) -> 
     n_batches = math.ceil((longest if ckpt.is_sharded(accelerator) else len(shard)) / batch_size)
     for start in range(0, n_batches * batch_size, batch_size):
         padding = start >= len(shard)
-        rows = shard[:batch_size] if padding else shard[start : start + batch_size]
+        rows = (shard or [0])[:batch_size] if padding else shard[start : start + batch_size]
         batch = to_device(collate([data[i] for i in rows]), accelerator.device)
         with accelerator.autocast():
             res = loss_fn(model, batch)
