@@ -72,6 +72,9 @@ class VLLMOptions:
     """Longest prompt + reply; unset: the model's. Lower saves KV-cache memory."""
     enforce_eager: bool = False
     """Skip graph capture and compilation: starts faster, decodes slower."""
+    tensor_parallel_size: int = 1
+    """GPUs one engine spreads the model over (vLLM's tensor parallelism); one process only. For data
+    parallelism (each GPU its own engine and share of the prompts), launch several processes instead."""
 
 
 @dataclass
@@ -288,7 +291,7 @@ def adapter_rank(source) -> int:
 @contextmanager
 def vllm_engine(model: ModelConfig, precision: str = "auto", options: VLLMOptions | None = None, seed: int = 0,
                 in_process: bool = False, sleep_mode: bool = False, logprobs_mode: str | None = None,
-                lora_rank: int | None = None):
+                lora_rank: int | None = None, external_launcher: bool = False):
     """A vLLM `LLM` for a checkpoint, shut down on exit so the next one gets the memory back.
 
     in_process: the engine core and its model run in this process (not a child process), so
@@ -298,6 +301,9 @@ def vllm_engine(model: ModelConfig, precision: str = "auto", options: VLLMOption
     default, raw_logprobs; RL asks for processed_logprobs, after temperature, top-k and top-p). lora_rank:
     enable vLLM's LoRA requests for adapters up to this rank (RL with LoRA). An adapter folder starts its base
     with LoRA enabled, and every `generate_vllm` on that engine sends the adapter as a LoRA request.
+    external_launcher: this process is one of several started by torchrun/accelerate launch, each with its
+    own engine (vLLM's external_launcher backend, which takes rank and device from the launcher's
+    environment and runs in-process) sampling its own share of the prompts.
     """
     try:
         from vllm import LLM
@@ -317,6 +323,16 @@ def vllm_engine(model: ModelConfig, precision: str = "auto", options: VLLMOption
         extra |= {"enable_lora": True, "max_lora_rank": vllm_lora_rank(lora_rank), "max_loras": 1}
     if logprobs_mode:
         extra["logprobs_mode"] = logprobs_mode
+    if options.tensor_parallel_size < 1:
+        raise ValueError(f"vllm.tensor_parallel_size is {options.tensor_parallel_size}; it must be at least 1")
+    if external_launcher:
+        if options.tensor_parallel_size > 1:
+            raise ValueError("vllm.tensor_parallel_size > 1 runs as one process (vLLM starts its own workers); "
+                             "under torchrun/accelerate launch each process runs its own engine on one device")
+        extra["distributed_executor_backend"] = "external_launcher"
+        in_process = True
+    elif options.tensor_parallel_size > 1:
+        extra["tensor_parallel_size"] = options.tensor_parallel_size
     with environment("VLLM_ENABLE_V1_MULTIPROCESSING", "0") if in_process else nullcontext():
         llm = LLM(
             model=check_source(model.name_or_path, "model"), tokenizer=model.tokenizer, revision=model.revision,
@@ -620,8 +636,9 @@ def run_generate(cfg: GenerateConfig, state=None) -> Path:
     from .train.loop import distributed_state
 
     state = state or distributed_state()
-    if cfg.engine == "vllm" and state.num_processes > 1:
-        raise ValueError("engine: vllm runs as one process (it batches across all prompts itself); start it without accelerate launch/torchrun")
+    if cfg.engine == "vllm" and state.num_processes > 1 and cfg.vllm.tensor_parallel_size > 1:
+        raise ValueError("engine: vllm with vllm.tensor_parallel_size > 1 runs as one process (vLLM starts its own workers); "
+                         "start it without accelerate launch/torchrun, or drop tensor_parallel_size for one engine per process")
     out = Path(cfg.output_dir)
     final = responses_path(out)
     part = out / (f"responses.rank{state.process_index}.jsonl" if state.num_processes > 1 else "responses.jsonl")
@@ -645,7 +662,9 @@ def run_generate(cfg: GenerateConfig, state=None) -> Path:
     params = asdict(cfg.sampling)
     if mine:
         if cfg.engine == "vllm":
-            engine = vllm_engine(cfg.model, cfg.precision, cfg.vllm, cfg.sampling.seed or 0)
+            # Several processes: each its own engine (on its own device) for its share of the prompts.
+            engine = vllm_engine(cfg.model, cfg.precision, cfg.vllm, cfg.sampling.seed or 0,
+                                 external_launcher=state.num_processes > 1)
             chunk = max(256, cfg.batch_size * 8)  # vLLM schedules its own batches; chunks only bound what a kill loses
         else:
             engine = nullcontext(load_causal_lm(cfg.model, chat, dtype=generation_dtype(cfg.precision)).to(state.device))

@@ -394,14 +394,34 @@ def test_rl_engine_vllm_wiring_without_vllm(tmp_path, trained_toy_model, toy_dat
         assert r["vllm_mismatch_kl"] > 0 and r["vllm_logp_diff"] < 0 and 0 < r["vllm_is_weight"] < 1 and 0 <= r["vllm_is_clipped"] < 0.5
 
 
-def test_rl_engine_vllm_runs_in_one_process(toy_chat):
-    """#8: the colocated engine is refused under accelerate launch/torchrun, as for generate."""
+def test_rl_engine_vllm_one_engine_per_process(toy_chat, monkeypatch):
+    """#23: under accelerate launch/torchrun each process gets its own colocated engine (vLLM's
+    external_launcher backend); tensor parallelism across processes and RL under FSDP are refused."""
+    from contextlib import contextmanager
     from types import SimpleNamespace
 
+    started = []
+
+    @contextmanager
+    def fake_engine(model, precision, options, seed, **kwargs):
+        started.append(kwargs)
+        yield "llm"
+
+    monkeypatch.setattr(rl, "vllm_engine", fake_engine)
     cfg = RLConfig(rl=RLParams(engine="vllm"))
-    with pytest.raises(ConfigError, match="runs in one process"):
+    for n in (1, 2):
+        with rl.colocated_engine(cfg, toy_chat, SimpleNamespace(num_processes=n)) as engine:
+            assert engine.llm == "llm"
+    assert [k["external_launcher"] for k in started] == [False, True] and all(k["in_process"] for k in started)
+    cfg.rl.vllm.tensor_parallel_size = 2
+    with pytest.raises(ConfigError, match="tensor_parallel_size"):
         with rl.colocated_engine(cfg, toy_chat, SimpleNamespace(num_processes=2)):
             pass
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ConfigError, match="FSDP"):
+        with rl.colocated_engine(RLConfig(), toy_chat, SimpleNamespace(num_processes=2)):
+            pass
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
     with rl.colocated_engine(RLConfig(), toy_chat, SimpleNamespace(num_processes=2)) as engine:
         assert engine is None
 

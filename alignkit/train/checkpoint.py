@@ -12,12 +12,14 @@ older versions (numpy arrays inside) are read through an allowlist of numpy's ar
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pickle
 import random
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -174,3 +176,111 @@ def load_weights(model, directory: Path) -> None:
 
 def read_state(directory: Path) -> dict:
     return json.loads((directory / STATE_FILE).read_text())
+
+
+# --------------------------------------------------------------------------- sharded (FSDP) runs
+# Under FSDP each process holds a shard of every parameter and of the optimizer state (DTensors).
+# Checkpoints stay full and process-count independent: weights are gathered into one state dict
+# (written by the main process as an ordinary HF model directory, like final/), and the optimizer
+# state is gathered into torch.distributed.checkpoint's full format (keyed by parameter name), which
+# every process reads whole on resume and cuts to its own shard. The gathers are collectives: every
+# process must call these functions, in the same order.
+
+
+def is_sharded(accelerator) -> bool:
+    """Whether the run's model is sharded by FSDP (accelerate's FSDP, version 1 or 2)."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def full_state_options(**kwargs):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kwargs)
+
+
+def gathered_weights(accelerator, model) -> dict | None:
+    """Under FSDP, the full weights (CPU tensors) on the main process ({} elsewhere); otherwise None
+    (the model's own parameters are whole). Every process must call it."""
+    if not is_sharded(accelerator):
+        return None
+    # Not accelerator.get_state_dict: with accelerate 1.16 and torch 2.13 its FSDP2 options
+    # (broadcast_from_rank0 with cpu_offload) return the DTensor shards, not full tensors.
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=full_state_options(cpu_offload=True))
+
+
+def gathered_optimizer_state(accelerator, model, optimizer) -> dict:
+    """The optimizer's state to save: torch's own format, or under FSDP the full state gathered
+    (keyed by parameter name; on the main process, {} elsewhere). Every process must call it."""
+    if not is_sharded(accelerator):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer), options=full_state_options(cpu_offload=True))
+
+
+def load_optimizer_state(accelerator, model, optimizer, state: dict, path: Path) -> None:
+    """Restore what `gathered_optimizer_state` saved (each process reads the whole file)."""
+    by_name = any(isinstance(k, str) for k in state.get("state", {})) or any(
+        isinstance(p, str) for g in state.get("param_groups", []) for p in g.get("params", []))
+    if not by_name:
+        if is_sharded(accelerator):
+            raise CheckpointError(f"{path} was written by a run without FSDP (optimizer state by parameter index); "
+                                  "resume it without FSDP, or start the FSDP run afresh")
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer), state, options=full_state_options())
+
+
+def load_weights_into(accelerator, model, directory: Path) -> None:
+    """`load_weights` into a prepared model, also an FSDP-sharded one (each process reads the whole
+    checkpoint and keeps its shard). Every process must call it."""
+    if not is_sharded(accelerator):
+        load_weights(accelerator.unwrap_model(model), directory)
+        return
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    state = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        state.update(load_file(f))
+    if not state:
+        raise FileNotFoundError(f"no safetensors weights in {directory}")
+    names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    tied = tied_names(model)
+    for name, source in tied.items():  # a tied matrix is saved once; every name of it gets the tensor
+        if name not in state and source in state:
+            state[name] = state[source]
+    unexpected = sorted(set(state) - names - set(tied))
+    missing = sorted(n for n, _ in model.named_parameters() if n not in state)
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint {directory} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    set_model_state_dict(model, {k: v for k, v in state.items() if k in names}, options=full_state_options(strict=False))
+
+
+def tied_names(model) -> dict[str, str]:
+    """Parameter name -> the first name of the same tensor (tied weights such as lm_head = embed_tokens)."""
+    first: dict[int, str] = {}
+    out = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        out[name] = first.setdefault(id(p), name)
+    return {k: v for k, v in out.items() if k != v}
+
+
+@contextmanager
+def saving_full_weights(model, weights: dict | None):
+    """While open, `model.save_pretrained(...)` writes `weights` (a gathered full state dict) instead of
+    the model's own (sharded) tensors, so any save function (alignkit's `save_model`, a stage's own)
+    writes a whole HF model. Nothing changes when `weights` is None."""
+    if weights is None:
+        yield
+        return
+    model.save_pretrained = functools.partial(type(model).save_pretrained, model, state_dict=weights)
+    try:
+        yield
+    finally:
+        del model.save_pretrained

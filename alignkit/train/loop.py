@@ -128,6 +128,31 @@ def check_launch(env) -> None:
         )
 
 
+def check_parallelism(accelerator, env) -> None:
+    """Stop when accelerate was configured for a kind of parallelism this loop does not run correctly.
+
+    - DeepSpeed: its engine owns gradient accumulation, scaling and clipping and steps the optimizer
+      inside `backward`, while this loop divides the summed loss by the units of the whole step after
+      all micro-batches (the unit-normalised loss) and steps itself. FSDP2 shards the same things.
+    - FSDP asked for (ACCELERATE_USE_FSDP) but not applied: accelerate applies FSDP only across several
+      processes on GPUs (on CPU its state stays MULTI_CPU), so the run would silently be plain DDP.
+    """
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    if kind == DistributedType.DEEPSPEED:
+        raise ConfigError(
+            "accelerate is configured for DeepSpeed, which alignkit's training loop does not support (DeepSpeed steps "
+            "the optimizer inside backward and scales gradients itself; the loop normalises the loss by the units of "
+            "the whole step). Use FSDP2 for sharding: accelerate launch --config_file recipes/accelerate/fsdp2.yaml "
+            "(see docs/scaling-out.md)")
+    if str(env.get("ACCELERATE_USE_FSDP", "")).lower() == "true" and kind != DistributedType.FSDP:
+        raise ConfigError(
+            f"accelerate was configured for FSDP but did not apply it (distributed type {kind}): accelerate shards "
+            "with FSDP only across several processes on GPUs. On CPU, or with one process, launch without the FSDP "
+            "config (e.g. recipes/accelerate/ddp.yaml or torchrun)")
+
+
 LOWER_IS_BETTER = ("loss", "perplexity")
 
 
@@ -406,6 +431,7 @@ def train(
     state0 = distributed_state()
     accelerator = Accelerator(mixed_precision=precision_for(cfg.precision), cpu=state0.device.type == "cpu" and state0.num_processes > 1,
                               **tracking.accelerator_kwargs(cfg.report_to, out))
+    check_parallelism(accelerator, os.environ)
     is_main = accelerator.is_main_process
     torch.manual_seed(run.seed)
 
@@ -438,8 +464,9 @@ def train(
     if resume_from is not None:
         if run.config is not None:
             check_resumed_config(out / "config.yaml", run.config)
-        ckpt.load_weights(unwrapped, resume_from)
-        optimizer.load_state_dict(ckpt.safe_load(resume_from / "optimizer.pt"))
+        ckpt.load_weights_into(accelerator, model, resume_from)
+        optimizer_file = resume_from / "optimizer.pt"
+        ckpt.load_optimizer_state(accelerator, model, optimizer, ckpt.safe_load(optimizer_file), optimizer_file)
         scheduler.load_state_dict(ckpt.safe_load(resume_from / "scheduler.pt"))
         saved = ckpt.read_state(resume_from)
         state = LoopState(**{k: v for k, v in saved.items() if k in LoopState.__dataclass_fields__})
@@ -479,9 +506,12 @@ def train(
         if source_state:
             (tmp / f"source_state_{accelerator.process_index}.json").write_text(json.dumps(source_state))
         accelerator.wait_for_everyone()
+        weights = ckpt.gathered_weights(accelerator, model)  # FSDP: gathered from every process's shard
+        optimizer_state = ckpt.gathered_optimizer_state(accelerator, model, optimizer)
         if is_main:
-            save_fn(unwrapped, chat, tmp)
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            with ckpt.saving_full_weights(unwrapped, weights):
+                save_fn(unwrapped, chat, tmp)
+            torch.save(optimizer_state, tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             saved_state = vars(state) | {"stop": False, "log_window": {k: v for k, v in window.items() if k != "time"}}
             (tmp / ckpt.STATE_FILE).write_text(json.dumps(saved_state, indent=1))
@@ -618,17 +648,19 @@ def train(
     if track_best and state.best_step is not None and state.best_step != state.step:
         best = ckpt_root / f"step-{state.best_step}"
         log.info("restoring the best checkpoint (step %d, %s=%.4f)", state.best_step, cfg.metric_for_best, state.best_metric)
-        ckpt.load_weights(unwrapped, best)
+        ckpt.load_weights_into(accelerator, model, best)
         # The last eval logged was of the weights at state.step, which final/ will not hold: log the restored
         # ones' (marked restored_from_step), so that the last eval in metrics.jsonl describes final/.
         log_line({"step": state.step, "epoch": round(state.step / plan.steps_per_epoch, 4),
                   "restored_from_step": state.best_step, **measure()})
     final = out / "final"
+    weights = ckpt.gathered_weights(accelerator, model)
     if is_main:
         tmp = out / ".tmp-final"
         if tmp.exists():
             shutil.rmtree(tmp)
-        save_fn(unwrapped, chat, tmp)
+        with ckpt.saving_full_weights(unwrapped, weights):
+            save_fn(unwrapped, chat, tmp)
         ckpt.publish(tmp, final)
     accelerator.wait_for_everyone()
     tracking.end(accelerator, cfg.report_to)
@@ -643,10 +675,18 @@ def eval_losses(model, data, collate, loss_fn, batch_size: int, accelerator) -> 
     shard = list(range(accelerator.process_index, len(data), accelerator.num_processes))
     sums = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
     metric_sums: dict[str, torch.Tensor] = {}
-    for start in range(0, len(shard), batch_size):
-        batch = to_device(collate([data[i] for i in shard[start : start + batch_size]]), accelerator.device)
+    # Under FSDP every forward pass gathers weights from all processes: all run the same number of
+    # batches (a process whose share ran out repeats its first batch and discards the result).
+    longest = math.ceil(len(data) / accelerator.num_processes)
+    n_batches = math.ceil((longest if ckpt.is_sharded(accelerator) else len(shard)) / batch_size)
+    for start in range(0, n_batches * batch_size, batch_size):
+        padding = start >= len(shard)
+        rows = (shard or [0])[:batch_size] if padding else shard[start : start + batch_size]
+        batch = to_device(collate([data[i] for i in rows]), accelerator.device)
         with accelerator.autocast():
             res = loss_fn(model, batch)
+        if padding:
+            continue
         sums += torch.tensor([res.loss_sum.item(), float(res.count)], dtype=torch.float64, device=sums.device)
         for k, v in res.metrics.items():
             metric_sums[k] = metric_sums.get(k, 0) + v.double()

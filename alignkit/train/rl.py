@@ -1274,13 +1274,20 @@ def run_rl(cfg: RLConfig, callbacks=()) -> Path:
 
 @contextmanager
 def colocated_engine(cfg: RLConfig, chat, state):
-    """rl.engine vllm: a `ColocatedVLLM` for the policy's starting checkpoint, in this process; else None."""
+    """rl.engine vllm: a `ColocatedVLLM` for the policy's starting checkpoint, in this process (one per process under
+    torchrun/accelerate launch, each sampling its own share of the prompts); else None."""
+    import os
+
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        raise ConfigError("rl under FSDP is not supported (the policy samples and evaluates replies whose lengths differ "
+                          "across processes, and FSDP needs every process in lockstep); use DDP (torchrun or "
+                          "recipes/accelerate/ddp.yaml): with rl.engine vllm each process then gets its own engine")
     if cfg.rl.engine != "vllm":
         yield None
         return
-    if state.num_processes > 1:
-        raise ConfigError("rl.engine: vllm runs in one process, colocated with training (it batches across all prompts itself); "
-                          "start it without accelerate launch/torchrun, or use rl.engine: transformers")
+    if state.num_processes > 1 and cfg.rl.vllm.tensor_parallel_size > 1:
+        raise ConfigError("rl.vllm.tensor_parallel_size > 1 is not supported with several processes: each process runs "
+                          "its own colocated engine on its own device")
     if chat.added_tokens:
         raise ConfigError(f"rl.engine: vllm: the tokenizer gained {chat.added_tokens} for its chat template, which vLLM would not "
                           "load; save the model with `alignkit init-model` (or after SFT) and train from that checkpoint")
@@ -1298,7 +1305,10 @@ def colocated_engine(cfg: RLConfig, chat, state):
         raise ConfigError(f"model.name_or_path: {cfg.model.name_or_path} is an adapter folder; with model.lora and rl.engine: "
                           "vllm the engine holds the base and gets the new adapter as LoRA requests: write a merged model "
                           "with `alignkit merge` and train from that")
+    # Several processes (torchrun/accelerate launch): each gets its own engine for its share of the prompts
+    # (vLLM's external_launcher backend, as TRL's colocate mode), and pushes its own policy copy into it.
     # LoRA: the engine keeps the base; each update's adapter goes in as a new LoRA request (ColocatedVLLM.sync)
     with vllm_engine(cfg.model, cfg.train.precision, options, cfg.seed, in_process=True, sleep_mode=sleep,
-                     logprobs_mode="processed_logprobs", lora_rank=lora) as llm:
+                     logprobs_mode="processed_logprobs", lora_rank=lora,
+                     external_launcher=state.num_processes > 1) as llm:
         yield ColocatedVLLM(llm, sleep=sleep, adapter_dir=Path(cfg.output_dir) / "vllm_adapters" if lora else None)
