@@ -71,6 +71,11 @@ RLOO too) replaces each prompt whose k shaped rewards tie with a prompt drawn fo
 at most `dynamic_sampling_rounds` rounds; with vLLM and top_p < 1 or top_k > 0 the trainer's side of the
 sampler correction is the truncated, renormalised distribution the sampler drew from (`sampling_logprobs`).
 
+Held-out evaluation (`make_eval_fn`): greedy answers to eval_prompts, scored by the training reward
+(eval_reward) and, with `gold_reward` set, by that second judge too (eval_gold_reward), from one
+generation pass; the starting policy is then evaluated as well (step 0), so the report can draw the
+proxy against the gold from where they start (reward over-optimisation, Gao et al. 2022).
+
 Deliberate simplifications: one policy update pass per step for RLOO; no value model; the
 reference is a frozen copy held in memory when beta > 0; the vLLM engine runs in one process only
 (no tensor parallelism, no multi-process training).
