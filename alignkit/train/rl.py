@@ -565,6 +565,7 @@ def check_rl_config(cfg: RLConfig) -> None:
     if not cfg.eval_prompts.dataset and (cfg.train.eval_steps or cfg.train.early_stopping_patience):
         raise ConfigError("train.eval_steps / train.early_stopping_patience need held-out prompts: set eval_prompts.dataset")
     check_gold_reward(cfg)
+    check_rl_metric(cfg)
 
 
 def gold_needs_prompts(cfg: RLConfig) -> None:
@@ -588,6 +589,22 @@ def check_gold_reward(cfg: RLConfig) -> None:
         check_reward_config(gold.as_reward())
     except ConfigError as e:
         raise ConfigError(f"gold_reward: {str(e).replace('reward.', 'gold_reward.')}") from None
+
+
+RL_EVAL_METRICS = ("eval_reward", "eval_completion_length", "eval_truncated")
+
+
+def check_rl_metric(cfg: RLConfig) -> None:
+    """train.metric_for_best names a metric the held-out evaluation logs (checked before any work, not at
+    the first evaluation)."""
+    if not cfg.eval_prompts.dataset:
+        return
+    produced = set(RL_EVAL_METRICS) | ({"eval_gold_reward"} if cfg.gold_reward.kind != "none" else set())
+    if cfg.win_rate.reference:
+        produced |= {"eval_win_rate", "eval_mean_reward"}
+    if cfg.train.metric_for_best not in produced:
+        raise ConfigError(f"train.metric_for_best: {cfg.train.metric_for_best!r} is not a metric the rl stage's "
+                          f"evaluation logs; expected one of {', '.join(sorted(produced))}")
 
 
 def check_rl_algorithms(p: RLParams) -> None:
