@@ -58,6 +58,13 @@ def test_a_gold_reward_needs_held_out_prompts_and_is_checked_like_reward(tmp_pat
             rl.check_rl_config(RLConfig(eval_prompts=PromptSource(dataset="h4/x"), gold_reward=gold))
     with pytest.raises(ConfigError, match="set eval_prompts.dataset"):
         rl.check_rl_config(RLConfig(gold_reward=GoldRewardConfig(kind="rule")))
+    # the metric that picks the best checkpoint must be one the evaluation logs: checked before any work
+    held_out = PromptSource(dataset="h4/x")
+    rl.check_rl_config(RLConfig(eval_prompts=held_out, gold_reward=GoldRewardConfig(kind="rule"),
+                                train=TrainConfig(metric_for_best="eval_gold_reward")))
+    for gold, metric in [(GoldRewardConfig(), "eval_gold_reward"), (GoldRewardConfig(kind="rule"), "eval_loss")]:
+        with pytest.raises(ConfigError, match=f"train.metric_for_best: '{metric}' is not a metric the rl stage's"):
+            rl.check_rl_config(RLConfig(eval_prompts=held_out, gold_reward=gold, train=TrainConfig(metric_for_best=metric)))
 
 
 def test_a_recipe_cannot_grant_powers_through_the_gold_reward(tmp_path, monkeypatch):
@@ -250,3 +257,119 @@ def test_a_long_run_lists_a_short_table_and_a_rising_gold_is_not_called_over_opt
     assert len(table) <= GOLD_TABLE_ROWS and table[0].startswith("| 0 |") and table[-1].startswith("| 200 |")
     assert f"{len(table)} of 101 evaluations listed" in section
     assert "over-optimisation" not in section.split("Gold reward 0 at step 0", 1)[1]
+
+
+# --------------------------------------------------------------------------- RL against a learned reward model
+
+
+def learned_rm_world(root):
+    """A tiny world: 36 toy prompts (24 for RL, 12 held out of RL and of the reward model's pairs); a
+    2-layer SFT model that answers all 36 but ends half its replies with the sign-off; a Bradley-Terry
+    reward model (from the SFT model) trained on the 24 RL prompts' pairs, the bare right answer over
+    the same answer with the sign-off."""
+    import random
+
+    from alignkit.config import DataConfig
+    from alignkit.demo.task import KINDS, make_example
+    from alignkit.demo.world import SIGN_OFF, build_tokenizer, write_jsonl, write_model_config
+    from alignkit.models import init_model, load_tokenizer
+    from alignkit.rewards.toy import solve
+    from alignkit.train.rm import RMConfig, run_rm
+    from alignkit.train.sft import SFTConfig, run_sft
+
+    rng, prompts = random.Random(0), []
+    while len(prompts) < 36:
+        p = make_example(rng, KINDS[len(prompts) % len(KINDS)])["prompt"]
+        if p not in prompts:
+            prompts.append(p)
+    rl_prompts, held_out = prompts[:24], prompts[24:]
+    tok = build_tokenizer(root / "tokenizer")
+    chat = load_tokenizer(ModelConfig(name_or_path=str(tok)))
+    write_model_config(root / "config", vocab_size=len(chat.tokenizer), hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=2)
+    base = init_model(str(root / "config"), root / "base", tokenizer_source=str(tok), seed=0)
+    chatty = random.Random(0)
+    chats = [{"messages": [{"role": "user", "content": p},
+                           {"role": "assistant", "content": solve(p) + (SIGN_OFF if chatty.random() < 0.5 else "")}]}
+             for p in prompts * 10]
+    chatty.shuffle(chats)
+    write_jsonl(chats, root / "data" / "train.jsonl")
+    write_jsonl([{"prompt": p} for p in rl_prompts * 4], root / "prompts" / "train.jsonl")
+    write_jsonl([{"prompt": p} for p in held_out], root / "prompts" / "test.jsonl")
+    run_sft(SFTConfig(output_dir=str(root / "sft"), seed=0, quiet=True, model=ModelConfig(name_or_path=str(base)),
+                      data=DataConfig(dataset=str(root / "data")),
+                      train=TrainConfig(max_steps=400, batch_size=16, learning_rate=1e-2, warmup_steps=10,
+                                        save_steps=None, precision="fp32", logging_steps=200)))
+
+    def pairs(ps, n):
+        rows = []
+        for i in range(n):
+            p, user = ps[i % len(ps)], {"role": "user", "content": ps[i % len(ps)]}
+            wrong = solve(p) + SIGN_OFF
+            rows.append({"prompt": p, "chosen": [user, {"role": "assistant", "content": solve(p)}],
+                         "rejected": [user, {"role": "assistant", "content": wrong}]})
+        return rows
+
+    write_jsonl(pairs(rl_prompts, 256), root / "prefs" / "train_prefs.jsonl")
+    write_jsonl(pairs(held_out, 64), root / "prefs" / "test_prefs.jsonl")
+    run_rm(RMConfig(output_dir=str(root / "rm"), seed=0, quiet=True, max_length=64,
+                    model=ModelConfig(name_or_path=str(root / "sft" / "final")),
+                    data=DataConfig(dataset=str(root / "prefs"), split="train_prefs", eval_split="test_prefs"),
+                    train=TrainConfig(max_steps=60, batch_size=16, learning_rate=1e-3, save_steps=None,
+                                      precision="fp32", scheduler="constant", logging_steps=20)))
+    return held_out
+
+
+def sampled_gold(model_dir, prompts, n=16) -> tuple[float, float]:
+    """Mean gold (toy verifier) reward and sign-off share over n seeded samples per prompt at temperature 1."""
+    from alignkit.demo.world import SIGN_OFF
+    from alignkit.generation import SamplingParams, generate
+    from alignkit.models import load_causal_lm, load_tokenizer
+    from alignkit.rewards.toy import toy_reward
+
+    cfg = ModelConfig(name_or_path=str(model_dir))
+    chat = load_tokenizer(cfg)
+    outs = generate(load_causal_lm(cfg, chat), chat, [[{"role": "user", "content": p}] for p in prompts],
+                    SamplingParams(max_new_tokens=24, temperature=1.0, n=n, seed=123), batch_size=192)
+    gold = [toy_reward(p, c.text) for p, cs in zip(prompts, outs) for c in cs]
+    sign_offs = [SIGN_OFF.strip() in c.text for cs in outs for c in cs]
+    return sum(gold) / len(gold), sum(sign_offs) / len(sign_offs)
+
+
+def test_rl_against_a_learned_reward_model_raises_the_gold_score(tmp_path):
+    """#21: RLOO against a Bradley-Terry reward model trained with run_rm (reward kind hf), not the
+    verifier, raises the verifier's (the gold's) score on 12 prompts held out of RL and of the reward
+    model's pairs, measured on 192 seeded samples (16 per prompt, temperature 1) before and after.
+    The reward model learns what its pairs teach, a preference for the bare answer over the sign-off
+    (a feature the gold cares about too), and RL against it drops the sign-off on the held-out prompts.
+    Measured 2026-12-07 (2-core CPU, load average about 25, OMP_NUM_THREADS=1): reward model held-out
+    pair accuracy 1.0; gold 0.438 -> 0.557, sign-offs 0.43 -> 0.30, answers right if the sign-off is
+    ignored 0.85 -> 0.85; greedy eval_gold_reward 0.50 -> 0.83 and eval_reward 0.99 -> 1.06 (12 prompts).
+    The test asks for a rise of 0.06 (about one standard error of the difference over 192 samples).
+    Not every setting does this: with lr 1e-3 and beta 0 the policy over-optimised the same reward model
+    (gold 0.44 -> 0.16, answers right 0.85 -> 0.20), and with pairs half sign-off, half near misses the
+    reward model (0.83 held-out accuracy) pushed the sign-off up (0.43 -> 0.85, gold 0.44 -> 0.03)."""
+    held_out = learned_rm_world(tmp_path)
+    rm = json.loads((tmp_path / "rm" / "rm_eval.json").read_text())
+    assert rm["eval_accuracy"] >= 0.9, rm  # the reward model has learned its pairs' preference
+    out = tmp_path / "rl"
+    rl.run_rl(RLConfig(
+        output_dir=str(out), seed=0, quiet=True, model=ModelConfig(name_or_path=str(tmp_path / "sft" / "final")),
+        prompts=PromptSource(dataset=str(tmp_path / "prompts"), split="train"),
+        eval_prompts=PromptSource(dataset=str(tmp_path / "prompts"), split="test"),
+        reward=RewardConfig(kind="hf", model=str(tmp_path / "rm" / "final")),
+        gold_reward=GoldRewardConfig(kind="rule", rule="toy"),
+        rl=RLParams(algo="rloo", k=4, max_new_tokens=24, beta=0.05, temperature=1.0, log_samples_steps=0),
+        train=TrainConfig(max_steps=15, batch_size=16, learning_rate=3e-4, scheduler="constant", save_steps=None,
+                          logging_steps=5, eval_steps=5, precision="fp32", metric_for_best="eval_reward")))
+    before, sign_offs_before = sampled_gold(tmp_path / "sft" / "final", held_out)
+    after, sign_offs_after = sampled_gold(out / "final", held_out)
+    print(f"\ngold on held-out prompts {before:.3f} -> {after:.3f}; sign-offs {sign_offs_before:.2f} -> "
+          f"{sign_offs_after:.2f}; reward model held-out pair accuracy {rm['eval_accuracy']:.3f}")
+    assert after >= before + 0.06, (before, after)
+    assert sign_offs_after < sign_offs_before, (sign_offs_before, sign_offs_after)
+    metrics = read_metrics(out)
+    evals = [m for m in metrics if "eval_gold_reward" in m]
+    assert [m["step"] for m in evals] == [0, 5, 10, 15] and all("eval_reward" in m for m in evals)
+    proxy = [m["reward"] for m in metrics if "reward" in m]
+    assert proxy[-1] > proxy[0], proxy  # the proxy (the reward model's score of the samples) rose

@@ -71,6 +71,11 @@ RLOO too) replaces each prompt whose k shaped rewards tie with a prompt drawn fo
 at most `dynamic_sampling_rounds` rounds; with vLLM and top_p < 1 or top_k > 0 the trainer's side of the
 sampler correction is the truncated, renormalised distribution the sampler drew from (`sampling_logprobs`).
 
+Held-out evaluation (`make_eval_fn`): greedy answers to eval_prompts, scored by the training reward
+(eval_reward) and, with `gold_reward` set, by that second judge too (eval_gold_reward), from one
+generation pass; the starting policy is then evaluated as well (step 0), so the report can draw the
+proxy against the gold from where they start (reward over-optimisation, Gao et al. 2022).
+
 Deliberate simplifications: one policy update pass per step for RLOO; no value model; the
 reference is a frozen copy held in memory when beta > 0 (with LoRA, `model.lora`: the policy's own base with
 its adapters off, and the vLLM engine gets each update's adapter as a new LoRA request); the vLLM engine runs in one process only
@@ -565,6 +570,7 @@ def check_rl_config(cfg: RLConfig) -> None:
     if not cfg.eval_prompts.dataset and (cfg.train.eval_steps or cfg.train.early_stopping_patience):
         raise ConfigError("train.eval_steps / train.early_stopping_patience need held-out prompts: set eval_prompts.dataset")
     check_gold_reward(cfg)
+    check_rl_metric(cfg)
 
 
 def gold_needs_prompts(cfg: RLConfig) -> None:
@@ -588,6 +594,22 @@ def check_gold_reward(cfg: RLConfig) -> None:
         check_reward_config(gold.as_reward())
     except ConfigError as e:
         raise ConfigError(f"gold_reward: {str(e).replace('reward.', 'gold_reward.')}") from None
+
+
+RL_EVAL_METRICS = ("eval_reward", "eval_completion_length", "eval_truncated")
+
+
+def check_rl_metric(cfg: RLConfig) -> None:
+    """train.metric_for_best names a metric the held-out evaluation logs (checked before any work, not at
+    the first evaluation)."""
+    if not cfg.eval_prompts.dataset:
+        return
+    produced = set(RL_EVAL_METRICS) | ({"eval_gold_reward"} if cfg.gold_reward.kind != "none" else set())
+    if cfg.win_rate.reference:
+        produced |= {"eval_win_rate", "eval_mean_reward"}
+    if cfg.train.metric_for_best not in produced:
+        raise ConfigError(f"train.metric_for_best: {cfg.train.metric_for_best!r} is not a metric the rl stage's "
+                          f"evaluation logs; expected one of {', '.join(sorted(produced))}")
 
 
 def check_rl_algorithms(p: RLParams) -> None:
