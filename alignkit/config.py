@@ -145,8 +145,9 @@ class TrainConfig:
     """Fill each micro-batch up to this many tokens instead of batch_size examples (sft, dpo, rm): with
     packing, the sequences' tokens; without, rows x the longest row. grad_accum such micro-batches make a step."""
     packing: bool = False
-    """Pack each micro-batch's sequences into one row without padding, each attending only to itself
-    (FlashAttention's variable-length path under flash_attention_2, a block-diagonal mask otherwise)."""
+    """Pack each micro-batch's sequences without padding, several to a row, each attending only to itself
+    (FlashAttention's variable-length path under flash_attention_2, a block-diagonal mask otherwise); sft, dpo,
+    rm and rl."""
     group_by_length: bool = False
     """Without packing: order examples so that each micro-batch holds similar lengths (seeded, as HF's
     LengthGroupedSampler), which cuts padding more cheaply than packing."""

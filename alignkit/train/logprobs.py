@@ -11,6 +11,8 @@ by comparing the one logit the forward still computes, and get full logits. Once
 that check, no-grad passes (RL's old and reference log-probs) run its base model alone, which
 returns the last hidden state only (not every layer's). `temperature` (RL) divides each row's logits
 by the temperature its completion was sampled at, as TRL does, before the log-softmax.
+Packed rows (`data.packing.pack_rows`, with position_ids) run with each sequence attending only to
+itself (`packed_attention`), and their label mask comes back with one row per sequence.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ it covered. The loop divides by the number of units in the whole optimizer step,
 micro-batches and processes, so the loss and its gradient do not depend on how a global batch
 is split into accumulation steps or processes.
 
-Data order is a pure function of (seed, epoch) and the step number, which is what makes resume
+Data order is a pure function of (seed, epoch) and the step number (also with micro-batches filled
+to a token budget or grouped by length: TokenBudgetPlan, LengthGroupedPlan), which is what makes resume
 exact: a resumed run recomputes where it was instead of replaying a data loader. A checkpoint also
 holds the open logging window, so the log lines after a resume match an uninterrupted run's.
 

@@ -654,7 +654,7 @@ def collate_rollout(samples: list[dict], pad_id: int) -> dict:
 @torch.no_grad()
 def sample_logps(model, samples: list[dict], pad_id: int, batch_size: int, entropy: bool, packing: bool = False):
     """Per-sample lists of completion-token log-probs (and each sample's sum of per-token entropies), each
-    at the sample's temperature. packing: each chunk of batch_size samples as one packed row."""
+    at the sample's temperature. packing: each chunk of batch_size samples packed (data.packing.pack_rows)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
