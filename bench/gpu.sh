@@ -70,7 +70,7 @@ cat "$RES/env.json"
 HAS_VLLM=$($PY -c "import vllm" >/dev/null 2>&1 && echo 1 || echo 0)
 
 if [ $SMOKE = 1 ]; then
-  SIZE=tiny DEV=cpu PREC=fp32 L_STAGES=600 L_RL=600 L_GEN=300 L_LM=300
+  SIZE=tiny DEV=cpu PREC=fp32 L_STAGES=300 L_RL=300 L_GEN=200 L_LM=120
   STAGE_ARGS="--stages sft --reps 1 --steps 2 --warmup 1"
   RL_STEPS=2 NEW=16 NPROMPTS=8 LM_ARGS="--layers 1 --batch 1 --seq 128 --steps 1 --warmup 0"
 else
