@@ -70,7 +70,7 @@ cat "$RES/env.json"
 HAS_VLLM=$($PY -c "import vllm" >/dev/null 2>&1 && echo 1 || echo 0)
 
 if [ $SMOKE = 1 ]; then
-  SIZE=tiny DEV=cpu PREC=fp32 L_STAGES=600 L_RL=600 L_GEN=300 L_LM=300
+  SIZE=tiny DEV=cpu PREC=fp32 L_STAGES=300 L_RL=300 L_GEN=200 L_LM=120
   STAGE_ARGS="--stages sft --reps 1 --steps 2 --warmup 1"
   RL_STEPS=2 NEW=16 NPROMPTS=8 LM_ARGS="--layers 1 --batch 1 --seq 128 --steps 1 --warmup 0"
 else
@@ -91,21 +91,18 @@ s = {'size': '$SIZE', 'max_length': 512, 'sft_batch': 1, 'dpo_batch': 1, 'grad_a
 stages.prepare(Path('$WORK'), s)" > "$RES/prepare.log" 2>&1
 
 # 2. GRPO with the colocated vLLM engine, then with transformers, the same steps.
-rl_run() {  # engine, extra options...
-  local engine=$1; shift
-  alignkit_rl=( $PY -m alignkit.cli rl --model.name-or-path "$WORK/model" --prompts.dataset "$WORK/data/prompts.jsonl"
-    --prompts.split train --output-dir "$WORK/rl-$engine" --reward.kind rule --reward.rule stages:length_reward
-    --allow-python-verifier --rl.algo grpo --rl.k 4 --rl.max-new-tokens 32 --rl.beta 0.04 --rl.log-samples-steps 0
-    --rl.engine $engine --train.max-steps $RL_STEPS --train.batch-size 4 --train.learning-rate 1e-6
-    --train.scheduler constant --train.logging-steps 1 --train.save-steps 1000000 --train.precision $PREC --quiet true "$@" )
-  "${alignkit_rl[@]}"
-}
+RL=( $PY -m alignkit.cli rl --model.name-or-path "$WORK/model" --prompts.dataset "$WORK/data/prompts.jsonl"
+  --prompts.split train --reward.kind rule --reward.rule stages:length_reward
+  --allow-python-verifier --rl.algo grpo --rl.k 4 --rl.max-new-tokens 32 --rl.beta 0.04 --rl.log-samples-steps 0
+  --train.max-steps $RL_STEPS --train.batch-size 4 --train.learning-rate 1e-6
+  --train.scheduler constant --train.logging-steps 1 --train.save-steps 1000000 --train.precision $PREC --quiet true )
 if [ $HAS_VLLM = 1 ]; then
-  part rl-vllm $L_RL rl_run vllm --rl.vllm.sleep true --rl.vllm.gpu-memory-utilization 0.3
+  part rl-vllm $L_RL "${RL[@]}" --rl.engine vllm --rl.vllm.sleep true --rl.vllm.gpu-memory-utilization 0.3 \
+    --output-dir "$WORK/rl-vllm"
 else
   echo '{"part": "rl-vllm", "rc": null, "skipped": "vllm does not import"}' >> "$PARTS"
 fi
-part rl-transformers $L_RL rl_run transformers
+part rl-transformers $L_RL "${RL[@]}" --rl.engine transformers --output-dir "$WORK/rl-transformers"
 
 # 3. alignkit generate with vLLM (n samples of each prompt).
 if [ $HAS_VLLM = 1 ]; then
