@@ -329,12 +329,20 @@ def test_lora_reward_model_trains_its_head_and_loads_as_base_plus_adapter(toy, p
     saved = load_file(final / "adapter_model.safetensors")
     assert any("score" in k for k in saved) and any("lora_A" in k for k in saved)  # the head is saved in full
     assert json.loads((final / "adapter_config.json").read_text())["task_type"] == "SEQ_CLS"
-    prompts, responses = ["What is 3 plus 4?", "Spell fish backwards."], ["7", "hsif"]
+    prompts, responses = ["What is 3 plus 4?", "Spell fish backwards."], ["7", "hsif"]  # scored as user turns
     rm = HFRewardModel(str(final), device="cpu")
     assert "+" in rm.identity  # the score cache key covers the adapter and its base
+    assert rm.causal  # scored through the chat template, as its base was in training
     run_merge(MergeConfig(source=str(final), output_dir=str(tmp_path / "merged")))
-    merged = HFRewardModel(str(tmp_path / "merged"), device="cpu")
-    assert rm.score(prompts, responses) == pytest.approx(merged.score(prompts, responses), abs=1e-4)
+    from transformers import AutoModelForSequenceClassification
+
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    from alignkit.rewards.inputs import reward_input_ids
+
+    for p, r, s in zip(prompts, responses, rm.score([[{"role": "user", "content": p}] for p in prompts], responses)):
+        ids = torch.tensor([reward_input_ids(rm.tokenizer, True, [{"role": "user", "content": p}], r, 64)])
+        with torch.no_grad():
+            assert merged(input_ids=ids).logits[0, 0].item() == pytest.approx(s, abs=1e-4)
 
 
 def test_job_fingerprint_of_an_adapter_covers_its_base(lora_sft, toy):
