@@ -359,3 +359,26 @@ def test_job_fingerprint_of_an_adapter_covers_its_base(lora_sft, toy):
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # the base changes
     after = model_fingerprint(ModelConfig(name_or_path=str(lora_sft / "final")))
     assert after["weights"] == before["weights"] and after["base"] != before["base"]
+
+
+def test_lora_rl_reference_is_the_base_with_adapters_off(toy, monkeypatch, tmp_path):
+    """RL (GRPO, beta > 0) with LoRA loads one model; the KL to the reference is 0 before the first update
+    (the adapters start at B = 0) and positive after it; final/ is an adapter folder."""
+    import alignkit.train.rl as rl
+    from alignkit.generation import PromptSource
+    from alignkit.rewards.backends import RewardConfig
+
+    calls = []
+    real = rl.load_causal_lm
+    monkeypatch.setattr(rl, "load_causal_lm", lambda *a, **k: calls.append(k.get("path")) or real(*a, **k))
+    write_jsonl([{"prompt": p} for p in PROMPTS], tmp_path / "prompts" / "train.jsonl")
+    rl.run_rl(rl.RLConfig(
+        output_dir=str(tmp_path / "rl"), seed=0, quiet=True, model=ModelConfig(name_or_path=str(toy / "base"), lora=LORA),
+        prompts=PromptSource(dataset=str(tmp_path / "prompts"), split="train"), reward=RewardConfig(kind="rule", rule="toy"),
+        rl=rl.RLParams(algo="grpo", k=4, max_new_tokens=12, beta=0.1, temperature=1.0, log_samples_steps=0),
+        train=TrainConfig(max_steps=2, batch_size=8, learning_rate=1e-2, scheduler="constant", save_steps=None,
+                          logging_steps=1, precision="fp32")))
+    assert len(calls) == 1
+    kl = [m["kl"] for m in read_metrics(tmp_path / "rl") if "kl" in m]
+    assert kl[0] == pytest.approx(0.0, abs=1e-6) and kl[-1] > 0, kl
+    assert is_adapter_dir(tmp_path / "rl" / "final")
