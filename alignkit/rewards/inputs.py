@@ -13,10 +13,12 @@ from transformers import AutoConfig, AutoTokenizer
 
 from ..config import ModelConfig
 from ..data.chat import tokenize_conversation
-from ..models import ChatTokenizer, check_source, load_tokenizer
+from ..models import ChatTokenizer, adapter_base, check_source, is_adapter_dir, load_tokenizer
 
 
 def is_causal_lm(source: str, trust_remote_code: bool) -> bool:
+    if is_adapter_dir(source):  # a LoRA reward model reads what its base read in training
+        return is_causal_lm(adapter_base(source), trust_remote_code)
     config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     return any(a.endswith("ForCausalLM") for a in (config.architectures or []))
 
