@@ -17,10 +17,22 @@ from ..models import ChatTokenizer, adapter_base, check_source, is_adapter_dir, 
 
 
 def is_causal_lm(source: str, trust_remote_code: bool) -> bool:
+    """A decoder (read through its chat template), not an encoder: a causal LM, or a sequence classifier
+    of a model family that has a causal head and no masked-LM head (Qwen2ForSequenceClassification, as
+    `alignkit rm` saves it, or Skywork-Reward's Qwen3/Llama classifiers); BERT-like encoders are not."""
     if is_adapter_dir(source):  # a LoRA reward model reads what its base read in training
         return is_causal_lm(adapter_base(source), trust_remote_code)
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
     config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-    return any(a.endswith("ForCausalLM") for a in (config.architectures or []))
+    architectures = config.architectures or []
+    if any(a.endswith("ForCausalLM") for a in architectures):
+        return True
+    kind = getattr(config, "model_type", None)
+    return (any(a.endswith("ForSequenceClassification") for a in architectures)
+            and kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES)
 
 
 def load_reward_tokenizer(model_cfg: ModelConfig) -> tuple[ChatTokenizer, bool]:
