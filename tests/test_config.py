@@ -81,6 +81,6 @@ def test_shipped_recipes_load():
         stage = path.name.split("-", 1)[0]
         if stage == "pipeline" or "stages" in (yaml.safe_load(path.read_text()) or {}):
             continue  # a pipeline file, not a stage recipe: test_pipeline.py (and its own test) checks it
-        stage = {"rloo": "rl", "grpo": "rl"}.get(stage, stage)
+        stage = {"rloo": "rl", "grpo": "rl", "self": "self-improve"}.get(stage, stage)
         cfg = C.load(STAGES[stage].config, path)
         assert cfg.output_dir.startswith("runs/")

@@ -256,8 +256,11 @@ def test_the_curriculum_recipe_is_a_valid_pipeline():
     pipe = read_pipeline(ROOT / "recipes" / "curriculum-qwen2.5-0.5b.yaml")
     kinds = [s.kind for s in pipe.stages]
     names = [s.name for s in pipe.stages]
-    assert kinds.index("curriculum") < kinds.index("rl") < names.index("eval-after")
+    assert kinds.index("curriculum") < kinds.index("pairs") < kinds.index("dpo") < names.index("eval-after")
     assert names.index("eval-before") < kinds.index("curriculum")
+    stages = {s.name: s for s in pipe.stages}  # the pairs are built on the curriculum's prompts, DPO on the pairs
+    assert set(stages["pairs"].upstream) == {"curriculum"} and set(stages["dpo"].upstream) == {"pairs"}
+    assert stages["pairs"].config.prompts.dataset.endswith("curriculum/prompts.jsonl")
 
 
 def test_the_report_shows_loss_rates_before_and_after(tmp_path, endpoint):
