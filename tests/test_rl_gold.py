@@ -348,7 +348,9 @@ def test_rl_against_a_learned_reward_model_raises_the_gold_score(tmp_path):
     The test asks for a rise of 0.06 (about one standard error of the difference over 192 samples).
     Not every setting does this: with lr 1e-3 and beta 0 the policy over-optimised the same reward model
     (gold 0.44 -> 0.16, answers right 0.85 -> 0.20), and with pairs half sign-off, half near misses the
-    reward model (0.83 held-out accuracy) pushed the sign-off up (0.43 -> 0.85, gold 0.44 -> 0.03)."""
+    reward model (0.83 held-out accuracy) pushed the sign-off up (0.43 -> 0.85, gold 0.44 -> 0.03).
+    Those figures predate the fix that scores a saved decoder reward model through its chat template (as in
+    training); the test passes after it, the figures were not re-measured."""
     held_out = learned_rm_world(tmp_path)
     rm = json.loads((tmp_path / "rm" / "rm_eval.json").read_text())
     assert rm["eval_accuracy"] >= 0.9, rm  # the reward model has learned its pairs' preference
