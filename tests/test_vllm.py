@@ -261,6 +261,12 @@ def test_lora_adapter_goes_to_the_engine_as_lora_requests(tmp_path, trained_mode
         assert [p.name for p in (tmp_path / "adapters").iterdir()] == ["v2"]  # superseded adapters removed
 
 
+def reply_length(prompt: str, response: str) -> float:
+    """A test reward that differs between samples (loaded as 'tests.test_vllm:reply_length'): the toy
+    verifier ties every group of the trained model, which leaves no gradient and proves nothing."""
+    return float(len(response.strip()))
+
+
 def test_rl_with_lora_on_the_vllm_engine(tmp_path, trained_model, toy_data_dir):
     """GRPO with LoRA on the colocated engine: adapters pushed as LoRA requests once per update, the
     sampler agreeing with the trainer (so the engine samples base + current adapter), the KL to the
@@ -275,7 +281,8 @@ def test_rl_with_lora_on_the_vllm_engine(tmp_path, trained_model, toy_data_dir):
     vllm = RLVLLMOptions(max_model_len=512, enforce_eager=True, gpu_memory_utilization=0.3)
     run_rl(RLConfig(output_dir=str(tmp_path / "rl"), seed=0, quiet=True,
                     model=ModelConfig(name_or_path=str(trained_model), lora=LoRAConfig(r=8)),
-                    prompts=PromptSource(dataset=str(toy_data_dir), split="train"), reward=RewardConfig(kind="rule", rule="toy"),
+                    prompts=PromptSource(dataset=str(toy_data_dir), split="train"),
+                    reward=RewardConfig(kind="rule", rule="tests.test_vllm:reply_length", allow_python_verifier=True),
                     rl=RLParams(algo="grpo", k=4, max_new_tokens=12, beta=0.05, temperature=1.0, engine="vllm", vllm=vllm,
                                 vllm_is_threshold=2.0, log_samples_steps=0),
                     train=TrainConfig(max_steps=3, batch_size=4, grad_accum=1, learning_rate=3e-2, scheduler="constant",
@@ -285,5 +292,6 @@ def test_rl_with_lora_on_the_vllm_engine(tmp_path, trained_model, toy_data_dir):
     for r in rows:
         if "vllm_mismatch_kl" in r:
             assert 0 <= r["vllm_mismatch_kl"] < 1e-3, r
+    assert rows[0]["groups_all_equal"] < 1 and rows[0]["grad_norm"] > 0  # a learning signal, so the adapter moves
     assert rows[-1]["kl"] > 0  # the policy moved away from its base (adapters off)
     assert is_adapter_dir(tmp_path / "rl" / "final")
