@@ -10,6 +10,10 @@ import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import pytest
+
+from alignkit.loops import textgen
+
 
 class Endpoint:
     def __init__(self, answer):
@@ -47,3 +51,23 @@ class Endpoint:
     def close(self):
         self.server.shutdown()
         self.server.server_close()
+
+
+@pytest.fixture(autouse=True)
+def fast_backoff(monkeypatch):
+    """Retries of the endpoint client wait 10 ms, not seconds."""
+    monkeypatch.setattr(textgen, "BACKOFF_S", 0.01)
+
+
+@pytest.fixture
+def endpoint():
+    """Start scripted endpoints with `endpoint(answer)`; all are closed after the test."""
+    made = []
+
+    def start(answer):
+        made.append(Endpoint(answer))
+        return made[-1]
+
+    yield start
+    for e in made:
+        e.close()

@@ -18,7 +18,7 @@ from alignkit.loops.augment import AugmentConfig, DiversityConfig, diversify, em
 from alignkit.loops.categories import allocate, drop_duplicates, greedy_max_min, normalize, threshold_select
 
 from .conftest import read_jsonl
-from .loops_stub import Endpoint
+from .loops_stub import Endpoint, endpoint, fast_backoff  # noqa: F401 (fixtures)
 
 BREAD = ["How do I bake sourdough bread at home?", "How can I bake sourdough bread at home?",
          "What is the way to bake sourdough bread at home?"]
@@ -26,24 +26,6 @@ DISTINCT = ["Explain how a transistor works.", "List three prime numbers greater
             "Translate good morning into Japanese.", "What causes the seasons on Earth?"]
 SEED = "Write a poem about the sea."
 SEED_PARAPHRASE = "Write a poem about the ocean."
-
-
-@pytest.fixture(autouse=True)
-def fast_backoff(monkeypatch):
-    monkeypatch.setattr(textgen, "BACKOFF_S", 0.01)
-
-
-@pytest.fixture
-def endpoint():
-    made = []
-
-    def start(answer):
-        made.append(Endpoint(answer))
-        return made[-1]
-
-    yield start
-    for e in made:
-        e.close()
 
 
 def minilm() -> str:

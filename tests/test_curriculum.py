@@ -17,28 +17,10 @@ from alignkit.loops.categories import (OTHER, category_rates, keyword_category, 
 from alignkit.loops.curriculum import CurriculumConfig, clean_prompt, run_curriculum
 
 from .conftest import ROOT, read_jsonl
-from .loops_stub import Endpoint
+from .loops_stub import Endpoint, endpoint, fast_backoff  # noqa: F401 (fixtures)
 
 # planted: math loses 8 of 10, coding 3 of 10, writing 1 of 10; five uncategorised rows lose every time
 PLANTED = {"math": (10, 8), "coding": (10, 3), "writing": (10, 1)}
-
-
-@pytest.fixture(autouse=True)
-def fast_backoff(monkeypatch):
-    monkeypatch.setattr(textgen, "BACKOFF_S", 0.01)
-
-
-@pytest.fixture
-def endpoint():
-    made = []
-
-    def start(answer):
-        made.append(Endpoint(answer))
-        return made[-1]
-
-    yield start
-    for e in made:
-        e.close()
 
 
 def write_eval(path, with_category=True):
