@@ -44,8 +44,11 @@ def test_demo_world_has_an_rl_prompt_set_and_checks_the_split(tmp_path):
     rl = {r["prompt"] for r in rl_train}
     sft = {prompt_of(r) for r in rows(tmp_path / "data" / "train.jsonl")}
     pairs = {f: {prompt_of(r) for r in rows(tmp_path / "prefs" / f)} for f in ("train_prefs.jsonl", "test_prefs.jsonl")}
-    assert not set(test) & rl and not rl & sft and not rl & pairs["train_prefs.jsonl"] | pairs["test_prefs.jsonl"]
-    assert not pairs["test_prefs.jsonl"] & (sft | pairs["train_prefs.jsonl"]) and pairs["train_prefs.jsonl"] <= sft
+    assert not set(test) & rl and not rl & sft and not rl & (pairs["train_prefs.jsonl"] | pairs["test_prefs.jsonl"])
+    assert not pairs["test_prefs.jsonl"] & (sft | pairs["train_prefs.jsonl"])
+    from alignkit.demo.world import split_prompts
+
+    assert pairs["train_prefs.jsonl"] <= {p for ps in split_prompts().train.values() for p in ps}
     assert Counter(r["category"] for r in rl_train) == dict.fromkeys(KINDS, len(rl_train) // len(KINDS))
     assert len(rl) == counts["rl_prompts_train_distinct_prompts"] == 400
     assert counts["held_out_in_training_files"] == {
