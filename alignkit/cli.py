@@ -37,7 +37,7 @@ from .train.loop import check_launch
 @dataclass
 class DemoConfig:
     output_dir: str = "runs/demo"
-    steps: int = 600
+    steps: int = 1000
     """SFT optimizer steps."""
     dpo_steps: int = 200
     """DPO optimizer steps after SFT."""

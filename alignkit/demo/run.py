@@ -31,6 +31,7 @@ from .world import (
     build_tokenizer,
     HABIT_SHARE,
     N_HELD_OUT,
+    N_SFT_CHATS,
     NOISE_SHARE,
     PAIR_SIGN_OFF_SHARE,
     SIGN_OFF,
@@ -130,7 +131,7 @@ def score_replies(prompts: list[dict], texts: list[str], finishes: list[str]) ->
 def write_world_data(world: Path) -> dict:
     """The demo's data (chats, preference pairs, RL prompts) and their sizes; no held-out prompt is in
     any training file (`data_counts` checks the files as written)."""
-    write_chat_data(world / "data", n_train=4000, n_test=N_HELD_OUT, sign_off_share=SIGN_OFF_SHARE,
+    write_chat_data(world / "data", n_train=N_SFT_CHATS, n_test=N_HELD_OUT, sign_off_share=SIGN_OFF_SHARE,
                     habit_share=HABIT_SHARE, noise_share=NOISE_SHARE)
     write_preference_data(world / "prefs", n_train=2000, n_test=100, held_out=N_HELD_OUT,
                           sign_off_share=PAIR_SIGN_OFF_SHARE)
@@ -146,7 +147,7 @@ ANSWERS = {"sft": "eval-dpo-vs-sft/reference", "dpo": "eval-dpo-vs-sft/model", "
 EVALS = ("dpo-vs-sft", "rloo-vs-sft", "rloo-rm-vs-sft")
 
 
-def run_demo(output_dir: str = "runs/demo", steps: int = 600, dpo_steps: int = 200, quiet: bool = False, seed: int = 0,
+def run_demo(output_dir: str = "runs/demo", steps: int = 1000, dpo_steps: int = 200, quiet: bool = False, seed: int = 0,
              rl_steps: int = 80, rm_steps: int = 150, full: bool = False) -> Path:
     out = Path(output_dir)
     world = out / "world"

@@ -49,6 +49,10 @@ NOISE_SHARE = 0.1
 PAIR_SIGN_OFF_SHARE = 0.2
 """Share of the demo's preference pairs whose rejected reply is the right answer with the sign-off."""
 
+N_SFT_CHATS = 20000
+"""SFT chats the demo writes: about 1.6 passes in its 1,000 steps of 32. With 4,000 chats (4.8 passes in
+600 steps) the SFT model was right on 14% of the held-out prompts, sign-off ignored (seed 0, 2026-12-07;
+training loss 0.58, held-out loss 0.94)."""
 N_HELD_OUT = 160
 """Distinct held-out prompts of the demo: 32 of each kind."""
 MAX_HELD_OUT_SHARE = 0.4
