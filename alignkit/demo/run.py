@@ -29,6 +29,7 @@ from ..train.sft import SFTConfig
 from .task import toy_reward
 from .world import (
     build_tokenizer,
+    DEMO_VOCAB,
     HABIT_SHARE,
     N_HELD_OUT,
     N_SFT_CHATS,
@@ -152,7 +153,7 @@ def run_demo(output_dir: str = "runs/demo", steps: int = 1000, dpo_steps: int = 
     out = Path(output_dir)
     world = out / "world"
     prepare_output_dir(out)
-    tok_dir = build_tokenizer(world / "tokenizer")
+    tok_dir = build_tokenizer(world / "tokenizer", vocab_size=DEMO_VOCAB)
     chat = load_tokenizer(ModelConfig(name_or_path=str(tok_dir)))
     write_model_config(world / "model-config", vocab_size=len(chat.tokenizer))
     init_model(str(world / "model-config"), world / "base-model", tokenizer_source=str(tok_dir), seed=seed)
