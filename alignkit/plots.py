@@ -166,3 +166,33 @@ def matrix_heatmap(labels: list[str], table: list[list[float | None]], path: str
     ax.set_title(plain(title, 80))
     fig.colorbar(image, ax=ax)
     return save(fig, path)
+
+
+def proxy_gold(rows: list[dict], path: str | Path, title: str, proxy_label: str, gold_label: str) -> Path | None:
+    """Reward over-optimisation (Gao et al. 2022): the proxy reward that RL maximises (its mean on the
+    training samples, `reward`, each logged step; on held-out greedy answers, `eval_reward`) on the left
+    axis, the gold reward of the same held-out answers (`eval_gold_reward`) on the right, against steps."""
+    gold = series(rows, "eval_gold_reward")
+    if not gold[0]:
+        return None
+    fig = new_figure(7.5, 3.8)
+    ax = fig.add_subplot(1, 1, 1)
+    right = ax.twinx()
+    lines = []
+    train = series(rows, "reward")
+    if train[0]:
+        lines += ax.plot(*train, color="tab:blue", alpha=0.45, linewidth=1,
+                         label=plain(f"proxy, training samples: {proxy_label}", 70))
+    held = series(rows, "eval_reward")
+    if held[0]:
+        lines += ax.plot(*held, color="tab:blue", marker="o", markersize=4,
+                         label=plain(f"proxy, held-out: {proxy_label}", 70))
+    lines += right.plot(*gold, color="tab:orange", marker="s", markersize=4, linewidth=2,
+                        label=plain(f"gold, held-out: {gold_label}", 70))
+    ax.set_xlabel("step")
+    ax.set_ylabel("proxy reward", color="tab:blue")
+    right.set_ylabel("gold reward", color="tab:orange")
+    ax.grid(alpha=0.3)
+    ax.legend(lines, [line.get_label() for line in lines], fontsize=7, loc="best")
+    ax.set_title(plain(title, 80))
+    return save(fig, path)

@@ -415,6 +415,79 @@ def curves_section(rep: Report, stages: list[StageRun]) -> None:
             rep.image(path, f"training curves of {s.name}")
 
 
+GOLD_TABLE_ROWS = 12
+"""Evaluation points listed in a proxy-vs-gold table at most (evenly spread, the first, the last and the
+gold's best kept); the figure shows them all."""
+
+
+def reward_label(reward, run_dir: Path) -> str:
+    """A reward as the report names it: kind and rule, or kind and model (a path inside the run shortened)."""
+    if isinstance(reward, dict) and reward.get("kind") == "hf" and reward.get("model"):
+        return f"hf {short(reward['model'], run_dir)}"
+    return reward_text(reward) or "-"
+
+
+def gold_points(stage: StageRun) -> list[dict]:
+    """The evaluations of an RL stage that scored a gold reward (numbers only), in step order."""
+    return [r for r in stage.metrics if is_number(r.get("step")) and is_number(r.get("eval_gold_reward"))
+            and math.isfinite(r["eval_gold_reward"])]
+
+
+def gold_section(rep: Report, stages: list[StageRun]) -> None:
+    """Per RL stage with a gold reward: proxy (the training reward) and gold against steps, the eval points,
+    and what they show (a gold that peaks and falls while the proxy rises: over-optimisation)."""
+    runs = [(s, gold_points(s)) for s in stages if s.kind == "rl"]
+    runs = [(s, points) for s, points in runs if points]
+    if not runs:
+        return
+    rep.add("", "## Proxy and gold reward", "",
+            "RL maximises the proxy (its training reward, e.g. a learned reward model); the gold reward (another "
+            "judge, e.g. the verifier) scores the same greedy answers to the held-out prompts at each evaluation. "
+            "A proxy that keeps rising while the gold falls is reward over-optimisation (Gao et al. 2022, "
+            "\"Scaling laws for reward model overoptimization\").")
+    for s, points in runs:
+        proxy, gold = reward_label(s.config.get("reward"), rep.run_dir), reward_label(s.config.get("gold_reward"), rep.run_dir)
+        rep.add("", f"### {md_cell(s.title())}", "", f"Proxy: {md_cell(proxy)}. Gold: {md_cell(gold)}.", "")
+        trained = {r["step"]: r["reward"] for r in s.metrics if is_number(r.get("step")) and is_number(r.get("reward"))}
+        shown = points
+        if len(points) > GOLD_TABLE_ROWS:
+            best = max(range(len(points)), key=lambda i: points[i]["eval_gold_reward"])
+            keep = {round(i * (len(points) - 1) / (GOLD_TABLE_ROWS - 2)) for i in range(GOLD_TABLE_ROWS - 1)} | {best}
+            shown = [points[i] for i in sorted(keep)]
+        rep.add("| step | proxy, training samples | proxy, held-out | gold, held-out |", "|---|---|---|---|")
+        for r in shown:
+            step = number(r["step"]) + (f" (restored from {number(r['restored_from_step'])})"
+                                        if is_number(r.get("restored_from_step")) else "")
+            held = number(r["eval_reward"]) if is_number(r.get("eval_reward")) else "-"
+            rep.add(f"| {step} | {number(trained[r['step']]) if r['step'] in trained else '-'} | {held} "
+                    f"| {number(r['eval_gold_reward'])} |")
+        if len(shown) < len(points):
+            rep.add("", f"{len(shown)} of {len(points)} evaluations listed (the figure has all).")
+        rep.add("", gold_verdict(points))
+        if rep.draw:
+            path = plots.proxy_gold(s.metrics, rep.plot_path("proxy-gold", s), f"{s.title()}: proxy and gold reward",
+                                    proxy, gold)
+            rep.image(path, f"proxy reward ({proxy}) and gold reward ({gold}) of {s.name} against steps")
+
+
+def gold_verdict(points: list[dict]) -> str:
+    """What the evaluation points show, in a sentence or two (numbers only from the points)."""
+    first, last = points[0], points[-1]
+    best = max(points, key=lambda r: r["eval_gold_reward"])
+    text = (f"Gold reward {number(first['eval_gold_reward'])} at step {number(first['step'])}, "
+            f"{number(last['eval_gold_reward'])} at step {number(last['step'])}")
+    if is_number(first.get("eval_reward")) and is_number(last.get("eval_reward")):
+        text += f"; held-out proxy {number(first['eval_reward'])} -> {number(last['eval_reward'])}"
+    text += "."
+    proxy_rose = is_number(best.get("eval_reward")) and is_number(last.get("eval_reward")) and last["eval_reward"] > best["eval_reward"]
+    if best is not last and last["eval_gold_reward"] < best["eval_gold_reward"] and proxy_rose:
+        text += (f" The gold peaked at step {number(best['step'])} ({number(best['eval_gold_reward'])}) and fell while "
+                 "the proxy kept rising: over-optimisation of the proxy. train.metric_for_best: eval_gold_reward with "
+                 "train.early_stopping_patience keeps the gold's best checkpoint; a larger rl.beta holds the policy "
+                 "closer to the reference.")
+    return text
+
+
 def comparison_label(r: dict, run_dir: Path) -> tuple[str, str]:
     return short(r.get("model", "A"), run_dir), short(r.get("reference", "B"), run_dir)
 
@@ -668,6 +741,7 @@ def render(run_dir: Path, out: Path, stages: list[StageRun], samples: int, draw:
         return rep
     stages_section(rep, stages)
     curves_section(rep, stages)
+    gold_section(rep, stages)
     evals_section(rep, stages)
     bon_section(rep, stages)
     samples_section(rep, stages, samples)

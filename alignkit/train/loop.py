@@ -71,6 +71,9 @@ class RunOptions:
     config: object | None = None
     """The stage's whole config: written to output_dir/config.yaml once the run may start, and
     compared with the saved one on resume."""
+    eval_at_start: bool = False
+    """Also evaluate the starting weights, logged at step 0 (not a candidate for the best checkpoint):
+    where the eval curves start (RL with a gold reward)."""
 
 
 @dataclass
@@ -417,6 +420,10 @@ def train(
         how = "set by train.greater_is_better" if cfg.greater_is_better is not None else "inferred from its name"
         log.info("best checkpoint by %s: %s is better (%s)", cfg.metric_for_best, "higher" if greater else "lower", how)
     bar = tqdm(total=plan.total_steps, initial=state.step, disable=run.quiet or not is_main, desc="train", dynamic_ncols=True)
+    if has_eval and run.eval_at_start and state.step == 0:
+        if is_main:
+            keep_metrics_until(metrics_path, -1)  # a step-0 line of an earlier start of this run
+        log_line({"step": 0, "epoch": 0.0, **measure()})
     window = new_window(saved.get("log_window"))
     grad_norm = None
     while state.step < plan.total_steps and not state.stop:

@@ -71,6 +71,11 @@ RLOO too) replaces each prompt whose k shaped rewards tie with a prompt drawn fo
 at most `dynamic_sampling_rounds` rounds; with vLLM and top_p < 1 or top_k > 0 the trainer's side of the
 sampler correction is the truncated, renormalised distribution the sampler drew from (`sampling_logprobs`).
 
+Held-out evaluation (`make_eval_fn`): greedy answers to eval_prompts, scored by the training reward
+(eval_reward) and, with `gold_reward` set, by that second judge too (eval_gold_reward), from one
+generation pass; the starting policy is then evaluated as well (step 0), so the report can draw the
+proxy against the gold from where they start (reward over-optimisation, Gao et al. 2022).
+
 Deliberate simplifications: one policy update pass per step for RLOO; no value model; the
 reference is a frozen copy held in memory when beta > 0; the vLLM engine runs in one process only
 (no tensor parallelism, no multi-process training).
@@ -83,7 +88,7 @@ import logging
 import time
 import zlib
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
@@ -91,6 +96,7 @@ import torch
 from transformers import set_seed
 
 from ..config import ConfigError, ModelConfig, TrainConfig
+from ..config import validate as validate_section
 from ..data.chat import IGNORE_INDEX, tokenize_prompt
 from ..data.collate import pad
 from .winrate_callback import WinRateDuringTraining, win_rate_callbacks
@@ -99,7 +105,7 @@ from ..generation import (
     ColocatedVLLM, SamplingParams, VLLMOptions, generate, sleep_mode_available, vllm_engine,
 )
 from ..models import disable_dropout, load_causal_lm, load_tokenizer
-from ..rewards.backends import RewardConfig, build_backend, last_user_text
+from ..rewards.backends import RewardConfig, build_backend, check_reward_config, last_user_text
 from .logprobs import label_logps, label_logps_entropy
 from .loop import LossOutput, RunOptions, SourceFailed, StepPlan, StepSource, TrainingDiverged, distributed_state, to_device, train
 
@@ -474,6 +480,27 @@ def no_prompts() -> PromptSource:
 
 
 @dataclass
+class GoldRewardConfig(RewardConfig):
+    """A second reward that only judges: the held-out score the training reward stands in for."""
+
+    kind: Literal["none", "hf", "remote", "rule"] = "none"
+    """none: no gold reward. Else as reward.kind: hf (a reward model), remote (an API), rule (a verifier)."""
+    cache: str = "auto"
+    """Score cache: auto (<output_dir>/scores.sqlite: greedy answers to the same held-out prompts recur from
+    one evaluation to the next), none/off (no cache), or a SQLite file."""
+
+    def validate(self, prefix: str) -> None:
+        """The checks of a `reward` section (ranges, the model folder, remote's settings), when set."""
+        if self.kind != "none":
+            validate_section(self.as_reward(), prefix)
+
+    def as_reward(self) -> RewardConfig:
+        if self.kind == "none":
+            raise ConfigError("gold_reward.kind is none: there is no gold reward")
+        return RewardConfig(**{f.name: getattr(self, f.name) for f in fields(RewardConfig)})
+
+
+@dataclass
 class RLConfig:
     output_dir: str = "runs/rl"
     seed: int = 42
@@ -492,6 +519,14 @@ class RLConfig:
     train: TrainConfig = field(default_factory=rl_train_defaults)
     """batch_size counts prompts per micro-batch (each brings k samples)."""
     win_rate: WinRateDuringTraining = field(default_factory=WinRateDuringTraining)
+    gold_reward: GoldRewardConfig = field(default_factory=GoldRewardConfig)
+    """A second reward, scored at every evaluation on the same greedy answers to eval_prompts as
+    eval_reward, logged as eval_gold_reward (kind none: unset). The training reward is then the proxy:
+    the report draws both against steps, so over-optimisation of the proxy shows (Gao et al. 2022)."""
+
+    def validate(self, prefix: str) -> None:
+        """On load (config.validate): a gold reward needs held-out prompts."""
+        gold_needs_prompts(self)
 
 
 def check_rl_config(cfg: RLConfig) -> None:
@@ -529,6 +564,47 @@ def check_rl_config(cfg: RLConfig) -> None:
     check_rl_algorithms(p)
     if not cfg.eval_prompts.dataset and (cfg.train.eval_steps or cfg.train.early_stopping_patience):
         raise ConfigError("train.eval_steps / train.early_stopping_patience need held-out prompts: set eval_prompts.dataset")
+    check_gold_reward(cfg)
+    check_rl_metric(cfg)
+
+
+def gold_needs_prompts(cfg: RLConfig) -> None:
+    if cfg.gold_reward.kind != "none" and not cfg.eval_prompts.dataset:
+        raise ConfigError(f"gold_reward.kind: {cfg.gold_reward.kind} scores greedy answers to held-out prompts at "
+                          "each evaluation; set eval_prompts.dataset (and train.eval_steps to evaluate during "
+                          "training)")
+
+
+def check_gold_reward(cfg: RLConfig) -> None:
+    """gold_reward, when set: held-out prompts to score, and what can be checked of a reward without
+    loading it (the messages name gold_reward, not reward)."""
+    gold = cfg.gold_reward
+    if gold.kind == "none":
+        return
+    gold_needs_prompts(cfg)
+    if gold.kind == "hf" and not gold.model:
+        raise ConfigError("gold_reward.model is required for gold_reward.kind 'hf' (a reward model folder or Hub id)")
+    validate_section(gold.as_reward(), "gold_reward.")
+    try:
+        check_reward_config(gold.as_reward())
+    except ConfigError as e:
+        raise ConfigError(f"gold_reward: {str(e).replace('reward.', 'gold_reward.')}") from None
+
+
+RL_EVAL_METRICS = ("eval_reward", "eval_completion_length", "eval_truncated")
+
+
+def check_rl_metric(cfg: RLConfig) -> None:
+    """train.metric_for_best names a metric the held-out evaluation logs (checked before any work, not at
+    the first evaluation)."""
+    if not cfg.eval_prompts.dataset:
+        return
+    produced = set(RL_EVAL_METRICS) | ({"eval_gold_reward"} if cfg.gold_reward.kind != "none" else set())
+    if cfg.win_rate.reference:
+        produced |= {"eval_win_rate", "eval_mean_reward"}
+    if cfg.train.metric_for_best not in produced:
+        raise ConfigError(f"train.metric_for_best: {cfg.train.metric_for_best!r} is not a metric the rl stage's "
+                          f"evaluation logs; expected one of {', '.join(sorted(produced))}")
 
 
 def check_rl_algorithms(p: RLParams) -> None:
@@ -1105,13 +1181,14 @@ def rl_loss_fn(p: RLParams):
 # --------------------------------------------------------------------------- evaluation on held-out prompts
 
 
-def make_eval_fn(cfg: RLConfig, chat, backend):
+def make_eval_fn(cfg: RLConfig, chat, backend, gold=None, rows: list[dict] | None = None):
+    """Greedy answers to eval_prompts, scored by the training reward (eval_reward) and, with a `gold`
+    backend, by the gold reward too (eval_gold_reward): one generation pass, two scores per answer.
+    rows: the eval prompts when the caller loaded (and checked) them already."""
     if not cfg.eval_prompts.dataset:
         return None
-    rows = load_prompts(cfg.eval_prompts)
-    if not rows:
-        raise ConfigError(f"eval_prompts: no prompts in {cfg.eval_prompts.dataset}")
-    check_prompt_rows(backend, rows, "eval_prompts")
+    if rows is None:
+        rows = load_eval_prompts(cfg, backend, gold)
     params = SamplingParams(max_new_tokens=cfg.rl.max_new_tokens, temperature=0.0)
 
     def eval_fn(model) -> dict:
@@ -1119,18 +1196,42 @@ def make_eval_fn(cfg: RLConfig, chat, backend):
         mine = rows[state.process_index :: state.num_processes]
         prompts = [r["messages"] for r in mine]
         outs = [c[0] for c in generate(model, chat, prompts, params, cfg.rl.generation_batch_size)] if mine else []
-        rewards = backend.score(prompts, [o.text for o in outs], columns=[r["columns"] for r in mine]) if mine else []
+        texts, columns = [o.text for o in outs], [r["columns"] for r in mine]
+        rewards = backend.score(prompts, texts, columns=columns) if mine else []
+        golds = gold.score(prompts, texts, columns=columns) if mine and gold is not None else []
         # lengths count every sampled token, the stop token included, as completion_length and max_new_tokens do
         lengths = sum(len(o.token_ids) + (o.stop_id is not None) for o in outs)
         cut = sum(o.finish_reason == "length" for o in outs)
-        sums = torch.tensor([sum(rewards), len(rewards), lengths, cut], dtype=torch.float64)
+        sums = torch.tensor([sum(rewards), len(rewards), lengths, cut, sum(golds)], dtype=torch.float64)
         if state.num_processes > 1:
             sums = sums.to(state.device)
             torch.distributed.all_reduce(sums)
         s = sums.cpu().tolist()
-        return {"eval_reward": s[0] / s[1], "eval_completion_length": s[2] / s[1], "eval_truncated": s[3] / s[1]}
+        metrics = {"eval_reward": s[0] / s[1], "eval_completion_length": s[2] / s[1], "eval_truncated": s[3] / s[1]}
+        if gold is not None:
+            metrics["eval_gold_reward"] = s[4] / s[1]
+        return metrics
 
     return eval_fn
+
+
+def load_eval_prompts(cfg: RLConfig, backend, gold=None) -> list[dict]:
+    """The held-out prompts, checked against both rewards' verifiers (naming row and column)."""
+    rows = load_prompts(cfg.eval_prompts)
+    if not rows:
+        raise ConfigError(f"eval_prompts: no prompts in {cfg.eval_prompts.dataset}")
+    check_prompt_rows(backend, rows, "eval_prompts")
+    if gold is not None:
+        check_prompt_rows(gold, rows, "eval_prompts (gold_reward)")
+    return rows
+
+
+def gold_backend(cfg: RLConfig, out: Path):
+    """The gold reward's backend (None when gold_reward.kind is none), behind its score cache."""
+    if cfg.gold_reward.kind == "none":
+        return None
+    gold = cfg.gold_reward.as_reward()
+    return build_backend(gold, gold.cache_path(out))
 
 
 # --------------------------------------------------------------------------- the stage
@@ -1155,6 +1256,8 @@ def run_rl(cfg: RLConfig, callbacks=()) -> Path:
         raise ConfigError(f"prompts: no prompts in {cfg.prompts.dataset}")
     backend = build_backend(cfg.reward, cfg.reward.cache_path(out) if cfg.reward.cache not in ("auto", "") else None)
     check_prompt_rows(backend, prompts, "prompts")
+    gold = gold_backend(cfg, out)  # before the policy loads: a bad gold reward stops the run here
+    eval_rows = load_eval_prompts(cfg, backend, gold) if cfg.eval_prompts.dataset else None
     model = load_causal_lm(cfg.model, chat)
     ref_model = None
     if cfg.rl.beta > 0:
@@ -1172,8 +1275,10 @@ def run_rl(cfg: RLConfig, callbacks=()) -> Path:
         def source_fn(world: int, rank: int) -> RolloutSource:
             return RolloutSource(cfg, chat, prompts, backend, ref_model, world, rank, out, state.is_main_process, engine)
 
-        train(model, chat, None, None, None, rl_loss_fn(cfg.rl), cfg.train, RunOptions(out, cfg.seed, cfg.resume, cfg.quiet, config=cfg),
-              callbacks, source_fn=source_fn, eval_fn=make_eval_fn(cfg, chat, backend))
+        # with a gold reward, also the starting policy's scores (step 0): where proxy and gold start
+        run = RunOptions(out, cfg.seed, cfg.resume, cfg.quiet, config=cfg, eval_at_start=gold is not None)
+        train(model, chat, None, None, None, rl_loss_fn(cfg.rl), cfg.train, run,
+              callbacks, source_fn=source_fn, eval_fn=make_eval_fn(cfg, chat, backend, gold, eval_rows))
         if engine is not None:
             log.info("vLLM: %d weight push(es) into the running engine", engine.pushes)
     return out
