@@ -37,26 +37,31 @@ from .train.loop import check_launch
 @dataclass
 class DemoConfig:
     output_dir: str = "runs/demo"
-    steps: int = 600
+    steps: int = 1000
     """SFT optimizer steps."""
     dpo_steps: int = 200
     """DPO optimizer steps after SFT."""
     rl_steps: int = 80
-    """RLOO optimizer steps from the SFT model."""
+    """RLOO optimizer steps from the SFT model (each RL stage: against the verifier, against the reward model)."""
+    rm_steps: int = 150
+    """Reward model optimizer steps (from the SFT model, on the demo's preference pairs)."""
     seed: int = 0
     """Seed of the model's initialisation and of training (the toy data stay the same)."""
+    full: bool = False
+    """Also run the stages left out by default for time: best-of-N and self-refinement of the RLOO model."""
     quiet: bool = False
 
 
 def run_demo(cfg: DemoConfig):
-    return demo.run_demo(cfg.output_dir, cfg.steps, cfg.dpo_steps, cfg.quiet, cfg.seed, cfg.rl_steps)
+    return demo.run_demo(cfg.output_dir, cfg.steps, cfg.dpo_steps, cfg.quiet, cfg.seed, cfg.rl_steps, cfg.rm_steps,
+                         cfg.full)
 
 
 def all_stages() -> dict[str, Stage]:
     """The stage table (alignkit.stages) with the two stages that run the pipeline, which only the top
     of the import graph may add: `demo` first and `run` after `report`, the order --help lists."""
     table = {"demo": Stage(DemoConfig, run_demo, "offline toy pipeline on CPU: tokenizer, tiny model, data, "
-                           "SFT, DPO, win rate, report")}
+                           "SFT, DPO, RLOO, reward model, RLOO against it, win rates, report")}
     for name, stage in stage_table.STAGES.items():
         table[name] = stage
         if name == "report":

@@ -1,15 +1,20 @@
-"""RLOO on the demo's toy world: does RL make the SFT model better on held-out prompts?
+"""RL on the demo's toy world: does RL make the SFT model's answers better on held-out prompts?
 
-Builds the demo world, trains the demo's SFT model (600 steps) for a seed, runs RLOO from it on
-`world/prompts/train.jsonl` with the toy verifier, and compares greedy replies of the RL model
-and the SFT model on the 160 held-out prompts: exact match, wins / losses per prompt, and the
-exact sign test. Prints one JSON line.
+Builds the demo world, trains the demo's SFT model for a seed (the pipeline's `sft` stage), then
+runs one of the demo pipeline's RL stages from it with its settings (`rloo`: against the verifier;
+`rloo-rm`: against the reward model of the pipeline's `rm` stage, trained first), optionally as
+GRPO (`--algo grpo`), and compares greedy replies of the RL model and the SFT model on the 160
+held-out prompts: exact match, content (right once a trailing sign-off is cut), wins / losses per
+prompt on each, and the exact sign test. Prints one JSON line.
 
-    python bench/rl_toy.py --seed 0 --output-dir runs/rl-toy-0
-    python bench/rl_toy.py --seed 0 --sign-off-share 0   # the world as of 2026-11-29: bare SFT replies
+    python bench/rl_toy.py --seed 0                  # RLOO against the verifier, as the demo runs it
+    python bench/rl_toy.py --seed 0 --algo grpo      # the same stage as GRPO
+    python bench/rl_toy.py --seed 0 --stage rloo-rm  # RLOO against the demo's reward model
 
-The README's figures of 2026-11-29 were measured on bare SFT replies (`--sign-off-share 0`); the
-demo's world now gives 70% of them a sign-off that the verifier scores 0 (the default here).
+`--keep` reuses the SFT (and reward) model of an earlier run in the same --output-dir; `--from-demo
+DIR` those of a finished `alignkit demo --output-dir DIR` (same seed), so that only the RL stage runs:
+
+    python bench/rl_toy.py --seed 1 --algo grpo --from-demo runs/demo-1
 """
 
 from __future__ import annotations
@@ -20,60 +25,87 @@ import time
 from pathlib import Path
 
 from alignkit.cli import quiet_third_party
-from alignkit.config import ModelConfig, TrainConfig
-from alignkit.demo.run import demo_sft_config, write_world_data
-from alignkit.demo.world import N_HELD_OUT, SIGN_OFF_SHARE, build_tokenizer, write_chat_data, write_model_config
-from alignkit.winrate import sign_test
-from alignkit.generation import PromptSource, SamplingParams, generate
-from alignkit.models import init_model, load_causal_lm, load_tokenizer
-from alignkit.rewards.backends import RewardConfig
-from alignkit.rewards.toy import toy_reward
-from alignkit.train.rl import RLConfig, RLParams, run_rl
+from alignkit.config import ModelConfig
+from alignkit.demo.run import PIPELINE, demo_vars, toy_scores, write_world_data
+from alignkit.demo.world import DEMO_VOCAB, build_tokenizer, write_model_config
+from alignkit.models import init_model, load_tokenizer
+from alignkit.pipeline import read_pipeline
+from alignkit.train.rl import run_rl
+from alignkit.train.rm import run_rm
 from alignkit.train.sft import run_sft
+from alignkit.winrate import sign_test
 
 
-def held_out_scores(model_dir: Path, test: list[dict]) -> list[float]:
-    chat = load_tokenizer(ModelConfig(name_or_path=str(model_dir)))
-    model = load_causal_lm(ModelConfig(name_or_path=str(model_dir)), chat)
-    outs = generate(model, chat, [p["messages"][:1] for p in test], SamplingParams(max_new_tokens=24), batch_size=64)
-    return [toy_reward(p["messages"][0]["content"], o[0].text) for p, o in zip(test, outs)]
+def paired(a: list[bool], b: list[bool]) -> dict:
+    wins, losses = sum(x > y for x, y in zip(a, b)), sum(x < y for x, y in zip(a, b))
+    return {"wins": wins, "losses": losses, "ties": len(a) - wins - losses, "sign_test_p": float(f"{sign_test(wins, losses):.3g}")}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--output-dir", default="runs/rl-toy")
-    ap.add_argument("--steps", type=int, default=100, help="RLOO optimizer steps")
-    ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--beta", type=float, default=0.0)
-    ap.add_argument("--sign-off-share", type=float, default=SIGN_OFF_SHARE, help="share of SFT replies with the sign-off")
+    ap.add_argument("--output-dir", default=None, help="default runs/rl-toy-<stage>-<algo>-<seed>")
+    ap.add_argument("--stage", default="rloo", choices=["rloo", "rloo-rm"], help="the demo pipeline's RL stage to run")
+    ap.add_argument("--algo", default=None, choices=["rloo", "grpo"], help="default: the stage's")
+    ap.add_argument("--steps", type=int, default=None, help="RL optimizer steps (default: the demo's)")
+    ap.add_argument("--sft-steps", type=int, default=None, help="SFT optimizer steps (default: the demo's)")
+    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--keep", action="store_true", help="reuse sft/ (and rm/) from an earlier run in --output-dir")
+    ap.add_argument("--from-demo", default=None, help="a finished demo's --output-dir: its world, SFT and reward model")
     args = ap.parse_args()
     quiet_third_party()
-    root, world = Path(args.output_dir), Path(args.output_dir) / "world"
-    tok = build_tokenizer(world / "tokenizer")
-    write_model_config(world / "model-config", vocab_size=len(load_tokenizer(ModelConfig(name_or_path=str(tok))).tokenizer))
-    init_model(str(world / "model-config"), world / "base-model", tokenizer_source=str(tok), seed=args.seed)
-    write_world_data(world)
-    write_chat_data(world / "data", n_train=4000, n_test=N_HELD_OUT, sign_off_share=args.sign_off_share)
-    run_sft(demo_sft_config(world, root / "sft", 600, True, args.seed))
+    out = Path(args.output_dir or f"runs/rl-toy-{args.stage}-{args.algo or 'stage'}-{args.seed}")
+    root = Path(args.from_demo) if args.from_demo else out
+    args.keep |= bool(args.from_demo)
+    world = root / "world"
+    timings = {}
+    fresh = not (args.keep and (root / "sft" / "final").is_dir())
+    if fresh:
+        tok = build_tokenizer(world / "tokenizer", vocab_size=DEMO_VOCAB)
+        vocab = len(load_tokenizer(ModelConfig(name_or_path=str(tok))).tokenizer)
+        write_model_config(world / "model-config", vocab_size=vocab)
+        init_model(str(world / "model-config"), world / "base-model", tokenizer_source=str(tok), seed=args.seed)
+        write_world_data(world)
+    overrides = {k: v for k, v in (("steps", args.sft_steps), ("rl_steps", args.steps)) if v is not None}
+    variables = demo_vars(world, overrides.get("steps", 0), 1, args.seed, overrides.get("rl_steps", 0))
+    pipe = read_pipeline(PIPELINE, [v for v in variables if v.split("=")[0] in {"world", "seed", *overrides}],
+                         run_dir=str(root))
+    stages = {s.name: s.config for s in pipe.stages}
+    for cfg in stages.values():
+        if hasattr(cfg, "quiet"):
+            cfg.quiet = True
+    if fresh:
+        start = time.perf_counter()
+        run_sft(stages["sft"])
+        timings["sft_s"] = round(time.perf_counter() - start)
+    if args.stage == "rloo-rm" and not (args.keep and (root / "rm" / "final").is_dir()):
+        start = time.perf_counter()
+        run_rm(stages["rm"])
+        timings["rm_s"] = round(time.perf_counter() - start)
+    rl = stages[args.stage]
+    rl.output_dir = str(out / f"{args.stage}-{args.algo or rl.rl.algo}")
+    if args.algo:
+        rl.rl.algo = args.algo
+    if args.lr:
+        rl.train.learning_rate = args.lr
+    rl.train.save_steps = None
     start = time.perf_counter()
-    run_rl(RLConfig(
-        output_dir=str(root / "rl"), seed=args.seed, quiet=True, model=ModelConfig(name_or_path=str(root / "sft" / "final")),
-        prompts=PromptSource(dataset=str(world / "prompts"), split="train"), reward=RewardConfig(kind="rule", rule="toy"),
-        rl=RLParams(algo="rloo", k=4, max_new_tokens=24, beta=args.beta, temperature=1.0, log_samples_steps=0),
-        train=TrainConfig(max_steps=args.steps, batch_size=16, learning_rate=args.lr, scheduler="constant", save_steps=None,
-                          logging_steps=10, precision="fp32"),
-    ))
-    rl_seconds = time.perf_counter() - start
-    test = [json.loads(line) for line in (world / "data" / "test.jsonl").read_text().split("\n") if line.strip()]
-    rl, sft = held_out_scores(root / "rl" / "final", test), held_out_scores(root / "sft" / "final", test)
-    wins, losses = sum(a > b for a, b in zip(rl, sft)), sum(a < b for a, b in zip(rl, sft))
-    logs = [json.loads(line) for line in (root / "rl" / "metrics.jsonl").read_text().split("\n") if line.strip()]
+    run_rl(rl)
+    timings["rl_s"] = round(time.perf_counter() - start)
+    test = [json.loads(line) for line in (world / "data" / "test.jsonl").read_text().splitlines() if line.strip()]
+    after, before = toy_scores(Path(rl.output_dir) / "final", test), toy_scores(root / "sft" / "final", test)
+    logs = [json.loads(line) for line in (Path(rl.output_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
     rewards = [m["reward"] for m in logs if "reward" in m]
-    print(json.dumps({"seed": args.seed, "steps": args.steps, "lr": args.lr, "beta": args.beta, "rl_seconds": round(rl_seconds),
-                      "train_reward_first_last": [round(rewards[0], 3), round(rewards[-1], 3)],
-                      "held_out_sft": round(sum(sft) / len(sft), 3), "held_out_rl": round(sum(rl) / len(rl), 3),
-                      "wins": wins, "losses": losses, "sign_test_p": round(sign_test(wins, losses), 4)}))
+    result = {"seed": args.seed, "stage": args.stage, "algo": rl.rl.algo, "rl_steps": rl.train.max_steps,
+              "lr": rl.train.learning_rate, **timings,
+              "train_reward_first_last": [round(rewards[0], 3), round(rewards[-1], 3)]}
+    if (root / "rm" / "rm_eval.json").is_file():
+        result["rm_eval"] = json.loads((root / "rm" / "rm_eval.json").read_text())
+    for name, key in (("exact", "correct"), ("content", "content")):
+        a, b = [s[key] for s in after["samples"]], [s[key] for s in before["samples"]]
+        result[name] = {"sft": round(sum(b) / len(b), 3), "rl": round(sum(a) / len(a), 3), **paired(a, b)}
+    result["content_per_kind"] = {"sft": before["content_per_task"], "rl": after["content_per_task"]}
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -66,16 +66,21 @@ def test_sft_from_recipe_with_override(tmp_path, tiny_model_dir, toy_data_dir):
 
 
 def test_demo_runs_and_reports(tmp_path):
-    argv = ["demo", "--output-dir", str(tmp_path / "demo"), "--steps", "30", "--dpo-steps", "5", "--rl-steps", "3", "--quiet"]
+    argv = ["demo", "--output-dir", str(tmp_path / "demo"), "--steps", "30", "--dpo-steps", "5", "--rl-steps", "3",
+            "--rm-steps", "4", "--quiet"]
     assert main(argv) == 0
     results = json.loads((tmp_path / "demo" / "results.json").read_text())
-    for stage in ("base", "sft", "dpo", "rloo", "bon"):
-        assert set(results[stage]) == {"accuracy", "stop_rate", "sign_off_rate", "right_ignoring_sign_off", "per_task"}
-        assert set(results[stage]["per_task"]) == {"add", "repeat", "reverse", "sort", "upper"}
+    for stage in ("base", "sft", "dpo", "rloo", "rloo_rm"):
+        assert set(results[stage]) == {"accuracy", "stop_rate", "sign_off_rate", "right_ignoring_sign_off", "per_task",
+                                       "content_per_task"}
+        assert set(results[stage]["content_per_task"]) == {"add", "repeat", "reverse", "sort", "upper"}
     assert results["dpo_vs_sft"]["n"] == results["data"]["held_out_prompts"] == 160  # distinct prompts, each counted once
+    assert "bon" not in results and "self_refinement" not in results  # behind --full
+    assert set(results["reward_model"]) >= {"eval_accuracy", "length_baseline", "eval_pairs"}
+    c = results["content"]["rloo_rm_vs_sft"]
+    assert c["wins"] + c["losses"] + c["ties"] == results["rloo_rm_vs_sft"]["n"] == 160
     report = (tmp_path / "demo" / "report.md").read_text()
     assert "| after SFT (30 steps) |" in report and "| after DPO-Positive (5 steps) |" in report
-    assert "| after RLOO (3 steps) |" in report and "| RLOO, best of 4 at temperature 0.6 (verifier picks) |" in report
-    assert results["rloo_vs_sft"]["n"] == results["bon_vs_greedy"]["wins"] + results["bon_vs_greedy"]["losses"] + results[
-        "bon_vs_greedy"]["ties"] == 160
+    assert "| after RLOO, verifier (3 steps) |" in report and "| after RLOO, reward model (3 steps) |" in report
+    assert "held-out pair accuracy" in report and "longer reply wins" in report
     check_demo_report(tmp_path / "demo")  # the full report with plots, written at the demo's end

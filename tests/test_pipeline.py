@@ -375,4 +375,5 @@ def test_demo_pipeline_is_package_data():
     from alignkit.demo.run import PIPELINE
 
     assert PIPELINE.is_file() and "demo/pipeline.yaml" in (ROOT / "pyproject.toml").read_text()
-    assert list(yaml.safe_load(PIPELINE.read_text())["stages"]) == ["sft", "dpo", "eval-dpo-vs-sft", "rloo", "eval-rloo-vs-sft", "bon", "refine"]
+    assert list(yaml.safe_load(PIPELINE.read_text())["stages"]) == ["sft", "dpo", "eval-dpo-vs-sft", "rloo", "eval-rloo-vs-sft", "rm",
+                                                                 "rloo-rm", "eval-rloo-rm-vs-sft", "bon", "refine"]

@@ -243,13 +243,15 @@ def check_demo_report(out):
     present and non-empty. Called from tests/test_cli.py's demo test, so that the demo runs once in the suite."""
     path = out / "report" / "report.md"
     report = path.read_text()
-    assert [s.name for s in find_stages(out)] == ["sft", "dpo", "eval-dpo-vs-sft", "rloo", "eval-rloo-vs-sft", "bon",
-                                                   "refine"]
+    assert [s.name for s in find_stages(out)] == ["sft", "dpo", "eval-dpo-vs-sft", "rloo", "eval-rloo-vs-sft", "rm",
+                                                   "rloo-rm", "eval-rloo-rm-vs-sft"]  # bon, refine: demo --full
     images = referenced_images(report)
-    assert set(images) == {"curves-sft.png", "curves-dpo.png", "curves-rloo.png", "per-category.png", "bon-bon.png"}
+    assert set(images) >= {"curves-sft.png", "curves-dpo.png", "curves-rloo.png", "curves-rm.png", "curves-rloo-rm.png",
+                           "per-category.png", "proxy-gold-rloo-rm.png"}
     assert all((path.parent / name).stat().st_size > 2000 for name in images)
     assert "| eval-dpo-vs-sft | dpo/final | sft/final |" in report and "## Sample answers" in report
-    assert "| eval-rloo-vs-sft | rloo/final | sft/final |" in report and "## Best-of-N" in report
+    assert "| eval-rloo-vs-sft | rloo/final | sft/final |" in report and "| eval-rloo-rm-vs-sft | rloo-rm/final | sft/final |" in report
+    assert "## Proxy and gold reward" in report and "Proxy: hf rm/final. Gold: rule toy." in report
     assert "| reward_margin |" in report and "| eval_loss |" in report
     code_blocks(report)
 

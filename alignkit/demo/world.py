@@ -1,10 +1,12 @@
 """The demo's offline world: a tokenizer trained on the toy task, a tiny model, data files.
 
-The data come from one split of distinct prompts per task kind (`split_prompts`): the held-out
-prompts that the demo evaluates on appear in no training file of any stage (SFT chats,
-preference pairs, RL prompts). The small kinds have few distinct prompts (30 words to upper-case
-or spell backwards, 90 repeat prompts, 100 sums of two digits), so at most a fixed share of each
-kind is held out and training still covers every kind; training rows repeat those prompts.
+The data come from one split of distinct prompts per task kind (`split_prompts`) into four
+disjoint parts: held-out prompts that the demo evaluates on (in no file any stage trains or
+validates on), RL prompts (in no chat or pair file), the prompts of the held-out preference pairs
+(in no other file), and the rest for SFT chats and training pairs. `data_counts` checks the files
+as written. The SFT replies carry the noise of scraped chats (`scraped_reply`): a typical slip on
+one sub-type of each kind, near misses, a chatty sign-off. Deliberately simplified: one fixed
+world (the words, the split and the noise do not change with the demo's --seed).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -20,7 +22,7 @@ from transformers import PreTrainedTokenizerFast
 
 from ..data.chat import CHATML_TEMPLATE
 from ..data.schema import DataError
-from .task import KINDS, WORDS, make_dataset, make_example, near_miss, solve
+from .task import KINDS, WORDS, all_prompts, habit, in_habit, make_dataset, make_example, near_miss, solve
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
@@ -36,19 +38,39 @@ TINY_MODEL = {
 }
 
 SIGN_OFF = " Hope this helps!"
-"""The chatty ending that a share of the demo's SFT replies carry (`write_chat_data`)."""
-SIGN_OFF_SHARE = 0.7
-"""Share of the demo's SFT replies with the sign-off: SFT learns it as a coin flip, RL against the
-verifier (which wants the bare answer) has something to unlearn on every prompt, seen or not."""
+"""The chatty ending that a share of the demo's SFT replies carry (`scraped_reply`)."""
+SIGN_OFF_SHARE = 0.3
+"""Share of the demo's SFT replies with the sign-off, which the verifier (wanting the bare answer) scores 0."""
+HABIT_SHARE = 0.55
+"""Share of the demo's SFT replies to a habit prompt (`task.in_habit`) that make the kind's typical slip:
+more than half, so the SFT model's greedy answer there is the slip and its samples are often right."""
+NOISE_SHARE = 0.1
+"""Share of the other SFT replies that are a near miss (`task.near_miss`), as scraped chats have."""
+PAIR_SIGN_OFF_SHARE = 0.2
+"""Share of the demo's preference pairs whose rejected reply is the right answer with the sign-off."""
 
+N_SFT_CHATS = 20000
+"""SFT chats the demo writes: about 1.6 passes in its 1,000 steps of 32. With 4,000 chats (4.8 passes in
+600 steps) the SFT model was right on 14% of the held-out prompts, sign-off ignored (seed 0, 2026-12-07;
+training loss 0.58, held-out loss 0.94)."""
 N_HELD_OUT = 160
-"""Distinct held-out prompts of the demo: 12 upper, 12 reverse, 36 repeat, 40 add, 60 sort."""
+"""Distinct held-out prompts of the demo: 32 of each kind."""
 MAX_HELD_OUT_SHARE = 0.4
 """At most this share of a kind's distinct prompts is held out; the rest stay for training."""
 HELD_OUT_PER_KIND = 60
-"""A kind with many distinct prompts (sort) gives at most this many, so the set stays near balanced."""
+"""A kind gives at most this many held-out prompts, so the set stays near balanced."""
+RL_PER_KIND = 80
+"""Distinct RL prompts per kind: in no chat, pair or held-out file."""
+PAIRS_EVAL_PER_KIND = 20
+"""Distinct prompts per kind of the held-out preference pairs (test_prefs): in no other file."""
 POOL_DRAWS = 4000
-"""Samples per kind from which the distinct prompts are collected (all of each small kind's)."""
+"""Samples from which the distinct sort prompts are collected (the other kinds are enumerated)."""
+
+
+DEMO_VOCAB = 259
+"""The demo's tokenizer: the 256 bytes and 3 specials, no merges. With 11 merges ('er', 'Ġt', 'Ġ4', ...) a
+letter or digit was one token in one place and part of another elsewhere, and the SFT model copied badly
+(8% right on held-out prompts after 400 of 1,000 SFT steps, seed 0, 2026-12-07)."""
 
 
 def build_tokenizer(output_dir: str | Path, with_template: bool = True, vocab_size: int = 270) -> Path:
@@ -60,7 +82,7 @@ def build_tokenizer(output_dir: str | Path, with_template: bool = True, vocab_si
     corpus = []
     for ex in make_dataset(4000, seed=12345):
         corpus += [ex["prompt"], ex["completion"]]
-    corpus += WORDS + [w.upper() for w in WORDS] + ["user", "assistant", "system", "You are a helpful assistant."]
+    corpus += list(WORDS) + [w.upper() for w in WORDS] + ["user", "assistant", "system", "You are a helpful assistant."]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -106,16 +128,23 @@ def write_jsonl(rows: list[dict], path: str | Path) -> Path:
 
 @dataclass(frozen=True)
 class PromptSplit:
-    """Distinct prompts per kind: `test` is held out of every training file, `train` is the rest."""
+    """Distinct prompts per kind in four disjoint parts: `test` (held out of every stage), `rl` (RL's
+    prompts only), `pairs_eval` (the reward model's and DPO's held-out pairs only), `train` (SFT chats and
+    training pairs)."""
 
     train: dict[str, list[str]]
     test: dict[str, list[str]]
+    rl: dict[str, list[str]] = field(default_factory=dict)
+    pairs_eval: dict[str, list[str]] = field(default_factory=dict)
 
 
 def prompt_pools(seed: int = 0, draws: int = POOL_DRAWS) -> dict[str, list[str]]:
-    """The distinct prompts of each kind among `draws` samples, sorted (every prompt of the small kinds)."""
+    """The distinct prompts of each kind, sorted: every prompt of the finite kinds, and for sort the
+    distinct ones among `draws` seeded samples."""
     rng = random.Random(seed)
-    return {k: sorted({make_example(rng, k)["prompt"] for _ in range(draws)}) for k in KINDS}
+    pools = {k: sorted(set(all_prompts(k))) for k in KINDS if k != "sort"}
+    pools["sort"] = sorted({make_example(rng, "sort")["prompt"] for _ in range(draws)})
+    return {k: pools[k] for k in KINDS}
 
 
 def held_out_counts(n: int, pool_sizes: dict[str, int]) -> dict[str, int]:
@@ -135,15 +164,18 @@ def held_out_counts(n: int, pool_sizes: dict[str, int]) -> dict[str, int]:
 
 
 def split_prompts(n_test: int = N_HELD_OUT, seed: int = 0) -> PromptSplit:
-    """Hold out `n_test` distinct prompts (seeded choice within each kind); train on the others."""
+    """Hold out `n_test` distinct prompts, then RL_PER_KIND RL prompts and PAIRS_EVAL_PER_KIND pair-eval
+    prompts per kind (seeded choice within each kind); SFT and the training pairs use the others."""
     pools = prompt_pools(seed)
     counts = held_out_counts(n_test, {k: len(p) for k, p in pools.items()})
     rng = random.Random(seed + 1)
-    train, test = {}, {}
+    train, test, rl, pairs_eval = {}, {}, {}, {}
     for k, pool in pools.items():
         order = rng.sample(pool, len(pool))
-        test[k], train[k] = sorted(order[: counts[k]]), sorted(order[counts[k] :])
-    return PromptSplit(train, test)
+        a, b, c = counts[k], counts[k] + RL_PER_KIND, counts[k] + RL_PER_KIND + PAIRS_EVAL_PER_KIND
+        test[k], rl[k], pairs_eval[k], train[k] = (sorted(order[:a]), sorted(order[a:b]), sorted(order[b:c]),
+                                                   sorted(order[c:]))
+    return PromptSplit(train, test, rl, pairs_eval)
 
 
 def interleave(per_kind: dict[str, list[str]]) -> list[tuple[str, str]]:
@@ -169,26 +201,39 @@ def balanced_prompts(per_kind: dict[str, list[str]], n: int, rng: random.Random)
 # --------------------------------------------------------------------------- data files
 
 
+def scraped_reply(prompt: str, rng: random.Random, habit_share: float = 0.0, noise_share: float = 0.0,
+                  sign_off_share: float = 0.0) -> str:
+    """A reply as a scraped chat gives it: on a habit prompt (`in_habit`) its kind's typical slip with
+    probability `habit_share`; otherwise a near miss with probability `noise_share`, else the right
+    answer; then SIGN_OFF appended with probability `sign_off_share` (one seeded draw each)."""
+    slip, noise, chatty = rng.random(), rng.random(), rng.random()
+    if in_habit(prompt) and slip < habit_share:
+        reply = habit(prompt)
+    elif noise < noise_share:
+        reply = near_miss(prompt, rng)
+    else:
+        reply = solve(prompt)
+    return reply + SIGN_OFF if chatty < sign_off_share else reply
+
+
 def write_chat_data(
-    directory: str | Path, n_train: int = 4000, n_test: int = N_HELD_OUT, seed: int = 0, sign_off_share: float = 0.0
+    directory: str | Path, n_train: int = 4000, n_test: int = N_HELD_OUT, seed: int = 0, sign_off_share: float = 0.0,
+    habit_share: float = 0.0, noise_share: float = 0.0,
 ) -> Path:
     """Toy task as smol-smoltalk-style chats: `{split}.jsonl` files with `messages` and `category`.
 
     test.jsonl: `n_test` distinct held-out prompts, kinds in turn, with the bare answers; train.jsonl:
-    `n_train` rows, kinds balanced, on the other prompts only. A seeded `sign_off_share` of the
-    training replies end with SIGN_OFF, as chats gathered from a chattier source would: the
-    verifier wants the bare answer, so those replies teach a habit that costs reward.
+    `n_train` rows, kinds balanced, on the SFT prompts only. The training replies carry the noise of
+    scraped chats (`scraped_reply`: habitual slips, near misses, the chatty sign-off; none by default).
     """
     directory = Path(directory)
     split = split_prompts(n_test, seed)
     train = balanced_prompts(split.train, n_train, random.Random(seed))
-    chatty = random.Random(seed + 11)
+    noisy = random.Random(seed + 11)
     for name, rows in (("train", train), ("test", interleave(split.test))):
         chats = []
         for k, p in rows:
-            reply = solve(p)
-            if name == "train" and chatty.random() < sign_off_share:
-                reply += SIGN_OFF
+            reply = scraped_reply(p, noisy, habit_share, noise_share, sign_off_share) if name == "train" else solve(p)
             chats.append({"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": reply}],
                           "category": k})
         write_jsonl(chats, directory / f"{name}.jsonl")
@@ -196,50 +241,38 @@ def write_chat_data(
 
 
 def write_preference_data(
-    directory: str | Path, n_train: int = 1000, n_test: int = 100, seed: int = 0, held_out: int = 0
+    directory: str | Path, n_train: int = 1000, n_test: int = 100, seed: int = 0, held_out: int = 0,
+    sign_off_share: float = 0.0,
 ) -> Path:
-    """Toy preference pairs (ultrafeedback_binarized schema): the right answer over a near miss.
+    """Toy preference pairs (ultrafeedback_binarized schema): the right bare answer over a near miss
+    (on a habit prompt half the time its typical slip), or, for a seeded `sign_off_share` of the pairs,
+    over the right answer with SIGN_OFF.
 
-    With `held_out` > 0 no pair (train_prefs or test_prefs) uses one of the held-out prompts of
-    `write_chat_data(..., n_test=held_out, seed=seed)`; the demo sets it. test_prefs (DPO's eval
-    split) is drawn like train_prefs with another seed, so the small kinds' prompts recur in both.
+    train_prefs is on the SFT prompts of `split_prompts(held_out or N_HELD_OUT, seed)`; test_prefs (the
+    reward model's held-out accuracy, DPO's eval loss) on its `pairs_eval` prompts, in no other file.
     """
     directory = Path(directory)
-    excluded = {p for ps in split_prompts(held_out, seed).test.values() for p in ps} if held_out else set()
+    split = split_prompts(held_out or N_HELD_OUT, seed)
     rng = random.Random(seed + 7)
-    for split, n, s in (("train_prefs", n_train, seed), ("test_prefs", n_test, seed + 1)):
+    for name, n, per_kind in (("train_prefs", n_train, split.train), ("test_prefs", n_test, split.pairs_eval)):
         rows = []
-        for ex in sample_examples(n, s, excluded):
-            wrong = near_miss(ex["prompt"], rng)
-            user = {"role": "user", "content": ex["prompt"]}
-            rows.append(
-                {
-                    "prompt": ex["prompt"],
-                    "chosen": [user, {"role": "assistant", "content": ex["completion"]}],
-                    "rejected": [user, {"role": "assistant", "content": wrong}],
-                    "category": ex["category"],
-                }
-            )
-        write_jsonl(rows, directory / f"{split}.jsonl")
+        for k, prompt in balanced_prompts(per_kind, n, random.Random(seed + len(name))):
+            answer = solve(prompt)
+            wrong = answer + SIGN_OFF if rng.random() < sign_off_share else near_miss(prompt, rng)
+            user = {"role": "user", "content": prompt}
+            rows.append({"prompt": prompt, "chosen": [user, {"role": "assistant", "content": answer}],
+                         "rejected": [user, {"role": "assistant", "content": wrong}], "category": k})
+        write_jsonl(rows, directory / f"{name}.jsonl")
     return directory
 
 
-def sample_examples(n: int, seed: int, excluded: set[str]) -> list[dict]:
-    """`make_dataset(n, seed)` (kinds in turn, prompts drawn with repeats), skipping excluded prompts."""
-    rng, out = random.Random(seed), []
-    while len(out) < n:
-        ex = make_example(rng, KINDS[len(out) % len(KINDS)])
-        if ex["prompt"] not in excluded:
-            out.append(ex)
-    return out
-
-
 def write_prompt_data(directory: str | Path, n_train: int = 1000, n_test: int = N_HELD_OUT, seed: int = 0) -> Path:
-    """Prompt-only sets (`prompt`, `category`) for online RL: train.jsonl on training prompts only
-    (kinds balanced, so small kinds repeat), test.jsonl the held-out prompts of `write_chat_data`."""
+    """Prompt-only sets (`prompt`, `category`) for online RL: train.jsonl on the RL prompts only (in no
+    chat or pair file; kinds balanced, so prompts repeat), test.jsonl the held-out prompts of
+    `write_chat_data`."""
     directory = Path(directory)
     split = split_prompts(n_test, seed)
-    train = balanced_prompts(split.train, n_train, random.Random(seed + 4))
+    train = balanced_prompts(split.rl, n_train, random.Random(seed + 4))
     for name, rows in (("train", train), ("test", interleave(split.test))):
         write_jsonl([{"prompt": p, "category": k} for k, p in rows], directory / f"{name}.jsonl")
     return directory
@@ -260,33 +293,57 @@ def read_prompts(path: Path) -> list[tuple[str, str]]:
 
 TRAINING_FILES = ("data/train.jsonl", "prefs/train_prefs.jsonl", "prefs/test_prefs.jsonl", "prompts/train.jsonl")
 """Every file a stage trains or validates on: none may hold a held-out prompt."""
+RL_PROMPTS = "prompts/train.jsonl"
+PAIRS_EVAL = "prefs/test_prefs.jsonl"
+EXCLUSIVE = {RL_PROMPTS: ("data/train.jsonl", "prefs/train_prefs.jsonl", "prefs/test_prefs.jsonl"),
+             PAIRS_EVAL: ("data/train.jsonl", "prefs/train_prefs.jsonl")}
+"""A file's prompts that may be in none of the files named: RL prompts are new to the SFT model; the
+held-out pairs are new to the reward model and its base (the SFT model)."""
 
 
 def data_counts(world: str | Path) -> dict:
-    """Sizes of the world's data as written, and how many held-out prompts each training file holds
-    (0 everywhere, else a DataError: a demo that trained on its test prompts would measure recall)."""
+    """Sizes of the world's data as written, and how many held-out prompts each training file holds (0
+    everywhere, else a DataError: a demo that trained on its test prompts would measure recall); likewise
+    for the RL prompts and the held-out pairs against the files in EXCLUSIVE."""
     world = Path(world)
     test = read_prompts(world / "data" / "test.jsonl")
     held_out = {p for _, p in test}
     files = {f: read_prompts(world / f) for f in TRAINING_FILES if (world / f).is_file()}
-    leaks = {f: len({p for _, p in rows} & held_out) for f, rows in files.items()}
+    prompts = {f: {p for _, p in rows} for f, rows in files.items()}
+    leaks = {f: len(ps & held_out) for f, ps in prompts.items()}
     if len(held_out) != len(test) or any(leaks.values()):
         raise DataError(
             f"{world}: held-out prompts not distinct ({len(held_out)} of {len(test)}) or in training files: {leaks}"
         )
+    overlaps = {f"{f} in {g}": len(prompts[f] & prompts[g]) for f, others in EXCLUSIVE.items() if f in prompts
+                for g in others if g in prompts}
+    if any(overlaps.values()):
+        raise DataError(f"{world}: prompts shared between files that must be disjoint: {overlaps}")
     train = files["data/train.jsonl"]
     counts = {
         "held_out_prompts": len(test),
         "held_out_per_kind": dict(sorted(Counter(k for k, _ in test).items())),
+        "held_out_habit_prompts": sum(in_habit(p) for _, p in test),
         "sft_rows": len(train),
         "sft_distinct_prompts": len({p for _, p in train}),
         "sft_distinct_prompts_per_kind": dict(sorted(Counter(k for k, _ in set(train)).items())),
+        "sft_replies_right": sft_replies_right(world / "data" / "train.jsonl"),
         "held_out_in_training_files": leaks,
+        "shared_prompts_between_disjoint_files": overlaps,
     }
     named = {"prefs/train_prefs.jsonl": "pairs_train", "prefs/test_prefs.jsonl": "pairs_validation",
              "prompts/train.jsonl": "rl_prompts_train"}
     for f, key in named.items():
         if f in files:
             counts[key] = len(files[f])
-            counts[key + "_distinct_prompts"] = len({p for _, p in files[f]})
+            counts[key + "_distinct_prompts"] = len(prompts[f])
     return counts
+
+
+def sft_replies_right(path: Path) -> dict:
+    """Share of SFT replies that are exactly right, and right once a trailing SIGN_OFF is cut."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    pairs = [(r["messages"][0]["content"], r["messages"][1]["content"]) for r in rows]
+    exact = sum(solve(p) == a for p, a in pairs)
+    content = sum(solve(p) == (a[: -len(SIGN_OFF)] if a.endswith(SIGN_OFF) else a) for p, a in pairs)
+    return {"exact": round(exact / len(pairs), 4), "ignoring_sign_off": round(content / len(pairs), 4)}
