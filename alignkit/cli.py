@@ -43,7 +43,7 @@ class DemoConfig:
     """DPO optimizer steps after SFT."""
     rl_steps: int = 80
     """RLOO optimizer steps from the SFT model (each RL stage: against the verifier, against the reward model)."""
-    rm_steps: int = 150
+    rm_steps: int = 300
     """Reward model optimizer steps (from the SFT model, on the demo's preference pairs)."""
     seed: int = 0
     """Seed of the model's initialisation and of training (the toy data stay the same)."""

@@ -74,19 +74,23 @@ def test_demo_world_has_an_rl_prompt_set_and_checks_the_split(tmp_path):
 
 
 def test_held_out_prompts_are_distinct_balanced_and_training_covers_every_kind(tmp_path):
-    """#12.22, #21: evaluation is on distinct prompts, 32 of each kind; the words are many, so the held-out
-    words of the character-level kinds are not SFT's; the chat file has the rows the docs say."""
+    """#12.22, #21: evaluation is on distinct prompts, 32 of each kind; every word of the world is one token of
+    the demo's tokenizer; the chat file has the rows the docs say."""
     from alignkit.demo.task import WORDS
-    from alignkit.demo.world import prompt_pools, split_prompts, write_chat_data
+    from alignkit.demo.world import DEMO_VOCAB, build_tokenizer, prompt_pools, split_prompts, write_chat_data
 
     write_chat_data(tmp_path)
     test, train = rows(tmp_path / "test.jsonl"), rows(tmp_path / "train.jsonl")
     prompts = [prompt_of(r) for r in test]
     assert len(set(prompts)) == len(prompts) == 160
-    assert len(WORDS) == len(set(WORDS)) == 400 and all(w.isalpha() and w.islower() and 3 <= len(w) <= 5 for w in WORDS)
+    assert len(WORDS) == len(set(WORDS)) == 64 and all(w.isalpha() and w.islower() for w in WORDS)
+    tok = build_tokenizer(tmp_path / "tok", vocab_size=DEMO_VOCAB)
+    from transformers import AutoTokenizer
+
+    fast = AutoTokenizer.from_pretrained(tok)
+    assert all(len(fast.tokenize(t)) == 1 for w in WORDS for t in (w, " " + w))
     pools = prompt_pools()
-    assert {k: len(pools[k]) for k in ("repeat", "upper", "reverse", "add")} == {
-        "repeat": 1200, "upper": 400, "reverse": 400, "add": 1000}
+    assert len(pools["repeat"]) == 256 and all(len(pools[k]) > 3000 for k in KINDS if k != "repeat")
     assert Counter(r["category"] for r in test) == dict.fromkeys(KINDS, 32)
     # Any prefix (e.g. eval's max_prompts) takes the kinds in turn.
     assert [r["category"] for r in test[:10]] == list(KINDS) * 2
@@ -95,9 +99,6 @@ def test_held_out_prompts_are_distinct_balanced_and_training_covers_every_kind(t
     for k in KINDS:
         distinct = {prompt_of(r) for r in train if r["category"] == k}
         assert distinct <= set(split.train[k]) and len(distinct) == min(800, len(split.train[k])), k
-    held_out_words = {p.split()[1] for p in split.test["upper"]}
-    sft_upper_words = {prompt_of(r).split()[1] for r in train if r["category"] == "upper"}
-    assert not held_out_words & sft_upper_words  # upper-casing a held-out word is a skill, not a memory
     assert all(r["messages"][1]["content"] == solve(prompt_of(r)) for r in train + test)  # no noise by default
     with pytest.raises(ValueError, match="n_test=1000: the toy task can hold out 1 to"):
         write_chat_data(tmp_path / "too-many", n_test=1000)
@@ -109,12 +110,13 @@ def test_scraped_replies_slip_on_the_habit_prompts_as_set(tmp_path):
     from alignkit.demo.task import habit, in_habit, near_miss
     from alignkit.demo.world import SIGN_OFF, write_chat_data
 
-    cases = {"What is 27 plus 5?": "22", "What is 7 plus 8?": "5", "Repeat the word cat 4 times.": "cat cat cat",
-             "Write apple in capital letters.": "Apple", "Spell ogre backwards.": "ogre",
-             "Sort these numbers: 3 1 4 1 5": "5 4 3 1 1"}
+    cases = {"Repeat the word cat 4 times.": "cat cat cat", "Reverse the order of: a b c d e": "a b c d e",
+             "What is the first word of: cat dog sun moon star": "star",
+             "What is the last word of: cat dog sun moon star": "cat", "How many words are in: a b c d e": "4"}
     assert {p: habit(p) for p in cases} == cases and all(in_habit(p) for p in cases)
-    assert not any(in_habit(p) for p in ["What is 21 plus 5?", "Repeat the word cat 3 times.", "Spell dog backwards.",
-                                         "Write cat in capital letters.", "Sort these numbers: 3 1 4 1", "Sort these numbers: 2 2 2 2 2"])
+    assert not any(in_habit(p) for p in ["Repeat the word cat 3 times.", "Repeat the word cat 5 times.",
+                                         "Reverse the order of: a b c d", "Reverse the order of: a b c b a",
+                                         "What is the last word of: cat dog sun moon cat", "How many words are in: a b c"])
     import random
 
     rng = random.Random(0)
@@ -202,72 +204,3 @@ def test_report_keeps_model_text_inside_a_code_block():
     header, rule, *table = [line for line in lines[:start] if line.startswith("|")]
     assert header.count(" | ") == rule.count("|") - 2 == 6 and "a\\|b" in header and "&lt;i&gt;" in header
     assert all(line.count(" | ") == 6 for line in table) and len(table) == 6
-
-
-def test_rl_against_a_learned_reward_model_raises_the_gold_score(tmp_path):
-    """#21, the demo's `rm` -> `rloo-rm` stages in small: a Bradley-Terry reward model trained on (bare right
-    answer, near miss or signed-off answer) pairs, then RLOO against it (not the verifier) raises the verifier's
-    (the gold) mean reward of a tiny chatty SFT model: 16 seeded samples at temperature 1 for each of 12 prompts.
-    Measured 2026-12-07 (2-core CPU shared with other jobs): RM held-out pair accuracy 1.0 (longer-wins 0.25);
-    gold 0.28 -> 0.38 after 15 RLOO steps at lr 3e-4. At lr 1e-3 the same run over-optimises the proxy: gold
-    0.28 -> 0.20 (0.20 with beta 0.1 too), which is why this test keeps the smaller step."""
-    import random
-
-    from alignkit.config import DataConfig, ModelConfig, TrainConfig
-    from alignkit.demo.task import near_miss
-    from alignkit.demo.world import SIGN_OFF, build_tokenizer, write_jsonl, write_model_config
-    from alignkit.generation import PromptSource, SamplingParams, generate
-    from alignkit.models import init_model, load_causal_lm, load_tokenizer
-    from alignkit.rewards.backends import RewardConfig
-    from alignkit.rewards.toy import toy_reward
-    from alignkit.train.rl import RLConfig, RLParams, run_rl
-    from alignkit.train.rm import RMConfig, run_rm
-    from alignkit.train.sft import SFTConfig, run_sft
-
-    prompts = ["Repeat the word cat 2 times.", "Repeat the word sun 3 times.", "Write dog in capital letters.",
-               "Write moon in capital letters.", "Spell fish backwards.", "Spell tree backwards.", "What is 3 plus 4?",
-               "What is 17 plus 8?", "What is 2 plus 9?", "Sort these numbers: 3 1 2", "Sort these numbers: 9 4 7 1",
-               "Sort these numbers: 5 0 8"]
-    tok = build_tokenizer(tmp_path / "tokenizer")
-    chat = load_tokenizer(ModelConfig(name_or_path=str(tok)))
-    write_model_config(tmp_path / "config", vocab_size=len(chat.tokenizer), hidden_size=64, intermediate_size=128,
-                       num_hidden_layers=2)
-    base = init_model(str(tmp_path / "config"), tmp_path / "base", tokenizer_source=str(tok), seed=0)
-    rng = random.Random(0)
-    user = lambda p: {"role": "user", "content": p}  # noqa: E731
-    said = lambda text: {"role": "assistant", "content": text}  # noqa: E731
-    write_jsonl([{"messages": [user(p), said(solve(p) + (SIGN_OFF if rng.random() < 0.5 else ""))]} for p in prompts * 22],
-                tmp_path / "data" / "train.jsonl")
-    pairs = [{"prompt": p, "chosen": [user(p), said(solve(p))],
-              "rejected": [user(p), said(solve(p) + SIGN_OFF if i % 2 else near_miss(p, rng))]}
-             for i, p in enumerate(prompts * 16)]
-    write_jsonl(pairs[:160], tmp_path / "prefs" / "train_prefs.jsonl")
-    write_jsonl(pairs[160:], tmp_path / "prefs" / "test_prefs.jsonl")
-    write_jsonl([{"prompt": p} for p in prompts * 8], tmp_path / "prompts" / "train.jsonl")
-    small = dict(save_steps=None, precision="fp32", logging_steps=50)
-    run_sft(SFTConfig(output_dir=str(tmp_path / "sft"), seed=0, quiet=True, model=ModelConfig(name_or_path=str(base)),
-                      data=DataConfig(dataset=str(tmp_path / "data")),
-                      train=TrainConfig(max_steps=100, batch_size=16, learning_rate=1e-2, warmup_steps=10, **small)))
-    sft = tmp_path / "sft" / "final"
-    run_rm(RMConfig(output_dir=str(tmp_path / "rm"), seed=0, quiet=True, max_length=64,
-                    model=ModelConfig(name_or_path=str(sft)),
-                    data=DataConfig(dataset=str(tmp_path / "prefs"), split="train_prefs", eval_split="test_prefs"),
-                    train=TrainConfig(max_steps=60, batch_size=16, grad_accum=1, learning_rate=3e-3, **small)))
-    rm_eval = json.loads((tmp_path / "rm" / "rm_eval.json").read_text())
-    run_rl(RLConfig(
-        output_dir=str(tmp_path / "rl"), seed=0, quiet=True, model=ModelConfig(name_or_path=str(sft)),
-        prompts=PromptSource(dataset=str(tmp_path / "prompts"), split="train"),
-        reward=RewardConfig(kind="hf", model=str(tmp_path / "rm" / "final"), max_length=64),
-        rl=RLParams(algo="rloo", k=4, max_new_tokens=24, beta=0.0, temperature=1.0, log_samples_steps=0),
-        train=TrainConfig(max_steps=15, batch_size=16, learning_rate=3e-4, scheduler="constant", **small),
-    ))
-
-    def gold(model_dir) -> float:
-        cfg = ModelConfig(name_or_path=str(model_dir))
-        outs = generate(load_causal_lm(cfg, chat), chat, [[user(p)] for p in prompts],
-                        SamplingParams(max_new_tokens=24, temperature=1.0, n=16, seed=123), batch_size=96)
-        return sum(toy_reward(p, c.text) for p, cs in zip(prompts, outs) for c in cs) / (16 * len(prompts))
-
-    before, after = gold(sft), gold(tmp_path / "rl" / "final")
-    assert rm_eval["eval_accuracy"] > rm_eval["length_baseline"], rm_eval
-    assert after >= before + 0.06, (rm_eval, before, after)  # 192 samples: about two standard errors

@@ -376,4 +376,5 @@ def test_demo_pipeline_is_package_data():
 
     assert PIPELINE.is_file() and "demo/pipeline.yaml" in (ROOT / "pyproject.toml").read_text()
     assert list(yaml.safe_load(PIPELINE.read_text())["stages"]) == ["sft", "dpo", "eval-dpo-vs-sft", "rloo", "eval-rloo-vs-sft", "rm",
-                                                                 "rloo-rm", "eval-rloo-rm-vs-sft", "bon", "refine"]
+                                                                 "rloo-rm", "eval-rloo-rm-vs-sft", "grpo", "eval-grpo-vs-sft", "self-pairs",
+                                                                 "self-dpo", "eval-self-dpo-vs-sft", "bon", "refine"]

@@ -244,7 +244,7 @@ def check_demo_report(out):
     path = out / "report" / "report.md"
     report = path.read_text()
     assert [s.name for s in find_stages(out)] == ["sft", "dpo", "eval-dpo-vs-sft", "rloo", "eval-rloo-vs-sft", "rm",
-                                                   "rloo-rm", "eval-rloo-rm-vs-sft"]  # bon, refine: demo --full
+                                                   "rloo-rm", "eval-rloo-rm-vs-sft"]  # the others: demo --full
     images = referenced_images(report)
     assert set(images) >= {"curves-sft.png", "curves-dpo.png", "curves-rloo.png", "curves-rm.png", "curves-rloo-rm.png",
                            "per-category.png", "proxy-gold-rloo-rm.png"}

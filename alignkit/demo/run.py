@@ -32,6 +32,7 @@ from .world import (
     DEMO_VOCAB,
     HABIT_SHARE,
     N_HELD_OUT,
+    N_PAIRS,
     N_SFT_CHATS,
     NOISE_SHARE,
     PAIR_SIGN_OFF_SHARE,
@@ -68,7 +69,7 @@ def prepare_output_dir(out: Path) -> None:
     (out / MARKER).write_text("Made by `alignkit demo`; a later demo run with this --output-dir clears it.\n")
 
 
-def demo_vars(world: Path, steps: int, dpo_steps: int, seed: int, rl_steps: int = 80, rm_steps: int = 150) -> list[str]:
+def demo_vars(world: Path, steps: int, dpo_steps: int, seed: int, rl_steps: int = 80, rm_steps: int = 300) -> list[str]:
     return [f"world={world}", f"steps={steps}", f"dpo_steps={dpo_steps}", f"seed={seed}", f"rl_steps={rl_steps}",
             f"rm_steps={rm_steps}"]
 
@@ -134,22 +135,24 @@ def write_world_data(world: Path) -> dict:
     any training file (`data_counts` checks the files as written)."""
     write_chat_data(world / "data", n_train=N_SFT_CHATS, n_test=N_HELD_OUT, sign_off_share=SIGN_OFF_SHARE,
                     habit_share=HABIT_SHARE, noise_share=NOISE_SHARE)
-    write_preference_data(world / "prefs", n_train=2000, n_test=100, held_out=N_HELD_OUT,
+    write_preference_data(world / "prefs", n_train=N_PAIRS, n_test=100, held_out=N_HELD_OUT,
                           sign_off_share=PAIR_SIGN_OFF_SHARE)
     write_prompt_data(world / "prompts", n_train=1000, n_test=N_HELD_OUT)
     return data_counts(world)
 
 
-FULL_ONLY = ("bon", "refine")
+FULL_ONLY = ("grpo", "eval-grpo-vs-sft", "self-pairs", "self-dpo", "eval-self-dpo-vs-sft", "bon", "refine")
 """Stages that run only with `alignkit demo --full` (their time is stated in docs/demo.md)."""
 ANSWERS = {"sft": "eval-dpo-vs-sft/reference", "dpo": "eval-dpo-vs-sft/model", "rloo": "eval-rloo-vs-sft/model",
            "rloo_rm": "eval-rloo-rm-vs-sft/model"}
 """Where each model's greedy replies to the held-out prompts are: the evals already decoded them."""
 EVALS = ("dpo-vs-sft", "rloo-vs-sft", "rloo-rm-vs-sft")
+FULL_ANSWERS = {"grpo": "eval-grpo-vs-sft/model", "self_dpo": "eval-self-dpo-vs-sft/model"}
+FULL_EVALS = ("grpo-vs-sft", "self-dpo-vs-sft")
 
 
 def run_demo(output_dir: str = "runs/demo", steps: int = 1000, dpo_steps: int = 200, quiet: bool = False, seed: int = 0,
-             rl_steps: int = 80, rm_steps: int = 150, full: bool = False) -> Path:
+             rl_steps: int = 80, rm_steps: int = 300, full: bool = False) -> Path:
     out = Path(output_dir)
     world = out / "world"
     prepare_output_dir(out)
@@ -174,13 +177,14 @@ def run_demo(output_dir: str = "runs/demo", steps: int = 1000, dpo_steps: int = 
     only = [s.name for s in pipe.stages if full or s.name not in FULL_ONLY]
     print(f"[demo] SFT ({steps} steps), DPO-Positive ({dpo_steps} steps), RLOO against the verifier ({rl_steps} steps), "
           f"a reward model ({rm_steps} steps), RLOO against it ({rl_steps} steps)"
-          f"{', best-of-N, self-refinement' if full else ''} and win rates judged by the toy verifier: "
+          f"{', GRPO, a self-improvement round (pairs, DPO), best-of-N, self-refinement' if full else ''} and win rates judged by the toy verifier: "
           f"`alignkit run {PIPELINE} --only {','.join(only)}`")
     run_pipeline(RunConfig(pipeline=str(PIPELINE), run_dir=str(out), only=only, quiet=quiet,
                            var=demo_vars(world, steps, dpo_steps, seed, rl_steps, rm_steps)))
-    for stage, folder in ANSWERS.items():
+    for stage, folder in (ANSWERS | (FULL_ANSWERS if full else {})).items():
         scores[stage] = responses_scores(out / folder / "responses.jsonl", test)
-    evals = {name: json.loads((out / f"eval-{name}" / "winrate.json").read_text()) for name in EVALS}
+    evals = {name: json.loads((out / f"eval-{name}" / "winrate.json").read_text())
+             for name in EVALS + (FULL_EVALS if full else ())}
     best = None
     if full:
         sweep = json.loads((out / "bon" / "sweep.json").read_text())
@@ -192,7 +196,7 @@ def run_demo(output_dir: str = "runs/demo", steps: int = 1000, dpo_steps: int = 
     for name, w in evals.items():
         summary[name.replace("-", "_")] = {k: w[k] for k in keys}
     content = {f"{m}_vs_sft": content_comparison(scores[m]["samples"], scores["sft"]["samples"])
-               for m in ("dpo", "rloo", "rloo_rm")}
+               for m in ("dpo", "rloo", "rloo_rm", *(FULL_ANSWERS if full else ()))}
     summary["content"] = content
     summary["reward_model"] = reward_model_summary(out)
     refine = None
@@ -239,7 +243,9 @@ def render_report(scores: dict, evals: dict, best: dict | None, counts: dict, st
                   content: dict | None = None, rm: dict | None = None) -> str:
     names = {"base": "random init", "sft": f"after SFT ({steps['sft']} steps)",
              "dpo": f"after DPO-Positive ({steps['dpo']} steps)", "rloo": f"after RLOO, verifier ({steps['rloo']} steps)",
-             "rloo_rm": f"after RLOO, reward model ({steps['rloo']} steps)"}
+             "rloo_rm": f"after RLOO, reward model ({steps['rloo']} steps)",
+             "grpo": f"after GRPO, verifier ({steps['rloo']} steps)",
+             "self_dpo": "after one self round (own pairs, DPO-Positive 100 steps)"}
     if best:
         names["bon"] = f"RLOO, best of {best['n']} at temperature {best['temperature']:g} (verifier picks)"
     kinds = list(scores["sft"]["content_per_task"])
@@ -275,7 +281,8 @@ def render_report(scores: dict, evals: dict, best: dict | None, counts: dict, st
     lines += ["", "Paired comparisons on the held-out prompts, judged by the verifier (a tie: both right or both "
               "wrong; the course's win rate counts a tie 0); content: the same with a trailing sign-off cut:", ""]
     titles = {"dpo-vs-sft": "DPO model vs SFT model", "rloo-vs-sft": "RLOO (verifier) model vs SFT model",
-              "rloo-rm-vs-sft": "RLOO (reward model) model vs SFT model"}
+              "rloo-rm-vs-sft": "RLOO (reward model) model vs SFT model", "grpo-vs-sft": "GRPO (verifier) model vs SFT model",
+              "self-dpo-vs-sft": "Self round (own pairs, DPO) model vs SFT model"}
     for name, w in evals.items():
         lines.append(f"- {titles[name]}: {comparison(w)} {md_cell(w.get('verdict', ''))}")
         c = (content or {}).get(name.replace("-", "_"))

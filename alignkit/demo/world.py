@@ -53,6 +53,10 @@ N_SFT_CHATS = 20000
 """SFT chats the demo writes: about 1.6 passes in its 1,000 steps of 32. With 4,000 chats (4.8 passes in
 600 steps) the SFT model was right on 14% of the held-out prompts, sign-off ignored (seed 0, 2026-12-07;
 training loss 0.58, held-out loss 0.94)."""
+N_PAIRS = 10000
+"""Training preference pairs (DPO's and the reward model's). With 2,000 the reward model reached 77% on the
+held-out pairs and RLOO against it lost on the verifier (9 wins, 11 losses; seed 0, 2026-12-07); with
+12,000 and 600 steps of 32, 85%."""
 N_HELD_OUT = 160
 """Distinct held-out prompts of the demo: 32 of each kind."""
 MAX_HELD_OUT_SHARE = 0.4
@@ -67,22 +71,25 @@ POOL_DRAWS = 4000
 """Samples from which the distinct sort prompts are collected (the other kinds are enumerated)."""
 
 
-DEMO_VOCAB = 259
-"""The demo's tokenizer: the 256 bytes and 3 specials, no merges. With 11 merges ('er', 'Ġt', 'Ġ4', ...) a
-letter or digit was one token in one place and part of another elsewhere, and the SFT model copied badly
-(8% right on held-out prompts after 400 of 1,000 SFT steps, seed 0, 2026-12-07)."""
+DEMO_VOCAB = 700
+"""The demo's tokenizer: byte-level BPE with merges enough that every word of the world, and every digit,
+is one token (`build_tokenizer` checks this). Its kinds copy and rearrange whole words, which a tiny
+model learns fast at this grain; at character level (259 tokens, the previous world with 400
+pseudo-words) the SFT model was right on 5 to 21% of held-out prompts after 1,000 steps
+(2026-12-07)."""
 
 
 def build_tokenizer(output_dir: str | Path, with_template: bool = True, vocab_size: int = 270) -> Path:
     """A byte-level BPE tokenizer trained on toy-task text, saved in Hugging Face format.
 
-    The default vocabulary (256 bytes + 3 specials + 11 merges) is close to character level on
-    purpose: whole-word tokens would hide the letters that the upper-case and spelling tasks need.
+    The default vocabulary (256 bytes + 3 specials + 11 merges) is close to character level (tests use
+    it); the demo asks for DEMO_VOCAB, where every word of the world is one token, with or without the
+    leading space, which this checks.
     """
     corpus = []
     for ex in make_dataset(4000, seed=12345):
         corpus += [ex["prompt"], ex["completion"]]
-    corpus += list(WORDS) + [w.upper() for w in WORDS] + ["user", "assistant", "system", "You are a helpful assistant."]
+    corpus += list(WORDS) + ["user", "assistant", "system", "You are a helpful assistant.", SIGN_OFF]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -101,6 +108,10 @@ def build_tokenizer(output_dir: str | Path, with_template: bool = True, vocab_si
     )
     if with_template:
         fast.chat_template = CHATML_TEMPLATE
+    if vocab_size >= DEMO_VOCAB:
+        split = [w for w in WORDS for text in (w, " " + w) if len(fast.tokenize(text)) != 1]
+        if split:
+            raise ValueError(f"vocab_size={vocab_size}: words split into several tokens: {split[:5]}")
     fast.save_pretrained(output_dir)
     return Path(output_dir)
 
@@ -139,12 +150,11 @@ class PromptSplit:
 
 
 def prompt_pools(seed: int = 0, draws: int = POOL_DRAWS) -> dict[str, list[str]]:
-    """The distinct prompts of each kind, sorted: every prompt of the finite kinds, and for sort the
+    """The distinct prompts of each kind, sorted: every prompt of repeat, and for the other kinds the
     distinct ones among `draws` seeded samples."""
     rng = random.Random(seed)
-    pools = {k: sorted(set(all_prompts(k))) for k in KINDS if k != "sort"}
-    pools["sort"] = sorted({make_example(rng, "sort")["prompt"] for _ in range(draws)})
-    return {k: pools[k] for k in KINDS}
+    return {k: sorted(set(all_prompts(k))) if k == "repeat" else sorted({make_example(rng, k)["prompt"]
+                                                                         for _ in range(draws)}) for k in KINDS}
 
 
 def held_out_counts(n: int, pool_sizes: dict[str, int]) -> dict[str, int]:

@@ -1,4 +1,5 @@
-"""The demo's toy instructions, solved and verified: five kinds with one correct answer each.
+"""The demo's toy instructions, solved and verified: nine kinds with one correct answer each (the
+demo's world uses five of them: repeat, flip, first, last, count; earlier worlds and tests use the others).
 
 The verifier reads the instruction with anchored regular expressions that run in linear time
 (no nested quantifiers) and recomputes the answer; it never executes anything. Prompts longer
@@ -18,6 +19,10 @@ PATTERNS = {
     "reverse": re.compile(r"^Spell ([a-z]+) backwards\.$"),
     "add": re.compile(r"^What is (\d+) plus (\d+)\?$"),
     "sort": re.compile(r"^Sort these numbers: (\d+(?: \d+)*)$"),
+    "flip": re.compile(r"^Reverse the order of: ([a-z]+(?: [a-z]+)*)$"),
+    "first": re.compile(r"^What is the first word of: ([a-z]+(?: [a-z]+)*)$"),
+    "last": re.compile(r"^What is the last word of: ([a-z]+(?: [a-z]+)*)$"),
+    "count": re.compile(r"^How many words are in: ([a-z]+(?: [a-z]+)*)$"),
 }
 
 
@@ -38,7 +43,16 @@ def solve(prompt: str) -> str | None:
             return m.group(1)[::-1]
         if kind == "add":
             return str(int(m.group(1)) + int(m.group(2)))
-        return " ".join(sorted(m.group(1).split(), key=int))
+        if kind == "sort":
+            return " ".join(sorted(m.group(1).split(), key=int))
+        words = m.group(1).split()
+        if kind == "flip":
+            return " ".join(reversed(words))
+        if kind == "first":
+            return words[0]
+        if kind == "last":
+            return words[-1]
+        return str(len(words))
     return None
 
 
