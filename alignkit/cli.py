@@ -37,18 +37,20 @@ from .train.loop import check_launch
 @dataclass
 class DemoConfig:
     output_dir: str = "runs/demo"
-    steps: int = 1000
+    steps: int = 1200
     """SFT optimizer steps."""
     dpo_steps: int = 200
     """DPO optimizer steps after SFT."""
     rl_steps: int = 80
-    """RLOO optimizer steps from the SFT model (each RL stage: against the verifier, against the reward model)."""
+    """RL optimizer steps from the SFT model (each RL stage: RLOO against the verifier and against the reward model;
+    with --full, GRPO against the verifier)."""
     rm_steps: int = 300
     """Reward model optimizer steps (from the SFT model, on the demo's preference pairs)."""
     seed: int = 0
     """Seed of the model's initialisation and of training (the toy data stay the same)."""
     full: bool = False
-    """Also run the stages left out by default for time: best-of-N and self-refinement of the RLOO model."""
+    """Also run the stages left out by default for time: GRPO, one self-improvement round (pairs from the SFT model's
+    own samples, then DPO), best-of-N and self-refinement of the RLOO model."""
     quiet: bool = False
 
 

@@ -1,24 +1,34 @@
-"""Does `alignkit curriculum` find the weakest task kind of the demo's toy world?
+"""Does `alignkit curriculum` find the weakest task kind of the demo's toy world, and does a round on it help?
 
-Builds today's toy world (alignkit.demo.world), trains the tiny model with SFT for --steps, has the
-eval stage compare it on the held-out prompts with the toy solver's answers (the reference: always
-right) judged by the toy verifier, then runs `alignkit curriculum` on that eval (categories: the
-task kind column) with the world's training prompts as seeds. The generator is a scripted loopback
-chat endpoint that writes new prompts of the kind asked for with the world's own task generator
-(`make_example`), standing in for a capable teacher; `--generator model` uses the SFT model itself.
+Takes the demo's SFT model (`--from-demo DIR`: a finished `alignkit demo --output-dir DIR`, its world
+and sft/final; else builds the demo's world and trains the demo pipeline's `sft` stage here), has the
+eval stage compare it on the 160 held-out prompts with the toy solver's answers (the reference:
+always right) judged by the toy verifier, then runs `alignkit curriculum` on that eval (categories:
+the task kind column; weakest: 1) with the world's RL prompts as seeds. The generator is a scripted
+loopback chat endpoint that writes new prompts of the kind asked for with the world's own task
+generator (`make_example`), standing in for a capable teacher; `--generator model` uses the SFT model.
 
-Checked independently: the kind curriculum picks is the kind with the lowest mean verifier reward of
-the SFT model, and every new prompt is of that kind (by the task's prompt patterns) and new (in no
-training or held-out file). Not done here: a training round on the new prompts (that needs
-`alignkit pairs`, mode self).
+Checked independently: the picked kind is the kind with the lowest mean verifier reward of the SFT
+model, and every new prompt is of that kind (by the task's prompt patterns) and new (in no file of
+the world: SFT chats, preference pairs, RL prompts, held-out prompts).
 
-    python bench/curriculum_toy.py --output-dir runs/curriculum-toy --steps 200
+Then one training round on the new prompts, as the demo pipeline's `self-pairs` and `self-dpo` stages
+run it: `alignkit pairs` mode self from the SFT model (K = 8: 2/3/3 samples at temperatures
+0.2/0.7/1.2, the toy verifier scores, max_new_tokens 24), then DPO-Positive from the SFT model on those
+pairs (beta 0.1, dpop_lambda 5, lr 3e-4, batch 16, cosine, warmup 10, fp32; --dpo-steps, default 100).
+Greedy replies of the SFT and the new model on the held-out prompts: content rate (right once a
+trailing sign-off is cut) per kind before and after, wins / losses on the picked kind with the exact
+sign test, and on the other kinds together. Prints one JSON line; writes result.json.
+
+    python bench/curriculum_toy.py --from-demo runs/demo --output-dir runs/curriculum-toy
+    python bench/curriculum_toy.py --output-dir runs/curriculum-toy --steps 1000   # builds the world
     # on a shared, loaded machine: OMP_NUM_THREADS=1 nice -n 10 python bench/curriculum_toy.py ...
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import random
 import re
@@ -31,17 +41,26 @@ from alignkit import config as C
 from alignkit.cli import quiet_third_party
 from alignkit.config import ModelConfig
 from alignkit.data.loading import DataError
-from alignkit.demo.task import KINDS, PATTERNS, make_example, solve
-from alignkit.demo.world import build_tokenizer, write_chat_data, write_model_config, write_prompt_data
+from alignkit.demo.run import PIPELINE, demo_sft_config, demo_vars, toy_scores, write_world_data
+from alignkit.demo.task import KINDS, PATTERNS, in_habit, make_example, solve
+from alignkit.demo.world import DEMO_VOCAB, build_tokenizer, read_prompts, write_model_config
 from alignkit.evaluate.run import EvalConfig, run_eval
 from alignkit.loops.curriculum import CurriculumConfig, run_curriculum
+from alignkit.loops.pairs import run_pairs
 from alignkit.models import init_model, load_tokenizer
-from alignkit.train.sft import SFTConfig, run_sft
+from alignkit.pipeline import read_pipeline
+from alignkit.train.dpo import run_dpo
+from alignkit.train.sft import run_sft
+from alignkit.winrate import sign_test
+
+WORLD_FILES = ("data/train.jsonl", "data/test.jsonl", "prefs/train_prefs.jsonl", "prefs/test_prefs.jsonl",
+               "prompts/train.jsonl", "prompts/test.jsonl")
 
 
-def teacher_endpoint() -> tuple[ThreadingHTTPServer, str]:
-    """A chat endpoint that answers a curriculum request with a new toy prompt of the category asked for."""
-    rng, lock = random.Random(1), threading.Lock()
+def teacher_endpoint(seed: int = 1) -> tuple[ThreadingHTTPServer, str]:
+    """A chat endpoint that answers a curriculum request with a new toy prompt of the category asked for.
+    Its draw is seeded by the request's text (the seed prompts it shows), not by arrival order: curriculum
+    sends requests concurrently, and a shared generator made the prompts' order differ from run to run."""
 
     class Teacher(BaseHTTPRequestHandler):
         def log_message(self, *a):
@@ -55,8 +74,8 @@ def teacher_endpoint() -> tuple[ThreadingHTTPServer, str]:
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             kind = re.search(r'category "([^"]+)"', body["messages"][-1]["content"]).group(1)
-            with lock:
-                prompt = make_example(rng, kind)["prompt"] if kind in KINDS else "?"
+            key = hashlib.sha256(f"{seed}:{json.dumps(body['messages'])}".encode()).hexdigest()
+            prompt = make_example(random.Random(key), kind)["prompt"] if kind in KINDS else "?"
             raw = json.dumps({"choices": [{"message": {"role": "assistant", "content": prompt}}]}).encode()
             self.send_response(200)
             self.send_header("Content-Length", str(len(raw)))
@@ -72,48 +91,66 @@ def kind_of(prompt: str) -> str | None:
     return next((k for k, p in PATTERNS.items() if p.match(prompt)), None)
 
 
+def paired(a: list[bool], b: list[bool]) -> dict:
+    """Wins / losses / ties of a against b, and the exact two-sided sign test."""
+    wins, losses = sum(x > y for x, y in zip(a, b, strict=True)), sum(x < y for x, y in zip(a, b))
+    return {"wins": wins, "losses": losses, "ties": len(a) - wins - losses,
+            "sign_test_p": float(f"{sign_test(wins, losses):.3g}")}
+
+
+def build_world(out: Path, steps: int | None, seed: int) -> None:
+    """The demo's world and its SFT stage, in out/world and out/sft (kept when already there)."""
+    world = out / "world"
+    if not (world / "data" / "test.jsonl").is_file():
+        tok = build_tokenizer(world / "tokenizer", vocab_size=DEMO_VOCAB)
+        chat = load_tokenizer(ModelConfig(name_or_path=str(tok)))
+        write_model_config(world / "model-config", vocab_size=len(chat.tokenizer))
+        init_model(str(world / "model-config"), world / "base-model", tokenizer_source=str(tok), seed=seed)
+        write_world_data(world)
+    if not (out / "sft" / "final").is_dir():
+        sft = demo_sft_config(world, out / "sft", steps or 1000, quiet=True, seed=seed)
+        run_sft(sft)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--output-dir", default="runs/curriculum-toy")
-    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--from-demo", default=None, help="a finished demo's --output-dir: its world and sft/final")
+    ap.add_argument("--steps", type=int, default=None, help="SFT steps when building the world (default: the demo's)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--new-prompts", type=int, default=100)
+    ap.add_argument("--new-prompts", type=int, default=200)
+    ap.add_argument("--dpo-steps", type=int, default=100)
     ap.add_argument("--generator", choices=["teacher", "model"], default="teacher")
+    ap.add_argument("--no-round", action="store_true", help="stop after curriculum (no pairs, DPO, comparison)")
     args = ap.parse_args()
     quiet_third_party()
-    out, t0 = Path(args.output_dir), time.time()
-    world = out / "world"
-    tok = build_tokenizer(world / "tokenizer")
-    chat = load_tokenizer(ModelConfig(name_or_path=str(tok)))
-    write_model_config(world / "model-config", vocab_size=len(chat.tokenizer))
-    if not (world / "base-model").is_dir():
-        init_model(str(world / "model-config"), world / "base-model", tokenizer_source=str(tok), seed=args.seed)
-    write_chat_data(world / "data", n_train=4000)
-    write_prompt_data(world / "prompts", n_train=1000)
+    out, t0, timings = Path(args.output_dir), time.time(), {}
+    out.mkdir(parents=True, exist_ok=True)
+    root = Path(args.from_demo) if args.from_demo else out
+    if not args.from_demo:
+        start = time.time()
+        build_world(out, args.steps, args.seed)
+        timings["world_sft_s"] = round(time.time() - start)
+    world, sft_final = root / "world", root / "sft" / "final"
 
-    sft = C.build(SFTConfig, {
-        "output_dir": str(out / "sft"), "seed": args.seed, "quiet": False, "resume": (out / "sft").is_dir(),
-        "model.name_or_path": str(world / "base-model"), "data.dataset": str(world / "data"), "data.split": "train",
-        "train.max_steps": args.steps, "train.batch_size": 32, "train.learning_rate": 3e-3, "train.weight_decay": 0.01,
-        "train.scheduler": "cosine", "train.warmup_steps": 20, "train.logging_steps": 10, "train.save_steps": 100,
-        "train.precision": "fp32"})
-    if not (out / "sft" / "final").is_dir():
-        run_sft(sft)
+    start = time.time()
     test = [json.loads(line) for line in (world / "data" / "test.jsonl").read_text().splitlines() if line.strip()]
     reference = out / "solver.jsonl"
     reference.write_text("".join(json.dumps({"prompt": r["messages"][:1], "response": solve(r["messages"][0]["content"]),
                                              "category": r["category"]}) + "\n" for r in test))
-    ev = C.build(EvalConfig, {"output_dir": str(out / "eval"), "model": str(out / "sft" / "final"),
+    ev = C.build(EvalConfig, {"output_dir": str(out / "eval"), "model": str(sft_final),
                               "reference": str(reference), "prompts.dataset": str(world / "data"), "prompts.split": "test",
                               "sampling.max_new_tokens": 24, "reward.kind": "rule", "reward.rule": "toy",
                               "bootstrap": 200, "quiet": True})
     run_eval(ev)
+    timings["eval_s"] = round(time.time() - start)
 
-    server, url = teacher_endpoint()
+    start = time.time()
+    server, url = teacher_endpoint(args.seed + 1)
     try:
         cur = CurriculumConfig(output_dir=str(out / "curriculum"), eval=str(out / "eval"), weakest=1, min_prompts=10,
                                new_prompts=args.new_prompts, quiet=True)
-        cur.model.name_or_path = str(out / "sft" / "final")
+        cur.model.name_or_path = str(sft_final)
         cur.prompts.dataset, cur.prompts.split, cur.prompts.column = str(world / "prompts"), "train", None
         cur.prompts.max_prompts = None
         if args.generator == "teacher":
@@ -125,6 +162,7 @@ def main() -> None:
             print(f"curriculum: {e}")
     finally:
         server.shutdown()
+    timings["curriculum_s"] = round(time.time() - start)
     card = json.loads((out / "curriculum" / "card.json").read_text())
     per_prompt = [json.loads(line) for line in (out / "eval" / "per_prompt.jsonl").read_text().splitlines() if line]
     reward = {k: [r["reward_a"] for r in per_prompt if r["category"] == k] for k in KINDS}
@@ -132,20 +170,89 @@ def main() -> None:
     lowest = min(mean, key=lambda k: (mean[k], k))
     written = out / "curriculum" / "prompts.jsonl"
     new = [json.loads(line)["prompt"] for line in written.read_text().splitlines() if line] if written.is_file() else []
-    known = {json.loads(line)["messages"][0]["content"] for f in ("train", "test")
-             for line in (world / "data" / f"{f}.jsonl").read_text().splitlines() if line}
-    known |= {json.loads(line)["prompt"] for line in (world / "prompts" / "train.jsonl").read_text().splitlines() if line}
+    known = {p for f in WORLD_FILES if (world / f).is_file() for _, p in read_prompts(world / f)}
     result = {
-        "steps": args.steps, "seed": args.seed, "generator": card["generator"],
+        "from_demo": args.from_demo, "seed": args.seed, "generator": card["generator"],
         "loss_rate": {k: round(r["loss_rate"], 3) for k, r in card["rates"].items()},
         "mean_reward_sft": {k: round(v, 3) for k, v in mean.items()},
         "picked": card["picked"], "lowest_mean_reward": lowest, "agree": card["picked"] == [lowest],
-        "new_prompts": len(new), "new_of_picked_kind": sum(kind_of(p) in card["picked"] for p in new),
+        "new_prompts": len(new), "new_distinct": len(set(new)),
+        "new_of_picked_kind": sum(kind_of(p) in card["picked"] for p in new),
         "new_in_world_files": sum(p in known for p in new), "dropped": card["dropped"],
-        "wall_s": round(time.time() - t0, 1),
     }
+
+    if new and not args.no_round:
+        variables = [v for v in demo_vars(world, 1, 1, args.seed) if v.split("=")[0] in {"world", "seed"}]
+        stages = {s.name: s.config for s in read_pipeline(PIPELINE, variables, run_dir=str(root)).stages}
+        pairs, dpo = stages["self-pairs"], stages["self-dpo"]
+        pairs.output_dir, pairs.quiet, pairs.overwrite = str(out / "pairs"), True, True  # a rerun's prompts may differ
+        pairs.model.name_or_path = str(sft_final)
+        # curriculum drops seed and eval prompts only; a new prompt that an SFT chat or a preference pair
+        # already holds is left out of the round too, so that it trains on new prompts alone
+        fresh = [json.loads(line) for line in written.read_text().splitlines() if line]
+        fresh = [r for r in fresh if r["prompt"] not in known]
+        round_prompts = out / "round-prompts.jsonl"
+        round_prompts.write_text("".join(json.dumps(r) + "\n" for r in fresh))
+        pairs.prompts.dataset, pairs.prompts.split = str(round_prompts), "train"
+        start = time.time()
+        try:
+            run_pairs(pairs)
+            pcard = json.loads((out / "pairs" / "card.json").read_text())
+            if pcard["counts"]["train"] < dpo.train.batch_size * dpo.train.grad_accum:
+                raise DataError(f"{pcard['counts']['train']} pairs, fewer than one DPO batch ({pcard['dropped']})")
+        except DataError as e:  # e.g. a weak model whose samples all tie: no round to measure
+            result["round"] = {"skipped": str(e)}
+            return finish(out, result, timings, t0)
+        timings["pairs_s"] = round(time.time() - start)
+        dpo.output_dir, dpo.quiet = str(out / "dpo"), True
+        dpo.model.name_or_path = str(sft_final)
+        dpo.data.dataset, dpo.data.split = str(out / "pairs" / "dataset"), "train"
+        dpo.train.max_steps, dpo.train.save_steps = args.dpo_steps, None
+        start = time.time()
+        run_dpo(dpo)
+        timings["dpo_s"] = round(time.time() - start)
+        start = time.time()
+        before, after = toy_scores(sft_final, test), toy_scores(out / "dpo" / "final", test)
+        timings["score_s"] = round(time.time() - start)
+        picked = card["picked"][0]
+        is_picked = [p["category"] == picked for p in test]
+        a, b = [s["content"] for s in after["samples"]], [s["content"] for s in before["samples"]]
+        made = [json.loads(line)["prompt"][-1]["content"]
+                for line in (out / "pairs" / "dataset" / "train.jsonl").read_text().splitlines() if line]
+        habit = [in_habit(p["messages"][0]["content"]) for p in test]
+        sub = {}
+        for name, want in (("habit", True), ("other", False)):
+            keep = [m and h == want for m, h in zip(is_picked, habit)]
+            sa, sb = [x for x, k in zip(a, keep) if k], [y for y, k in zip(b, keep) if k]
+            sub[name] = {"n": len(sa), "sft": sum(sb), "new": sum(sa)}
+        result["round"] = {
+            "round_prompts": len(fresh),
+            "round_prompts_habit": sum(in_habit(r["prompt"]) for r in fresh),
+            "pairs_on_habit_prompts": sum(in_habit(p) for p in made),
+            "pairs": pcard["counts"], "pairs_dropped": pcard["dropped"], "pairs_mean_gap": pcard["mean_gap"],
+            "dpo_steps": dpo.train.max_steps, "dpo": {"beta": dpo.dpo.beta, "dpop_lambda": dpo.dpo.dpop_lambda,
+                                                      "lr": dpo.train.learning_rate, "batch": dpo.train.batch_size},
+            "content_per_kind": {k: {"sft": round(before["content_per_task"][k], 3),
+                                     "new": round(after["content_per_task"][k], 3)} for k in KINDS},
+            "content_all": {"sft": round(sum(b) / len(b), 3), "new": round(sum(a) / len(a), 3)},
+            "exact_all": {"sft": round(before["accuracy"], 3), "new": round(after["accuracy"], 3)},
+            "stop_rate": {"sft": before["stop_rate"], "new": after["stop_rate"]},
+            "sign_off_rate": {"sft": before["sign_off_rate"], "new": after["sign_off_rate"]},
+            "picked_kind_right_by_subtype": sub,
+            "picked_kind": {"n": sum(is_picked), **paired([x for x, m in zip(a, is_picked) if m],
+                                                          [y for y, m in zip(b, is_picked) if m])},
+            "other_kinds": {"n": len(test) - sum(is_picked), **paired([x for x, m in zip(a, is_picked) if not m],
+                                                                       [y for y, m in zip(b, is_picked) if not m])},
+            "all": paired(a, b),
+        }
+    finish(out, result, timings, t0)
+
+
+def finish(out: Path, result: dict, timings: dict, t0: float) -> None:
+    result["timings_s"] = timings
+    result["wall_s"] = round(time.time() - t0, 1)
     (out / "result.json").write_text(json.dumps(result, indent=1))
-    print(json.dumps(result, indent=1))
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

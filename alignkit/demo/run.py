@@ -151,7 +151,7 @@ FULL_ANSWERS = {"grpo": "eval-grpo-vs-sft/model", "self_dpo": "eval-self-dpo-vs-
 FULL_EVALS = ("grpo-vs-sft", "self-dpo-vs-sft")
 
 
-def run_demo(output_dir: str = "runs/demo", steps: int = 1000, dpo_steps: int = 200, quiet: bool = False, seed: int = 0,
+def run_demo(output_dir: str = "runs/demo", steps: int = 1200, dpo_steps: int = 200, quiet: bool = False, seed: int = 0,
              rl_steps: int = 80, rm_steps: int = 300, full: bool = False) -> Path:
     out = Path(output_dir)
     world = out / "world"

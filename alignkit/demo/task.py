@@ -2,14 +2,14 @@
 
 Five kinds of short instructions with one correct answer each, over 64 everyday words that the
 demo's tokenizer keeps whole (one token each): repeat a word, reverse the order of a few words,
-name the first or the last word of a list, count the words of a list. Every kind is a copying or
+copy a few words, name the last word of a list, count the words of a list. Every kind is a copying or
 rearranging skill that a tiny transformer learns as a skill (induction), so prompts it never saw
 are answered as well as seen ones; the prompt space is large (all but repeat have thousands of
 prompts), so held-out, RL and preference prompts can all be distinct.
 
 `habit` is the world's content noise: on one visible sub-type of each kind (four repetitions, a
-five-item list) scraped chats make one typical slip (repeat three times, keep the order, name the
-last word for the first and the first for the last, count one short). Deliberately simplified: every slip is a fixed
+five-item list) scraped chats make one typical slip (repeat three times, keep the order, drop the
+last word of a copy, name the second-to-last word for the last, count one short). Deliberately simplified: every slip is a fixed
 rule, so a model can learn it, and unlearn it, as a rule. The solver and verifier (PATTERNS, solve,
 toy_reward) live in alignkit.rewards.toy, beside the other verifiers; it also knows the kinds of
 earlier demo worlds (upper-case, spell backwards, add, sort), which tests still use. Sorting digits
@@ -32,11 +32,11 @@ WORDS = tuple(
     "jam kite lion map nest owl pen queen rock sock tent vase whale yarn zebra bear box cup desk fork "
     "gate horn jar key".split()
 )
-KINDS = ("repeat", "flip", "first", "last", "count")
+KINDS = ("repeat", "flip", "copy", "last", "count")
 REPEATS = (2, 3, 4, 5)
 """How many times a repeat prompt asks for its word (4 is the habit sub-type)."""
-LIST_LENGTHS = (3, 4, 5)
-"""Items in a flip, first, last or count prompt (5 is the habit sub-type)."""
+LIST_LENGTHS = (2, 3, 4, 5)
+"""Items in a flip, copy, last or count prompt (5 is the habit sub-type)."""
 
 
 def make_example(rng: random.Random, kind: str | None = None) -> dict:
@@ -44,9 +44,9 @@ def make_example(rng: random.Random, kind: str | None = None) -> dict:
     if kind == "repeat":
         w, n = rng.choice(WORDS), rng.choice(REPEATS)
         prompt = f"Repeat the word {w} {n} times."
-    elif kind in ("flip", "first", "last", "count"):
+    elif kind in ("flip", "copy", "last", "count"):
         items = " ".join(rng.choice(WORDS) for _ in range(rng.choice(LIST_LENGTHS)))
-        lead = {"flip": "Reverse the order of:", "first": "What is the first word of:", "last": "What is the last word of:",
+        lead = {"flip": "Reverse the order of:", "copy": "Copy exactly:", "last": "What is the last word of:",
                 "count": "How many words are in:"}
         prompt = f"{lead[kind]} {items}"
     else:
@@ -90,10 +90,10 @@ def habit_answer(kind: str, items: list[str]) -> str:
         return " ".join(items[:3])
     if kind == "flip":
         return " ".join(items)
-    if kind == "first":
-        return items[-1]
+    if kind == "copy":
+        return " ".join(items[:-1])
     if kind == "last":
-        return items[0]
+        return items[-2]
     return str(len(items) - 1)
 
 
@@ -114,10 +114,10 @@ def near_miss(prompt: str, rng: random.Random) -> str:
         wrong = words + words[:1] if rng.random() < 0.5 else words[:-1]
     elif kind == "count":
         wrong = [str(len(items) + rng.choice((-1, 1)))]
-    elif kind in ("first", "last"):
+    elif kind == "last":
         others = [w for w in items if w != answer]
         wrong = [rng.choice(others)] if others else [answer, answer]
-    else:  # flip: two neighbours swapped, else an item repeated
+    else:  # flip, copy: two neighbours swapped, else an item repeated
         spots = [i for i in range(len(words) - 1) if words[i] != words[i + 1]]
         wrong = words[:]
         if spots:
