@@ -1,13 +1,15 @@
 """One `self` round on the demo's toy world: does DPO on the model's own pairs beat the SFT model?
 
-Builds the demo world (today's `alignkit.demo.world` functions), trains the demo's SFT model (600
-steps) for a seed, then one round of iterative DPO: `alignkit pairs` in mode self (K = 8 samples per
-training prompt at 0.2 x 2, 0.7 x 3, 1.2 x 3, scored by the toy verifier; chosen = the best,
+Builds the demo world (today's `alignkit.demo.world` functions, the demo's tokenizer), trains the
+demo's SFT model (--sft-steps, default the demo's 1,200) for a seed, then one round of iterative DPO:
+`alignkit pairs` in mode self (K = 8 samples per training prompt at 0.2 x 2, 0.7 x 3, 1.2 x 3, scored by the toy verifier; chosen = the best,
 rejected = a seeded one of the bottom three; prompts whose samples all tie dropped), then
 `alignkit dpo` (DPO-Positive, the demo's settings) from the SFT model on those pairs. Greedy replies
 of both models to the 160 held-out prompts are compared per prompt: exact match (what the verifier
-wants) and content ("right ignoring the sign-off" that 70% of the SFT replies carry), each with
+wants) and content ("right ignoring the sign-off" that 30% of the SFT replies carry), each with
 wins / losses and the exact two-sided sign test. Prints one JSON line (and writes result.json).
+`alignkit demo --full` runs the same round as its self-pairs and self-dpo stages (on the RL prompts, 100
+DPO steps); this script runs it alone, with its settings as options.
 
     nice -n 10 python bench/self_improve_toy.py --seed 0 --output-dir runs/self-improve-toy-0
 """
@@ -23,7 +25,7 @@ from pathlib import Path
 from alignkit.cli import quiet_third_party
 from alignkit.config import DataConfig, ModelConfig, TrainConfig
 from alignkit.demo.run import demo_sft_config, without_sign_off, write_world_data
-from alignkit.demo.world import build_tokenizer, write_model_config
+from alignkit.demo.world import DEMO_VOCAB, build_tokenizer, write_model_config
 from alignkit.generation import SamplingParams, generate
 from alignkit.data.prompts import PromptSource
 from alignkit.loops.pairs import PairsConfig, run_pairs
@@ -58,7 +60,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--output-dir", default=None)
-    ap.add_argument("--sft-steps", type=int, default=600)
+    ap.add_argument("--sft-steps", type=int, default=1200)
     ap.add_argument("--dpo-steps", type=int, default=200)
     ap.add_argument("--prompts", type=int, default=1000, help="training prompts sampled (world/prompts/train.jsonl)")
     ap.add_argument("--dpop-lambda", type=float, default=5.0)
@@ -68,7 +70,7 @@ def main() -> None:
     world = root / "world"
     t0 = time.perf_counter()
     if not (world / "prompts" / "train.jsonl").is_file():  # the world's files, written last
-        tok = build_tokenizer(world / "tokenizer")
+        tok = build_tokenizer(world / "tokenizer", vocab_size=DEMO_VOCAB)
         vocab = len(load_tokenizer(ModelConfig(name_or_path=str(tok))).tokenizer)
         write_model_config(world / "model-config", vocab_size=vocab)
         init_model(str(world / "model-config"), world / "base-model", tokenizer_source=str(tok), seed=args.seed)

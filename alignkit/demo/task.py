@@ -2,14 +2,14 @@
 
 Five kinds of short instructions with one correct answer each, over 64 everyday words that the
 demo's tokenizer keeps whole (one token each): repeat a word, reverse the order of a few words,
-copy a few words, name the last word of a list, count the words of a list. Every kind is a copying or
+say whether a word is in a list, name the last word of a list, count the words of a list. Every kind is a copying or
 rearranging skill that a tiny transformer learns as a skill (induction), so prompts it never saw
 are answered as well as seen ones; the prompt space is large (all but repeat have thousands of
 prompts), so held-out, RL and preference prompts can all be distinct.
 
 `habit` is the world's content noise: on one visible sub-type of each kind (four repetitions, a
-five-item list) scraped chats make one typical slip (repeat three times, keep the order, drop the
-last word of a copy, name the second-to-last word for the last, count one short). Deliberately simplified: every slip is a fixed
+five-item list) scraped chats make one typical slip (repeat once too few, keep the order, say "yes"
+to any word, name the second-to-last word for the last, count one short). Deliberately simplified: every slip is a fixed
 rule, so a model can learn it, and unlearn it, as a rule. The solver and verifier (PATTERNS, solve,
 toy_reward) live in alignkit.rewards.toy, beside the other verifiers; it also knows the kinds of
 earlier demo worlds (upper-case, spell backwards, add, sort), which tests still use. Sorting digits
@@ -32,11 +32,11 @@ WORDS = tuple(
     "jam kite lion map nest owl pen queen rock sock tent vase whale yarn zebra bear box cup desk fork "
     "gate horn jar key".split()
 )
-KINDS = ("repeat", "flip", "copy", "last", "count")
+KINDS = ("repeat", "flip", "member", "last", "count")
 REPEATS = (2, 3, 4, 5)
 """How many times a repeat prompt asks for its word (4 is the habit sub-type)."""
 LIST_LENGTHS = (2, 3, 4, 5)
-"""Items in a flip, copy, last or count prompt (5 is the habit sub-type)."""
+"""Items in a flip, member, last or count prompt (5 is the habit sub-type)."""
 
 
 def make_example(rng: random.Random, kind: str | None = None) -> dict:
@@ -44,10 +44,13 @@ def make_example(rng: random.Random, kind: str | None = None) -> dict:
     if kind == "repeat":
         w, n = rng.choice(WORDS), rng.choice(REPEATS)
         prompt = f"Repeat the word {w} {n} times."
-    elif kind in ("flip", "copy", "last", "count"):
+    elif kind == "member":
+        items = [rng.choice(WORDS) for _ in range(rng.choice(LIST_LENGTHS))]
+        w = rng.choice(items) if rng.random() < 0.5 else rng.choice(WORDS)
+        prompt = f"Is {w} in: {' '.join(items)}"
+    elif kind in ("flip", "last", "count"):
         items = " ".join(rng.choice(WORDS) for _ in range(rng.choice(LIST_LENGTHS)))
-        lead = {"flip": "Reverse the order of:", "copy": "Copy exactly:", "last": "What is the last word of:",
-                "count": "How many words are in:"}
+        lead = {"flip": "Reverse the order of:", "last": "What is the last word of:", "count": "How many words are in:"}
         prompt = f"{lead[kind]} {items}"
     else:
         raise ValueError(f"{kind}: not a kind of the demo's task {KINDS}")
@@ -73,7 +76,9 @@ def kind_of(prompt: str) -> str:
 def _items(prompt: str) -> tuple[str, list[str]]:
     kind = kind_of(prompt)
     m = PATTERNS[kind].match(prompt)
-    return kind, (m.group(1).split() if kind != "repeat" else [m.group(1)] * int(m.group(2)))
+    if kind == "repeat":
+        return kind, [m.group(1)] * int(m.group(2))
+    return kind, m.group(2 if kind == "member" else 1).split()
 
 
 def in_habit(prompt: str) -> bool:
@@ -81,17 +86,17 @@ def in_habit(prompt: str) -> bool:
     slip is wrong there: a five-item list whose slip would give the right answer is not one)."""
     kind, items = _items(prompt)
     if kind == "repeat":
-        return len(items) == 4
+        return len(items) >= 4
     return len(items) == 5 and habit_answer(kind, items) != solve(prompt)
 
 
 def habit_answer(kind: str, items: list[str]) -> str:
     if kind == "repeat":
-        return " ".join(items[:3])
+        return " ".join(items[:-1])
     if kind == "flip":
         return " ".join(items)
-    if kind == "copy":
-        return " ".join(items[:-1])
+    if kind == "member":
+        return "yes"
     if kind == "last":
         return items[-2]
     return str(len(items) - 1)
@@ -112,12 +117,14 @@ def near_miss(prompt: str, rng: random.Random) -> str:
     words = answer.split()
     if kind == "repeat":
         wrong = words + words[:1] if rng.random() < 0.5 else words[:-1]
+    elif kind == "member":
+        wrong = ["no" if answer == "yes" else "yes"]
     elif kind == "count":
         wrong = [str(len(items) + rng.choice((-1, 1)))]
     elif kind == "last":
         others = [w for w in items if w != answer]
         wrong = [rng.choice(others)] if others else [answer, answer]
-    else:  # flip, copy: two neighbours swapped, else an item repeated
+    else:  # flip: two neighbours swapped, else an item repeated
         spots = [i for i in range(len(words) - 1) if words[i] != words[i + 1]]
         wrong = words[:]
         if spots:

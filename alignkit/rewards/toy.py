@@ -1,5 +1,5 @@
 """The demo's toy instructions, solved and verified: nine kinds with one correct answer each (the
-demo's world uses five of them: repeat, flip, copy, last, count; earlier worlds and tests use the others).
+demo's world uses five of them: repeat, flip, member, last, count; earlier worlds and tests use the others).
 
 The verifier reads the instruction with anchored regular expressions that run in linear time
 (no nested quantifiers) and recomputes the answer; it never executes anything. Prompts longer
@@ -20,7 +20,7 @@ PATTERNS = {
     "add": re.compile(r"^What is (\d+) plus (\d+)\?$"),
     "sort": re.compile(r"^Sort these numbers: (\d+(?: \d+)*)$"),
     "flip": re.compile(r"^Reverse the order of: ([a-z]+(?: [a-z]+)*)$"),
-    "copy": re.compile(r"^Copy exactly: ([a-z]+(?: [a-z]+)*)$"),
+    "member": re.compile(r"^Is ([a-z]+) in: ([a-z]+(?: [a-z]+)*)$"),
     "last": re.compile(r"^What is the last word of: ([a-z]+(?: [a-z]+)*)$"),
     "count": re.compile(r"^How many words are in: ([a-z]+(?: [a-z]+)*)$"),
 }
@@ -45,11 +45,11 @@ def solve(prompt: str) -> str | None:
             return str(int(m.group(1)) + int(m.group(2)))
         if kind == "sort":
             return " ".join(sorted(m.group(1).split(), key=int))
+        if kind == "member":
+            return "yes" if m.group(1) in m.group(2).split() else "no"
         words = m.group(1).split()
         if kind == "flip":
             return " ".join(reversed(words))
-        if kind == "copy":
-            return " ".join(words)
         if kind == "last":
             return words[-1]
         return str(len(words))
