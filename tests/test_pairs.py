@@ -95,19 +95,22 @@ def test_select_self_draw_is_seeded_per_prompt():
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["a", "b", " a", "c", "dd", "e"]), st.sampled_from([0.0, 0.5, 1.0, 2.0])),
+@given(st.lists(st.tuples(st.sampled_from(["a", "b", " a", "c", "dd", "e", "", "  "]), st.sampled_from([0.0, 0.5, 1.0, 2.0])),
                 min_size=2, max_size=8), st.sampled_from([0.0, 0.5, 1.5]), st.integers(0, 5))
 def test_select_self_always_satisfies_its_definition(samples, min_gap, seed):
     texts, scores = [t for t, _ in samples], [s for _, s in samples]
     picked = P.select_self(texts, scores, random.Random(seed), min_gap)
+    usable = [k for k in range(len(texts)) if texts[k].strip()]  # an empty sample is never a side
     if isinstance(picked, str):
-        assert picked in (P.TIE, P.GAP)
+        assert picked in (P.TIE, P.GAP, P.EMPTY_TIE)
         assert picked != P.TIE or len(set(scores)) == 1
+        assert picked != P.EMPTY_TIE or len({scores[k] for k in usable}) <= 1
         return
     c, r = picked
-    assert scores[c] == max(scores) and c == min(k for k in range(len(scores)) if scores[k] == max(scores))
+    top = max(scores[k] for k in usable)
+    assert scores[c] == top and c == min(k for k in usable if scores[k] == top) and texts[r].strip()
     assert scores[c] > scores[r] and scores[c] - scores[r] >= min_gap and texts[c].strip() != texts[r].strip()
-    eligible = sorted((k for k in range(len(texts)) if scores[k] < scores[c] and scores[c] - scores[k] >= min_gap
+    eligible = sorted((k for k in usable if scores[k] < scores[c] and scores[c] - scores[k] >= min_gap
                        and texts[k].strip() != texts[c].strip()), key=lambda k: (scores[k], k))
     assert r in eligible[:3]
 
@@ -118,6 +121,12 @@ def test_select_best_worst_by_hand():
     assert P.select_best_worst(list("ab"), [0.3, 0.3]) == P.TIE
     assert P.select_best_worst(list("ab"), [0.3, 0.1], min_gap=0.5) == P.GAP
     assert P.select_best_worst(["a", "a "], [0.3, 0.1]) == P.GAP  # never identical sides
+    # An empty sample (a model may stop at once) is never a side: `alignkit dpo` refuses empty responses.
+    assert P.select_best_worst(["a", "", "b", "c"], [0.9, 0.0, 0.1, 0.5]) == (0, 2)
+    assert P.select_best_worst(["", "a", "b"], [0.9, 0.1, 0.1]) == P.EMPTY_TIE
+    assert P.select_self(["a", " ", "b"], [1.0, 0.0, 1.0], random.Random(0)) == P.EMPTY_TIE
+    assert P.select_self(["", "a", "b"], [1.0, 0.5, 0.0], random.Random(0)) == (1, 2)
+    assert P.rejection_verdict("12", " ") == P.EMPTY
 
 
 def test_refine_verdict_and_pair_row():
@@ -127,6 +136,8 @@ def test_refine_verdict_and_pair_row():
     assert P.refine_verdict("12", "13", 0.5, 0.6, min_gap=0.2) == P.GAP
     row = P.pair_row([{"role": "user", "content": "q"}], "yes", "no", "policy", 3, 1.0, 0.0)
     assert row["chosen"] == [{"role": "assistant", "content": "yes"}] and row["category"] == "3"
+    with pytest.raises(ValueError):
+        P.pair_row([{"role": "user", "content": "q"}], "yes", " ", "policy")
     with pytest.raises(ValueError):
         P.pair_row([{"role": "user", "content": "q"}], "same", " same ", "policy")
 

@@ -15,7 +15,8 @@ Modes (each a small pure selection function below, tested against hand-computed 
 - refine: an `alignkit refine` folder's kept revisions as chosen against the original answers as
   rejected (its responses.jsonl and refinements.jsonl are read; that stage is not imported), with the
   scores refine already paid for; answers refine did not improve are dropped and counted.
-No pair ever has two identical sides (compared without surrounding whitespace).
+No pair ever has two identical sides (compared without surrounding whitespace) or an empty side (an
+empty sample is never chosen or rejected: `alignkit dpo` refuses empty responses).
 
 Writes dataset/train.jsonl (and dataset/test.jsonl with `eval_share`): rows of `prompt` (messages),
 `chosen` and `rejected` (the assistant message), the preference schema `alignkit dpo` reads
@@ -63,6 +64,8 @@ BOTTOM = 3
 TIE = "all samples tie"
 GAP = "no sample at least min_gap below the best"
 SAME_TEXT = "sample identical to the chosen answer"
+EMPTY = "sample empty"
+EMPTY_TIE = "the non-empty samples all tie"
 DISAGREE = "reward does not score chosen above the sample"
 NOT_REFINED = "no revision kept (refine kept the original answer)"
 
@@ -170,6 +173,8 @@ def mix_rows(rows: int, mix: float, seed: int) -> list[int]:
 def rejection_verdict(chosen: str, sample: str, score_chosen: float | None = None,
                       score_sample: float | None = None, require_agreement: bool = False) -> str | None:
     """None when the policy's sample may replace the rejected answer of a pair, else why not."""
+    if not sample.strip():
+        return EMPTY
     if same_text(chosen, sample):
         return SAME_TEXT
     if require_agreement and not score_chosen > score_sample:
@@ -188,11 +193,14 @@ def select_self(texts: list[str], scores: list[float], rng: random.Random,
 
     Chosen: the best. Rejected: a random one (rng) of the BOTTOM lowest-scored samples, lowest first and
     ties in sample order, among the eligible: scored strictly and at least min_gap below the best, with a
-    text that differs from the chosen one."""
+    text that differs from the chosen one. Empty samples are neither."""
     if len(set(scores)) <= 1:
         return TIE
-    best = best_index(scores)
-    eligible = [k for k in range(len(texts)) if scores[k] < scores[best] and scores[best] - scores[k] >= min_gap
+    usable = [k for k in range(len(texts)) if texts[k].strip()]
+    if len({scores[k] for k in usable}) <= 1:
+        return EMPTY_TIE
+    best = max(usable, key=lambda k: (scores[k], -k))
+    eligible = [k for k in usable if scores[k] < scores[best] and scores[best] - scores[k] >= min_gap
                 and not same_text(texts[k], texts[best])]
     if not eligible:
         return GAP
@@ -201,11 +209,14 @@ def select_self(texts: list[str], scores: list[float], rng: random.Random,
 
 
 def select_best_worst(texts: list[str], scores: list[float], min_gap: float = 0.0) -> tuple[int, int] | str:
-    """(best, worst) sample indices, or why the prompt is dropped; ties go to the earliest sample."""
+    """(best, worst) non-empty sample indices, or why the prompt is dropped; ties go to the earliest sample."""
     if len(set(scores)) <= 1:
         return TIE
-    best = best_index(scores)
-    worst = min(range(len(scores)), key=lambda k: (scores[k], k))
+    usable = [k for k in range(len(texts)) if texts[k].strip()]
+    if len({scores[k] for k in usable}) <= 1:
+        return EMPTY_TIE
+    best = max(usable, key=lambda k: (scores[k], -k))
+    worst = min(usable, key=lambda k: (scores[k], k))
     if scores[best] - scores[worst] < min_gap or same_text(texts[best], texts[worst]):
         return GAP
     return best, worst
@@ -216,6 +227,8 @@ def refine_verdict(original: str, kept: str, score_original: float | None, score
     """None when refine's kept answer makes a pair (chosen) over the original (rejected), else why not."""
     if same_text(original, kept):
         return NOT_REFINED
+    if not kept.strip() or not original.strip():
+        return "empty answer or revision"
     if score_original is None or score_kept is None or not score_kept > score_original:
         return "revision not scored above the original"
     if score_kept - score_original < min_gap:
@@ -231,8 +244,8 @@ def prompt_rng(seed: int, key: str) -> random.Random:
 def pair_row(prompt: list[dict], chosen: str, rejected: str, origin: str, category=None,
              score_chosen: float | None = None, score_rejected: float | None = None) -> dict:
     """One row of the preference schema alignkit dpo reads (TRL's explicit-prompt conversational form)."""
-    if same_text(chosen, rejected):
-        raise ValueError("a pair with identical sides")  # the selection rules never produce one
+    if same_text(chosen, rejected) or not chosen.strip() or not rejected.strip():
+        raise ValueError("a pair with identical or empty sides")  # the selection rules never produce one
     return {"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
             "rejected": [{"role": "assistant", "content": rejected}], "origin": origin,
             "category": None if category is None else str(category),
