@@ -43,7 +43,7 @@ from alignkit.config import ModelConfig
 from alignkit.data.loading import DataError
 from alignkit.demo.run import PIPELINE, demo_sft_config, demo_vars, toy_scores, write_world_data
 from alignkit.demo.task import KINDS, PATTERNS, in_habit, make_example, solve
-from alignkit.demo.world import DEMO_VOCAB, build_tokenizer, read_prompts, write_model_config
+from alignkit.demo.world import DEMO_MODEL, DEMO_VOCAB, build_tokenizer, read_prompts, write_model_config
 from alignkit.evaluate.run import EvalConfig, run_eval
 from alignkit.loops.curriculum import CurriculumConfig, run_curriculum
 from alignkit.loops.pairs import run_pairs
@@ -104,7 +104,7 @@ def build_world(out: Path, steps: int | None, seed: int) -> None:
     if not (world / "data" / "test.jsonl").is_file():
         tok = build_tokenizer(world / "tokenizer", vocab_size=DEMO_VOCAB)
         chat = load_tokenizer(ModelConfig(name_or_path=str(tok)))
-        write_model_config(world / "model-config", vocab_size=len(chat.tokenizer))
+        write_model_config(world / "model-config", vocab_size=len(chat.tokenizer), **DEMO_MODEL)
         init_model(str(world / "model-config"), world / "base-model", tokenizer_source=str(tok), seed=seed)
         write_world_data(world)
     if not (out / "sft" / "final").is_dir():

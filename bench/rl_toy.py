@@ -27,7 +27,7 @@ from pathlib import Path
 from alignkit.cli import quiet_third_party
 from alignkit.config import ModelConfig
 from alignkit.demo.run import PIPELINE, demo_vars, toy_scores, write_world_data
-from alignkit.demo.world import DEMO_VOCAB, build_tokenizer, write_model_config
+from alignkit.demo.world import DEMO_MODEL, DEMO_VOCAB, build_tokenizer, write_model_config
 from alignkit.models import init_model, load_tokenizer
 from alignkit.pipeline import read_pipeline
 from alignkit.train.rl import run_rl
@@ -63,7 +63,7 @@ def main() -> None:
     if fresh:
         tok = build_tokenizer(world / "tokenizer", vocab_size=DEMO_VOCAB)
         vocab = len(load_tokenizer(ModelConfig(name_or_path=str(tok))).tokenizer)
-        write_model_config(world / "model-config", vocab_size=vocab)
+        write_model_config(world / "model-config", vocab_size=vocab, **DEMO_MODEL)
         init_model(str(world / "model-config"), world / "base-model", tokenizer_source=str(tok), seed=args.seed)
         write_world_data(world)
     overrides = {k: v for k, v in (("steps", args.sft_steps), ("rl_steps", args.steps)) if v is not None}

@@ -25,7 +25,7 @@ from pathlib import Path
 from alignkit.cli import quiet_third_party
 from alignkit.config import DataConfig, ModelConfig, TrainConfig
 from alignkit.demo.run import demo_sft_config, without_sign_off, write_world_data
-from alignkit.demo.world import DEMO_VOCAB, build_tokenizer, write_model_config
+from alignkit.demo.world import DEMO_MODEL, DEMO_VOCAB, build_tokenizer, write_model_config
 from alignkit.generation import SamplingParams, generate
 from alignkit.data.prompts import PromptSource
 from alignkit.loops.pairs import PairsConfig, run_pairs
@@ -72,7 +72,7 @@ def main() -> None:
     if not (world / "prompts" / "train.jsonl").is_file():  # the world's files, written last
         tok = build_tokenizer(world / "tokenizer", vocab_size=DEMO_VOCAB)
         vocab = len(load_tokenizer(ModelConfig(name_or_path=str(tok))).tokenizer)
-        write_model_config(world / "model-config", vocab_size=vocab)
+        write_model_config(world / "model-config", vocab_size=vocab, **DEMO_MODEL)
         init_model(str(world / "model-config"), world / "base-model", tokenizer_source=str(tok), seed=args.seed)
         write_world_data(world)
     if not (root / "sft" / "final").is_dir():

@@ -28,6 +28,7 @@ from ..winrate import sign_test
 from ..train.sft import SFTConfig
 from .task import toy_reward
 from .world import (
+    DEMO_MODEL,
     build_tokenizer,
     DEMO_VOCAB,
     HABIT_SHARE,
@@ -158,7 +159,7 @@ def run_demo(output_dir: str = "runs/demo", steps: int = 1200, dpo_steps: int = 
     prepare_output_dir(out)
     tok_dir = build_tokenizer(world / "tokenizer", vocab_size=DEMO_VOCAB)
     chat = load_tokenizer(ModelConfig(name_or_path=str(tok_dir)))
-    write_model_config(world / "model-config", vocab_size=len(chat.tokenizer))
+    write_model_config(world / "model-config", vocab_size=len(chat.tokenizer), **DEMO_MODEL)
     init_model(str(world / "model-config"), world / "base-model", tokenizer_source=str(tok_dir), seed=seed)
     counts = write_world_data(world)
     test = [json.loads(line) for line in (world / "data" / "test.jsonl").read_text().splitlines()]
