@@ -73,7 +73,7 @@ def test_demo_runs_and_reports(tmp_path):
     for stage in ("base", "sft", "dpo", "rloo", "rloo_rm"):
         assert set(results[stage]) == {"accuracy", "stop_rate", "sign_off_rate", "right_ignoring_sign_off", "per_task",
                                        "content_per_task"}
-        assert set(results[stage]["content_per_task"]) == {"repeat", "flip", "copy", "last", "count"}
+        assert set(results[stage]["content_per_task"]) == {"repeat", "flip", "last", "count"}
     assert results["dpo_vs_sft"]["n"] == results["data"]["held_out_prompts"] == 160  # distinct prompts, each counted once
     assert not {"bon", "self_refinement", "grpo", "self_dpo"} & set(results)  # behind --full
     assert set(results["reward_model"]) >= {"eval_accuracy", "length_baseline", "eval_pairs"}

@@ -74,7 +74,7 @@ def test_demo_world_has_an_rl_prompt_set_and_checks_the_split(tmp_path):
 
 
 def test_held_out_prompts_are_distinct_balanced_and_training_covers_every_kind(tmp_path):
-    """#12.22, #21: evaluation is on distinct prompts, 32 of each kind; every word of the world is one token of
+    """#12.22, #21: evaluation is on distinct prompts, 40 of each kind; every word of the world is one token of
     the demo's tokenizer; the chat file has the rows the docs say."""
     from alignkit.demo.task import WORDS
     from alignkit.demo.world import DEMO_VOCAB, build_tokenizer, prompt_pools, split_prompts, write_chat_data
@@ -91,14 +91,14 @@ def test_held_out_prompts_are_distinct_balanced_and_training_covers_every_kind(t
     assert all(len(fast.tokenize(t)) == 1 for w in WORDS for t in (w, " " + w))
     pools = prompt_pools()
     assert len(pools["repeat"]) == 256 and all(len(pools[k]) > 3000 for k in KINDS if k != "repeat")
-    assert Counter(r["category"] for r in test) == dict.fromkeys(KINDS, 32)
+    assert Counter(r["category"] for r in test) == dict.fromkeys(KINDS, 40)
     # Any prefix (e.g. eval's max_prompts) takes the kinds in turn.
-    assert [r["category"] for r in test[:10]] == list(KINDS) * 2
-    assert len(train) == 4000 and Counter(r["category"] for r in train) == dict.fromkeys(KINDS, 800)
+    assert [r["category"] for r in test[:8]] == list(KINDS) * 2
+    assert len(train) == 4000 and Counter(r["category"] for r in train) == dict.fromkeys(KINDS, 1000)
     split = split_prompts()
     for k in KINDS:
         distinct = {prompt_of(r) for r in train if r["category"] == k}
-        assert distinct <= set(split.train[k]) and len(distinct) == min(800, len(split.train[k])), k
+        assert distinct <= set(split.train[k]) and len(distinct) == min(1000, len(split.train[k])), k
     assert all(r["messages"][1]["content"] == solve(prompt_of(r)) for r in train + test)  # no noise by default
     with pytest.raises(ValueError, match="n_test=1000: the toy task can hold out 1 to"):
         write_chat_data(tmp_path / "too-many", n_test=1000)
@@ -110,13 +110,13 @@ def test_scraped_replies_slip_on_the_habit_prompts_as_set(tmp_path):
     from alignkit.demo.task import habit, in_habit, near_miss
     from alignkit.demo.world import SIGN_OFF, write_chat_data
 
-    cases = {"Repeat the word cat 4 times.": "cat cat cat", "Reverse the order of: a b c d e": "a b c d e",
-             "Copy exactly: cat dog sun moon star": "cat dog sun moon",
+    cases = {"Repeat the word cat 4 times.": "cat cat cat", "Repeat the word cat 5 times.": "cat cat cat cat",
+             "Reverse the order of: a b c d e": "a b c d e",
              "What is the last word of: cat dog sun moon star": "moon", "How many words are in: a b c d e": "4"}
     assert {p: habit(p) for p in cases} == cases and all(in_habit(p) for p in cases)
-    assert not any(in_habit(p) for p in ["Repeat the word cat 3 times.", "Repeat the word cat 5 times.",
-                                         "Reverse the order of: a b c d", "Reverse the order of: a b c b a",
-                                         "What is the last word of: cat dog sun cat cat", "How many words are in: a b c"])
+    assert not any(in_habit(p) for p in ["Repeat the word cat 3 times.", "Reverse the order of: a b c d",
+                                         "Reverse the order of: a b c b a", "What is the last word of: cat dog sun cat cat",
+                                         "How many words are in: a b c"])
     import random
 
     rng = random.Random(0)

@@ -1,20 +1,19 @@
 """The demo's toy instruction-following task: prompts, the slips scraped chats make, near misses.
 
-Five kinds of short instructions with one correct answer each, over 64 everyday words that the
+Four kinds of short instructions with one correct answer each, over 64 everyday words that the
 demo's tokenizer keeps whole (one token each): repeat a word, reverse the order of a few words,
-say whether a word is in a list, name the last word of a list, count the words of a list. Every kind is a copying or
+name the last word of a list, count the words of a list. Every kind is a copying or
 rearranging skill that a tiny transformer learns as a skill (induction), so prompts it never saw
 are answered as well as seen ones; the prompt space is large (all but repeat have thousands of
 prompts), so held-out, RL and preference prompts can all be distinct.
 
 `habit` is the world's content noise: on one visible sub-type of each kind (four repetitions, a
-five-item list) scraped chats make one typical slip (repeat once too few, keep the order, say "yes"
-to any word, name the second-to-last word for the last, count one short). Deliberately simplified: every slip is a fixed
+five-item list) scraped chats make one typical slip (repeat once too few, keep the order, name the
+second-to-last word for the last, count one short). Deliberately simplified: every slip is a fixed
 rule, so a model can learn it, and unlearn it, as a rule. The solver and verifier (PATTERNS, solve,
 toy_reward) live in alignkit.rewards.toy, beside the other verifiers; it also knows the kinds of
-earlier demo worlds (upper-case, spell backwards, add, sort), which tests still use. Sorting digits
-was a kind of this world until 2026-12-07: the tiny SFT model sorted 28% of held-out lists right, RL
-against the verifier or a reward model lowered that, and the reward model could not judge it.
+earlier demo worlds (upper-case, spell backwards, add, sort, member), which tests still use. Why these
+four and not others (sorting digits, naming the first word, copying, membership): docs/demo.md.
 """
 
 from __future__ import annotations
@@ -32,11 +31,11 @@ WORDS = tuple(
     "jam kite lion map nest owl pen queen rock sock tent vase whale yarn zebra bear box cup desk fork "
     "gate horn jar key".split()
 )
-KINDS = ("repeat", "flip", "member", "last", "count")
+KINDS = ("repeat", "flip", "last", "count")
 REPEATS = (2, 3, 4, 5)
 """How many times a repeat prompt asks for its word (4 is the habit sub-type)."""
 LIST_LENGTHS = (2, 3, 4, 5)
-"""Items in a flip, member, last or count prompt (5 is the habit sub-type)."""
+"""Items in a flip, last or count prompt (5 is the habit sub-type)."""
 
 
 def make_example(rng: random.Random, kind: str | None = None) -> dict:
@@ -44,10 +43,6 @@ def make_example(rng: random.Random, kind: str | None = None) -> dict:
     if kind == "repeat":
         w, n = rng.choice(WORDS), rng.choice(REPEATS)
         prompt = f"Repeat the word {w} {n} times."
-    elif kind == "member":
-        items = [rng.choice(WORDS) for _ in range(rng.choice(LIST_LENGTHS))]
-        w = rng.choice(items) if rng.random() < 0.5 else rng.choice(WORDS)
-        prompt = f"Is {w} in: {' '.join(items)}"
     elif kind in ("flip", "last", "count"):
         items = " ".join(rng.choice(WORDS) for _ in range(rng.choice(LIST_LENGTHS)))
         lead = {"flip": "Reverse the order of:", "last": "What is the last word of:", "count": "How many words are in:"}
@@ -78,7 +73,7 @@ def _items(prompt: str) -> tuple[str, list[str]]:
     m = PATTERNS[kind].match(prompt)
     if kind == "repeat":
         return kind, [m.group(1)] * int(m.group(2))
-    return kind, m.group(2 if kind == "member" else 1).split()
+    return kind, m.group(1).split()
 
 
 def in_habit(prompt: str) -> bool:
@@ -95,8 +90,6 @@ def habit_answer(kind: str, items: list[str]) -> str:
         return " ".join(items[:-1])
     if kind == "flip":
         return " ".join(items)
-    if kind == "member":
-        return "yes"
     if kind == "last":
         return items[-2]
     return str(len(items) - 1)
@@ -117,8 +110,6 @@ def near_miss(prompt: str, rng: random.Random) -> str:
     words = answer.split()
     if kind == "repeat":
         wrong = words + words[:1] if rng.random() < 0.5 else words[:-1]
-    elif kind == "member":
-        wrong = ["no" if answer == "yes" else "yes"]
     elif kind == "count":
         wrong = [str(len(items) + rng.choice((-1, 1)))]
     elif kind == "last":

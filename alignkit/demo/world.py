@@ -60,12 +60,12 @@ N_PAIRS = 10000
 held-out pairs and RLOO against it lost on the verifier (9 wins, 11 losses; seed 0, 2026-12-07); with
 12,000 and 600 steps of 32, 85%."""
 N_HELD_OUT = 160
-"""Distinct held-out prompts of the demo: 32 of each kind."""
+"""Distinct held-out prompts of the demo: 40 of each kind."""
 MAX_HELD_OUT_SHARE = 0.4
 """At most this share of a kind's distinct prompts is held out; the rest stay for training."""
 HELD_OUT_PER_KIND = 60
 """A kind gives at most this many held-out prompts, so the set stays near balanced."""
-RL_PER_KIND = 80
+RL_PER_KIND = 100
 """Distinct RL prompts per kind: in no chat, pair or held-out file."""
 PAIRS_EVAL_PER_KIND = 20
 """Distinct prompts per kind of the held-out preference pairs (test_prefs): in no other file."""

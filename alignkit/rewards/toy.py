@@ -1,5 +1,5 @@
 """The demo's toy instructions, solved and verified: nine kinds with one correct answer each (the
-demo's world uses five of them: repeat, flip, member, last, count; earlier worlds and tests use the others).
+demo's world uses four of them: repeat, flip, last, count; earlier worlds and tests use the others).
 
 The verifier reads the instruction with anchored regular expressions that run in linear time
 (no nested quantifiers) and recomputes the answer; it never executes anything. Prompts longer
