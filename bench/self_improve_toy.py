@@ -2,8 +2,8 @@
 
 Builds the demo world (today's `alignkit.demo.world` functions, the demo's tokenizer), trains the
 demo's SFT model (--sft-steps, default the demo's 1,200) for a seed, then one round of iterative DPO:
-`alignkit pairs` in mode self (K = 8 samples per training prompt at 0.2 x 2, 0.7 x 3, 1.2 x 3, scored by the toy verifier; chosen = the best,
-rejected = a seeded one of the bottom three; prompts whose samples all tie dropped), then
+`alignkit pairs` in mode self (K = 8 samples per training prompt at 0.2 x 2, 0.7 x 3, 1.2 x 3, scored
+by the toy verifier; chosen = the best, rejected = a seeded one of the bottom three; prompts whose samples all tie dropped), then
 `alignkit dpo` (DPO-Positive, the demo's settings) from the SFT model on those pairs. Greedy replies
 of both models to the 160 held-out prompts are compared per prompt: exact match (what the verifier
 wants) and content ("right ignoring the sign-off" that 30% of the SFT replies carry), each with

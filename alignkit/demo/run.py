@@ -178,7 +178,8 @@ def run_demo(output_dir: str = "runs/demo", steps: int = 1200, dpo_steps: int = 
     only = [s.name for s in pipe.stages if full or s.name not in FULL_ONLY]
     print(f"[demo] SFT ({steps} steps), DPO-Positive ({dpo_steps} steps), RLOO against the verifier ({rl_steps} steps), "
           f"a reward model ({rm_steps} steps), RLOO against it ({rl_steps} steps)"
-          f"{', GRPO, a self-improvement round (pairs, DPO), best-of-N, self-refinement' if full else ''} and win rates judged by the toy verifier: "
+          f"{', GRPO, a self-improvement round (pairs, DPO), best-of-N, self-refinement' if full else ''}"
+          " and win rates judged by the toy verifier: "
           f"`alignkit run {PIPELINE} --only {','.join(only)}`")
     run_pipeline(RunConfig(pipeline=str(PIPELINE), run_dir=str(out), only=only, quiet=quiet,
                            var=demo_vars(world, steps, dpo_steps, seed, rl_steps, rm_steps)))
