@@ -2,10 +2,12 @@
 
 Builds a tokenizer and a tiny random model, generates toy instruction data and preference
 pairs, then runs the pipeline file shipped beside this module (`pipeline.yaml`) through
-`alignkit run`, as the real recipes run: SFT, then DPO-Positive on (right answer, near miss)
-pairs, then a win rate of the DPO model against the SFT model judged by the task's verifier. It
-reports exact-match accuracy and the end-of-turn stop rate at each stage, on distinct held-out
-prompts that no stage trains on.
+`alignkit run`, as the real recipes run: SFT; DPO-Positive on (right answer, near miss) pairs;
+RLOO against the task's verifier; a reward model, and RLOO against it with the verifier as the
+gold reward; with --full also GRPO, one self-improvement round, best-of-N and self-refinement.
+It reports each model's exact-match and content accuracy (right once a sign-off is cut), per
+kind, and its paired wins and losses against the SFT model, on distinct held-out prompts that no
+stage trains on. Deliberately simplified: one fixed toy world, tiny models, CPU only.
 
 The output directory is the demo's own: it is cleared on every run, so the demo refuses a
 non-empty directory that it did not create (one without its marker file).
