@@ -410,16 +410,21 @@ def test_nearly_all_truncated_or_tied_warns_loudly_and_can_stop(tmp_path, traine
 
     from alignkit.train.loop import StepFailed
 
+    from alignkit.demo.world import write_chat_data
+
+    # Prompts whose answers are two to five words: all longer than 2 tokens (the shared toy data's are a
+    # word or a digit, which can fit).
+    long = write_chat_data(tmp_path / "long", n_train=32, n_test=8, kinds=("repeat", "flip"))
     kw = dict(rl=dict(max_new_tokens=2, stall_rollouts=2), train=dict(max_steps=3, save_steps=1))
     with caplog.at_level(logging.WARNING, logger="alignkit.train.rl"):
-        rl.run_rl(rl_cfg(tmp_path / "warn", trained_toy_model, toy_data_dir, **kw))
+        rl.run_rl(rl_cfg(tmp_path / "warn", trained_toy_model, long, **kw))
     text = caplog.text
     assert re.search(r"RL IS NOT LEARNING: (9\d|100)% of the completions were cut at rl.max_new_tokens \(2\)", text)
     assert "Raise rl.max_new_tokens" in text and "100% of the groups had all 4 shaped rewards equal" in text
     assert text.count("NOT LEARNING") == 2  # once each, at the second rollout (the third starts no new streak)
     kw["rl"]["stop_on_stall"] = True
     with pytest.raises(StepFailed, match=r"step [23] could not be prepared: rl.stop_on_stall: \d+% of the .*step-[12]"):
-        rl.run_rl(rl_cfg(tmp_path / "stop", trained_toy_model, toy_data_dir, **kw))
+        rl.run_rl(rl_cfg(tmp_path / "stop", trained_toy_model, long, **kw))
     assert not (tmp_path / "stop" / "final").exists()
 
 

@@ -158,12 +158,12 @@ class PromptSplit:
     pairs_eval: dict[str, list[str]] = field(default_factory=dict)
 
 
-def prompt_pools(seed: int = 0, draws: int = POOL_DRAWS) -> dict[str, list[str]]:
+def prompt_pools(seed: int = 0, draws: int = POOL_DRAWS, kinds: tuple[str, ...] = KINDS) -> dict[str, list[str]]:
     """The distinct prompts of each kind, sorted: every prompt of repeat, and for the other kinds the
     distinct ones among `draws` seeded samples."""
     rng = random.Random(seed)
     return {k: sorted(set(all_prompts(k))) if k == "repeat" else sorted({make_example(rng, k)["prompt"]
-                                                                         for _ in range(draws)}) for k in KINDS}
+                                                                         for _ in range(draws)}) for k in kinds}
 
 
 def held_out_counts(n: int, pool_sizes: dict[str, int]) -> dict[str, int]:
@@ -182,10 +182,10 @@ def held_out_counts(n: int, pool_sizes: dict[str, int]) -> dict[str, int]:
     return counts
 
 
-def split_prompts(n_test: int = N_HELD_OUT, seed: int = 0) -> PromptSplit:
+def split_prompts(n_test: int = N_HELD_OUT, seed: int = 0, kinds: tuple[str, ...] = KINDS) -> PromptSplit:
     """Hold out `n_test` distinct prompts, then RL_PER_KIND RL prompts and PAIRS_EVAL_PER_KIND pair-eval
     prompts per kind (seeded choice within each kind); SFT and the training pairs use the others."""
-    pools = prompt_pools(seed)
+    pools = prompt_pools(seed, kinds=kinds)
     counts = held_out_counts(n_test, {k: len(p) for k, p in pools.items()})
     rng = random.Random(seed + 1)
     train, test, rl, pairs_eval = {}, {}, {}, {}
@@ -237,16 +237,17 @@ def scraped_reply(prompt: str, rng: random.Random, habit_share: float = 0.0, noi
 
 def write_chat_data(
     directory: str | Path, n_train: int = 4000, n_test: int = N_HELD_OUT, seed: int = 0, sign_off_share: float = 0.0,
-    habit_share: float = 0.0, noise_share: float = 0.0,
+    habit_share: float = 0.0, noise_share: float = 0.0, kinds: tuple[str, ...] = KINDS,
 ) -> Path:
     """Toy task as smol-smoltalk-style chats: `{split}.jsonl` files with `messages` and `category`.
 
     test.jsonl: `n_test` distinct held-out prompts, kinds in turn, with the bare answers; train.jsonl:
     `n_train` rows, kinds balanced, on the SFT prompts only. The training replies carry the noise of
     scraped chats (`scraped_reply`: habitual slips, near misses, the chatty sign-off; none by default).
+    `kinds`: a subset of the task's kinds (tests use the short-answer ones).
     """
     directory = Path(directory)
-    split = split_prompts(n_test, seed)
+    split = split_prompts(n_test, seed, kinds)
     train = balanced_prompts(split.train, n_train, random.Random(seed))
     noisy = random.Random(seed + 11)
     for name, rows in (("train", train), ("test", interleave(split.test))):
