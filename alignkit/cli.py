@@ -227,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg, grants = parse_with_grants(name, rest)
         with config_lib.granted(grants):  # `alignkit run` reads its stages' files under them
             result = STAGES[name].run(cfg)
+        close_process_group(barrier=True)
     except KeyboardInterrupt:
         again = "run the same command again" if name == "run" else "run again with --resume"
         print(f"alignkit: interrupted; {again} to continue from the last checkpoint", file=sys.stderr)
@@ -240,9 +241,25 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(terminal_safe(f"alignkit {name}: error: {e}"), file=sys.stderr)  # messages may quote a server
         return 2
+    finally:
+        close_process_group(barrier=False)
     if result is not None and int(os.environ.get("RANK", "0")) == 0:
         print(result)
     return 0
+
+
+def close_process_group(barrier: bool) -> None:
+    """Destroy the process group (under torchrun / accelerate launch) before the interpreter exits.
+
+    Without this, Gloo's worker threads can outlive the interpreter and abort the process
+    ("terminate called without an active exception", SIGABRT) after a run that succeeded.
+    """
+    dist = sys.modules.get("torch.distributed")  # not imported: no process group (and no torch import)
+    if dist is None or not (dist.is_available() and dist.is_initialized()):
+        return
+    if barrier:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 # Errors whose message says everything a user needs (these classes and their subclasses, e.g. every
