@@ -9,10 +9,12 @@ loopback chat endpoint that writes new prompts of the kind asked for with the wo
 generator (`make_example`), standing in for a capable teacher; `--generator model` uses the SFT model.
 
 Checked independently: the picked kind is the kind with the lowest mean verifier reward of the SFT
-model, and every new prompt is of that kind (by the task's prompt patterns) and new (in no file of
-the world: SFT chats, preference pairs, RL prompts, held-out prompts).
+model, every new prompt is of that kind (by the task's prompt patterns), and none is a held-out prompt;
+how many are already in a training file of the world (SFT chats, preference pairs) is counted: a kind
+with few prompts (repeat: 256) has no others left.
 
-Then one training round on the new prompts, as the demo pipeline's `self-pairs` and `self-dpo` stages
+Then one training round on the new prompts (--fresh-only: only those in no world file; --with-seeds:
+the picked kind's seed prompts too), as the demo pipeline's `self-pairs` and `self-dpo` stages
 run it: `alignkit pairs` mode self from the SFT model (K = 8: 2/3/3 samples at temperatures
 0.2/0.7/1.2, the toy verifier scores, max_new_tokens 24), then DPO-Positive from the SFT model on those
 pairs (beta 0.1, dpop_lambda 5, lr 3e-4, batch 16, cosine, warmup 10, fp32; --dpo-steps, default 100).
@@ -121,6 +123,10 @@ def main() -> None:
     ap.add_argument("--new-prompts", type=int, default=200)
     ap.add_argument("--dpo-steps", type=int, default=100)
     ap.add_argument("--generator", choices=["teacher", "model"], default="teacher")
+    ap.add_argument("--dpo-set", nargs=2, action="append", metavar=("KEY", "VALUE"),
+                    help="override one of the round's DPO settings, e.g. --dpo-set dpo.beta 0.3")
+    ap.add_argument("--with-seeds", action="store_true", help="the round also samples the picked kinds' seed prompts")
+    ap.add_argument("--fresh-only", action="store_true", help="train the round only on prompts no world file holds")
     ap.add_argument("--no-round", action="store_true", help="stop after curriculum (no pairs, DPO, comparison)")
     args = ap.parse_args()
     quiet_third_party()
@@ -187,10 +193,17 @@ def main() -> None:
         pairs, dpo = stages["self-pairs"], stages["self-dpo"]
         pairs.output_dir, pairs.quiet, pairs.overwrite = str(out / "pairs"), True, True  # a rerun's prompts may differ
         pairs.model.name_or_path = str(sft_final)
-        # curriculum drops seed and eval prompts only; a new prompt that an SFT chat or a preference pair
-        # already holds is left out of the round too, so that it trains on new prompts alone
+        # curriculum drops seed and eval prompts; a prompt that an SFT chat or a preference pair already
+        # holds stays in the round unless --fresh-only (a kind with few prompts, like repeat's 256, has
+        # none left that no training file holds). No held-out prompt may reach the round.
         fresh = [json.loads(line) for line in written.read_text().splitlines() if line]
-        fresh = [r for r in fresh if r["prompt"] not in known]
+        held_out = {p for _, p in read_prompts(world / "data" / "test.jsonl")}
+        assert not any(r["prompt"] in held_out for r in fresh), "a held-out prompt reached the round"
+        if args.fresh_only:
+            fresh = [r for r in fresh if r["prompt"] not in known]
+        if args.with_seeds:  # the picked kinds' seed prompts (the world's RL prompts) join the round
+            fresh += [{"prompt": p, "category": k} for k, p in read_prompts(world / "prompts" / "train.jsonl")
+                      if k in card["picked"]]
         round_prompts = out / "round-prompts.jsonl"
         round_prompts.write_text("".join(json.dumps(r) + "\n" for r in fresh))
         pairs.prompts.dataset, pairs.prompts.split = str(round_prompts), "train"
@@ -208,6 +221,12 @@ def main() -> None:
         dpo.model.name_or_path = str(sft_final)
         dpo.data.dataset, dpo.data.split = str(out / "pairs" / "dataset"), "train"
         dpo.train.max_steps, dpo.train.save_steps = args.dpo_steps, None
+        for key, value in (args.dpo_set or []):  # e.g. --dpo-set dpo.beta 0.3
+            *parents, leaf = key.split(".")
+            obj = dpo
+            for name in parents:
+                obj = getattr(obj, name)
+            setattr(obj, leaf, type(getattr(obj, leaf))(value))
         start = time.time()
         run_dpo(dpo)
         timings["dpo_s"] = round(time.time() - start)
@@ -226,7 +245,7 @@ def main() -> None:
             sa, sb = [x for x, k in zip(a, keep) if k], [y for y, k in zip(b, keep) if k]
             sub[name] = {"n": len(sa), "sft": sum(sb), "new": sum(sa)}
         result["round"] = {
-            "round_prompts": len(fresh),
+            "round_prompts": len(fresh), "round_prompts_in_training_files": sum(r["prompt"] in known for r in fresh),
             "round_prompts_habit": sum(in_habit(r["prompt"]) for r in fresh),
             "pairs_on_habit_prompts": sum(in_habit(p) for p in made),
             "pairs": pcard["counts"], "pairs_dropped": pcard["dropped"], "pairs_mean_gap": pcard["mean_gap"],
