@@ -71,6 +71,11 @@ def test_rl_two_processes_match_one(tmp_path, trained_toy_model, toy_data_dir):
     a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert len(a) == len(b) == 2
     for x, y in zip(a, b):
-        for key in ("reward", "completion_length", "kl"):
+        for key in ("reward", "completion_length"):
             assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-7), key
+        # step 2's KL is measured after one Adam step, which turns every gradient entry into about
+        # lr x its sign: entries that are sums with cancellation (the output layer's rows, weighted by
+        # advantages of both signs) can flip with the order of summation (1 x 4 vs 2 x 2 rows), so
+        # the KL agrees to 1e-4 (measured 4.8e-6 and 1.1e-5 relative on two output-layer codes)
+        assert y["kl"] == pytest.approx(x["kl"], rel=1e-4, abs=1e-7)
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-4, abs=1e-6)

@@ -118,3 +118,38 @@ def test_mixed_precision_gradients_equal_full_logits():
     assert got.keys() == expected.keys()
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-2, atol=1e-5, msg=name)
+
+
+def test_fused_head_equals_checkpointed_head_with_temperatures(monkeypatch):
+    """The fused output layer (`HeadLogps`, the default) against the checkpointed module path it replaced:
+    same log-probs and gradients, with one sampling temperature per row (RL's log-prob pass)."""
+    monkeypatch.setattr(logprobs, "CHUNK_TOKENS", 5)
+    ids, attention, labels = batch()
+    temperature = torch.tensor([0.7, 1.3, 1.0])
+    results = {}
+    for fused in (True, False):
+        monkeypatch.setattr(logprobs, "FUSED_HEAD", fused)
+        model = tiny()
+        logps, _ = label_logps(model, ids, attention, labels, temperature=temperature)
+        (logps * torch.linspace(-1, 2, logps.numel())).sum().backward()  # an uneven upstream gradient
+        results[fused] = (logps.detach(), grads(model))
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-5, atol=1e-6)
+    assert results[True][1].keys() == results[False][1].keys()
+    for name, g in results[False][1].items():
+        torch.testing.assert_close(results[True][1][name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fused_head_only_for_a_plain_linear_layer():
+    """A head that is more than its weight (a bias, hooks that gather or change it, a LoRA wrapper)
+    goes through the module's own forward."""
+    plain = torch.nn.Linear(8, 20, bias=False)
+    assert logprobs.fusable(plain)
+    assert not logprobs.fusable(torch.nn.Linear(8, 20, bias=True))
+    hooked = torch.nn.Linear(8, 20, bias=False)
+    hooked.register_forward_pre_hook(lambda m, a: None)
+    assert not logprobs.fusable(hooked)
+
+    class Wrapped(torch.nn.Linear):  # e.g. a LoRA layer subclassing Linear
+        pass
+
+    assert not logprobs.fusable(Wrapped(8, 20, bias=False))

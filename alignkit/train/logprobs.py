@@ -111,7 +111,9 @@ def label_stats(model, input_ids, attention_mask, labels, entropy: bool,
             for start in range(0, hidden.shape[0], CHUNK_TOKENS):
                 h, y = hidden[start : start + CHUNK_TOKENS], wanted[start : start + CHUNK_TOKENS]
                 t = None if temps is None else temps[start : start + CHUNK_TOKENS]
-                if torch.is_grad_enabled():
+                if torch.is_grad_enabled() and not entropy and FUSED_HEAD and fusable(head):
+                    pieces.append(fused_head_logps(head.weight, h, y, t))
+                elif torch.is_grad_enabled():
                     pieces.append(checkpoint(stats, head, h, y, t, use_reentrant=False))
                 else:
                     pieces.append(stats(head, h, y, t))
@@ -147,6 +149,70 @@ def head_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tenso
 def head_stats(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
                temps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     return logits_stats(scaled(head(hidden), temps), targets)
+
+
+FUSED_HEAD = True
+"""Labelled log-probs under autograd through `HeadLogps` (False: checkpointed head + cross-entropy, as before)."""
+
+
+def fusable(head: torch.nn.Module) -> bool:
+    """A plain, bias-free, unsharded nn.Linear with no hooks: its weight alone is the output layer.
+
+    Anything else (a LoRA-wrapped head, FSDP2's DTensor or ZeRO-3's partitioned weight, hooks that
+    gather or change it) goes through the module's own forward."""
+    w = getattr(head, "weight", None)
+    return (type(head) is torch.nn.Linear and head.bias is None and type(w) is torch.nn.Parameter
+            and w.dim() == 2 and w.numel() == head.in_features * head.out_features
+            and not head._forward_hooks and not head._forward_pre_hooks)
+
+
+def fused_head_logps(weight: torch.Tensor, hidden: torch.Tensor, targets: torch.Tensor,
+                     temps: torch.Tensor | None = None) -> torch.Tensor:
+    """log p(target) of each row of hidden under the output layer `weight` (vocab, hidden), as
+    `head_logps`, but the backward pass recomputes the (N, vocab) logits once and turns that one
+    buffer into the gradient in place (no log-softmax or cross-entropy buffers kept or rebuilt)."""
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    inv = None if temps is None else temps.float().reciprocal()
+    return HeadLogps.apply(hidden, weight, targets, inv, dtype)
+
+
+class HeadLogps(torch.autograd.Function):
+    """Forward: logits = hidden @ weight.T in `dtype` (autocast's, as the module would run), scaled
+    row-wise by 1/temperature, in fp32; keeps only the log-sum-exp. Backward: d log p(y) / d logits =
+    onehot(y) - softmax, times the incoming gradient (and 1/temperature), then the two matmuls."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, inv, dtype):
+        with torch.autocast(hidden.device.type, enabled=False):
+            logits = (hidden.to(dtype) @ weight.to(dtype).T).float()
+            if inv is not None:
+                logits.mul_(inv.unsqueeze(-1))
+            picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+            top = logits.amax(-1)
+            lse = logits.sub_(top.unsqueeze(-1)).exp_().sum(-1).log_().add_(top)  # in place: one buffer
+            picked = picked - lse
+        ctx.save_for_backward(hidden, weight, targets, inv, lse)
+        ctx.dtype = dtype
+        return picked
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, targets, inv, lse = ctx.saved_tensors
+        dtype = ctx.dtype
+        with torch.autocast(hidden.device.type, enabled=False):
+            h, w = hidden.to(dtype), weight.to(dtype)
+            g = (h @ w.T).float()
+            scale = grad.float() if inv is None else grad.float() * inv
+            if inv is not None:
+                g.mul_(inv.unsqueeze(-1))
+            g.sub_(lse.unsqueeze(-1)).exp_().neg_()  # -softmax
+            g.scatter_add_(-1, targets.unsqueeze(-1), torch.ones_like(lse).unsqueeze(-1))  # + onehot(y)
+            g.mul_(scale.unsqueeze(-1))
+            g = g.to(dtype)
+            grad_hidden = (g @ w).to(hidden.dtype) if ctx.needs_input_grad[0] else None
+            grad_weight = (g.T @ h).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return grad_hidden, grad_weight, None, None, None
 
 
 def logits_stats(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
