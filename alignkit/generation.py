@@ -349,11 +349,38 @@ def vllm_engine(model: ModelConfig, precision: str = "auto", options: VLLMOption
     finally:
         core = getattr(llm.llm_engine, "engine_core", None)
         if core is not None and hasattr(core, "shutdown"):
-            core.shutdown()
+            # vLLM's shutdown ends with torch.distributed.destroy_process_group(): under external_launcher
+            # that is the launcher's default group, which this process still needs (barriers, DDP)
+            with keep_default_process_group(external_launcher):
+                core.shutdown()
         del llm
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+@contextmanager
+def keep_default_process_group(active: bool = True):
+    """While active, torch.distributed.destroy_process_group() without a group (the default one) does
+    nothing; destroying a named group still works. Left in place, vLLM's engine shutdown destroys the
+    default group, and the next barrier of the launcher's processes fails ("Default process group has
+    not been initialized")."""
+    import torch.distributed as dist
+
+    if not active:
+        yield
+        return
+    original = dist.destroy_process_group
+
+    def destroy(group=None):
+        if group is not None:
+            original(group)
+
+    dist.destroy_process_group = destroy
+    try:
+        yield
+    finally:
+        dist.destroy_process_group = original
 
 
 def generate_vllm(llm, chat, prompts: list[list[dict]], params: SamplingParams, logprobs: bool = False,

