@@ -17,7 +17,8 @@ Then one training round on the new prompts (--fresh-only: only those in no world
 the picked kind's seed prompts too), as the demo pipeline's `self-pairs` and `self-dpo` stages
 run it: `alignkit pairs` mode self from the SFT model (K = 8: 2/3/3 samples at temperatures
 0.2/0.7/1.2, the toy verifier scores, max_new_tokens 24), then DPO-Positive from the SFT model on those
-pairs (beta 0.1, dpop_lambda 5, lr 3e-4, batch 16, cosine, warmup 10, fp32; --dpo-steps, default 100).
+pairs (beta 0.1, dpop_lambda 5, lr 3e-4, batch 16, cosine, warmup 10, fp32; --dpo-steps, default 25: about
+four passes over the round's ~95 pairs, where the demo's 100 steps are for ~800; 100 here cost other kinds).
 Greedy replies of the SFT and the new model on the held-out prompts: content rate (right once a
 trailing sign-off is cut) per kind before and after, wins / losses on the picked kind with the exact
 sign test, and on the other kinds together. Prints one JSON line; writes result.json.
@@ -121,7 +122,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="SFT steps when building the world (default: the demo's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--new-prompts", type=int, default=200)
-    ap.add_argument("--dpo-steps", type=int, default=100)
+    ap.add_argument("--dpo-steps", type=int, default=25)
     ap.add_argument("--generator", choices=["teacher", "model"], default="teacher")
     ap.add_argument("--dpo-set", nargs=2, action="append", metavar=("KEY", "VALUE"),
                     help="override one of the round's DPO settings, e.g. --dpo-set dpo.beta 0.3")
