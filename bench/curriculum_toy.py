@@ -126,8 +126,10 @@ def main() -> None:
     ap.add_argument("--generator", choices=["teacher", "model"], default="teacher")
     ap.add_argument("--dpo-set", nargs=2, action="append", metavar=("KEY", "VALUE"),
                     help="override one of the round's DPO settings, e.g. --dpo-set dpo.beta 0.3")
-    ap.add_argument("--with-seeds", action="store_true", help="the round also samples the picked kinds' seed prompts")
-    ap.add_argument("--fresh-only", action="store_true", help="train the round only on prompts no world file holds")
+    ap.add_argument("--with-seeds", action="store_true",
+                    help="the round also samples the picked kinds' seed prompts")
+    ap.add_argument("--fresh-only", action="store_true",
+                    help="train the round only on prompts no world file holds")
     ap.add_argument("--no-round", action="store_true", help="stop after curriculum (no pairs, DPO, comparison)")
     args = ap.parse_args()
     quiet_third_party()
@@ -246,7 +248,8 @@ def main() -> None:
             sa, sb = [x for x, k in zip(a, keep) if k], [y for y, k in zip(b, keep) if k]
             sub[name] = {"n": len(sa), "sft": sum(sb), "new": sum(sa)}
         result["round"] = {
-            "round_prompts": len(fresh), "round_prompts_in_training_files": sum(r["prompt"] in known for r in fresh),
+            "round_prompts": len(fresh),
+            "round_prompts_in_training_files": sum(r["prompt"] in known for r in fresh),
             "round_prompts_habit": sum(in_habit(r["prompt"]) for r in fresh),
             "pairs_on_habit_prompts": sum(in_habit(p) for p in made),
             "pairs": pcard["counts"], "pairs_dropped": pcard["dropped"], "pairs_mean_gap": pcard["mean_gap"],

@@ -152,7 +152,8 @@ def head_stats(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tenso
 
 
 FUSED_HEAD = True
-"""Labelled log-probs under autograd through `HeadLogps` (False: checkpointed head + cross-entropy, as before)."""
+"""Labelled log-probs under autograd through `HeadLogps` (False: the checkpointed head and
+cross-entropy, as before)."""
 
 
 def fusable(head: torch.nn.Module) -> bool:
