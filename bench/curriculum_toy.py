@@ -31,6 +31,7 @@ sign test, and on the other kinds together. Prints one JSON line; writes result.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import random
@@ -52,7 +53,7 @@ from alignkit.loops.curriculum import CurriculumConfig, run_curriculum
 from alignkit.loops.pairs import run_pairs
 from alignkit.models import init_model, load_tokenizer
 from alignkit.pipeline import read_pipeline
-from alignkit.train.dpo import run_dpo
+from alignkit.train.dpo import DPOConfig, run_dpo
 from alignkit.train.sft import run_sft
 from alignkit.winrate import sign_test
 
@@ -132,6 +133,10 @@ def main() -> None:
                     help="train the round only on prompts no world file holds")
     ap.add_argument("--no-round", action="store_true", help="stop after curriculum (no pairs, DPO, comparison)")
     args = ap.parse_args()
+    leaves = C.leaf_fields(DPOConfig)
+    for key, _ in args.dpo_set or []:  # checked before any work
+        if key not in leaves:
+            raise SystemExit(f"--dpo-set: unknown key {key}{C.suggest(key, sorted(leaves))}")
     quiet_third_party()
     out, t0, timings = Path(args.output_dir), time.time(), {}
     out.mkdir(parents=True, exist_ok=True)
@@ -224,12 +229,9 @@ def main() -> None:
         dpo.model.name_or_path = str(sft_final)
         dpo.data.dataset, dpo.data.split = str(out / "pairs" / "dataset"), "train"
         dpo.train.max_steps, dpo.train.save_steps = args.dpo_steps, None
-        for key, value in (args.dpo_set or []):  # e.g. --dpo-set dpo.beta 0.3
+        for key, value in (args.dpo_set or []):  # e.g. --dpo-set dpo.beta 0.3, typed as the command line
             *parents, leaf = key.split(".")
-            obj = dpo
-            for name in parents:
-                obj = getattr(obj, name)
-            setattr(obj, leaf, type(getattr(obj, leaf))(value))
+            setattr(functools.reduce(getattr, parents, dpo), leaf, C.coerce(value, leaves[key][0], key))
         start = time.time()
         run_dpo(dpo)
         timings["dpo_s"] = round(time.time() - start)

@@ -66,6 +66,7 @@ GAP = "no sample at least min_gap below the best"
 SAME_TEXT = "sample identical to the chosen answer"
 EMPTY = "sample empty"
 EMPTY_TIE = "the non-empty samples all tie"
+EMPTY_REFINE = "empty answer or revision"
 DISAGREE = "reward does not score chosen above the sample"
 NOT_REFINED = "no revision kept (refine kept the original answer)"
 
@@ -182,9 +183,20 @@ def rejection_verdict(chosen: str, sample: str, score_chosen: float | None = Non
     return None
 
 
-def best_index(scores: list[float]) -> int:
-    """The highest score; a tie goes to the earliest sample."""
-    return max(range(len(scores)), key=lambda k: (scores[k], -k))
+def best_index(scores: list[float], among: list[int] | None = None) -> int:
+    """The highest score (among these indices; default all); a tie goes to the earliest sample."""
+    return max(range(len(scores)) if among is None else among, key=lambda k: (scores[k], -k))
+
+
+def usable_samples(texts: list[str], scores: list[float]) -> list[int] | str:
+    """Indices of the non-empty samples, or why the prompt is dropped (TIE: every score the same;
+    EMPTY_TIE: the non-empty samples' scores all the same)."""
+    if len(set(scores)) <= 1:
+        return TIE
+    usable = [k for k in range(len(texts)) if texts[k].strip()]
+    if len({scores[k] for k in usable}) <= 1:
+        return EMPTY_TIE
+    return usable
 
 
 def select_self(texts: list[str], scores: list[float], rng: random.Random,
@@ -194,12 +206,10 @@ def select_self(texts: list[str], scores: list[float], rng: random.Random,
     Chosen: the best. Rejected: a random one (rng) of the BOTTOM lowest-scored samples, lowest first and
     ties in sample order, among the eligible: scored strictly and at least min_gap below the best, with a
     text that differs from the chosen one. Empty samples are neither."""
-    if len(set(scores)) <= 1:
-        return TIE
-    usable = [k for k in range(len(texts)) if texts[k].strip()]
-    if len({scores[k] for k in usable}) <= 1:
-        return EMPTY_TIE
-    best = max(usable, key=lambda k: (scores[k], -k))
+    usable = usable_samples(texts, scores)
+    if isinstance(usable, str):
+        return usable
+    best = best_index(scores, usable)
     eligible = [k for k in usable if scores[k] < scores[best] and scores[best] - scores[k] >= min_gap
                 and not same_text(texts[k], texts[best])]
     if not eligible:
@@ -210,12 +220,10 @@ def select_self(texts: list[str], scores: list[float], rng: random.Random,
 
 def select_best_worst(texts: list[str], scores: list[float], min_gap: float = 0.0) -> tuple[int, int] | str:
     """(best, worst) non-empty sample indices, or why the prompt is dropped; ties go to the earliest sample."""
-    if len(set(scores)) <= 1:
-        return TIE
-    usable = [k for k in range(len(texts)) if texts[k].strip()]
-    if len({scores[k] for k in usable}) <= 1:
-        return EMPTY_TIE
-    best = max(usable, key=lambda k: (scores[k], -k))
+    usable = usable_samples(texts, scores)
+    if isinstance(usable, str):
+        return usable
+    best = best_index(scores, usable)
     worst = min(usable, key=lambda k: (scores[k], k))
     if scores[best] - scores[worst] < min_gap or same_text(texts[best], texts[worst]):
         return GAP
@@ -228,7 +236,7 @@ def refine_verdict(original: str, kept: str, score_original: float | None, score
     if same_text(original, kept):
         return NOT_REFINED
     if not kept.strip() or not original.strip():
-        return "empty answer or revision"
+        return EMPTY_REFINE
     if score_original is None or score_kept is None or not score_kept > score_original:
         return "revision not scored above the original"
     if score_kept - score_original < min_gap:

@@ -108,10 +108,11 @@ def label_stats(model, input_ids, attention_mask, labels, entropy: bool,
         if plain_head:
             hidden, wanted = hidden[:, :-1][mask], targets[mask]
             pieces = []
+            fused = torch.is_grad_enabled() and not entropy and FUSED_HEAD and fusable(head)
             for start in range(0, hidden.shape[0], CHUNK_TOKENS):
                 h, y = hidden[start : start + CHUNK_TOKENS], wanted[start : start + CHUNK_TOKENS]
                 t = None if temps is None else temps[start : start + CHUNK_TOKENS]
-                if torch.is_grad_enabled() and not entropy and FUSED_HEAD and fusable(head):
+                if fused:
                     pieces.append(fused_head_logps(head.weight, h, y, t))
                 elif torch.is_grad_enabled():
                     pieces.append(checkpoint(stats, head, h, y, t, use_reentrant=False))
@@ -204,9 +205,10 @@ class HeadLogps(torch.autograd.Function):
         with torch.autocast(hidden.device.type, enabled=False):
             h, w = hidden.to(dtype), weight.to(dtype)
             g = (h @ w.T).float()
-            scale = grad.float() if inv is None else grad.float() * inv
-            if inv is not None:
+            scale = grad.float()
+            if inv is not None:  # the logits were scaled by 1/temperature: so is their gradient
                 g.mul_(inv.unsqueeze(-1))
+                scale = scale * inv
             g.sub_(lse.unsqueeze(-1)).exp_().neg_()  # -softmax
             g.scatter_add_(-1, targets.unsqueeze(-1), torch.ones_like(lse).unsqueeze(-1))  # + onehot(y)
             g.mul_(scale.unsqueeze(-1))
