@@ -35,7 +35,8 @@ read), config (the resolved config), and, for the plan's reasons, upstream (name
 relative to it; not output_dir, resume or quiet), the upstream stages' hashes, alignkit's version,
 and a fingerprint of every config string that names an existing file or folder outside the stage
 folders (relative to the working directory, as the loaders read it; not name-only keys such as
-split, nor files a stage writes itself such as reward.cache and dpo.ref_cache_dir), and of the
+split, nor files a stage writes itself such as reward.cache and dpo.ref_cache_dir), of the base
+that a LoRA adapter folder among them was trained on (its adapter_config.json names it), and of the
 source file of a `module:function` verifier. Fingerprints are bounded (CONTENT_BYTES, MAX_FILES):
 past them, files count by name, size and mtime, and the plan says so. A literal path into an
 earlier stage's folder makes that stage an input, as a reference would; into a later one, or the
@@ -93,6 +94,7 @@ OUTPUTS: dict[str, dict[str, str]] = {
     "self-improve": {"rounds": "rounds.json"},
     "curriculum": {"prompts": "prompts.jsonl", "card": "card.json"},
     "augment": {"prompts": "prompts.jsonl", "sft": "sft.jsonl", "merged": "merged.jsonl", "card": "card.json"},
+    "merge": {"model": ""},  # the merged model is the stage folder itself
 }
 """Outputs of each kind, by name -> path inside the stage folder; every kind also has `dir` (the folder)."""
 
@@ -454,6 +456,7 @@ def input_files(config: dict, root: Path, names: list[str]) -> tuple[dict[str, s
     found: dict[str, str] = {}
     notes: list[str] = []
     named: dict[str, tuple] = {}
+    seen: set[str] = set()
 
     def add(label: str, path: Path) -> None:
         found[label], note = fingerprint(path)
@@ -486,9 +489,28 @@ def input_files(config: dict, root: Path, names: list[str]) -> tuple[dict[str, s
             except (OSError, ValueError):  # e.g. an inline chat template, too long for a file name
                 return
             add(value, path)
+            base = adapter_base_of(path)
+            if base is not None and base not in found and base not in seen:
+                seen.add(base)  # a chain of adapters, each trained on the one before, ends; a cycle too
+                visit(base, f"{key} (base of the adapter in {value})")
 
     visit({k: v for k, v in config.items() if k not in NOT_HASHED}, "")
     return dict(sorted(found.items())), notes, named
+
+
+def adapter_base_of(path: Path) -> str | None:
+    """The base an adapter folder names (adapter_config.json's base_model_name_or_path), or None for
+    anything else. An adapter's weights are deltas on that base, so the base is an input as much as the
+    adapter: a base folder retrained in place must rerun the stage (a Hub id, like any Hub id, is not
+    fingerprinted). Read here without peft; an unreadable file is the loader's error, not the plan's."""
+    config = path / "adapter_config.json"
+    if not config.is_file():
+        return None
+    try:
+        base = json.loads(config.read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return base if isinstance(base, str) and base.strip() else None
 
 
 def portable(value, root: Path):

@@ -85,6 +85,42 @@ def test_lora_sft_raises_exact_match_and_final_is_an_adapter(toy, lora_sft):
     assert losses[-1] < 0.5 * losses[0], losses
 
 
+def test_merge_as_a_pipeline_stage_reruns_when_the_adapters_base_changes(toy, lora_sft, tmp_path, capsys):
+    """`merge` is a pipeline kind whose output `model` is its folder; the adapter's base (named in
+    adapter_config.json, outside the pipeline) is an input: the same adapter over a retrained base is
+    merged again instead of skipped with yesterday's model."""
+    import shutil
+
+    import yaml
+
+    from alignkit.pipeline import RunConfig, read_pipeline, run_pipeline
+
+    base = tmp_path / "base"
+    shutil.copytree(toy / "pretrained" / "final", base)
+    adapter = tmp_path / "adapter"
+    shutil.copytree(lora_sft / "final", adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(base)}))
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "stages": {
+        "merged": {"kind": "merge", "source": str(adapter)}}}))
+    assert read_pipeline(pipeline).stages[0].outputs["model"] == str(tmp_path / "run" / "merged")
+
+    def plan() -> dict:
+        capsys.readouterr()
+        run_pipeline(RunConfig(pipeline=str(pipeline), quiet=True, dry_run=True))
+        out = capsys.readouterr().out
+        return next(line.split(maxsplit=2)[1:] for line in out.splitlines() if line.startswith("  merged "))
+
+    run_pipeline(RunConfig(pipeline=str(pipeline), quiet=True))
+    assert (tmp_path / "run" / "merged" / "model.safetensors").is_file()
+    assert not is_adapter_dir(tmp_path / "run" / "merged")
+    assert plan() == ["skip", "done, unchanged"]
+    shutil.copy(toy / "random" / "model.safetensors", base / "model.safetensors")  # the base retrained in place
+    action, why = plan()
+    assert action == "run" and str(base) in why, why
+
+
 def test_only_adapter_parameters_get_gradients(toy):
     from alignkit.models import with_lora
     from alignkit.train.sft import sft_loss

@@ -89,6 +89,42 @@ def test_every_named_path_and_the_verifier_module_are_inputs(tmp_path, monkeypat
     assert [files[k] == after[k] for k in sorted(files)] == [True, False, False, True]
 
 
+def test_an_adapters_base_is_an_input_and_a_chain_of_adapters_ends(tmp_path, monkeypatch):
+    """An adapter folder holds deltas on the base its adapter_config.json names: a base retrained in
+    place changes the stage's hash (else the stage would be skipped with yesterday's merged model).
+    A chain (adapter on adapter on base) is followed to its end, a cycle ends, a Hub id is not a file,
+    and a base inside an earlier stage's folder makes that stage an input."""
+    monkeypatch.chdir(tmp_path)
+
+    def folder(name: str, base: str | None = None) -> Path:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "weights.bin").write_text(name)
+        if base is not None:
+            (tmp_path / name / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": base}))
+        return tmp_path / name
+
+    base = folder("base")
+    folder("first", str(base))          # absolute, as alignkit records a local base
+    folder("second", "first")           # relative to the working directory, as peft reads it
+    config = {"model": {"name_or_path": "second"}, "output_dir": "run/me"}
+    files, notes, named = input_files(config, tmp_path / "run", ["me"])
+    assert sorted(files) == sorted(["second", "first", str(base)]) and named == {}
+    (base / "weights.bin").write_text("retrained")
+    assert input_files(config, tmp_path / "run", ["me"])[0][str(base)] != files[str(base)]
+
+    folder("loop", "loop2")
+    folder("loop2", "loop")             # a cycle: each visited once
+    looped = input_files({"model": {"name_or_path": "loop"}}, tmp_path / "run", ["me"])[0]
+    assert sorted(looped) == ["loop", "loop2"]
+    folder("hub", "Qwen/Qwen2.5-0.5B")  # a Hub id is not on disk: the adapter alone
+    assert sorted(input_files({"model": {"name_or_path": "hub"}}, tmp_path / "run", ["me"])[0]) == ["hub"]
+    (tmp_path / "run" / "sft" / "final").mkdir(parents=True)
+    folder("outside", str(tmp_path / "run" / "sft" / "final"))
+    files, _, named = input_files({"model": {"name_or_path": "outside"}}, tmp_path / "run", ["sft", "me"])
+    assert sorted(files) == ["outside"] and list(named) == ["sft"]
+    assert "base of the adapter in outside" in named["sft"][0]
+
+
 def test_the_alignkit_version_is_in_the_hash(copy, capsys, monkeypatch):
     """#18.4 / #18.13: after an upgrade every stage reruns, saying why, and so the report is rewritten."""
     monkeypatch.setattr(pipeline_lib, "__version__", "99.0", raising=False)
