@@ -6,6 +6,11 @@
   JSONClient             JSON requests with a wall-clock deadline per attempt, retry with exponential
                          backoff and jitter, no redirects, no proxy for loopback, a 1 MiB reply cap,
                          errors that name the status (terminal-safe), never a body or key
+  ChatEndpoint           an OpenAI-compatible /chat/completions endpoint as a writer of text (a refine
+                         teacher, a data loop's generator): its identity for caches, the request body
+                         from decoding settings, the reply's text or why it is unusable
+  check_writer           the settings every text writer shares (its own model, another local model, or
+                         an endpoint), checked before any model loads or request goes out
   stream_map             a function over items on a thread pool, results as they arrive
   SQLiteCache            a persistent key -> value table committed row by row, so a cut run keeps
                          what it paid for
@@ -23,12 +28,14 @@ deadline closes the connection from a timer thread (one per attempt).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import http.client
 import ipaddress
 import json
 import logging
+import os
 import random
 import re
 import socket
@@ -42,7 +49,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .config import ConfigError, url_host
+from .config import ConfigError, must_exist, url_host
 from .markdown import terminal_safe
 
 log = logging.getLogger(__name__)
@@ -279,6 +286,101 @@ class JSONClient:
 
     def redact(self, text: str) -> str:
         return text.replace(self.api_key, "<key>") if self.api_key else text
+
+
+# --------------------------------------------------------------------------- chat endpoints
+
+SENT_SAMPLING = ("max_new_tokens", "temperature", "top_p", "seed", "n")
+"""The decoding settings an OpenAI-compatible chat request carries (n as n requests); every other
+setting of a SamplingParams must stay at its default, or the endpoint would decode otherwise than
+the config says without a word."""
+
+
+def check_writer(cfg, prefix: str, own: str, own_model: str) -> None:
+    """The settings every text writer shares (refine's TeacherConfig, the loops' GeneratorConfig):
+    kind `own` (the stage's model, `own_model` in words), 'local' (another model: `model`) or 'openai'
+    (`base_url`, `model`, an optional `api_key_env`); concurrency, retries, batch size, max_chars and
+    timeout in range; only the decoding settings a chat request carries. No model, no request."""
+    for key, low in (("concurrency", 1), ("max_retries", 0), ("batch_size", 1), ("max_chars", 1)):
+        if getattr(cfg, key) < low:
+            raise ConfigError(f"{prefix}{key}: {getattr(cfg, key)!r} is not allowed; "
+                              f"expected an integer >= {low}")
+    if not cfg.timeout_s > 0:
+        raise ConfigError(f"{prefix}timeout_s: {cfg.timeout_s!r} is not allowed; expected a number > 0")
+    if cfg.kind == own and (cfg.model or cfg.base_url):
+        raise ConfigError(f"{prefix}model/base_url: kind '{own}' uses {own_model}; leave them unset")
+    if cfg.kind == "local":
+        if not cfg.model:
+            raise ConfigError(f"{prefix}model is required for {prefix}kind 'local' (a model folder or Hub id)")
+        must_exist(prefix + "model", cfg.model, "model folder")
+    if cfg.kind != "openai" and (cfg.base_url or cfg.api_key_env):
+        raise ConfigError(f"{prefix}base_url/api_key_env: only for {prefix}kind 'openai', not {cfg.kind!r}")
+    if cfg.kind == "openai":
+        if not (cfg.base_url and cfg.model):
+            raise ConfigError(f"{prefix}base_url and {prefix}model are required for {prefix}kind 'openai'")
+        if cfg.api_key_env:
+            check_api_key_env(cfg.api_key_env, prefix + "api_key_env")
+        insecure_ok = cfg.allow_insecure_http or not cfg.api_key_env
+        check_key_destination(cfg.base_url, insecure_ok, prefix + "base_url")
+        default = type(cfg.sampling)()
+        unsent = [f.name for f in dataclasses.fields(cfg.sampling)
+                  if f.name not in SENT_SAMPLING and getattr(cfg.sampling, f.name) != getattr(default, f.name)]
+        if unsent:
+            raise ConfigError(f"{prefix}sampling.{unsent[0]}: not sent to an OpenAI-compatible endpoint (only "
+                              "max_new_tokens, temperature, top_p and seed are); leave it at its default")
+
+
+def check_writer_key(cfg, prefix: str) -> None:
+    """An endpoint's key variable is set (checked at the start, not at the first request)."""
+    if cfg.kind == "openai" and cfg.api_key_env and not os.environ.get(cfg.api_key_env):
+        raise ConfigError(f"environment variable {cfg.api_key_env} ({prefix}api_key_env) is not set")
+
+
+def chat_content(payload) -> tuple[str | None, str | None]:
+    """(the text of a chat-completions reply, None) or (None, what is missing): a reply is untrusted."""
+    try:
+        message = payload["choices"][0]["message"]
+    except (KeyError, IndexError, TypeError):
+        return None, "no choices[0].message in the reply"
+    content = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(content, str):
+        return None, "message content is not text"
+    return content, None
+
+
+class ChatEndpoint(JSONClient):
+    """An OpenAI-compatible chat endpoint for `cfg` (a writer's settings, `check_writer`): the key from
+    the environment, `identity` (endpoint, model and the server's weights fingerprint when it gives one:
+    what a cache of its replies is keyed by), one request per reply. A reply that is not JSON, too
+    large or not in the API's shape is (None, why), never an error; transient failures are retried
+    (`JSONClient`), and after the last one RemoteError is raised."""
+
+    def __init__(self, cfg, backoff_s: float, what: str, url_key: str, logger: logging.Logger = log):
+        key = os.environ.get(cfg.api_key_env, "") if cfg.api_key_env else ""
+        super().__init__(cfg.base_url, key, cfg.timeout_s, cfg.max_retries, backoff_s, cfg.allow_insecure_http,
+                         cfg.api_key_env, what=what, url_key=url_key, logger=logger)
+        self.model, self.url = cfg.model, self.base_url + "/chat/completions"
+        self.fingerprint = self.fetch_fingerprint(cfg.model)
+        served = f":{self.fingerprint}" if self.fingerprint else ""
+        self.identity = f"openai:{self.base_url}:{cfg.model}{served}"
+
+    def body(self, messages: list[dict], sampling, seed: int | None) -> dict:
+        """The request for one reply: max_tokens, temperature, top_p (below 1) and `seed` (when sampling)."""
+        body = {"model": self.model, "messages": messages, "max_tokens": sampling.max_new_tokens,
+                "temperature": sampling.temperature}
+        if sampling.top_p < 1.0:
+            body["top_p"] = sampling.top_p
+        if seed is not None and sampling.temperature > 0:
+            body["seed"] = seed
+        return body
+
+    def chat(self, messages: list[dict], sampling, seed: int | None) -> tuple[str | None, str | None]:
+        """(text, None) or (None, why it is unusable) for one request."""
+        try:
+            return self.request("POST", self.url, json.dumps(self.body(messages, sampling, seed)).encode(),
+                                chat_content, retry_malformed=False)
+        except MalformedReply as e:  # answered, but not JSON, not UTF-8 or too large: an unusable answer
+            return None, str(e)
 
 
 def stream_map(fn: Callable, items: list, concurrency: int) -> Iterator[tuple[int, object]]:

@@ -444,3 +444,27 @@ def test_remote_error_text_reaches_the_terminal_inert(tmp_path, stub, capsys):
                  "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "HTTP 400" in err and "\x1b" not in err and "\x07" not in err and "\x9b" not in err, repr(err)
+
+
+@pytest.mark.parametrize("writer", ["teacher", "generator"])
+def test_every_writer_refuses_decoding_an_endpoint_would_not_apply(writer):
+    """A refine teacher and a data loop's generator share one check (`remote.check_writer`): a decoding
+    setting that a chat request does not carry (every SamplingParams field but SENT_SAMPLING) is refused
+    rather than silently dropped, and the sent ones pass. The generator used to let length_penalty by."""
+    import dataclasses
+
+    from alignkit.generation import SamplingParams
+    from alignkit.loops.textgen import GeneratorConfig
+    from alignkit.remote import SENT_SAMPLING
+    from alignkit.testtime.teacher import TeacherConfig
+
+    cls = TeacherConfig if writer == "teacher" else GeneratorConfig
+    unsent = {"top_k": 5, "min_p": 0.1, "repetition_penalty": 1.1, "num_beams": 2, "length_penalty": 0.5}
+    assert {f.name for f in dataclasses.fields(SamplingParams)} - set(SENT_SAMPLING) == set(unsent)
+    for name, value in unsent.items():
+        cfg = cls(kind="openai", model="m", base_url="https://x/v1",
+                  sampling=dataclasses.replace(SamplingParams(), **{name: value}))
+        with pytest.raises(ConfigError, match=rf"{writer}\.sampling\.{name}: not sent"):
+            cfg.validate(f"{writer}.")
+    cls(kind="openai", model="m", base_url="https://x/v1",
+        sampling=SamplingParams(max_new_tokens=9, temperature=0.7, top_p=0.9, seed=3)).validate(f"{writer}.")

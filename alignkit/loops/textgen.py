@@ -16,26 +16,25 @@ an unusable reply):
 
 Replies are untrusted text: not JSON, no choices[0].message, content that is not a string, or
 empty are unusable (None, counted by the caller, never cached), and text is cut at `max_chars`.
-Simplified: this is a slimmer sibling of testtime/teacher.py's client (the stage packages may not
-import one another; both could move below the stages); no streaming, one sample per request.
+The endpoint client and the settings' checks are `alignkit.remote`'s, shared with refine's teacher.
+Simplified: no streaming, one sample per request.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-from ..config import ConfigError, ModelConfig, must_exist
+from ..config import ModelConfig
 from ..data.prompts import PromptSource, read_jsonl
 from ..files import write_atomic
 from ..generation import GenerateConfig, SamplingParams, run_generate
-from ..remote import (JSONClient, MalformedReply, RemoteError, SQLiteCache, cache_file, cache_key, check_api_key_env,
-                      check_key_destination, stream_map)
+from ..remote import (ChatEndpoint, RemoteError, SQLiteCache, cache_file, cache_key, check_writer,
+                      check_writer_key, stream_map)
 
 log = logging.getLogger(__name__)
 
@@ -71,38 +70,13 @@ class GeneratorConfig:
     """openai: replies cache, auto (<output_dir>/<step>.sqlite), none/off, or a SQLite file."""
 
     def validate(self, prefix: str = "") -> None:
-        for key, low in (("concurrency", 1), ("max_retries", 0), ("batch_size", 1), ("max_chars", 1)):
-            if getattr(self, key) < low:
-                raise ConfigError(f"{prefix}{key}: {getattr(self, key)!r} is not allowed; expected an integer >= {low}")
-        if not self.timeout_s > 0:
-            raise ConfigError(f"{prefix}timeout_s: {self.timeout_s!r} is not allowed; expected a number > 0")
-        if self.kind == "model" and (self.model or self.base_url):
-            raise ConfigError(f"{prefix}model/base_url: kind 'model' uses the stage's model; leave them unset")
-        if self.kind == "local":
-            if not self.model:
-                raise ConfigError(f"{prefix}model is required for {prefix}kind 'local' (a model folder or Hub id)")
-            must_exist(prefix + "model", self.model, "model folder")
-        if self.kind != "openai" and (self.base_url or self.api_key_env):
-            raise ConfigError(f"{prefix}base_url/api_key_env: only for {prefix}kind 'openai', not {self.kind!r}")
-        if self.kind == "openai":
-            if not (self.base_url and self.model):
-                raise ConfigError(f"{prefix}base_url and {prefix}model are required for {prefix}kind 'openai'")
-            if self.api_key_env:
-                check_api_key_env(self.api_key_env, prefix + "api_key_env")
-            check_key_destination(self.base_url, self.allow_insecure_http or not self.api_key_env, prefix + "base_url")
-            default = SamplingParams()
-            unsent = [k for k in ("top_k", "min_p", "repetition_penalty", "num_beams")
-                      if getattr(self.sampling, k) != getattr(default, k)]
-            if unsent:
-                raise ConfigError(f"{prefix}sampling.{unsent[0]}: not sent to an OpenAI-compatible endpoint "
-                                  "(only max_new_tokens, temperature, top_p and seed are); leave it at its default")
+        check_writer(self, prefix, "model", "the stage's model")
 
 
 def check_generator(cfg: GeneratorConfig, prefix: str) -> None:
     """validate() plus the key's presence: everything short of loading a model or calling the endpoint."""
     cfg.validate(prefix)
-    if cfg.kind == "openai" and cfg.api_key_env and not os.environ.get(cfg.api_key_env):
-        raise ConfigError(f"environment variable {cfg.api_key_env} ({prefix}api_key_env) is not set")
+    check_writer_key(cfg, prefix)
 
 
 def clean_text(text, max_chars: int) -> str | None:
@@ -111,44 +85,6 @@ def clean_text(text, max_chars: int) -> str | None:
         return None
     text = text.encode("utf-8", "replace").decode("utf-8").strip()
     return text[:max_chars].rstrip() or None
-
-
-def parse_chat_reply(payload) -> str | None:
-    try:
-        content = payload["choices"][0]["message"]["content"]
-    except (KeyError, IndexError, TypeError):
-        return None
-    return content if isinstance(content, str) else None
-
-
-class ChatClient(JSONClient):
-    """An OpenAI-compatible chat endpoint; a reply that is not what the API returns is None."""
-
-    def __init__(self, cfg: GeneratorConfig, what: str, url_key: str):
-        key = os.environ.get(cfg.api_key_env, "") if cfg.api_key_env else ""
-        super().__init__(cfg.base_url, key, cfg.timeout_s, cfg.max_retries, BACKOFF_S, cfg.allow_insecure_http,
-                         cfg.api_key_env, what=what, url_key=url_key, logger=log)
-        self.cfg, self.url = cfg, self.base_url + "/chat/completions"
-        fingerprint = self.fetch_fingerprint(cfg.model)
-        self.identity = f"openai:{self.base_url}:{cfg.model}" + (f":{fingerprint}" if fingerprint else "")
-
-    def body(self, messages: list[dict], sample: int) -> dict:
-        s = self.cfg.sampling
-        body = {"model": self.cfg.model, "messages": messages, "max_tokens": s.max_new_tokens,
-                "temperature": s.temperature}
-        if s.top_p < 1.0:
-            body["top_p"] = s.top_p
-        if s.seed is not None and s.temperature > 0:
-            body["seed"] = s.seed + sample
-        return body
-
-    def complete_one(self, item: tuple[list[dict], int]) -> str | None:
-        messages, sample = item
-        try:
-            return self.request("POST", self.url, json.dumps(self.body(messages, sample)).encode(), parse_chat_reply,
-                                retry_malformed=False)
-        except MalformedReply:
-            return None
 
 
 def complete(cfg: GeneratorConfig, stage_model: ModelConfig, conversations: list[list[dict]], out: Path,
@@ -190,10 +126,16 @@ def describe(cfg: GeneratorConfig, stage_model: ModelConfig) -> str:
 
 def complete_remote(cfg: GeneratorConfig, conversations: list[list[dict]], out: Path, step: str,
                     problems: Counter) -> list[list[str | None]]:
-    client = ChatClient(cfg, what=step, url_key=f"{step}.base_url")
+    client = ChatEndpoint(cfg, BACKOFF_S, what=step, url_key=f"{step}.base_url", logger=log)
+    one = replace(cfg.sampling, n=1)
+
+    def complete_one(item: tuple[list[dict], int]) -> str | None:
+        messages, sample = item
+        return client.chat(messages, one, None if one.seed is None else one.seed + sample)[0]
+
     path = cache_file(cfg.cache, out, f"{step}.sqlite")
     cache = SQLiteCache(path, "replies", "reply", "TEXT") if path is not None else None
-    sampling = asdict(replace(cfg.sampling, n=1))
+    sampling = asdict(one)
     n = cfg.sampling.n  # sample k of the whole job: its own seed and key (equal requests still differ)
     sampled = cfg.sampling.temperature > 0  # greedy: one answer per distinct request, asked once
     items = [(c, i * n + j if sampled else 0) for i, c in enumerate(conversations) for j in range(n)]
@@ -205,7 +147,7 @@ def complete_remote(cfg: GeneratorConfig, conversations: list[list[dict]], out: 
         unique.setdefault(keys[k], k)
     order = list(unique.values())
     try:
-        for j, reply in stream_map(client.complete_one, [items[k] for k in order], cfg.concurrency):
+        for j, reply in stream_map(complete_one, [items[k] for k in order], cfg.concurrency):
             key = keys[order[j]]
             text = clean_text(reply, cfg.max_chars)
             if text is None:

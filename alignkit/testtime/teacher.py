@@ -29,15 +29,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import zlib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-from ..config import ConfigError, ModelConfig, must_exist
+from ..config import ConfigError, ModelConfig
 from ..generation import SamplingParams, generation_dtype, model_fingerprint
-from ..remote import (JSONClient, MalformedReply, SQLiteCache, cache_file, cache_key, check_api_key_env, check_key_destination,
+from ..remote import (ChatEndpoint, SQLiteCache, cache_file, cache_key, check_writer, check_writer_key,
                       stream_map)
 
 log = logging.getLogger(__name__)
@@ -77,33 +76,9 @@ class TeacherConfig:
 
     def validate(self, prefix: str = "") -> None:
         """What can be checked before any model is loaded or endpoint called (the key's value: `check_teacher`)."""
-        for key, low in (("concurrency", 1), ("max_retries", 0), ("batch_size", 1), ("max_chars", 1)):
-            if getattr(self, key) < low:
-                raise ConfigError(f"{prefix}{key}: {getattr(self, key)!r} is not allowed; expected an integer >= {low}")
-        if not self.timeout_s > 0:
-            raise ConfigError(f"{prefix}timeout_s: {self.timeout_s!r} is not allowed; expected a number > 0")
         if self.sampling.n != 1:
             raise ConfigError(f"{prefix}sampling.n: {self.sampling.n} is not allowed; a teacher writes one revision (n: 1)")
-        if self.kind == "self" and (self.model or self.base_url):
-            raise ConfigError(f"{prefix}model/base_url: kind 'self' uses the student model; leave them unset")
-        if self.kind == "local":
-            if not self.model:
-                raise ConfigError(f"{prefix}model is required for {prefix}kind 'local' (a model folder or Hub id)")
-            must_exist(prefix + "model", self.model, "model folder")
-        if self.kind != "openai" and (self.base_url or self.api_key_env):
-            raise ConfigError(f"{prefix}base_url/api_key_env: only for {prefix}kind 'openai', not {self.kind!r}")
-        if self.kind == "openai":
-            if not (self.base_url and self.model):
-                raise ConfigError(f"{prefix}base_url and {prefix}model are required for {prefix}kind 'openai'")
-            if self.api_key_env:
-                check_api_key_env(self.api_key_env, prefix + "api_key_env")
-            check_key_destination(self.base_url, self.allow_insecure_http or not self.api_key_env, prefix + "base_url")
-            default = SamplingParams()
-            unsent = [k for k in ("top_k", "min_p", "repetition_penalty", "num_beams", "length_penalty")
-                      if getattr(self.sampling, k) != getattr(default, k)]
-            if unsent:
-                raise ConfigError(f"{prefix}sampling.{unsent[0]}: not sent to an OpenAI-compatible endpoint "
-                                  "(only max_new_tokens, temperature, top_p and seed are); leave it at its default")
+        check_writer(self, prefix, "self", "the student model")
 
     def cache_path(self, output_dir: str | Path | None) -> Path | None:
         return cache_file(self.cache, output_dir, "teacher.sqlite")
@@ -112,8 +87,7 @@ class TeacherConfig:
 def check_teacher(cfg: TeacherConfig, prefix: str = "teacher.") -> None:
     """validate() plus the key's presence: everything short of loading a model or calling the endpoint."""
     cfg.validate(prefix)
-    if cfg.kind == "openai" and cfg.api_key_env and not os.environ.get(cfg.api_key_env):
-        raise ConfigError(f"environment variable {cfg.api_key_env} ({prefix}api_key_env) is not set")
+    check_writer_key(cfg, prefix)
 
 
 def fence_tag(fields: dict[str, str]) -> str:
@@ -154,49 +128,18 @@ def clean_reply(reply: Reply, max_chars: int) -> Reply:
     return Reply(text)
 
 
-def parse_chat_reply(payload) -> Reply:
-    """The answer of a chat-completions reply, or an invalid Reply saying what is missing."""
-    try:
-        message = payload["choices"][0]["message"]
-    except (KeyError, IndexError, TypeError):
-        return Reply(None, "no choices[0].message in the reply")
-    content = message.get("content") if isinstance(message, dict) else None
-    if not isinstance(content, str):
-        return Reply(None, "message content is not text")
-    return Reply(content)
+class ChatTeacher(ChatEndpoint):
+    """The teacher at an OpenAI-compatible chat endpoint (`alignkit.remote.ChatEndpoint`: retries, key
+    rules, untrusted replies as invalid Replies)."""
 
-
-class ChatTeacher(JSONClient):
-    """An OpenAI-compatible chat endpoint. Transient failures are retried (`JSONClient`); after the
-    last one RemoteError is raised. Replies are untrusted: see `parse_chat_reply`."""
-
-    def __init__(self, base_url: str, model: str, sampling: SamplingParams, api_key: str = "", concurrency: int = 8,
-                 timeout_s: float = 120.0, max_retries: int = 5, backoff_s: float = 0.5,
-                 allow_insecure_http: bool = False, key_name: str | None = None):
-        super().__init__(base_url, api_key, timeout_s, max_retries, backoff_s, allow_insecure_http, key_name,
-                         what="teacher", url_key="teacher.base_url", logger=log)
-        self.url = self.base_url + "/chat/completions"
-        self.model, self.sampling, self.concurrency = model, sampling, concurrency
-        self.fingerprint = self.fetch_fingerprint(model)
-        self.identity = f"openai:{self.base_url}:{model}" + (f":{self.fingerprint}" if self.fingerprint else "")
+    def __init__(self, cfg: TeacherConfig):
+        super().__init__(cfg, BACKOFF_S, what="teacher", url_key="teacher.base_url", logger=log)
+        self.sampling, self.concurrency = cfg.sampling, cfg.concurrency
         self.calls = 0
-
-    def body(self, messages: list[dict]) -> dict:
-        s = self.sampling
-        body = {"model": self.model, "messages": messages, "max_tokens": s.max_new_tokens, "temperature": s.temperature}
-        if s.top_p < 1.0:
-            body["top_p"] = s.top_p
-        if s.seed is not None and s.temperature > 0:
-            body["seed"] = s.seed
-        return body
 
     def complete_one(self, messages: list[dict]) -> Reply:
         self.calls += 1
-        try:
-            return self.request("POST", self.url, json.dumps(self.body(messages)).encode(), parse_chat_reply,
-                                retry_malformed=False)
-        except MalformedReply as e:  # answered, but not JSON, not UTF-8 or too large: an unusable answer
-            return Reply(None, str(e))
+        return Reply(*self.chat(messages, self.sampling, self.sampling.seed))
 
     def complete_stream(self, conversations: list[list[dict]]):
         yield from stream_map(self.complete_one, conversations, self.concurrency)
@@ -305,9 +248,7 @@ def build_teacher(cfg: TeacherConfig, student: ModelConfig | None, output_dir: s
                   precision: str = "auto") -> CachedTeacher:
     """The configured teacher behind its cache (cfg already checked by `check_teacher`)."""
     if cfg.kind == "openai":
-        key = os.environ.get(cfg.api_key_env, "") if cfg.api_key_env else ""
-        teacher = ChatTeacher(cfg.base_url, cfg.model, cfg.sampling, key, cfg.concurrency, cfg.timeout_s, cfg.max_retries,
-                              BACKOFF_S, allow_insecure_http=cfg.allow_insecure_http, key_name=cfg.api_key_env)
+        teacher = ChatTeacher(cfg)
     else:
         model = student if cfg.kind == "self" else ModelConfig(name_or_path=cfg.model)
         if model is None:
