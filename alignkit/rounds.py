@@ -39,6 +39,7 @@ from .files import write_atomic
 from .generation import GenerateConfig, SamplingParams, job_changes, model_fingerprint, run_generate
 from .loops.pairs import PairsConfig, run_pairs
 from .markdown import terminal_safe
+from .winrate import tally
 from .rewards.backends import RewardConfig, check_reward_config
 from .train.dpo import DPOConfig, run_dpo
 
@@ -168,6 +169,6 @@ def run_self_improve(cfg: SelfImproveConfig) -> Path:
         write_atomic(out / "rounds.json", json.dumps(summary, indent=1))
         if not cfg.quiet:
             print(terminal_safe(f"round {k}: {result['pairs']} pairs; win rate against round 0 "
-                                f"{result['win_rate']:.3f} ({result['wins']} wins, {result['losses']} losses, "
-                                f"{result['ties']} ties; sign test p={result['sign_test_p']:.3g})"))
+                                f"{result['win_rate']:.3f} ({tally(result)}; "
+                                f"sign test p={result['sign_test_p']:.3g})"))
     return out

@@ -136,3 +136,9 @@ def summarize(rewards_a, rewards_b, length_a, length_b, tie_value: float = 0.0, 
         "mean_length_a": float(np.mean(length_a)),
         "mean_length_b": float(np.mean(length_b)),
     }
+
+
+def tally(counts: dict) -> str:
+    """'28 wins, 1 loss, 131 ties': a comparison's outcome counts in words."""
+    words = (("wins", "win", "wins"), ("losses", "loss", "losses"), ("ties", "tie", "ties"))
+    return ", ".join(f"{counts[key]} {one if counts[key] == 1 else many}" for key, one, many in words)

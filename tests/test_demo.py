@@ -189,7 +189,7 @@ def test_report_keeps_model_text_inside_a_code_block():
     content = {"dpo_vs_sft": {"wins": 2, "losses": 1, "ties": 7, "sign_test_p": 1.0}}
     report = render_report(scores, evals, best, counts, dict(sft=10, dpo=5, rloo=3, rm=4), None, content, rm)
     assert "held-out pair accuracy 90%" in report and "baseline on the same pairs: 40%" in report
-    assert "Content: 2 wins, 1 losses, 7 ties" in report and "20: 0.60" in report
+    assert "Content: 2 wins, 1 loss, 7 ties" in report and "20: 0.60" in report
     assert "\x1b" not in report and "\r" not in report
     lines = report.split("\n")
     start = next(i for i, line in enumerate(lines) if line.startswith("```"))

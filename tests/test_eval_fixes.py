@@ -58,6 +58,8 @@ def test_sign_test_hand_computed():
     assert s["verdict"] == "A is not distinguishable from B at 95% (sign test p=0.125)"
     assert summarize([2] * 10, [1] * 10, [1] * 10, [1] * 10)["verdict"].startswith("A is better than B at 95%")
     assert summarize([1] * 10, [2] * 10, [1] * 10, [1] * 10)["verdict"].startswith("A is worse than B at 95%")
+    assert winrate.tally({"wins": 28, "losses": 1, "ties": 131}) == "28 wins, 1 loss, 131 ties"
+    assert winrate.tally({"wins": 1, "losses": 0, "ties": 1}) == "1 win, 0 losses, 1 tie"
 
 
 def test_length_control_separated_and_hand_checked():

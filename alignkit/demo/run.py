@@ -26,7 +26,7 @@ from ..generation import SamplingParams, generate
 from ..markdown import fenced, md_cell
 from ..models import init_model, load_causal_lm, load_tokenizer
 from ..pipeline import RunConfig, read_pipeline, run_pipeline
-from ..winrate import sign_test
+from ..winrate import sign_test, tally
 from ..train.sft import SFTConfig
 from .task import toy_reward
 from .world import (
@@ -291,7 +291,7 @@ def render_report(scores: dict, evals: dict, best: dict | None, counts: dict, st
         lines.append(f"- {titles[name]}: {comparison(w)} {md_cell(w.get('verdict', ''))}")
         c = (content or {}).get(name.replace("-", "_"))
         if c:
-            lines.append(f"  Content: {c['wins']} wins, {c['losses']} losses, {c['ties']} ties; "
+            lines.append(f"  Content: {tally(c)}; "
                          f"sign test p = {c['sign_test_p']:.2g}.")
     if best:
         lines.append(f"- Best of {best['n']} (temperature {best['temperature']:g}) vs the RLOO model's greedy answers: "
@@ -312,7 +312,7 @@ def render_report(scores: dict, evals: dict, best: dict | None, counts: dict, st
 
 
 def comparison(w: dict) -> str:
-    return (f"{w['wins']} wins, {w['losses']} losses, {w['ties']} ties; win rate {w['win_rate']:.3f} "
+    return (f"{tally(w)}; win rate {w['win_rate']:.3f} "
             f"(95% CI {w['ci95'][0]:.3f} to {w['ci95'][1]:.3f}).")
 
 
