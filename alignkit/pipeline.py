@@ -26,21 +26,22 @@ stage makes them; they are checked when their stage starts). Errors name the sta
 Nothing in the file or a --var grants power (config.enforce_trust); the grants of the command line
 (--trust-remote-code, --allow-key NAME=HOST, ...) apply to every stage.
 
-Each stage folder holds stage.json (written atomically): name, kind, hash, run_id (new each time
-the stage is cleared and run; kept by a resume), alignkit (the version), status (running or done),
-started, finished, wall_s, outputs (name -> path relative to the stage folder, so a moved run
-directory keeps them), inputs (the upstream stages it uses), consumed (upstream -> the run id it
-read), config (the resolved config), and, for the plan's reasons, upstream (name -> hash) and files
-(local input -> digest). The hash covers the resolved config (paths in the run directory written
-relative to it; not output_dir, resume or quiet), the upstream stages' hashes, alignkit's version,
+Each stage folder holds stage.json (written atomically): name, kind, hash, run_id (new each time the
+stage is cleared and run; kept by a resume), alignkit (`code_version`: the version and a digest of
+the package's files), status (running or done), started, finished, wall_s, outputs (name -> path
+relative to the stage folder, so a moved run directory keeps them), inputs (the upstream stages it
+uses), consumed (upstream -> the run id it read), config (the resolved config), and, for the plan's
+reasons, upstream (name -> hash) and files (local input -> digest). The hash covers the resolved
+config (paths in the run directory written relative to it; not output_dir, resume or quiet), the
+upstream stages' hashes, alignkit's code_version (a pulled or edited checkout reruns what it ran),
 and a fingerprint of every config string that names an existing file or folder outside the stage
 folders (relative to the working directory, as the loaders read it; not name-only keys such as
-split, nor files a stage writes itself such as reward.cache and dpo.ref_cache_dir), of the base
-that a LoRA adapter folder among them was trained on (its adapter_config.json names it), and of the
+split, nor files a stage writes itself such as reward.cache and dpo.ref_cache_dir), of the base that
+a LoRA adapter folder among them was trained on (its adapter_config.json names it), and of the
 source file of a `module:function` verifier. Fingerprints are bounded (CONTENT_BYTES, MAX_FILES):
-past them, files count by name, size and mtime, and the plan says so. A literal path into an
-earlier stage's folder makes that stage an input, as a reference would; into a later one, or the
-stage's own, it is an error.
+past them, files count by name, size and mtime, and the plan says so. A literal path into an earlier
+stage's folder makes that stage an input, as a reference would; into a later one, or the stage's
+own, it is an error.
 
 On a rerun a stage is skipped when done with the same hash (and its outputs present) and every
 upstream still holds the run it read; resumed when its last run was interrupted with the same hash
@@ -75,7 +76,7 @@ from typing import Any
 
 import yaml
 
-from . import __version__
+from . import code_version
 from . import config as config_lib
 from .config import ConfigError, flatten, leaf_fields, suggest
 from .files import refuse_links, write_atomic
@@ -532,7 +533,7 @@ def hashed_config(config: dict, root: Path) -> dict:
 def stage_hash(stage: PlannedStage) -> str:
     root = stage.dir.parent
     payload = {"kind": stage.kind, "config": hashed_config(config_lib.to_dict(stage.config), root),
-               "upstream": stage.upstream, "files": stage.files, "alignkit": __version__}
+               "upstream": stage.upstream, "files": stage.files, "alignkit": code_version()}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -557,8 +558,8 @@ def changes(stage: PlannedStage, old: dict, plan: dict[str, PlannedStage]) -> li
     if old.get("kind") != stage.kind:
         return [f"kind changed: {old.get('kind')} -> {stage.kind}"]
     why = []
-    if old.get("alignkit") != __version__:
-        why.append(f"alignkit version changed: {old.get('alignkit') or 'unrecorded'} -> {__version__}")
+    if old.get("alignkit") != code_version():
+        why.append(f"alignkit changed: {old.get('alignkit') or 'unrecorded'} -> {code_version()}")
     config = old.get("config") or {}
     old_root = Path(config["output_dir"]).parent if config.get("output_dir") else stage.dir.parent  # it may have moved
     before = flatten(hashed_config(config, old_root), {})
@@ -661,7 +662,7 @@ def execute(stage: PlannedStage, quiet: bool, consumed: dict[str, str | None] | 
     if stage.action != "resume" or not stage.run_id:
         stage.run_id = uuid.uuid4().hex[:16]
     record = {"name": stage.name, "kind": stage.kind, "hash": stage.hash, "run_id": stage.run_id,
-              "alignkit": __version__, "status": "running", "started": now(), "finished": None,
+              "alignkit": code_version(), "status": "running", "started": now(), "finished": None,
               "wall_s": before,
               "outputs": {"dir": "."}, "inputs": stage.inputs, "consumed": dict(consumed or {}),
               "config": config_lib.to_dict(stage.config), "upstream": stage.upstream, "files": stage.files}

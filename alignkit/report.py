@@ -30,7 +30,7 @@ from pathlib import Path
 
 import yaml
 
-from . import __version__, plots
+from . import code_version, plots
 from .config import ConfigError
 from .files import refuse_links, write_atomic
 from .evaluate.run import ci_text, lc_text, matrix_tables
@@ -849,7 +849,7 @@ def render(run_dir: Path, out: Path, stages: list[StageRun], samples: int, draw:
     rep = Report(run_dir, out, draw)
     rep.add(f"# alignkit report: {md_cell(run_dir.resolve().name)}", "",
             f"{len(stages)} stage{'s' if len(stages) != 1 else ''} in {md_cell(run_dir.resolve())}. "
-            f"Written by `alignkit report` (alignkit {md_cell(__version__)}); the plots are PNG files beside "
+            f"Written by `alignkit report` (alignkit {md_cell(code_version())}); the plots are PNG files beside "
             "this one.")
     if note:
         rep.add("", note)
@@ -871,7 +871,7 @@ def report_state(run_dir: Path, names: list[str] | None) -> dict:
     """What a report of `run_dir` depends on besides the files it reads: the alignkit that writes it,
     and each reported stage's run id. Saved as report.json beside report.md."""
     stages = find_stages(run_dir, names) if run_dir.is_dir() else []
-    return {"alignkit": __version__, "stages": {s.name: s.record.get("run_id") for s in stages},
+    return {"alignkit": code_version(), "stages": {s.name: s.record.get("run_id") for s in stages},
             "stale": {s.name: s.stale for s in stages if s.stale}}
 
 

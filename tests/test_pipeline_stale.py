@@ -125,14 +125,36 @@ def test_an_adapters_base_is_an_input_and_a_chain_of_adapters_ends(tmp_path, mon
     assert "base of the adapter in outside" in named["sft"][0]
 
 
-def test_the_alignkit_version_is_in_the_hash(copy, capsys, monkeypatch):
-    """#18.4 / #18.13: after an upgrade every stage reruns, saying why, and so the report is rewritten."""
-    monkeypatch.setattr(pipeline_lib, "__version__", "99.0", raising=False)
+def test_the_alignkit_code_is_in_the_hash(copy, capsys, monkeypatch):
+    """#18.4 / #18.13: after an upgrade, or an edit of the checkout that keeps the version string,
+    every stage reruns, saying why, and so the report is rewritten."""
+    from alignkit import code_version
+
+    monkeypatch.setattr(pipeline_lib, "code_version", lambda: "0.1.0+edited")
     capsys.readouterr()
     run(copy / "pipeline.yaml", dry_run=True)
     plan = plan_of(capsys)
-    assert plan["sft"] == ("run", "alignkit version changed: 0.1.0 -> 99.0")
+    assert plan["sft"] == ("run", f"alignkit changed: {code_version()} -> 0.1.0+edited")
     assert {a for a, _ in plan.values()} == {"run"}
+
+
+def test_code_version_follows_every_source_file_but_caches(tmp_path):
+    """The digest behind code_version: an edit of any file of the package changes it (a one-character
+    fix in a loss, a template); a compiled cache file does not."""
+    import alignkit
+    from alignkit import source_digest
+
+    package = Path(alignkit.__file__).parent
+    copy = tmp_path / "alignkit"
+    shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    before = source_digest(copy)
+    assert before == source_digest(package) and alignkit.code_version() == f"{alignkit.__version__}+{before}"
+    (copy / "__pycache__").mkdir()
+    (copy / "__pycache__" / "winrate.cpython-311.pyc").write_bytes(b"\0")
+    assert source_digest(copy) == before
+    loss = copy / "train" / "dpo.py"
+    loss.write_text(loss.read_text().replace("def ", "def  ", 1))
+    assert source_digest(copy) != before
 
 
 def test_report_is_rewritten_when_written_by_another_alignkit(copy, capsys, monkeypatch):
@@ -144,7 +166,7 @@ def test_report_is_rewritten_when_written_by_another_alignkit(copy, capsys, monk
     before = (report / "report.md").stat().st_mtime_ns
     run(copy / "pipeline.yaml")
     assert (report / "report.md").stat().st_mtime_ns == before
-    monkeypatch.setattr(report_lib, "__version__", "99.0", raising=False)
+    monkeypatch.setattr(report_lib, "code_version", lambda: "99.0")
     run(copy / "pipeline.yaml")
     assert "(alignkit 99.0)" in (report / "report.md").read_text()
     state = json.loads((report / "report.json").read_text())

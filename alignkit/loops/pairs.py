@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-from .. import __version__
+from .. import code_version
 from .. import config as config_lib
 from ..config import ConfigError, ModelConfig, must_exist
 from ..data.loading import load_rows
@@ -503,7 +503,7 @@ def run_pairs(cfg: PairsConfig) -> Path:
     if candidates:
         write_jsonl(out / "candidates.jsonl", candidates)
     card = {
-        "stage": "pairs", "mode": cfg.mode, "alignkit": __version__,
+        "stage": "pairs", "mode": cfg.mode, "alignkit": code_version(),
         "policy": None if cfg.mode == "refine" else cfg.model.name_or_path,
         "source": cfg.refine_dir if cfg.mode == "refine" else cfg.prompts.dataset,
         "reward": judge, "parameters": mode_parameters(cfg),

@@ -232,11 +232,12 @@ class RuleReward:
 
 def verifier_digest(fn) -> str:
     """Changes when the verifier's code does: sha256 of the source file of the function's module, and
-    alignkit's version (helpers it imports from other files are not covered)."""
+    alignkit's code_version (so a built-in verifier's helpers are covered; helpers a user's verifier
+    imports from its other files are not)."""
     import inspect
     import sys
 
-    from .. import __version__
+    from .. import code_version
 
     target = inspect.unwrap(fn)
     try:
@@ -245,7 +246,7 @@ def verifier_digest(fn) -> str:
         module = sys.modules.get(getattr(target, "__module__", "") or "")
         file = getattr(module, "__file__", None)
         data = Path(file).read_bytes() if file and Path(file).is_file() else repr(target).encode()
-    tail = f"|{getattr(target, '__qualname__', '')}|{__version__}".encode()
+    tail = f"|{getattr(target, '__qualname__', '')}|{code_version()}".encode()
     return hashlib.sha256(data + tail).hexdigest()[:12]
 
 
