@@ -42,21 +42,21 @@ class DemoConfig:
     dpo_steps: int = 200
     """DPO optimizer steps after SFT."""
     rl_steps: int = 80
-    """RL optimizer steps from the SFT model (each RL stage: RLOO against the verifier and against the reward model;
-    with --full, GRPO against the verifier)."""
+    """RL optimizer steps from the SFT model (each RL stage: RLOO against the verifier and against the
+    reward model; with --full, GRPO against the verifier)."""
     rm_steps: int = 300
     """Reward model optimizer steps (from the SFT model, on the demo's preference pairs)."""
     seed: int = 0
     """Seed of the model's initialisation and of training (the toy data stay the same)."""
     full: bool = False
-    """Also run the stages left out by default for time: GRPO, one self-improvement round (pairs from the SFT model's
-    own samples, then DPO), best-of-N and self-refinement of the RLOO model."""
+    """Also run the stages left out by default for time: GRPO, one self-improvement round (pairs from
+    the SFT model's own samples, then DPO), best-of-N and self-refinement of the RLOO model."""
     quiet: bool = False
 
 
 def run_demo(cfg: DemoConfig):
-    return demo.run_demo(cfg.output_dir, cfg.steps, cfg.dpo_steps, cfg.quiet, cfg.seed, cfg.rl_steps, cfg.rm_steps,
-                         cfg.full)
+    return demo.run_demo(cfg.output_dir, cfg.steps, cfg.dpo_steps, cfg.quiet, cfg.seed, cfg.rl_steps,
+                         cfg.rm_steps, cfg.full)
 
 
 def all_stages() -> dict[str, Stage]:
@@ -67,8 +67,8 @@ def all_stages() -> dict[str, Stage]:
     for name, stage in stage_table.STAGES.items():
         table[name] = stage
         if name == "report":
-            table["run"] = Stage(RunConfig, run_pipeline, "run a pipeline file of stages into one run directory; "
-                                 "a rerun does only what changed", positional="pipeline")
+            table["run"] = Stage(RunConfig, run_pipeline, "run a pipeline file of stages into one run "
+                                 "directory; a rerun does only what changed", positional="pipeline")
     return table
 
 
@@ -120,7 +120,8 @@ def pop_grants(values: dict) -> Grants:
 def build_parser(name: str, stage: Stage) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=f"alignkit {name}",
-        description=stage.help + ". Values come from the defaults, then --config, then these options. --debug prints the traceback of an error.",
+        description=stage.help + ". Values come from the defaults, then --config, then these options. "
+        "--debug prints the traceback of an error.",
         allow_abbrev=False,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         usage=f"alignkit {name} {stage.positional.upper()} [options]" if stage.positional else None,
@@ -149,8 +150,8 @@ BOOL_WORDS = {"true", "yes", "1", "on", "false", "no", "0", "off"}
 def positional_after_switch(stage: Stage, argv: list[str]) -> tuple[dict, list[str]]:
     """`alignkit run --dry-run PIPELINE.yaml`: a bool switch takes an optional value, so the positional
     argument after it would be read as that value; a word that is not a bool is the positional one."""
-    switches = {"--" + k.rstrip("_").replace("_", "-") for k, (tp, _, _) in leaf_fields(stage.config).items() if tp is bool}
-    switches |= {"--" + k.rstrip("_") for k, (tp, _, _) in leaf_fields(stage.config).items() if tp is bool}
+    flags = [k.rstrip("_") for k, (tp, _, _) in leaf_fields(stage.config).items() if tp is bool]
+    switches = {"--" + k.replace("_", "-") for k in flags} | {"--" + k for k in flags}
     switches |= {"--" + k.replace("_", "-") for k in GRANT_FLAGS}
     for i, item in enumerate(argv[1:], 1):
         if argv[i - 1] in switches and not item.startswith("-") and item.lower() not in BOOL_WORDS:
@@ -202,8 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = [a for a in argv if a != "--debug"]
     top = argparse.ArgumentParser(
         prog="alignkit",
-        description="Post-train small language models and measure the result. Add --debug to any stage to see the "
-        "traceback of a user error (bad option or data), which is otherwise one message with exit status 2.",
+        description="Post-train small language models and measure the result. Add --debug to any stage to "
+        "see the traceback of a user error (bad option or data), which is otherwise one message with exit "
+        "status 2.",
     )
     sub = top.add_subparsers(dest="stage", metavar="STAGE")
     for name, stage in STAGES.items():
@@ -220,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     if "-h" in rest or "--help" in rest:
         build_parser(name, STAGES[name]).print_help()
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
     quiet_third_party()
     try:
         check_launch(os.environ)
@@ -264,7 +267,8 @@ def close_process_group(barrier: bool) -> None:
 
 # Errors whose message says everything a user needs (these classes and their subclasses, e.g. every
 # OSError: a missing input, a full disk, a refused connection); anything else keeps its traceback.
-USER_ERRORS = {"ConfigError", "DataError", "TemplateError", "TrainingDiverged", "StepFailed", "OSError", "RemoteError", "CheckpointError"}
+USER_ERRORS = {"ConfigError", "DataError", "TemplateError", "TrainingDiverged", "StepFailed", "OSError",
+               "RemoteError", "CheckpointError"}
 
 
 def is_user_error(e: BaseException) -> bool:
