@@ -94,6 +94,15 @@ def sign_test(wins: int, losses: int) -> float:
     return min(1.0, 2 * tail)
 
 
+def paired_counts(a, b) -> dict:
+    """Two models' values on the same items, item by item (a win: a's is greater; booleans: right
+    against wrong): wins, losses and ties of `a`, and the exact two-sided sign test."""
+    if len(a) != len(b):
+        raise ValueError(f"paired values of different lengths: {len(a)} and {len(b)}")
+    wins, losses = sum(x > y for x, y in zip(a, b)), sum(x < y for x, y in zip(a, b))
+    return {"wins": wins, "losses": losses, "ties": len(a) - wins - losses, "sign_test_p": sign_test(wins, losses)}
+
+
 def verdict(wins: int, losses: int, level: float = 0.95, a: str = "A", b: str = "B") -> str:
     """One plain sentence from the sign test."""
     p = sign_test(wins, losses)

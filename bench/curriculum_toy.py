@@ -55,7 +55,7 @@ from alignkit.models import init_model, load_tokenizer
 from alignkit.pipeline import read_pipeline
 from alignkit.train.dpo import DPOConfig, run_dpo
 from alignkit.train.sft import run_sft
-from alignkit.winrate import sign_test
+from alignkit.winrate import paired_counts
 
 WORLD_FILES = ("data/train.jsonl", "data/test.jsonl", "prefs/train_prefs.jsonl", "prefs/test_prefs.jsonl",
                "prompts/train.jsonl", "prompts/test.jsonl")
@@ -93,13 +93,6 @@ def teacher_endpoint(seed: int = 1) -> tuple[ThreadingHTTPServer, str]:
 
 def kind_of(prompt: str) -> str | None:
     return next((k for k, p in PATTERNS.items() if p.match(prompt)), None)
-
-
-def paired(a: list[bool], b: list[bool]) -> dict:
-    """Wins / losses / ties of a against b, and the exact two-sided sign test."""
-    wins, losses = sum(x > y for x, y in zip(a, b, strict=True)), sum(x < y for x, y in zip(a, b))
-    return {"wins": wins, "losses": losses, "ties": len(a) - wins - losses,
-            "sign_test_p": float(f"{sign_test(wins, losses):.3g}")}
 
 
 def build_world(out: Path, steps: int | None, seed: int) -> None:
@@ -241,6 +234,12 @@ def main() -> None:
         picked = card["picked"][0]
         is_picked = [p["category"] == picked for p in test]
         a, b = [s["content"] for s in after["samples"]], [s["content"] for s in before["samples"]]
+
+        def among(picked_kind: bool) -> tuple[list, list]:
+            """The two models' content marks on the held-out prompts of the picked kind (or the others)."""
+            keep = [m == picked_kind for m in is_picked]
+            return [x for x, k in zip(a, keep) if k], [y for y, k in zip(b, keep) if k]
+
         made = [json.loads(line)["prompt"][-1]["content"]
                 for line in (out / "pairs" / "dataset" / "train.jsonl").read_text().splitlines() if line]
         habit = [in_habit(p["messages"][0]["content"]) for p in test]
@@ -264,11 +263,9 @@ def main() -> None:
             "stop_rate": {"sft": before["stop_rate"], "new": after["stop_rate"]},
             "sign_off_rate": {"sft": before["sign_off_rate"], "new": after["sign_off_rate"]},
             "picked_kind_right_by_subtype": sub,
-            "picked_kind": {"n": sum(is_picked), **paired([x for x, m in zip(a, is_picked) if m],
-                                                          [y for y, m in zip(b, is_picked) if m])},
-            "other_kinds": {"n": len(test) - sum(is_picked), **paired([x for x, m in zip(a, is_picked) if not m],
-                                                                       [y for y, m in zip(b, is_picked) if not m])},
-            "all": paired(a, b),
+            "picked_kind": {"n": sum(is_picked), **paired_counts(*among(True))},
+            "other_kinds": {"n": len(test) - sum(is_picked), **paired_counts(*among(False))},
+            "all": paired_counts(a, b),
         }
     finish(out, result, timings, t0)
 

@@ -33,12 +33,7 @@ from alignkit.pipeline import read_pipeline
 from alignkit.train.rl import run_rl
 from alignkit.train.rm import run_rm
 from alignkit.train.sft import run_sft
-from alignkit.winrate import sign_test
-
-
-def paired(a: list[bool], b: list[bool]) -> dict:
-    wins, losses = sum(x > y for x, y in zip(a, b)), sum(x < y for x, y in zip(a, b))
-    return {"wins": wins, "losses": losses, "ties": len(a) - wins - losses, "sign_test_p": float(f"{sign_test(wins, losses):.3g}")}
+from alignkit.winrate import paired_counts
 
 
 def main() -> None:
@@ -103,7 +98,7 @@ def main() -> None:
         result["rm_eval"] = json.loads((root / "rm" / "rm_eval.json").read_text())
     for name, key in (("exact", "correct"), ("content", "content")):
         a, b = [s[key] for s in after["samples"]], [s[key] for s in before["samples"]]
-        result[name] = {"sft": round(sum(b) / len(b), 3), "rl": round(sum(a) / len(a), 3), **paired(a, b)}
+        result[name] = {"sft": round(sum(b) / len(b), 3), "rl": round(sum(a) / len(a), 3), **paired_counts(a, b)}
     result["content_per_kind"] = {"sft": before["content_per_task"], "rl": after["content_per_task"]}
     print(json.dumps(result))
 

@@ -34,7 +34,7 @@ from alignkit.rewards.backends import RewardConfig
 from alignkit.rewards.toy import toy_reward
 from alignkit.train.dpo import DPOConfig, DPOParams, run_dpo
 from alignkit.train.sft import run_sft
-from alignkit.winrate import sign_test
+from alignkit.winrate import paired_counts
 
 
 def held_out(model_dir: Path, test: list[dict]) -> dict:
@@ -51,9 +51,7 @@ def held_out(model_dir: Path, test: list[dict]) -> dict:
 
 
 def compare(a: list[float], b: list[float]) -> dict:
-    wins, losses = sum(x > y for x, y in zip(a, b)), sum(x < y for x, y in zip(a, b))
-    return {"dpo": round(sum(a) / len(a), 3), "sft": round(sum(b) / len(b), 3), "wins": wins, "losses": losses,
-            "sign_test_p": sign_test(wins, losses)}
+    return {"dpo": round(sum(a) / len(a), 3), "sft": round(sum(b) / len(b), 3), **paired_counts(a, b)}
 
 
 def main() -> None:

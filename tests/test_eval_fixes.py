@@ -60,6 +60,11 @@ def test_sign_test_hand_computed():
     assert summarize([1] * 10, [2] * 10, [1] * 10, [1] * 10)["verdict"].startswith("A is worse than B at 95%")
     assert winrate.tally({"wins": 28, "losses": 1, "ties": 131}) == "28 wins, 1 loss, 131 ties"
     assert winrate.tally({"wins": 1, "losses": 0, "ties": 1}) == "1 win, 0 losses, 1 tie"
+    assert winrate.paired_counts([True, True, False, True], [False, True, True, False]) == {
+        "wins": 2, "losses": 1, "ties": 1, "sign_test_p": 1.0}
+    assert winrate.paired_counts([3.0] * 8, [1.0] * 8)["sign_test_p"] == pytest.approx(2 / 256)
+    with pytest.raises(ValueError, match="different lengths"):
+        winrate.paired_counts([1.0], [1.0, 2.0])
 
 
 def test_length_control_separated_and_hand_checked():

@@ -26,7 +26,7 @@ from ..generation import SamplingParams, generate
 from ..markdown import fenced, md_cell
 from ..models import init_model, load_causal_lm, load_tokenizer
 from ..pipeline import RunConfig, read_pipeline, run_pipeline
-from ..winrate import sign_test, tally
+from ..winrate import paired_counts, tally
 from ..train.sft import SFTConfig
 from .task import toy_reward
 from .world import (
@@ -224,9 +224,7 @@ def run_demo(output_dir: str = "runs/demo", steps: int = 1200, dpo_steps: int = 
 def content_comparison(a: list[dict], b: list[dict]) -> dict:
     """Paired content comparison of two models' samples on the same prompts (right once a trailing
     sign-off is cut): wins, losses, ties of `a` and the exact two-sided sign test."""
-    wins = sum(x["content"] and not y["content"] for x, y in zip(a, b, strict=True))
-    losses = sum(y["content"] and not x["content"] for x, y in zip(a, b))
-    return {"wins": wins, "losses": losses, "ties": len(a) - wins - losses, "sign_test_p": sign_test(wins, losses)}
+    return paired_counts([bool(x["content"]) for x in a], [bool(y["content"]) for y in b])
 
 
 def reward_model_summary(out: Path) -> dict:
