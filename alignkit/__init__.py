@@ -9,11 +9,18 @@ from pathlib import Path
 __version__ = "0.1.0"
 
 
+SOURCE_SUFFIXES = (".py", ".yaml", ".yml", ".json", ".jinja", ".txt")
+"""What the package is made of (code and package data such as demo/pipeline.yaml); not caches, nor an
+editor's swap or backup files, whose coming and going would make every pipeline stage rerun."""
+
+
 def source_digest(root: Path) -> str:
-    """A digest of every file under `root` but caches (__pycache__, .pyc), by relative path and content."""
+    """A digest of the package's files under `root` (SOURCE_SUFFIXES, not hidden, not in __pycache__),
+    by relative path and content."""
     digest = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts
-                       and p.suffix not in (".pyc", ".pyo")):
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in SOURCE_SUFFIXES
+                       and not any(part.startswith(".") or part == "__pycache__"
+                                   for part in p.relative_to(root).parts)):
         digest.update(f"{path.relative_to(root).as_posix()}\0{path.stat().st_size}\0".encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:12]

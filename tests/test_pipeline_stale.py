@@ -138,9 +138,9 @@ def test_the_alignkit_code_is_in_the_hash(copy, capsys, monkeypatch):
     assert {a for a, _ in plan.values()} == {"run"}
 
 
-def test_code_version_follows_every_source_file_but_caches(tmp_path):
+def test_code_version_follows_every_source_file_not_caches_or_swap_files(tmp_path):
     """The digest behind code_version: an edit of any file of the package changes it (a one-character
-    fix in a loss, a template); a compiled cache file does not."""
+    fix in a loss, the demo's pipeline file); a compiled cache file or an editor's swap file does not."""
     import alignkit
     from alignkit import source_digest
 
@@ -151,10 +151,16 @@ def test_code_version_follows_every_source_file_but_caches(tmp_path):
     assert before == source_digest(package) and alignkit.code_version() == f"{alignkit.__version__}+{before}"
     (copy / "__pycache__").mkdir()
     (copy / "__pycache__" / "winrate.cpython-311.pyc").write_bytes(b"\0")
+    (copy / ".winrate.py.swp").write_bytes(b"\0")  # an editor's swap file
+    (copy / "winrate.py~").write_bytes(b"\0")
     assert source_digest(copy) == before
     loss = copy / "train" / "dpo.py"
     loss.write_text(loss.read_text().replace("def ", "def  ", 1))
-    assert source_digest(copy) != before
+    after_loss = source_digest(copy)
+    assert after_loss != before
+    recipe = copy / "demo" / "pipeline.yaml"
+    recipe.write_text(recipe.read_text() + "\n")
+    assert source_digest(copy) not in (before, after_loss)
 
 
 def test_report_is_rewritten_when_written_by_another_alignkit(copy, capsys, monkeypatch):
