@@ -20,7 +20,7 @@ import torch
 import yaml
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from .config import ModelConfig
+from .config import ConfigError, ModelConfig
 from .data.chat import detect_end_of_turn, ensure_chat_template
 
 log = logging.getLogger(__name__)
@@ -231,14 +231,34 @@ def require_peft():
     return peft
 
 
-def adapter_base(source) -> str:
-    """The base model an adapter folder was trained on (its adapter_config.json's base_model_name_or_path)."""
+def named_base(source) -> str:
+    """What an adapter folder's adapter_config.json names as its base_model_name_or_path."""
     import json
 
-    config = json.loads((Path(source).expanduser() / ADAPTER_CONFIG).read_text())
-    base = config.get("base_model_name_or_path")
-    if not base:
-        raise ValueError(f"{source}/{ADAPTER_CONFIG} names no base_model_name_or_path")
+    try:
+        config = json.loads((Path(source).expanduser() / ADAPTER_CONFIG).read_text())
+        base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    except ValueError as e:
+        raise ConfigError(f"{source}/{ADAPTER_CONFIG}: not valid JSON ({e})") from None
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"{source}/{ADAPTER_CONFIG} names no base_model_name_or_path")
+    return base
+
+
+def adapter_base(source) -> str:
+    """The base model an adapter folder was trained on (its adapter_config.json's
+    base_model_name_or_path). The chain below it (a LoRA DPO on a LoRA SFT names the SFT adapter) is
+    walked first: adapter folders that name each other would otherwise recurse without end."""
+    base = named_base(source)
+    chain, step = [Path(source).expanduser().resolve()], base
+    while is_adapter_dir(step):
+        here = Path(step).expanduser().resolve()
+        if here in chain:
+            loop = " -> ".join(str(p) for p in [*chain[chain.index(here):], here])
+            raise ConfigError(f"adapter folders name each other as base ({loop}); a chain of adapters must "
+                              "end in a full model")
+        chain.append(here)
+        step = named_base(step)
     return check_source(base, f"base model of the adapter in {source}")
 
 

@@ -121,6 +121,31 @@ def test_merge_as_a_pipeline_stage_reruns_when_the_adapters_base_changes(toy, lo
     assert action == "run" and str(base) in why, why
 
 
+def test_adapters_that_name_each_other_as_base_are_a_clear_error(lora_sft, tmp_path):
+    """A chain of adapters must end in a full model: two folders naming each other as base (a hand edit,
+    a copy gone wrong) are a ConfigError naming the loop, not a RecursionError from the loader or the
+    generate cache's fingerprint; an adapter_config.json without a base is one too."""
+    import shutil
+
+    from alignkit.config import ConfigError
+    from alignkit.generation import model_fingerprint
+    from alignkit.models import adapter_base
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for here, other in ((a, b), (b, a)):
+        shutil.copytree(lora_sft / "final", here)
+        config = json.loads((here / "adapter_config.json").read_text())
+        (here / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(other)}))
+    with pytest.raises(ConfigError, match=r"name each other as base .*/a -> .*/b -> .*/a"):
+        adapter_base(a)
+    with pytest.raises(ConfigError, match="name each other"):
+        model_fingerprint(ModelConfig(name_or_path=str(b)))
+    (a / "adapter_config.json").write_text(json.dumps({"r": 16}))
+    with pytest.raises(ConfigError, match="names no base_model_name_or_path"):
+        adapter_base(a)
+    assert adapter_base(lora_sft / "final") == str((lora_sft.parent / "pretrained" / "final").resolve())
+
+
 def test_only_adapter_parameters_get_gradients(toy):
     from alignkit.models import with_lora
     from alignkit.train.sft import sft_loss
