@@ -37,6 +37,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from .config import ConfigError
@@ -56,6 +57,40 @@ MAX_HEADER_BYTES = 64 * 1024
 """Bytes a connection may send before its headers end (with what the reader buffers past them)."""
 MODEL_ROUTES = ("/v1/models", "/models")
 CHAT_ROUTES = ("/v1/chat/completions", "/chat/completions")
+
+
+@dataclass
+class ServerOptions:
+    """Where a server listens and how it meets clients: the settings serve-reward and serve-chat share
+    (each config adds its own model and time limit)."""
+
+    host: str = "127.0.0.1"
+    """Address to bind. Anything beyond loopback (e.g. 0.0.0.0) requires auth_token_env."""
+    port: int = 8000
+    served_model_name: str | None = None
+    """Model name clients send and receive; unset: the server's model (its folder name or Hub id)."""
+    auth_token_env: str | None = None
+    """Name of the environment variable holding the bearer token clients must send (required beyond loopback)."""
+    max_connections: int = 32
+    """Requests served at once, counted once their headers are in and passed the Host and token
+    checks; more get 503."""
+    max_pending: int = 64
+    """Connections still sending their request line and headers (or idle between requests); one
+    more closes the oldest."""
+    header_timeout_s: float = 10.0
+    """Total time for a request line and headers (from opening, or from the last reply); 408 after."""
+    socket_timeout_s: float = 15.0
+    """Idle time after which a connection is closed; also the total time for receiving one request body."""
+
+    def validate(self, prefix: str = "") -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"{prefix}port: {self.port!r} is not allowed; expected a port number in [0, 65535]")
+        for key in ("max_connections", "max_pending"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{prefix}{key}: {getattr(self, key)!r} is not allowed; expected an integer >= 1")
+        for key in ("socket_timeout_s", "header_timeout_s"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"{prefix}{key}: {getattr(self, key)!r} is not allowed; expected a number > 0")
 
 
 class DeadlinePassed(Exception):

@@ -29,8 +29,8 @@ from pathlib import Path
 
 from ..config import ConfigError
 from ..serving import (  # noqa: F401 - MAX_BODY is this module's API too
-    MAX_BODY, MODEL_ROUTES, BadRequest, CappedHTTPServer, check_bind, json_handler, model_list,
-    read_chat_messages, read_token,
+    MAX_BODY, MODEL_ROUTES, BadRequest, CappedHTTPServer, ServerOptions, check_bind, json_handler,
+    model_list, read_chat_messages, read_token,
 )
 from .backends import CachedReward, RewardConfig, build_backend, cache_path
 
@@ -38,34 +38,17 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class ServeRewardConfig:
-    host: str = "127.0.0.1"
-    """Address to bind. Anything beyond loopback (e.g. 0.0.0.0) requires auth_token_env."""
-    port: int = 8000
+class ServeRewardConfig(ServerOptions):
     served_model_name: str | None = None
     """Model name clients send and receive; defaults to reward.model (a local folder: its name) or the rule."""
-    auth_token_env: str | None = None
-    """Name of the environment variable holding the bearer token clients must send (required beyond loopback)."""
-    max_connections: int = 32
-    """Requests served at once, counted once their headers are in and passed the Host and token
-    checks; more get 503."""
-    max_pending: int = 64
-    """Connections still sending their request line and headers (or idle between requests); one
-    more closes the oldest."""
-    header_timeout_s: float = 10.0
-    """Total time for a request line and headers (from opening, or from the last reply); 408 after."""
-    socket_timeout_s: float = 15.0
-    """Idle time after which a connection is closed; also the total time for receiving one request body."""
     score_timeout_s: float = 120.0
     """A request whose scoring takes longer gets 504."""
     reward: RewardConfig = field(default_factory=RewardConfig)
 
     def validate(self, prefix: str = "") -> None:
-        if self.max_pending < 1:
-            raise ConfigError(f"{prefix}max_pending: {self.max_pending!r} is not allowed; "
-                              "expected an integer >= 1")
-        if not self.header_timeout_s > 0:
-            raise ConfigError(f"{prefix}header_timeout_s: {self.header_timeout_s!r} is not allowed; "
+        super().validate(prefix)
+        if not self.score_timeout_s > 0:
+            raise ConfigError(f"{prefix}score_timeout_s: {self.score_timeout_s!r} is not allowed; "
                               "expected a number > 0")
 
 

@@ -31,8 +31,8 @@ from typing import Callable, Literal
 
 from ..config import ConfigError, ModelConfig
 from ..generation import SamplingParams, generation_dtype, model_fingerprint
-from ..serving import (MODEL_ROUTES, BadRequest, CappedHTTPServer, check_bind, json_handler, model_list,
-                       read_chat_messages, read_token)
+from ..serving import (MODEL_ROUTES, BadRequest, CappedHTTPServer, ServerOptions, check_bind, json_handler,
+                       model_list, read_chat_messages, read_token)
 
 log = logging.getLogger(__name__)
 
@@ -42,24 +42,10 @@ about 4 characters per token, so a prompt over the cap almost surely would not f
 
 
 @dataclass
-class ServeChatConfig:
-    host: str = "127.0.0.1"
-    """Address to bind. Anything beyond loopback (e.g. 0.0.0.0) requires auth_token_env."""
+class ServeChatConfig(ServerOptions):
     port: int = 8001
     served_model_name: str | None = None
     """Model name clients send and receive; defaults to the model's folder name or Hub id."""
-    auth_token_env: str | None = None
-    """Name of the environment variable holding the bearer token clients must send (required beyond loopback)."""
-    max_connections: int = 32
-    """Requests served at once, counted once their headers are in and passed the Host and token
-    checks; more get 503."""
-    max_pending: int = 64
-    """Connections still sending their request line and headers (or idle between requests); one
-    more closes the oldest."""
-    header_timeout_s: float = 10.0
-    """Total time for a request line and headers (from opening, or from the last reply); 408 after."""
-    socket_timeout_s: float = 15.0
-    """Idle time after which a connection is closed; also the total time for receiving one request body."""
     max_prompt_chars: int | None = None
     """Prompts (all message contents together) longer than this many characters get 400 before tokenising;
     unset: CHARS_PER_TOKEN (8) x the model's context length in tokens (none when the config has no length)."""
@@ -71,17 +57,16 @@ class ServeChatConfig:
     precision: Literal["auto", "bf16", "fp32"] = "auto"
 
     def validate(self, prefix: str = "") -> None:
-        if not 0 <= self.port <= 65535:
-            raise ConfigError(f"{prefix}port: {self.port!r} is not allowed; expected a port number in [0, 65535]")
-        for key in ("max_connections", "max_pending", "max_prompt_chars"):
-            if getattr(self, key) is not None and getattr(self, key) < 1:
-                raise ConfigError(f"{prefix}{key}: {getattr(self, key)!r} is not allowed; "
-                                  "expected an integer >= 1")
-        for key in ("socket_timeout_s", "request_timeout_s", "header_timeout_s"):
-            if not getattr(self, key) > 0:
-                raise ConfigError(f"{prefix}{key}: {getattr(self, key)!r} is not allowed; expected a number > 0")
+        super().validate(prefix)
+        if self.max_prompt_chars is not None and self.max_prompt_chars < 1:
+            raise ConfigError(f"{prefix}max_prompt_chars: {self.max_prompt_chars!r} is not allowed; "
+                              "expected an integer >= 1")
+        if not self.request_timeout_s > 0:
+            raise ConfigError(f"{prefix}request_timeout_s: {self.request_timeout_s!r} is not allowed; "
+                              "expected a number > 0")
         if self.sampling.n != 1:
-            raise ConfigError(f"{prefix}sampling.n: {self.sampling.n} is not allowed; the server returns one completion (n: 1)")
+            raise ConfigError(f"{prefix}sampling.n: {self.sampling.n} is not allowed; "
+                              "the server returns one completion (n: 1)")
 
 
 def number(request: dict, key: str, low: float, high: float, low_open: bool = False) -> float | None:
