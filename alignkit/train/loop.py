@@ -171,8 +171,8 @@ RESUMABLE_CHANGES = {
     "output_dir", "train.max_steps", "train.epochs", "train.logging_steps",
     "train.eval_steps", "train.save_steps", "train.save_total_limit", "train.early_stopping_patience",
     "train.gradient_checkpointing", "data.num_proc", "dpo.ref_cache_dir", "dpo.precompute_ref",
-    "train.report_to", "rl.log_samples_steps", "rl.samples_per_log", "rl.generation_batch_size", "reward.concurrency", "reward.timeout_s",
-    "reward.max_retries", "reward.batch_size",
+    "train.report_to", "rl.log_samples_steps", "rl.samples_per_log", "rl.generation_batch_size", "reward.concurrency",
+    "reward.timeout_s", "reward.max_retries", "reward.batch_size",
 }
 
 
@@ -265,7 +265,8 @@ class StepPlan:
     """Which examples each process reads at each optimizer step."""
 
     def __init__(self, n_examples: int, cfg: TrainConfig, world: int, rank: int, seed: int):
-        self.n, self.bs, self.accum, self.world, self.rank, self.seed = n_examples, cfg.batch_size, cfg.grad_accum, world, rank, seed
+        self.n, self.bs, self.accum = n_examples, cfg.batch_size, cfg.grad_accum
+        self.world, self.rank, self.seed = world, rank, seed
         self.global_batch = cfg.batch_size * cfg.grad_accum * world
         self.packing = cfg.packing  # each micro-batch collated as one packed row (data/packing.py)
         if min(cfg.batch_size, cfg.grad_accum, cfg.max_steps or cfg.epochs) < 1:  # no optimizer step: never a silent no-op
@@ -343,7 +344,8 @@ class TokenBudgetPlan(StepPlan):
     """Micro-batches of at most `train.max_tokens_per_batch` tokens; grad_accum of them per process and step."""
 
     def __init__(self, sizes: list[tuple[int, int, int]], cfg: TrainConfig, world: int, rank: int, seed: int):
-        self.n, self.bs, self.accum, self.world, self.rank, self.seed = len(sizes), cfg.batch_size, cfg.grad_accum, world, rank, seed
+        self.n, self.bs, self.accum = len(sizes), cfg.batch_size, cfg.grad_accum
+        self.world, self.rank, self.seed = world, rank, seed
         self.packing = cfg.packing
         if min(cfg.grad_accum, cfg.max_steps or cfg.epochs) < 1:
             raise ConfigError(f"train: grad_accum {cfg.grad_accum}, epochs {cfg.epochs}, max_steps {cfg.max_steps} "
@@ -430,7 +432,8 @@ def train(
     ckpt_root = out / "checkpoints"
     metrics_path = out / "metrics.jsonl"
     state0 = distributed_state()
-    accelerator = Accelerator(mixed_precision=precision_for(cfg.precision), cpu=state0.device.type == "cpu" and state0.num_processes > 1,
+    cpu_processes = state0.device.type == "cpu" and state0.num_processes > 1
+    accelerator = Accelerator(mixed_precision=precision_for(cfg.precision), cpu=cpu_processes,
                               **tracking.accelerator_kwargs(cfg.report_to, out))
     check_parallelism(accelerator, os.environ)
     is_main = accelerator.is_main_process
@@ -439,7 +442,8 @@ def train(
     if source_fn is not None:
         plan = source_fn(accelerator.num_processes, accelerator.process_index)
     else:
-        plan = ExampleSource(train_data, collate, make_plan(train_data, cfg, accelerator.num_processes, accelerator.process_index, run.seed))
+        order = make_plan(train_data, cfg, accelerator.num_processes, accelerator.process_index, run.seed)
+        plan = ExampleSource(train_data, collate, order)
     warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * plan.total_steps)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -458,7 +462,8 @@ def train(
     state = LoopState()
     resume_from = ckpt.latest_checkpoint(ckpt_root) if run.resume else None
     if not run.resume and ckpt.list_checkpoints(ckpt_root):
-        raise FileExistsError(f"{ckpt_root} already holds checkpoints: pass --resume to continue that run, or choose a new output_dir")
+        raise FileExistsError(f"{ckpt_root} already holds checkpoints: pass --resume to continue that run, or choose "
+                              "a new output_dir")
     if run.resume and resume_from is None:
         log.warning("resume: no complete checkpoint in %s; starting from scratch", ckpt_root)
     saved: dict = {}
@@ -566,7 +571,8 @@ def train(
             where = "no step was completed yet"
             if state.step > 0:
                 save_checkpoint()
-                where = f"the last completed step ({state.step}) is saved in {ckpt_root / f'step-{state.step}'}; fix the cause and rerun with --resume"
+                where = (f"the last completed step ({state.step}) is saved in {ckpt_root / f'step-{state.step}'}; "
+                         "fix the cause and rerun with --resume")
             raise StepFailed(f"step {state.step + 1} could not be prepared: {e}; {where}") from e
         for name, value in reduce_source_metrics(plan.step_metrics(), accelerator).items():
             window["source"].setdefault(name, []).append(value)
@@ -636,7 +642,8 @@ def train(
             evaluate()
             evaluated = True
             if track_best and state.evals_without_improvement >= cfg.early_stopping_patience:
-                log.info("early stopping at step %d: no improvement in %s for %d evaluations", state.step, cfg.metric_for_best, cfg.early_stopping_patience)
+                log.info("early stopping at step %d: no improvement in %s for %d evaluations", state.step,
+                         cfg.metric_for_best, cfg.early_stopping_patience)
                 state.stop = True
         if (cfg.save_steps and state.step % cfg.save_steps == 0) or (evaluated and track_best):
             save_checkpoint()
@@ -734,7 +741,8 @@ def reduce_source_metrics(metrics: dict[str, tuple[float, float]], accelerator) 
     if not metrics:
         return {}
     names = sorted(metrics)
-    t = torch.tensor([[float(metrics[k][0]), float(metrics[k][1])] for k in names], dtype=torch.float64, device=accelerator.device)
+    t = torch.tensor([[float(metrics[k][0]), float(metrics[k][1])] for k in names], dtype=torch.float64,
+                     device=accelerator.device)
     maxima = accelerator.reduce(t[:, 0].clone(), "max") if accelerator.num_processes > 1 else t[:, 0]
     totals = accelerator.reduce(t, "sum")
     out = {}

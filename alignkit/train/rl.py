@@ -109,7 +109,8 @@ from ..generation import (
 from ..models import AdaptersOff, disable_dropout, is_adapter_dir, load_causal_lm, load_tokenizer, with_lora
 from ..rewards.backends import RewardConfig, build_backend, check_reward_config, last_user_text
 from .logprobs import label_logps, label_logps_entropy
-from .loop import LossOutput, RunOptions, SourceFailed, StepPlan, StepSource, TrainingDiverged, distributed_state, to_device, train
+from .loop import (LossOutput, RunOptions, SourceFailed, StepPlan, StepSource, TrainingDiverged, distributed_state,
+                   to_device, train)
 
 log = logging.getLogger(__name__)
 
@@ -555,8 +556,8 @@ def check_rl_config(cfg: RLConfig) -> None:
                           f"(0, 1] (got {p.stall_share})")
     if p.vllm_is_threshold is not None:
         if p.engine != "vllm":
-            raise ConfigError(f"rl.vllm_is_threshold: {p.vllm_is_threshold} corrects the vLLM sampler's mismatch with the trainer; "
-                              "it needs rl.engine: vllm")
+            raise ConfigError(f"rl.vllm_is_threshold: {p.vllm_is_threshold} corrects the vLLM sampler's mismatch "
+                              "with the trainer; it needs rl.engine: vllm")
         if not p.vllm_is_threshold >= 1:
             raise ConfigError(f"rl.vllm_is_threshold: {p.vllm_is_threshold} is not allowed; expected a number >= 1 (e.g. 2): "
                               "below 1 it would down-weight tokens on which the two engines agree")
@@ -766,8 +767,8 @@ ROLLOUT_TIMINGS = ("time_sample_s", "time_score_s", "time_logprobs_s", "sampled_
 class RolloutSource(StepSource):
     """Each step's micro-batches made from the current policy: prompts -> samples -> rewards -> advantages."""
 
-    def __init__(self, cfg: RLConfig, chat, prompts: list[dict], backend, ref_model, world: int, rank: int, out: Path, is_main: bool,
-                 engine=None):
+    def __init__(self, cfg: RLConfig, chat, prompts: list[dict], backend, ref_model, world: int, rank: int, out: Path,
+                 is_main: bool, engine=None):
         self.cfg, self.p, self.chat, self.prompts, self.backend, self.ref_model = cfg, cfg.rl, chat, prompts, backend, ref_model
         self.engine = engine
         """A `ColocatedVLLM` (rl.engine: vllm) or None (the policy samples)."""
@@ -862,8 +863,8 @@ class RolloutSource(StepSource):
             prompt_ids = self.prompt_ids(i)
             for j, c in enumerate(cs):
                 ids = list(c.token_ids) + ([c.stop_id] if c.stop_id is not None else [])
-                samples.append({"prompt_ids": prompt_ids, "completion_ids": ids, "truncated": c.stop_id is None, "prompt": i, "index": j,
-                                "sampler_logps": c.logprobs, "temperature": temps[j]})
+                samples.append({"prompt_ids": prompt_ids, "completion_ids": ids, "truncated": c.stop_id is None,
+                                "prompt": i, "index": j, "sampler_logps": c.logprobs, "temperature": temps[j]})
         bs = max(1, self.cfg.train.batch_size * p.k)
         old, entropy = None, None
         if old_pass_needed(p):
@@ -876,7 +877,8 @@ class RolloutSource(StepSource):
         rewards = rewards.view(shape)
         lengths = torch.tensor([len(s["completion_ids"]) for s in samples], dtype=torch.float64).view(shape)
         truncated = torch.tensor([s["truncated"] for s in samples], dtype=torch.float64).view(shape)
-        len_pen = length_penalty(lengths, p.length_penalty.kind, p.length_penalty.coef, p.length_penalty.target, p.max_new_tokens).double()
+        shaping = p.length_penalty
+        len_pen = length_penalty(lengths, shaping.kind, shaping.coef, shaping.target, p.max_new_tokens).double()
         trunc_pen = p.truncation_penalty * truncated
         total = rewards - len_pen - trunc_pen
         kl_seq = None
@@ -1126,7 +1128,8 @@ class RolloutSource(StepSource):
             return
         with self.samples_path.open("a") as f:
             for s, text, r, t in list(zip(samples, texts, rewards, totals))[: self.p.samples_per_log]:
-                f.write(json.dumps({"step": generation * self.p.num_iterations + 1, "prompt": last_user_text(self.prompts[s["prompt"]]["messages"]),
+                prompt = last_user_text(self.prompts[s["prompt"]]["messages"])
+                f.write(json.dumps({"step": generation * self.p.num_iterations + 1, "prompt": prompt,
                                     "sample": s["index"], "completion": text, "reward": r, "shaped_reward": t,
                                     "advantage": s["advantage"], "truncated": s["truncated"]}) + "\n")
 
@@ -1163,9 +1166,9 @@ def rl_loss_fn(p: RLParams):
         n_tokens = mask.sum(-1)
         old = batch.get("old_logps")
         old = logps.detach() if old is None else old
-        token_losses, clipped = policy_token_losses(logps, old, batch["advantages"], rows, n_tokens, p.algo, p.epsilon, p.epsilon_high,
-                                                    p.importance_level, batch.get("is_weights"), p.loss,
-                                                    batch.get("token_advantages"))
+        token_losses, clipped = policy_token_losses(logps, old, batch["advantages"], rows, n_tokens, p.algo, p.epsilon,
+                                                    p.epsilon_high, p.importance_level, batch.get("is_weights"),
+                                                    p.loss, batch.get("token_advantages"))
         metrics = {}
         if stats_here:  # what the skipped no-grad pass would have logged, from this pass at the same weights
             count = torch.tensor(float(len(entropy)), device=entropy.device)
@@ -1249,7 +1252,8 @@ def check_prompt_rows(backend, rows: list[dict], what: str) -> None:
     """Before any work: every prompt row has the columns the reward's verifier needs (naming row and column)."""
     check = getattr(getattr(backend, "backend", backend), "check_rows", None)
     if check is not None:
-        check([r["messages"] for r in rows], [r.get("columns") or {} for r in rows], where=lambda i: f"{what}: {rows[i]['where']}")
+        check([r["messages"] for r in rows], [r.get("columns") or {} for r in rows],
+              where=lambda i: f"{what}: {rows[i]['where']}")
 
 
 def run_rl(cfg: RLConfig, callbacks=()) -> Path:
@@ -1277,7 +1281,8 @@ def run_rl(cfg: RLConfig, callbacks=()) -> Path:
         off = sum(disable_dropout(m) for m in (model, ref_model) if m is not None and not isinstance(m, AdaptersOff))
         if off:
             log.info("rl.disable_dropout: %d dropout setting(s) turned off in the policy and reference", off)
-    log.info("RL (%s): %d prompts, k=%d samples each, beta=%g, loss aggregation %s", cfg.rl.algo, len(prompts), cfg.rl.k, cfg.rl.beta, cfg.rl.agg())
+    log.info("RL (%s): %d prompts, k=%d samples each, beta=%g, loss aggregation %s", cfg.rl.algo, len(prompts),
+             cfg.rl.k, cfg.rl.beta, cfg.rl.agg())
 
     callbacks = list(callbacks) + win_rate_callbacks(cfg.win_rate, chat, out)
     with colocated_engine(cfg, chat, state) as engine:
@@ -1311,8 +1316,9 @@ def colocated_engine(cfg: RLConfig, chat, state):
         raise ConfigError("rl.vllm.tensor_parallel_size > 1 is not supported with several processes: each process runs "
                           "its own colocated engine on its own device")
     if chat.added_tokens:
-        raise ConfigError(f"rl.engine: vllm: the tokenizer gained {chat.added_tokens} for its chat template, which vLLM would not "
-                          "load; save the model with `alignkit init-model` (or after SFT) and train from that checkpoint")
+        raise ConfigError(f"rl.engine: vllm: the tokenizer gained {chat.added_tokens} for its chat template, which "
+                          "vLLM would not load; save the model with `alignkit init-model` (or after SFT) and train "
+                          "from that checkpoint")
     options = cfg.rl.vllm
     sleep = options.sleep
     if sleep:

@@ -52,7 +52,8 @@ def packed_rewards(model, batch) -> torch.Tensor:
     ids, _, pos, attend = packed_inputs(inner, batch["input_ids"], batch["attention_mask"], batch["position_ids"])
     # a sequence's last token: the next position starts a sequence, continues into padding, or ends the row
     nxt = torch.cat([pos[:, 1:], torch.zeros_like(pos[:, :1])], dim=1)
-    real = ids.new_ones(ids.shape, dtype=torch.bool) if ids.shape != batch["attention_mask"].shape else batch["attention_mask"].bool()
+    mask = batch["attention_mask"]
+    real = ids.new_ones(ids.shape, dtype=torch.bool) if ids.shape != mask.shape else mask.bool()
     after = torch.cat([real[:, 1:], torch.zeros_like(real[:, :1])], dim=1)
     ends = real & ((nxt == 0) | ~after)
     out = model(input_ids=ids, **attend, output_hidden_states=True)
@@ -78,11 +79,13 @@ def rm_loss(model, batch) -> LossOutput:
 
 def length_baseline(pairs: list[dict]) -> float:
     """Agreement of "the longer response wins" with the labels (ties count half)."""
-    score = sum(1.0 if len(p["chosen"]) > len(p["rejected"]) else 0.5 if len(p["chosen"]) == len(p["rejected"]) else 0.0 for p in pairs)
+    longer = [(len(p["chosen"]), len(p["rejected"])) for p in pairs]
+    score = sum(1.0 if c > r else 0.5 if c == r else 0.0 for c, r in longer)
     return score / len(pairs)
 
 
-def tokenize_pairs_for_rm(rows: list[dict], tokenizer, causal: bool, max_length: int, data: DataConfig | None = None) -> datasets.Dataset:
+def tokenize_pairs_for_rm(rows: list[dict], tokenizer, causal: bool, max_length: int,
+                          data: DataConfig | None = None) -> datasets.Dataset:
     """chosen_ids / rejected_ids (whole scored sequences) per pair, with the data limits applied.
 
     Same limits as DPO: pairs with a short response, a multi-turn prompt (first_turn_only) or a prompt over
@@ -92,8 +95,10 @@ def tokenize_pairs_for_rm(rows: list[dict], tokenizer, causal: bool, max_length:
     data = data or DataConfig()
 
     def one(row, index):
-        out = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "row": index, "truncated": False, "drop": pair_drop_reason(row, data)}
-        if not out["drop"] and data.max_prompt_tokens is not None and prompt_length(tokenizer, causal, row["prompt"]) > data.max_prompt_tokens:
+        out = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "row": index, "truncated": False,
+               "drop": pair_drop_reason(row, data)}
+        limit = data.max_prompt_tokens
+        if not out["drop"] and limit is not None and prompt_length(tokenizer, causal, row["prompt"]) > limit:
             out["drop"] = f"prompt longer than {data.max_prompt_tokens} tokens"
         if out["drop"]:
             return out
@@ -104,7 +109,8 @@ def tokenize_pairs_for_rm(rows: list[dict], tokenizer, causal: bool, max_length:
         return out
 
     ds = datasets.Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
-    ds = ds.map(one, with_indices=True, remove_columns=["prompt", "chosen", "rejected"], num_proc=data.num_proc, desc="tokenise pairs")
+    ds = ds.map(one, with_indices=True, remove_columns=["prompt", "chosen", "rejected"], num_proc=data.num_proc,
+                desc="tokenise pairs")
     return keep_undropped(ds, len(rows), "tokenise pairs")
 
 
@@ -174,7 +180,8 @@ def run_rm(cfg: RMConfig, callbacks=()) -> Path:
     check_plan(train_pairs, cfg.train)  # train.max_tokens_per_batch fits the data
     attn = {"attn_implementation": cfg.model.attn_implementation} if cfg.model.attn_implementation else {}
     model = AutoModelForSequenceClassification.from_pretrained(
-        source, num_labels=1, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code, dtype=torch.float32, **attn
+        source, num_labels=1, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code,
+        dtype=torch.float32, **attn
     )
     fit_vocab(model, tokenizer)
     model.config.pad_token_id = tokenizer.pad_token_id  # causal scorers find the last real token by it
@@ -196,8 +203,10 @@ def run_rm(cfg: RMConfig, callbacks=()) -> Path:
     if eval_pairs is not None and distributed_state().is_main_process:
         # The model as saved in final/ (early stopping may have restored an earlier step than the last evaluation).
         kept = [eval_rows[i] for i in eval_pairs["row"]]
-        accuracy = pair_accuracy(model, eval_pairs, partial(collate_pairs, pad_token_id=tokenizer.pad_token_id), cfg.train.batch_size)
+        collate = partial(collate_pairs, pad_token_id=tokenizer.pad_token_id)
+        accuracy = pair_accuracy(model, eval_pairs, collate, cfg.train.batch_size)
         summary = {"eval_accuracy": accuracy, "length_baseline": length_baseline(kept), "eval_pairs": len(kept)}
         (out / "rm_eval.json").write_text(json.dumps(summary, indent=1))
-        log.info("reward model (final/): held-out accuracy %.3f; 'longer response wins' baseline %.3f (%d pairs)", accuracy, summary["length_baseline"], len(kept))
+        log.info("reward model (final/): held-out accuracy %.3f; 'longer response wins' baseline %.3f (%d pairs)",
+                 accuracy, summary["length_baseline"], len(kept))
     return out
