@@ -207,9 +207,16 @@ def main(argv: list[str] | None = None) -> int:
         "see the traceback of a user error (bad option or data), which is otherwise one message with exit "
         "status 2.",
     )
+    top.add_argument("--version", action="store_true",
+                     help="print alignkit's version and the digest of its code (what pipelines record)")
     sub = top.add_subparsers(dest="stage", metavar="STAGE")
     for name, stage in STAGES.items():
         sub.add_parser(name, help=stage.help, add_help=False)
+    if argv == ["--version"]:
+        from . import code_version
+
+        print(f"alignkit {code_version()}")
+        return 0
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in STAGES:
         if argv and argv[0] not in ("-h", "--help"):
             close = suggest(argv[0], list(STAGES))

@@ -18,6 +18,15 @@ def test_missing_recipe_is_a_clear_error(tmp_path, capsys):
     assert "config file not found" in capsys.readouterr().err
 
 
+def test_version_names_the_code(capsys):
+    """`alignkit --version` prints what pipelines and reports record: the version and the code's digest."""
+    from alignkit import __version__, code_version
+
+    assert main(["--version"]) == 0
+    out = capsys.readouterr().out
+    assert out == f"alignkit {code_version()}\n" and out.startswith(f"alignkit {__version__}+")
+
+
 def test_init_model_cli(tmp_path):
     src = need_shared("models", "qwen2.5-0.5b")
     out = tmp_path / "m"

@@ -53,8 +53,8 @@ def check_command(line: str) -> list[str]:
         words = shlex.split(line)
     except ValueError as e:
         return [f"{line!r}: {e}"]
-    if len(words) < 2 or words[1].startswith("<") or words[1] in ("-h", "--help"):
-        return []  # `alignkit <stage> ...`: a pattern, not a command
+    if len(words) < 2 or words[1].startswith("<") or words[1] in ("-h", "--help", "--version"):
+        return []  # `alignkit <stage> ...`: a pattern, not a command; or a top-level flag
     name = words[1]
     if name not in STAGES:
         return [f"{line!r}: no stage '{name}'"]
