@@ -25,6 +25,8 @@ def test_version_names_the_code(capsys):
     assert main(["--version"]) == 0
     out = capsys.readouterr().out
     assert out == f"alignkit {code_version()}\n" and out.startswith(f"alignkit {__version__}+")
+    ran = subprocess.run([sys.executable, "-m", "alignkit", "--version"], capture_output=True, text=True, timeout=120)
+    assert (ran.returncode, ran.stdout) == (0, out)  # python -m alignkit: the same command
 
 
 def test_init_model_cli(tmp_path):

@@ -43,7 +43,7 @@ LAYERS = [
     ("table", ["alignkit.stages"]),
     ("pipeline", ["alignkit.pipeline"]),
     ("demo", ["alignkit.demo"]),
-    ("cli", ["alignkit.cli"]),
+    ("cli", ["alignkit.cli", "alignkit.__main__"]),
 ]
 PEERS = {"stages"}
 """Layers whose packages are peers: an import from one of its packages into another is flagged."""
