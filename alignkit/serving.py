@@ -245,10 +245,10 @@ def read_token(env_name: str | None) -> str | None:
     return token
 
 
-def json_handler(socket_timeout_s: float, token: str | None,
-                 header_timeout_s: float = 10.0) -> type[BaseHTTPRequestHandler]:
-    """A handler base with the checks above, for a CappedHTTPServer; a server's handler adds
-    do_GET/do_POST using `get_allowed()` and `post_body()`."""
+def json_handler(socket_timeout_s: float, token: str | None, header_timeout_s: float = 10.0,
+                 name: str = "", fingerprint: str = "") -> type[BaseHTTPRequestHandler]:
+    """A handler base with the checks above, for a CappedHTTPServer. Its GET answers the model list
+    (`name` and its `fingerprint`); a server's handler adds do_POST using `post_body()`."""
     expected = f"Bearer {token}".encode() if token else None
 
     class JSONHandler(BaseHTTPRequestHandler):
@@ -416,6 +416,13 @@ def json_handler(socket_timeout_s: float, token: str | None,
             self.refuse(405, "method not allowed")
 
         do_DELETE = do_PATCH = do_PUT
+
+        def do_GET(self):
+            if not self.get_allowed():
+                return
+            if self.path.rstrip("/") in MODEL_ROUTES:
+                return self.reply(200, model_list(name, fingerprint))
+            self.reply(404, {"error": {"message": "no such route; use /v1/models or /v1/chat/completions"}})
 
     return JSONHandler
 

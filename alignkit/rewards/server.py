@@ -29,8 +29,7 @@ from pathlib import Path
 
 from ..config import ConfigError
 from ..serving import (  # noqa: F401 - MAX_BODY is this module's API too
-    MAX_BODY, MODEL_ROUTES, BadRequest, CappedHTTPServer, ServerOptions, check_bind, json_handler,
-    model_list, read_chat_messages, read_token,
+    MAX_BODY, BadRequest, CappedHTTPServer, ServerOptions, check_bind, json_handler, read_chat_messages, read_token,
 )
 from .backends import CachedReward, RewardConfig, build_backend, cache_path
 
@@ -77,14 +76,7 @@ def make_server(backend, host: str = "127.0.0.1", port: int = 8000, name: str = 
     check_bind(host, token)
     fingerprint = fingerprint_of(backend)
 
-    class Handler(json_handler(socket_timeout_s, token, header_timeout_s)):
-        def do_GET(self):
-            if not self.get_allowed():
-                return
-            if self.path.rstrip("/") in MODEL_ROUTES:
-                return self.reply(200, model_list(name, fingerprint))
-            self.reply(404, {"error": {"message": "no such route; use /v1/models or /v1/chat/completions"}})
-
+    class Handler(json_handler(socket_timeout_s, token, header_timeout_s, name, fingerprint)):
         def do_POST(self):
             body = self.post_body()
             if body is None:

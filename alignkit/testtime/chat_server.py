@@ -31,8 +31,8 @@ from typing import Callable, Literal
 
 from ..config import ConfigError, ModelConfig
 from ..generation import SamplingParams, generation_dtype, model_fingerprint
-from ..serving import (MODEL_ROUTES, BadRequest, CappedHTTPServer, ServerOptions, check_bind, json_handler,
-                       model_list, read_chat_messages, read_token)
+from ..serving import (BadRequest, CappedHTTPServer, ServerOptions, check_bind, json_handler, read_chat_messages,
+                       read_token)
 
 log = logging.getLogger(__name__)
 
@@ -129,14 +129,7 @@ def make_chat_server(complete: Completer, name: str, fingerprint: str, defaults:
     (never queued)."""
     check_bind(host, token)
 
-    class Handler(json_handler(socket_timeout_s, token, header_timeout_s)):
-        def do_GET(self):
-            if not self.get_allowed():
-                return
-            if self.path.rstrip("/") in MODEL_ROUTES:
-                return self.reply(200, model_list(name, fingerprint))
-            self.reply(404, {"error": {"message": "no such route; use /v1/models or /v1/chat/completions"}})
-
+    class Handler(json_handler(socket_timeout_s, token, header_timeout_s, name, fingerprint)):
         def do_POST(self):
             body = self.post_body()
             if body is None:
