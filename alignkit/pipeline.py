@@ -80,6 +80,7 @@ from . import code_version
 from . import config as config_lib
 from .config import ConfigError, flatten, leaf_fields, suggest
 from .files import refuse_links, write_atomic
+from .models import is_adapter_dir, named_base
 from .stages import STAGES
 
 OUTPUTS: dict[str, dict[str, str]] = {
@@ -500,18 +501,16 @@ def input_files(config: dict, root: Path, names: list[str]) -> tuple[dict[str, s
 
 
 def adapter_base_of(path: Path) -> str | None:
-    """The base an adapter folder names (adapter_config.json's base_model_name_or_path), or None for
-    anything else. An adapter's weights are deltas on that base, so the base is an input as much as the
-    adapter: a base folder retrained in place must rerun the stage (a Hub id, like any Hub id, is not
-    fingerprinted). Read here without peft; an unreadable file is the loader's error, not the plan's."""
-    config = path / "adapter_config.json"
-    if not config.is_file():
+    """The base an adapter folder names (models.named_base), or None for anything else. An adapter's
+    weights are deltas on that base, so the base is an input as much as the adapter: a base folder
+    retrained in place must rerun the stage (a Hub id, like any Hub id, is not fingerprinted). An
+    unreadable adapter_config.json is the loader's error when the stage runs, not the plan's."""
+    if not is_adapter_dir(path):
         return None
     try:
-        base = json.loads(config.read_text()).get("base_model_name_or_path")
-    except (OSError, ValueError, AttributeError):
+        return named_base(path)
+    except (ConfigError, OSError):
         return None
-    return base if isinstance(base, str) and base.strip() else None
 
 
 def portable(value, root: Path):

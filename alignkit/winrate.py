@@ -99,7 +99,7 @@ def paired_counts(a, b) -> dict:
     against wrong): wins, losses and ties of `a`, and the exact two-sided sign test."""
     if len(a) != len(b):
         raise ValueError(f"paired values of different lengths: {len(a)} and {len(b)}")
-    wins, losses = sum(x > y for x, y in zip(a, b)), sum(x < y for x, y in zip(a, b))
+    wins, losses = int(sum(x > y for x, y in zip(a, b))), int(sum(x < y for x, y in zip(a, b)))
     return {"wins": wins, "losses": losses, "ties": len(a) - wins - losses, "sign_test_p": sign_test(wins, losses)}
 
 
@@ -124,20 +124,21 @@ def summarize(rewards_a, rewards_b, length_a, length_b, tie_value: float = 0.0, 
     ra, rb = np.asarray(rewards_a, float), np.asarray(rewards_b, float)
     lo, hi = bootstrap_ci(wins, n_resamples, seed)
     lc, lc_reason = length_control(wins, length_a, length_b)
-    n_wins, n_losses = int((ra > rb).sum()), int((ra < rb).sum())
+    counts = paired_counts(ra.tolist(), rb.tolist())
+    n_wins, n_losses = counts["wins"], counts["losses"]
     return {
         "win_rate": float(wins.mean()),
         "ci95": [lo, hi],
         "win_rate_ties_half": float(half.mean()),
         "ci95_ties_half": list(bootstrap_ci(half, n_resamples, seed)),
-        "sign_test_p": sign_test(n_wins, n_losses),
+        "sign_test_p": counts["sign_test_p"],
         "verdict": verdict(n_wins, n_losses),
         "length_controlled_win_rate": lc,
         "length_controlled_note": lc_reason,
         "n": int(len(wins)),
         "wins": n_wins,
         "losses": n_losses,
-        "ties": int((ra == rb).sum()),
+        "ties": counts["ties"],
         "tie_value": tie_value,
         "mean_reward_a": float(ra.mean()),
         "mean_reward_b": float(rb.mean()),
